@@ -1,0 +1,238 @@
+"""CIFAR-10 data: find the archive, verify it, decode it once, split the hold-out.
+
+The python-format archive (`cifar-10-python.tar.gz`, or its extracted
+`cifar-10-batches-py/`) is read with plain pickle; official files are checked
+against torchvision's MD5s, anything else only against an MD5 the user passes.
+Prepared tensors are uint8 (N, 3, 32, 32) and saved with safetensors under
+`<cache>/<archive-md5>/`, so a second run never decodes again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import download_url
+
+ARCHIVE_NAME = CIFAR10.filename  # cifar-10-python.tar.gz
+ARCHIVE_MD5 = CIFAR10.tgz_md5
+ARCHIVE_URL = CIFAR10.url
+BATCH_DIR = CIFAR10.base_folder  # cifar-10-batches-py
+TRAIN_FILES = [name for name, _ in CIFAR10.train_list]
+HOLDOUT_FILE = CIFAR10.test_list[0][0]  # test_batch
+OFFICIAL_FILE_MD5 = dict(CIFAR10.train_list + CIFAR10.test_list)
+META_FILE = CIFAR10.meta["filename"]  # batches.meta
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+VAL_FRACTION = 0.65  # of the hold-out: 6,500 of the official 10,000
+
+PREPARED_FILE = "tensors.safetensors"
+PREPARED_META = "meta.json"
+
+
+class DataError(ValueError):
+    """A data file is missing, corrupt, or not what was expected."""
+
+
+@dataclass
+class Splits:
+    """The three splits, uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list[str]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_y), "val": len(self.val_y), "test": len(self.test_y)}
+
+
+def md5_of(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_cifar10(root: Path) -> Path:
+    """Download the official archive into `root` (torchvision checks its MD5)."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / ARCHIVE_NAME
+    if path.exists() and md5_of(path) == ARCHIVE_MD5:
+        return path
+    try:
+        download_url(ARCHIVE_URL, str(root), ARCHIVE_NAME, ARCHIVE_MD5)
+    except Exception as e:  # URLError, socket errors, MD5 RuntimeError
+        raise DataError(
+            f"could not download CIFAR-10 from {ARCHIVE_URL}: {e}. Without internet, "
+            f"pass a local copy with --data-dir DIR (holding {ARCHIVE_NAME} or {BATCH_DIR}/), "
+            "or train on generated data with --dataset synthetic"
+        ) from e
+    return path
+
+
+def find_archive(data_dir: Path) -> Path:
+    """The archive or extracted folder inside `data_dir` (or `data_dir` itself)."""
+    data_dir = Path(data_dir)
+    for candidate in (data_dir, data_dir / ARCHIVE_NAME, data_dir / BATCH_DIR):
+        if candidate.is_file() and candidate.name.endswith((".tar.gz", ".tgz")):
+            return candidate
+        if candidate.is_dir() and (candidate / HOLDOUT_FILE).is_file():
+            return candidate
+    raise DataError(
+        f"--data-dir {data_dir}: expected {ARCHIVE_NAME} or a {BATCH_DIR}/ folder with "
+        f"{', '.join(TRAIN_FILES)} and {HOLDOUT_FILE}; found "
+        + (", ".join(sorted(p.name for p in data_dir.iterdir())) or "an empty folder")
+        if data_dir.is_dir()
+        else f"--data-dir {data_dir}: no such folder or archive"
+    )
+
+
+def dataset_md5(path: Path) -> str:
+    """The dataset's identity: the archive's MD5, or for an extracted folder the MD5
+    of its batch files concatenated in order (train batches, then the hold-out)."""
+    path = Path(path)
+    if path.is_file():
+        return md5_of(path)
+    h = hashlib.md5()
+    for name in TRAIN_FILES + [HOLDOUT_FILE]:
+        f = path / name
+        if not f.is_file():
+            raise DataError(f"{path}: missing {name}; expected {', '.join(TRAIN_FILES)} and {HOLDOUT_FILE}")
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def verify(path: Path, expected_md5: str | None) -> str:
+    """Check `path` against `expected_md5`, or against the official MD5s when none is
+    given. Returns the dataset MD5."""
+    path = Path(path)
+    found = dataset_md5(path)
+    if expected_md5 is not None:
+        if found != expected_md5.lower():
+            raise DataError(f"{path}: MD5 mismatch: expected {expected_md5} (--data-md5), found {found}")
+        return found
+    if path.is_file():
+        if found != ARCHIVE_MD5:
+            raise DataError(
+                f"{path}: not the official CIFAR-10 archive: expected MD5 {ARCHIVE_MD5}, found {found}. "
+                f"If this is your own CIFAR-format data, pass --data-md5 {found}"
+            )
+        return found
+    for name, official in OFFICIAL_FILE_MD5.items():
+        got = md5_of(path / name)
+        if got != official:
+            raise DataError(
+                f"{path / name}: not the official CIFAR-10 file: expected MD5 {official}, found {got}. "
+                f"If this is your own CIFAR-format data, pass --data-md5 {found}"
+            )
+    return found
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """Raw bytes of the batch files, from a .tar.gz or a folder."""
+    wanted = TRAIN_FILES + [HOLDOUT_FILE, META_FILE]
+    if path.is_dir():
+        return {n: (path / n).read_bytes() for n in wanted if (path / n).is_file()}
+    out = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = Path(member.name).name
+                if member.isfile() and name in wanted:
+                    out[name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path}: not a readable .tar.gz archive (truncated or corrupt?): {e}") from e
+    return out
+
+
+def _decode_batch(name: str, raw: bytes, source: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        batch = pickle.load(io.BytesIO(raw), encoding="latin1")
+    except Exception as e:
+        raise DataError(f"{source}: {name} is not a valid CIFAR pickle: {e}") from e
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise DataError(f"{source}: {name}: expected a dict with 'data' and 'labels', found {keys}")
+    data = torch.as_tensor(np.asarray(batch["data"]))
+    labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
+    if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(
+            f"{source}: {name}: expected uint8 data of shape (N, 3072), found {data.dtype} {tuple(data.shape)}"
+        )
+    if len(labels) != len(data):
+        raise DataError(f"{source}: {name}: {len(data)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{source}: {name}: labels must be 0..9, found {labels.min()}..{labels.max()}")
+    return data.view(-1, 3, 32, 32).clone(), labels
+
+
+def decode(path: Path) -> dict[str, torch.Tensor | list[str]]:
+    """Decode the archive into uint8 train/hold-out tensors; counts come from the files."""
+    members = _read_members(path)
+    missing = [n for n in TRAIN_FILES + [HOLDOUT_FILE] if n not in members]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}; found {', '.join(sorted(members)) or 'nothing'}")
+    train = [_decode_batch(n, members[n], path) for n in TRAIN_FILES]
+    hold_x, hold_y = _decode_batch(HOLDOUT_FILE, members[HOLDOUT_FILE], path)
+    classes = CLASSES
+    if META_FILE in members:
+        classes = pickle.load(io.BytesIO(members[META_FILE]), encoding="latin1")[CIFAR10.meta["key"]]
+    return {
+        "train_x": torch.cat([x for x, _ in train]),
+        "train_y": torch.cat([y for _, y in train]),
+        "holdout_x": hold_x,
+        "holdout_y": hold_y,
+        "classes": list(classes),
+    }
+
+
+def prepare(path: Path, md5: str, out_dir: Path) -> Path:
+    """Decode `path` into `out_dir` (tensors + meta), written then renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    decoded = decode(path)
+    tensors = {k: v.contiguous() for k, v in decoded.items() if isinstance(v, torch.Tensor)}
+    tmp = out_dir / (PREPARED_FILE + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(out_dir / PREPARED_FILE)
+    meta = {"md5": md5, "classes": decoded["classes"], "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"])}
+    (out_dir / PREPARED_META).write_text(json.dumps(meta, indent=2))
+    return out_dir
+
+
+def is_prepared(out_dir: Path) -> bool:
+    return (Path(out_dir) / PREPARED_FILE).is_file() and (Path(out_dir) / PREPARED_META).is_file()
+
+
+def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded permutation of the hold-out: 65% validation, 35% test (6,500 / 3,500)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = round(n * VAL_FRACTION)
+    # sorted so that evaluation order is the file order, never shuffled
+    return perm[:n_val].sort().values, perm[n_val:].sort().values
+
+
+def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None) -> Splits:
+    """Load prepared tensors and split the hold-out; `subset` caps training images."""
+    tensors = load_file(str(Path(prepared_dir) / PREPARED_FILE))
+    meta = json.loads((Path(prepared_dir) / PREPARED_META).read_text())
+    val_idx, test_idx = split_holdout(len(tensors["holdout_y"]), split_seed)
+    train_x, train_y = tensors["train_x"], tensors["train_y"]
+    if subset is not None and subset < len(train_y):
+        # a seeded, class-balanced-in-expectation sample (same seed as the split)
+        keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))[:subset]
+        train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
+    hx, hy = tensors["holdout_x"], tensors["holdout_y"]
+    return Splits(train_x, train_y, hx[val_idx], hy[val_idx], hx[test_idx], hy[test_idx], meta["classes"])

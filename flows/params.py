@@ -1,0 +1,127 @@
+"""The run's parameters: one pydantic model, the single source of defaults.
+
+The flow, the CLI flags and the Prefect UI form are all built from it. Every
+check here runs before any data is touched.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cnn.augment import VARIANTS
+from cnn.models import MODELS
+
+DEFAULT_VARIANTS = ["none", "flip", "crop", "flip-crop", "flip-crop-cutout", "flip-crop-jitter"]
+
+
+class RunParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    dataset: Literal["cifar10", "synthetic"] = Field(
+        "cifar10", description="cifar10: the official archive (downloaded, or from --data-dir / --data-source); "
+        "synthetic: a generated CIFAR-format set with ten learnable classes")
+    data_dir: str | None = Field(None, description="local folder holding cifar-10-python.tar.gz or cifar-10-batches-py/")
+    data_source: str | None = Field(None, description="s3://bucket/key of a mirrored cifar-10-python.tar.gz")
+    data_md5: str | None = Field(None, description="MD5 of a non-official archive in CIFAR format (required for one)")
+    synthetic_train: int = Field(5000, ge=10, description="training images generated for --dataset synthetic")
+    synthetic_test: int = Field(1000, ge=10, description="hold-out images generated for --dataset synthetic")
+    model: str = Field("seed", description="model name from the registry")
+    variants: list[str] = Field(default_factory=lambda: list(DEFAULT_VARIANTS),
+                                description="augmentation variants to train and compare")
+    epochs: int = Field(30, ge=1, description="maximum epochs per variant")
+    patience: int = Field(5, ge=1, description="stop a variant after this many epochs without a better validation loss")
+    batch_size: int | None = Field(None, ge=1, description="training batch size (default: the model's recipe)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: the model's recipe)")
+    subset: int | None = Field(None, ge=1, description="cap on training images, for quick runs")
+    seed: int = Field(0, description="seed for initialisation, shuffling and augmentation")
+    split_seed: int = Field(0, description="seed of the validation/test split of the hold-out")
+    select_metric: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="how the variant is chosen (ties go to the lower validation loss)")
+    store: str = Field("./artifacts", description="a local folder or s3://bucket/prefix")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    compile: bool = Field(False, description="torch.compile the model (warmed once per variant)")
+    variants_per_gpu: int = Field(1, ge=1, description="variants trained at once on one GPU")
+    promote_margin: float = Field(0.0, ge=0, description="test accuracy by which a new model must beat the champion")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(MODELS))}")
+        return v
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split_variants(cls, v):
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"at least one variant is needed; known variants: {', '.join(VARIANTS)}")
+        unknown = [n for n in v if n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; known variants: {', '.join(VARIANTS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"variants must not repeat, found {v}")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_exists(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().exists():
+            raise ValueError(f"no such folder or file: {v}")
+        return v
+
+    @field_validator("data_md5")
+    @classmethod
+    def _md5_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", v):
+            raise ValueError(f"expected 32 hex digits, found {v!r}")
+        return v.lower() if v else v
+
+    @field_validator("data_source")
+    @classmethod
+    def _source_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+", v):
+            raise ValueError(f"expected s3://bucket/key/cifar-10-python.tar.gz, found {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, found {v!r}")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _store_form(cls, v: str) -> str:
+        if "://" in v and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", v):
+            raise ValueError(f"expected a local folder or s3://bucket/prefix, found {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.dataset == "synthetic" and (self.data_dir or self.data_source):
+            raise ValueError("dataset: synthetic is generated; do not combine it with data_dir or data_source")
+        if self.data_dir and self.data_source:
+            raise ValueError("data_dir and data_source: give one source, not both")
+        return self
+
+
+def describe_errors(err: ValidationError, flag_style: bool = False) -> str:
+    """One line per invalid parameter: its name, what was expected, what was found."""
+    lines = []
+    for e in err.errors():
+        name = ".".join(str(p) for p in e["loc"]) or "parameters"
+        if flag_style and e["loc"]:
+            name = "--" + str(e["loc"][0]).replace("_", "-")
+        msg = e["msg"].removeprefix("Value error, ")
+        found = "" if "found" in msg or e["type"] == "missing" else f", found {e.get('input')!r}"
+        lines.append(f"{name}: {msg}{found}")
+    return "\n".join(lines)

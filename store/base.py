@@ -1,0 +1,103 @@
+"""The object-store interface: keys are '/'-separated paths under the store's root.
+
+Two implementations: `LocalStore` (a folder) and `S3Store` (a bucket/prefix
+through boto3). Tasks use a store; `cnn/` never sees one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+# a key part: a name made only of safe characters, so no run or variant name can
+# climb out of its prefix ('..', '/', '\\' and empty parts are rejected)
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class StoreError(RuntimeError):
+    """A store operation failed for a reason the user must fix (bucket, permissions)."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write lost: the object changed (or appeared) since it was read."""
+
+
+def safe_name(value: str, what: str) -> str:
+    """`value` if it is a safe single key part, else a ValueError naming `what`."""
+    if not isinstance(value, str) or not _PART.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} is not a valid name: expected letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 128 characters, no '..')"
+        )
+    return value
+
+
+def join_key(*parts: str) -> str:
+    """Join already-validated key parts; refuses anything that could escape."""
+    for p in parts:
+        for piece in p.split("/"):
+            if piece in ("", ".", "..") or "\\" in piece:
+                raise ValueError(f"invalid store key part {piece!r} in {'/'.join(parts)!r}")
+    return "/".join(parts)
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Store(ABC):
+    uri: str  # e.g. "/abs/path/artifacts" or "s3://bucket/prefix"
+
+    @abstractmethod
+    def put_file(self, key: str, path: Path) -> dict:
+        """Upload a local file; returns {"uri", "sha256", "bytes"}. Atomic per object."""
+
+    @abstractmethod
+    def get_file(self, key: str, path: Path) -> Path:
+        """Download `key` to `path` (FileNotFoundError if absent)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Keys under `prefix`, relative to the store root, sorted."""
+
+    @abstractmethod
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(content, version tag) of `key`, or (None, None) if absent."""
+
+    @abstractmethod
+    def write_if(self, key: str, data: bytes, version: str | None) -> None:
+        """Write `data` only if `key` is still at `version` (None: only if absent);
+        raises PreconditionFailed otherwise. Used for the champion."""
+
+    @abstractmethod
+    def uri_for(self, key: str) -> str: ...
+
+    @abstractmethod
+    def link_for(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        """A link a person can open (file:// path, or a presigned HTTPS URL)."""
+
+    # helpers shared by both implementations
+    def put_bytes(self, key: str, data: bytes, tmp_dir: Path) -> dict:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / (key.replace("/", "__") + ".upload")
+        tmp.write_bytes(data)
+        try:
+            return self.put_file(key, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_json(self, key: str, obj, tmp_dir: Path) -> dict:
+        return self.put_bytes(key, json.dumps(obj, indent=2, sort_keys=False).encode(), tmp_dir)
+
+    def read_json(self, key: str):
+        data, _ = self.read_versioned(key)
+        return None if data is None else json.loads(data)
