@@ -45,6 +45,8 @@ class RunParams(BaseModel):
     compile: bool = Field(False, description="torch.compile the model (warmed once per variant)")
     variants_per_gpu: int = Field(1, ge=1, description="variants trained at once on one GPU")
     promote_margin: float = Field(0.0, ge=0, description="test accuracy by which a new model must beat the champion")
+    run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "
+                               "(default: a new id from the time and the flow run)")
 
     @field_validator("model")
     @classmethod
@@ -105,6 +107,13 @@ class RunParams(BaseModel):
             raise ValueError(f"expected a local folder or s3://bucket/prefix, found {v!r}")
         return v
 
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v) or (v and ".." in v):
+            raise ValueError(f"expected letters, digits, '.', '_' or '-', found {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self):
         if self.dataset == "synthetic" and (self.data_dir or self.data_source):
@@ -122,6 +131,6 @@ def describe_errors(err: ValidationError, flag_style: bool = False) -> str:
         if flag_style and e["loc"]:
             name = "--" + str(e["loc"][0]).replace("_", "-")
         msg = e["msg"].removeprefix("Value error, ")
-        found = "" if "found" in msg or e["type"] == "missing" else f", found {e.get('input')!r}"
+        found = "" if e["type"] in ("value_error", "missing") else f", found {e.get('input')!r}"
         lines.append(f"{name}: {msg}{found}")
     return "\n".join(lines)

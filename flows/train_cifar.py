@@ -1,0 +1,230 @@
+"""The train-cifar flow and its command line.
+
+    python -m flows.train_cifar --dataset synthetic --variants none,flip,flip-crop --epochs 5
+
+fetch -> train every variant (parallel tasks, one lane per device slot) ->
+select by validation -> test the selected model once -> publish.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import typing
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import allow_failure, flow
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import ValidationError
+
+from flows.params import RunParams, describe_errors
+from store import safe_name
+
+D = RunParams()  # the defaults, from the one place they are written
+
+
+def plan_lanes(variants: list[str], devices: list[str], per_device: int) -> list[tuple[str, list[str]]]:
+    """Assign variants to lanes: each lane runs its variants one after another on one
+    device, and a device has `per_device` lanes, so it never trains more at once."""
+    lanes = [(d, []) for _ in range(per_device) for d in devices][: len(variants)]
+    for i, v in enumerate(variants):
+        lanes[i % len(lanes)][1].append(v)
+    return lanes
+
+
+def devices_for(device: str) -> list[str]:
+    """The devices variants are spread over: every GPU for 'auto'/'cuda', else the one named."""
+    import torch
+
+    from cnn.train import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(dev)]
+
+
+def git_sha() -> str:
+    import os
+
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def new_run_id() -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    fid = flow_run.get_id()
+    return f"{stamp}-{str(fid)[:8]}" if fid else stamp
+
+
+def versions() -> dict:
+    import prefect
+    import torch
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "prefect": prefect.__version__}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@flow(name="train-cifar", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
+def train_cifar(
+    dataset: typing.Literal["cifar10", "synthetic"] = D.dataset,
+    data_dir: str | None = D.data_dir,
+    data_source: str | None = D.data_source,
+    data_md5: str | None = D.data_md5,
+    synthetic_train: int = D.synthetic_train,
+    synthetic_test: int = D.synthetic_test,
+    model: str = D.model,
+    variants: list[str] = D.variants,
+    epochs: int = D.epochs,
+    patience: int = D.patience,
+    batch_size: int | None = D.batch_size,
+    lr: float | None = D.lr,
+    subset: int | None = D.subset,
+    seed: int = D.seed,
+    split_seed: int = D.split_seed,
+    select_metric: typing.Literal["val_accuracy", "val_loss"] = D.select_metric,
+    store: str = D.store,
+    device: str = D.device,
+    compile: bool = D.compile,
+    variants_per_gpu: int = D.variants_per_gpu,
+    promote_margin: float = D.promote_margin,
+    run_id: str | None = D.run_id,
+) -> dict:
+    """Train one CNN per augmentation variant, select by validation, test once, publish."""
+    from cnn.train import make_config
+    from tasks.data import fetch_dataset
+    from tasks.publish import publish_run
+    from tasks.selection import select_variant
+    from tasks.testing import test_model
+    from tasks.training import train_variant
+
+    # validate everything before any data is touched; a ValueError fails the run
+    p = RunParams(**{k: v for k, v in locals().items() if k in RunParams.model_fields})
+    run_id = safe_name(p.run_id or new_run_id(), "run_id")
+    devices = devices_for(p.device)
+    store_uri = p.store if p.store.startswith("s3://") else str(Path(p.store).expanduser().resolve())
+    cfgs = {v: make_config(p.model, v, epochs=p.epochs, patience=p.patience, seed=p.seed,
+                           batch_size=p.batch_size, lr=p.lr, compile=p.compile) for v in p.variants}
+    created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    print(f"run {run_id}: {len(p.variants)} variant(s) of {p.model} on {', '.join(devices)} -> {store_uri}")
+
+    ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
+                       p.synthetic_test, store_uri)
+
+    # one lane per device slot; a lane's variants run in turn, lanes run side by side
+    futures = {}
+    per_device = p.variants_per_gpu if devices[0].startswith("cuda") else len(p.variants)
+    for dev, names in plan_lanes(p.variants, devices, per_device):
+        previous = None
+        for v in names:
+            previous = futures[v] = train_variant.submit(
+                cfgs[v], ds, p.split_seed, p.subset, run_id, store_uri, dev,
+                wait_for=[allow_failure(previous)] if previous else None)
+    results = []
+    for v, fut in futures.items():
+        state = fut.state if fut.state.is_final() else (fut.wait() or fut.state)
+        if state.is_completed():
+            results.append(fut.result())
+        else:  # the task failed: record it, the other variants go on
+            try:
+                fut.result()
+                err = "unknown error"
+            except Exception as e:  # noqa: BLE001 - any failure of one variant is reported, not raised
+                err = f"{type(e).__name__}: {e}"
+            print(f"{v}: failed: {err}")
+            results.append({"name": v, "status": "failed", "epochs_run": None, "best_epoch": None,
+                            "val_loss": None, "val_accuracy": None, "seconds": None, "error": err,
+                            "artifacts": {}, "weights_key": None})
+
+    selected = select_variant(results, p.select_metric)
+    chosen = next(r for r in results if r["name"] == selected)
+    test = test_model(cfgs[selected], chosen["weights_key"], ds, p.split_seed, run_id, store_uri, devices[0])
+
+    holdout = ds["holdout"]
+    from cnn.data import split_holdout
+
+    val_idx, test_idx = split_holdout(holdout, p.split_seed)
+    train_size = min(ds["train"], p.subset) if p.subset else ds["train"]
+    manifest = {
+        "run_id": run_id,
+        "created_at": created_at,
+        "git_sha": git_sha(),
+        "params": p.model_dump(),
+        "configs": {v: cfgs[v].__dict__ for v in p.variants},
+        "dataset": {"name": ds["name"], "source": ds["source"], "md5": ds["md5"],
+                    "sizes": {"train": train_size, "val": len(val_idx), "test": len(test_idx)},
+                    "split_seed": p.split_seed, "classes": ds["classes"]},
+        "selected": selected,
+        "versions": versions(),
+        "device": device_name(devices[0]),
+        "flow_run_id": str(flow_run.get_id()) if flow_run.get_id() else None,
+    }
+    out = publish_run(manifest, test, results, p.promote_margin, store_uri)
+    _summary(results, selected, out)
+    return out
+
+
+def _summary(results: list[dict], selected: str, out: dict) -> None:
+    print("variant              status         epochs  best  val_loss  val_acc  seconds")
+    for r in results:
+        fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        print(f"{r['name']:<20} {r['status']:<14} {fmt(r['epochs_run'], 'd'):>6}  {fmt(r['best_epoch'], 'd'):>4}  "
+              f"{fmt(r['val_loss'], '.4f'):>8}  {fmt(r['val_accuracy'], '.4f'):>7}  {fmt(r['seconds'], '.1f'):>7}"
+              + ("  <- selected" if r["name"] == selected else ""))
+    print(f"test accuracy {out['test_accuracy']:.4f}; promoted: {out['promoted']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags mirror RunParams: names, help and defaults come from its fields."""
+    ap = argparse.ArgumentParser(prog="python -m flows.train_cifar", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name, field in RunParams.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.get_default(call_default_factory=True)
+        if field.annotation is bool:
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=field.description)
+        elif name == "variants":
+            ap.add_argument(flag, default=",".join(default), metavar="A,B,...", help=field.description + " (comma-separated)")
+        elif typing.get_origin(field.annotation) is typing.Literal:
+            ap.add_argument(flag, choices=typing.get_args(field.annotation), default=default, help=field.description)
+        else:
+            ap.add_argument(flag, default=default, help=field.description, metavar=name.upper())
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    raw = {k: v for k, v in vars(args).items()}
+    try:
+        params = RunParams.model_validate(raw, strict=False)
+    except ValidationError as e:
+        print(f"error: invalid parameter\n{describe_errors(e, flag_style=True)}", file=sys.stderr)
+        return 2
+    try:
+        out = train_cifar(**params.model_dump())
+    except Exception as e:  # the flow already logged the traceback; end with the reason
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(out["manifest"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

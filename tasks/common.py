@@ -1,0 +1,56 @@
+"""What every task shares: the local work folder, store keys of a run, and retry rules."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from store import Store, join_key, open_store, safe_name
+
+
+def cache_dir() -> Path:
+    """Local scratch space: downloads, prepared tensors, a run's files before upload.
+
+    `TRAIN_CIFAR_CACHE` overrides it (a fast local disk on GPU workers)."""
+    return Path(os.environ.get("TRAIN_CIFAR_CACHE", Path.home() / ".cache" / "train-cifar")).expanduser()
+
+
+def run_key(run_id: str, *parts: str) -> str:
+    """Store key under runs/<run-id>/; every part is a validated name or a fixed word."""
+    return join_key("runs", safe_name(run_id, "run id"), *parts)
+
+
+def variant_key(run_id: str, variant: str, filename: str) -> str:
+    return run_key(run_id, "variants", safe_name(variant, "variant"), filename)
+
+
+def local_run_dir(run_id: str) -> Path:
+    """Where a run's files are written before (and kept after) upload."""
+    return cache_dir() / "runs" / safe_name(run_id, "run id")
+
+
+def is_io_error(task, task_run, state) -> bool:
+    """Retry transient I/O only; bad input (ValueError and subclasses) fails at once."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def materialize(store: Store, key: str, filenames: list[str]) -> Path:
+    """A local folder holding `key/<filename>` for each file: the store's own folder for
+    a local store, else a download cache reused across runs on this machine."""
+    from store.local import LocalStore
+
+    if isinstance(store, LocalStore):
+        return store.root / key
+    local = cache_dir() / "store-cache" / key
+    for name in filenames:
+        if not (local / name).is_file():
+            store.get_file(f"{key}/{name}", local / name)
+    return local
+
+
+__all__ = ["cache_dir", "is_io_error", "local_run_dir", "materialize", "open_store", "run_key", "variant_key"]
