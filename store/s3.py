@@ -1,0 +1,301 @@
+"""A store in an S3 bucket (AWS S3, MinIO, Ceph, R2, ...) through boto3.
+
+Configuration is the AWS way and nothing else: credentials come from boto3's
+standard chain (environment, profile, SSO, instance or task role) and the
+endpoint of an S3-compatible store from AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3,
+which boto3 reads itself. No credential is ever passed in, stored or printed.
+
+Uploads go through boto3's transfer manager (multipart above
+MULTIPART_THRESHOLD) with SHA-256 checksums that S3 verifies on arrival: the
+whole object's SHA-256 for a single PUT, each part's for a multipart upload,
+whose composite checksum is then compared with one computed from the bytes that
+were hashed for the manifest.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import re
+from pathlib import Path
+
+import boto3
+import botocore.session
+from boto3.exceptions import RetriesExceededError, S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError, HTTPClientError,
+                                 NoCredentialsError, PartialCredentialsError)
+from s3transfer.utils import ChunksizeAdjuster
+
+from store.base import PreconditionFailed, Store, StoreError, join_key
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+CONNECT_TIMEOUT_S = 10
+READ_TIMEOUT_S = 60
+DEFAULT_MAX_ATTEMPTS = 5  # unless AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise
+MULTIPART_THRESHOLD = 16 * MiB
+MULTIPART_CHUNKSIZE = 16 * MiB  # S3's smallest part is 5 MiB
+MAX_CONCURRENCY = 8
+MAX_LINK_EXPIRY_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+# what the user must do, by S3 error code; these are permanent: never retried
+_HINTS = {
+    "NoSuchBucket": "the bucket does not exist: create it (aws s3 mb s3://{bucket}) or fix --store",
+    "AccessDenied": "the credentials in use may not do this on bucket {bucket!r}: grant them s3:ListBucket, "
+                    "s3:GetObject and s3:PutObject on it, or use other credentials (AWS_PROFILE, ...)",
+    "AllAccessDisabled": "all access to bucket {bucket!r} is disabled: ask its owner",
+    "InvalidAccessKeyId": "the endpoint does not know the access key in use: check the credentials boto3 finds "
+                          "(AWS_ACCESS_KEY_ID, AWS_PROFILE, ~/.aws/credentials, an instance role) and, for an "
+                          "S3-compatible store, AWS_ENDPOINT_URL",
+    "SignatureDoesNotMatch": "the secret key in use does not match its access key: check AWS_SECRET_ACCESS_KEY "
+                             "or the profile's aws_secret_access_key",
+    "ExpiredToken": "the session token has expired: renew the credentials (aws sso login, a new role session)",
+    "InvalidToken": "the session token is not valid: renew the credentials",
+    "PermanentRedirect": "bucket {bucket!r} is in another region: set AWS_REGION to the bucket's region",
+    "AuthorizationHeaderMalformed": "the request was signed for the wrong region: set AWS_REGION to the "
+                                    "bucket's region",
+    "BadDigest": "the object arrived with another SHA-256 than was sent: the upload was corrupted on the way "
+                 "(or the file changed while it was read); run again",
+    "InvalidBucketName": "{bucket!r} is not a valid bucket name",
+}
+# HEAD requests carry no error body: only the status tells what went wrong
+_STATUS_HINTS = {
+    403: "access denied or invalid credentials: check the credentials boto3 finds and that they may read "
+         "bucket {bucket!r}",
+    404: "not found",
+}
+_AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """('bucket', 'prefix') of 's3://bucket[/prefix]'; the prefix's parts must be safe."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"store {uri!r}: expected s3://bucket/prefix")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(f"store {uri!r}: {bucket!r} is not a valid S3 bucket name "
+                         "(3-63 lowercase letters, digits, '.' or '-')")
+    prefix = prefix.strip("/")
+    if prefix:
+        join_key(prefix)  # no '..' or empty parts: the store cannot start outside its own prefix
+    return bucket, prefix
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+class S3Store(Store):
+    def __init__(self, uri: str):
+        self.bucket, self.prefix = parse_uri(uri)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        core = botocore.session.get_session()
+        # the user's retry settings (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE, the profile) win over ours
+        self.max_attempts = int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS)
+        mode = core.get_config_variable("retry_mode") or "standard"
+        self._session = boto3.session.Session(botocore_session=core)
+        self.client = self._session.client("s3", config=Config(
+            retries={"mode": mode, "total_max_attempts": self.max_attempts},  # exponential backoff with jitter
+            connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
+            signature_version="s3v4",  # presigned links too (SigV2 is retired)
+        ))
+        self.endpoint = self.client.meta.endpoint_url
+        self._bucket_checked = False
+
+    # keys -------------------------------------------------------------------------------
+    def _key(self, key: str) -> str:
+        key = join_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    # errors -----------------------------------------------------------------------------
+    def _fail(self, err: Exception, action: str, key: str | None = None) -> StoreError:
+        """A StoreError naming the bucket/object and what to do; never a credential."""
+        where = self.uri_for(key) if key else self.uri
+        if isinstance(err, S3UploadFailedError) and isinstance(err.__context__, Exception):
+            err = err.__context__  # boto3 wraps the ClientError of an upload
+        if isinstance(err, RetriesExceededError):
+            err = err.last_exception  # a download whose stream broke on every attempt
+        if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            return StoreError(
+                f"cannot {action} {where}: no AWS credentials found. boto3 looks in AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/credentials, then an instance or task role")
+        if isinstance(err, (BotoConnectionError, HTTPClientError)):
+            return StoreError(
+                f"cannot {action} {where}: the S3 endpoint {self.endpoint} did not answer after "
+                f"{self.max_attempts} attempts ({type(err).__name__}). Check that it is running and reachable, "
+                "and that AWS_ENDPOINT_URL points to it")
+        if isinstance(err, ClientError):
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            hint = _HINTS.get(code) or _STATUS_HINTS.get(status) or self._scrub(
+                str(err.response.get("Error", {}).get("Message", "")))
+            return StoreError(f"cannot {action} {where}: S3 answered {code or status} (HTTP {status}) from "
+                              f"{self.endpoint}: {hint.format(bucket=self.bucket)}")
+        if isinstance(err, BotoCoreError):
+            return StoreError(f"cannot {action} {where}: {type(err).__name__}: {self._scrub(str(err))}")
+        return StoreError(f"cannot {action} {where}: {type(err).__name__}")
+
+    def _raise(self, err: Exception, action: str, key: str | None = None):
+        failure = self._fail(err, action, key)
+        code = getattr(err, "response", {}).get("Error", {}).get("Code") if isinstance(err, ClientError) else None
+        if code in _AUTH_CODES or isinstance(err, (NoCredentialsError, PartialCredentialsError)):
+            raise failure from None  # the raw error's response may echo the access key id
+        raise failure from err
+
+    def _scrub(self, text: str) -> str:
+        """`text` without the access key id or secret, should an endpoint echo them."""
+        creds = self._session.get_credentials()
+        if creds is not None:
+            frozen = creds.get_frozen_credentials()
+            for secret in (frozen.access_key, frozen.secret_key, frozen.token):
+                if secret:
+                    text = text.replace(secret, "***")
+        return text
+
+    def _check_bucket(self) -> None:
+        """Once per store: is the bucket there and may we list it? (A HEAD's 403/404 says
+        too little to tell a missing key from a missing bucket or bad credentials.)"""
+        if self._bucket_checked:
+            return
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "", MaxKeys=1)
+        except Exception as e:
+            self._raise(e, "list")
+        self._bucket_checked = True
+
+    def _is_missing(self, err: ClientError) -> bool:
+        code = err.response.get("Error", {}).get("Code")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            self._check_bucket()  # a missing bucket is an error, not a missing key
+            return True
+        return False
+
+    # upload -----------------------------------------------------------------------------
+    def put_file(self, key: str, path: Path) -> dict:
+        path = Path(path)
+        size = path.stat().st_size
+        config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE,
+                                max_concurrency=MAX_CONCURRENCY)
+        multipart = size >= config.multipart_threshold
+        # the same part size the transfer manager will use, so the composite checksum matches
+        part = ChunksizeAdjuster().adjust_chunksize(config.multipart_chunksize, size) if multipart else size
+        whole, parts = _hash_file(path, part)
+        if multipart:
+            # S3 verifies each part's SHA-256 (computed as the part is sent); it has no
+            # whole-object SHA-256 for multipart uploads, only a checksum of the parts' checksums
+            extra = {"ChecksumAlgorithm": "SHA256"}
+            expected = _b64(hashlib.sha256(b"".join(parts)).digest())
+        else:
+            # S3 recomputes the SHA-256 of what arrived and refuses the PUT (BadDigest) on a mismatch
+            extra = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": _b64(whole.digest())}
+            expected = extra["ChecksumSHA256"]
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key), ExtraArgs=extra, Config=config)
+            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED")
+        except Exception as e:
+            self._raise(e, "upload to", key)
+        stored = head.get("ChecksumSHA256")
+        if stored is None:
+            log.warning("%s: the endpoint %s keeps no SHA-256 checksum; the upload was not verified end to end",
+                        self.uri_for(key), self.endpoint)
+        elif stored.split("-")[0] != expected:  # AWS writes a composite as '<base64>-<parts>'
+            raise StoreError(f"{self.uri_for(key)}: S3 holds SHA-256 {stored} but {path} hashed to {expected}: "
+                             "the file changed while it was uploaded; run again")
+        return {"uri": self.uri_for(key), "sha256": whole.hexdigest(), "bytes": size}
+
+    # download and read ------------------------------------------------------------------
+    def get_file(self, key: str, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # the transfer manager writes a temporary file and renames it when complete
+            self.client.download_file(self.bucket, self._key(key), str(path))
+        except ClientError as e:
+            if self._is_missing(e):
+                raise FileNotFoundError(f"{self.uri_for(key)}: not in the store") from None
+            self._raise(e, "download", key)
+        except Exception as e:
+            self._raise(e, "download", key)
+        return path
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if self._is_missing(e):
+                return False
+            self._check_bucket()  # turns a bare 403 into the bucket's real error if there is one
+            self._raise(e, "read", key)
+        except Exception as e:
+            self._raise(e, "read", key)
+
+    def list(self, prefix: str) -> list[str]:
+        root = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        keys = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root):
+                keys += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        except Exception as e:
+            self._raise(e, "list", prefix or None)
+        return sorted(keys)
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return obj["Body"].read(), obj["ETag"]
+        except ClientError as e:
+            if self._is_missing(e):
+                return None, None
+            self._raise(e, "read", key)
+        except Exception as e:
+            self._raise(e, "read", key)
+
+    # conditional write ------------------------------------------------------------------
+    def write_if(self, key: str, data: bytes, version: str | None) -> None:
+        # S3's compare-and-swap: If-None-Match: * creates only; If-Match: <etag> replaces
+        # only the version that was read. 412 (lost) and 409 (a concurrent conditional
+        # write in flight) both mean another writer got there first.
+        cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256",
+                                   ChecksumSHA256=_b64(hashlib.sha256(data).digest()), **cond)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            # If-Match on an object deleted since it was read answers 404 NoSuchKey
+            if status in (409, 412) or (version is not None and code == "NoSuchKey"):
+                raise PreconditionFailed(f"{self.uri_for(key)} changed since it was read ({code})") from None
+            self._raise(e, "write", key)
+        except Exception as e:
+            self._raise(e, "write", key)
+
+    def link_for(self, key: str, expires_s: int = MAX_LINK_EXPIRY_S) -> str:
+        """A presigned GET URL (the endpoint's scheme: HTTPS on AWS) valid for `expires_s`.
+        Like every presigned URL it names the access key id, never the secret."""
+        if not 1 <= expires_s <= MAX_LINK_EXPIRY_S:
+            raise ValueError(f"expires_s: expected 1..{MAX_LINK_EXPIRY_S} seconds, found {expires_s}")
+        try:
+            return self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s)
+        except Exception as e:
+            self._raise(e, "sign a link to", key)
+
+
+def _hash_file(path: Path, part_size: int) -> tuple["hashlib._Hash", list[bytes]]:
+    """(SHA-256 of the file, SHA-256 digest of each `part_size` part), in one read."""
+    whole, parts = hashlib.sha256(), []
+    with open(path, "rb") as f:
+        while chunk := f.read(part_size) if part_size else b"":
+            whole.update(chunk)
+            parts.append(hashlib.sha256(chunk).digest())
+    return whole, parts
