@@ -86,7 +86,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.25)
+        # at least two warm-up steps: OneCycleLR divides by (warm-up steps - 1)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 4),
+                                                   pct_start=max(0.25, 2.0 / max(total, 4)))
     if cfg.schedule == "warmup-linear":  # linear up for 20% of steps, then linearly down to 0
         warm = max(1, int(0.2 * total))
         return torch.optim.lr_scheduler.LambdaLR(
