@@ -1,0 +1,337 @@
+"""Deployments against a real Prefect server, a real process worker and a real S3 endpoint.
+
+One server (its own PREFECT_HOME, a free port) serves the whole module. The pools
+and deployments are created with the same CLI commands as `make deploy`; the flow
+runs are started with `prefect deployment run ... --watch` as a user would, and
+everything is asserted through the Prefect client and the bucket.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+GPU_TEMPLATE = REPO / "deployments" / "gpu-job-template.json"
+DOCKERFILE = REPO / "deployments" / "Dockerfile"
+GPU_POOL, LOCAL_POOL = "train-cifar-gpu", "train-cifar-local"
+BUCKET = "train-cifar-e2e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+class Processes:
+    """Background processes, each in its own process group; all stopped in `stop_all`."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: Path = REPO) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory):
+    p = Processes(tmp_path_factory.mktemp("logs"))
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def server(procs, tmp_path_factory) -> dict:
+    """A Prefect server (SQLite) on a free port; returns the env for CLI calls."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_CLI_WRAP_LINES": "false",
+        "COLUMNS": "200",
+        # a run's scratch files (prepared tensors, checkpoints) stay in the test's folder
+        "TRAIN_CIFAR_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
+    wait_http(f"{api}/health", 120, proc, log)
+    return env
+
+
+def cli(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def client(env: dict):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(env["PREFECT_API_URL"])
+
+
+# ---------------------------------------------------------------- pools
+
+
+@pytest.fixture(scope="module")
+def pools(server) -> dict:
+    cli(server, "work-pool", "create", GPU_POOL, "--type", "kubernetes", "--base-job-template", str(GPU_TEMPLATE))
+    cli(server, "work-pool", "create", LOCAL_POOL, "--type", "process")
+    return server
+
+
+def test_gpu_pool_accepts_the_template(pools):
+    from prefect.utilities.templating import apply_values
+
+    with client(pools) as c:
+        pool = c.read_work_pool(GPU_POOL)
+    assert pool.type == "kubernetes"
+    tmpl = pool.base_job_template
+    assert tmpl == json.loads(GPU_TEMPLATE.read_text())  # stored as written
+    props = tmpl["variables"]["properties"]
+    assert props["gpu_limit"]["type"] == "integer" and props["gpu_limit"]["default"] == 1
+    assert props["node_selector"]["type"] == "object"
+    assert props["tolerations"]["type"] == "array"
+    config_text = json.dumps(tmpl["job_configuration"])
+    unused = [name for name in props if "{{ " + name + " }}" not in config_text]
+    assert not unused, f"variables never used in job_configuration: {unused}"
+
+    # what a worker would submit for the nightly deployment's job variables
+    job_vars = load_prefect_yaml()["nightly"]["work_pool"]["job_variables"]
+    values = {k: v["default"] for k, v in props.items() if "default" in v} | job_vars | {"image": "img:1"}
+    manifest = apply_values(tmpl["job_configuration"]["job_manifest"], values)
+    pod = manifest["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == job_vars["gpu_limit"]
+    assert pod["nodeSelector"] == job_vars["node_selector"]
+    assert pod["tolerations"] == job_vars["tolerations"]
+    assert container["envFrom"] == job_vars["env_from"]
+    assert container["image"] == "img:1"
+
+
+# ---------------------------------------------------------------- deployments
+
+
+def load_prefect_yaml() -> dict:
+    """The deployments of deployments/prefect.yaml by name, anchors resolved."""
+    doc = yaml.safe_load(PREFECT_FILE.read_text())
+    return {d["name"]: d for d in doc["deployments"]}
+
+
+def test_prefect_yaml_builds_the_gpu_image_with_the_dockerfile():
+    """The nightly deployment's Docker steps (not run here: no Docker daemon in tests)."""
+    nightly = load_prefect_yaml()["nightly"]
+    build = {k: v for step in nightly["build"] for k, v in step.items()}
+    docker = build["prefect_docker.deployments.steps.build_docker_image"]
+    assert docker["id"] == "build-image" and docker["dockerfile"] == "deployments/Dockerfile"
+    assert (REPO / docker["dockerfile"]).is_file()
+    push = nightly["push"][0]["prefect_docker.deployments.steps.push_docker_image"]
+    assert push["image_name"] == "{{ build-image.image_name }}" and push["tag"] == "{{ build-image.tag }}"
+    assert nightly["work_pool"]["job_variables"]["image"] == "{{ build-image.image }}"
+    # the pull step enters the folder where the Dockerfile put the code
+    workdir = re.findall(r"^WORKDIR\s+(\S+)", DOCKERFILE.read_text(), re.M)[-1]
+    assert nightly["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": workdir}}]
+
+
+@pytest.fixture(scope="module")
+def deployed(pools, tmp_path_factory) -> dict:
+    # local: exactly `make deploy`'s command
+    cli(pools, "deploy", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)), "--name", "local")
+    # nightly: the same file with its Docker build and push left out (no Docker
+    # daemon here) and the image they would produce named directly
+    doc = yaml.safe_load(PREFECT_FILE.read_text())
+    for d in doc["deployments"]:
+        if d["name"] == "nightly":
+            d["build"] = d["push"] = None
+            d["work_pool"]["job_variables"]["image"] = "ghcr.io/your-org/train-cifar:test"
+    no_docker = tmp_path_factory.mktemp("deploy") / "prefect.yaml"
+    no_docker.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cli(pools, "deploy", "--prefect-file", str(no_docker), "--name", "nightly")
+    return pools
+
+
+def test_nightly_deployment(deployed):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    with client(deployed) as c:
+        d = c.read_deployment_by_name("train-cifar/nightly")
+    assert d.work_pool_name == GPU_POOL
+    assert len(d.schedules) == 1 and d.schedules[0].active
+    sched = d.schedules[0].schedule
+    assert sched.cron == "0 2 * * *" and sched.timezone == "UTC"
+    assert d.job_variables["gpu_limit"] >= 1
+    assert d.job_variables["node_selector"] and d.job_variables["tolerations"]
+    assert d.job_variables["image"] == "ghcr.io/your-org/train-cifar:test"
+    assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
+    assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert d.parameters["dataset"] == "cifar10" and d.parameters["store"].startswith("s3://")
+    assert d.enforce_parameter_schema
+    assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/train-cifar"}}]
+
+
+def test_local_deployment(deployed):
+    with client(deployed) as c:
+        d = c.read_deployment_by_name("train-cifar/local")
+    assert d.work_pool_name == LOCAL_POOL
+    assert d.schedules == []
+    assert d.parameters["dataset"] == "synthetic"
+    # the process worker runs the code where it was deployed from: this repository
+    assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    assert d.entrypoint == "flows/train_cifar.py:train_cifar"
+
+
+# ---------------------------------------------------------------- runs through a worker
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(procs) -> dict:
+    """A moto S3 server on loopback; returns the AWS settings a worker needs."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc, log = procs.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            dict(os.environ))
+    wait_http(f"{url}/moto-api/", 60, proc, log)
+    aws = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    boto3_client(aws).create_bucket(Bucket=BUCKET)
+    return aws
+
+
+def boto3_client(aws: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=aws["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=aws["AWS_ACCESS_KEY_ID"], aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.fixture(scope="module")
+def worker(deployed, s3_endpoint, procs) -> dict:
+    env = {**deployed, **s3_endpoint, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    proc, log = procs.start("worker", [PREFECT, "worker", "start", "--pool", LOCAL_POOL], env)
+    deadline = time.monotonic() + 90
+    with client(env) as c:
+        while not c.read_workers_for_work_pool(LOCAL_POOL):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    return {**env, "worker_log": str(log)}
+
+
+def run_deployment(env: dict, *params: str, timeout: float = 420):
+    """`prefect deployment run train-cifar/local --watch -p ...`; returns (flow run, CLI output)."""
+    args = ["deployment", "run", "train-cifar/local", "--watch"]
+    for p in params:
+        args += ["-p", p]
+    try:
+        r = cli(env, *args, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as e:
+        log = Path(env["worker_log"]).read_text()[-4000:]
+        raise AssertionError(f"the run did not finish in {timeout}s; worker log:\n{log}") from e
+    out = r.stdout + r.stderr
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert m, f"no flow run id in the CLI output:\n{out[-4000:]}"
+    with client(env) as c:
+        return c.read_flow_run(uuid.UUID(m.group(1))), out
+
+
+def test_bad_parameter_fails_the_run_naming_it(worker):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    run, out = run_deployment(worker, "epochs=0")
+    assert run.state.is_failed(), f"{run.state!r}\n{out[-3000:]}"  # Failed, not Crashed
+    assert "epochs" in run.state.message
+    with client(worker) as c:
+        logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+    assert any("epochs" in log.message and "greater than or equal to 1" in log.message for log in logs)
+    assert task_runs == []  # nothing trained
+
+
+def test_local_deployment_trains_to_s3(worker):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+
+    run, out = run_deployment(
+        worker, "dataset=synthetic", "synthetic_train=600", "synthetic_test=200", "epochs=2",
+        'variants=["none","flip"]', f"store=s3://{BUCKET}/runs")
+    assert run.state.is_completed(), f"{run.state!r}\n{out[-4000:]}"
+    assert run.parameters["epochs"] == 2 and run.parameters["variants"] == ["none", "flip"]
+
+    with client(worker) as c:
+        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    trained = sorted(t.name for t in task_runs if t.name.startswith("train-"))
+    assert trained == ["train-flip", "train-none"], [t.name for t in task_runs]
+    assert all(t.state.is_completed() for t in task_runs)
+    kinds = {a.key: a.type for a in artifacts if a.key}
+    assert kinds.get("progress-none") == "progress" and kinds.get("progress-flip") == "progress"
+    assert kinds.get("variant-comparison") == "table"
+    assert kinds.get("report") == "markdown"
+
+    keys = [o["Key"] for page in boto3_client(worker).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for o in page.get("Contents", [])]
+    manifests = [k for k in keys if re.fullmatch(r"runs/runs/[^/]+/manifest\.json", k)]
+    assert len(manifests) == 1, keys
+    run_prefix = manifests[0].removesuffix("manifest.json")
+    assert f"{run_prefix}model/weights.safetensors" in keys
+    body = boto3_client(worker).get_object(Bucket=BUCKET, Key=manifests[0])["Body"].read()
+    manifest = json.loads(body)
+    assert manifest["flow_run_id"] == str(run.id)
+    assert [v["name"] for v in manifest["variants"]] == ["none", "flip"]
