@@ -35,7 +35,8 @@ class Portable(nn.Module):
 
 def export_portable(model: nn.Module, path: Path, tta: bool = False) -> Path:
     """Export `model` (CPU, fp32, eval) with normalisation to `path` (.pt2), and check it."""
-    portable = Portable(model.float().cpu(), tta).eval()
+    # contiguous weights: channels_last parameters do not serialise as whole tensors
+    portable = Portable(model.float().cpu().to(memory_format=torch.contiguous_format), tta).eval()
     example = torch.rand(4, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(portable, (example,), dynamic_shapes={"x": {0: batch}})

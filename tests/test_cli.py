@@ -1,0 +1,54 @@
+"""The command line: every invalid value is refused by name before any data is touched."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from flows.train_cifar import build_parser, main
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "resnet9000"], "--model: unknown model 'resnet9000'; known models: "),
+    (["--variants", "none,mixup"], "--variants: unknown variant(s) 'mixup'; known variants: none, flip, crop"),
+    (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1, found '0'"),
+    (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1, found '0'"),
+    (["--lr", "-0.1"], "--lr: Input should be greater than 0, found '-0.1'"),
+    (["--data-dir", "/no/such/dir"], "--data-dir: no such folder or file: /no/such/dir"),
+    (["--patience", "0"], "--patience: Input should be greater than or equal to 1"),
+    (["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'"),
+    (["--data-md5", "xyz"], "--data-md5: expected 32 hex digits, found 'xyz'"),
+    (["--store", "gs://bucket/x"], "--store: expected a local folder or s3://bucket/prefix"),
+    (["--run-id", "../escape"], "--run-id: expected letters, digits"),
+])
+def test_invalid_values_named_before_any_work(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    code = main([*args, "--store", str(tmp_path / "store")] if "--store" not in args else args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "store").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cuda_on_a_cpu_machine_is_refused_by_name(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["--device", "cuda", "--dataset", "synthetic", "--store", str(tmp_path)]) == 1
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_flags_mirror_the_parameters():
+    from flows.params import RunParams
+
+    flags = {a.dest for a in build_parser()._actions} - {"help"}
+    assert flags == set(RunParams.model_fields)
+
+
+def test_help_and_exit_code_from_a_real_process():
+    ok = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "--variants" in ok.stdout and "--subset" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--epochs", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--epochs" in bad.stderr

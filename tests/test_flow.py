@@ -1,0 +1,165 @@
+"""The train-cifar flow under Prefect's test harness, on a small synthetic set."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnn.augment
+import cnn.train
+import tasks.testing
+from store import LocalStore, champion, sha256_of
+
+pytestmark = pytest.mark.slow
+
+MANIFEST_FIELDS = {"run_id", "created_at", "git_sha", "params", "dataset", "variants", "selected", "test",
+                   "promoted", "promotion_reason", "artifacts", "versions", "device"}
+VARIANT_FIELDS = {"name", "status", "epochs_run", "best_epoch", "val_loss", "val_accuracy", "seconds"}
+
+
+def _poison(x, g):  # a variant whose loss is NaN from the first step
+    return x * float("nan")
+
+
+def _broken(x, g):  # a variant whose task fails outright
+    raise RuntimeError("broken augmentation step")
+
+
+def _artifacts(flow_run_id: str) -> dict[str, object]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts}
+
+
+@pytest.fixture
+def run_env(tmp_path, monkeypatch, prefect_harness):
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(cnn.augment.VARIANTS, "poison", [_poison])
+    monkeypatch.setitem(cnn.augment.VARIANTS, "broken", [_broken])
+    return tmp_path
+
+
+def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
+    from flows.train_cifar import train_cifar
+
+    path, md5 = synthetic_archive
+    calls = {"test": [], "val": []}
+    real_train_eval, real_test_eval = cnn.train.evaluate, tasks.testing.evaluate
+    lock = threading.Lock()
+
+    def train_eval(model, x, *a, **k):
+        with lock:
+            calls["val"].append(len(x))
+        return real_train_eval(model, x, *a, **k)
+
+    def test_eval(model, x, *a, **k):
+        with lock:
+            calls["test"].append(len(x))
+        return real_test_eval(model, x, *a, **k)
+
+    monkeypatch.setattr(cnn.train, "evaluate", train_eval)
+    monkeypatch.setattr(tasks.testing, "evaluate", test_eval)
+
+    store = run_env / "store"
+    out = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none", "poison", "flip", "broken"],
+                      epochs=3, patience=2, subset=800, store=str(store), device="cpu")
+    manifest = json.loads(Path(out["manifest"]).read_text())
+
+    assert MANIFEST_FIELDS <= set(manifest)
+    assert set(manifest["dataset"]) >= {"source", "md5", "sizes", "split_seed"}
+    assert manifest["dataset"]["md5"] == md5
+    assert manifest["dataset"]["sizes"] == {"train": 800, "val": 260, "test": 140}
+    assert set(manifest["versions"]) == {"python", "torch", "torchvision", "prefect"}
+    status = {v["name"]: v["status"] for v in manifest["variants"]}
+    assert status["poison"] == "diverged" and status["broken"] == "failed"
+    assert status["none"] in ("completed", "early_stopped") and status["flip"] in ("completed", "early_stopped")
+    assert all(VARIANT_FIELDS <= set(v) for v in manifest["variants"])
+    assert manifest["selected"] in ("none", "flip")
+    best = max((v for v in manifest["variants"] if v["name"] in ("none", "flip")),
+               key=lambda v: (v["val_accuracy"], -v["val_loss"]))
+    assert manifest["selected"] == best["name"]
+    assert set(manifest["test"]) == {"loss", "accuracy", "per_class"} and len(manifest["test"]["per_class"]) == 10
+    assert manifest["promoted"] is True and manifest["promotion_reason"] == "no champion yet"
+
+    # the test split was evaluated exactly once; training only ever saw validation
+    assert calls["test"] == [140]
+    assert set(calls["val"]) == {260}
+
+    # every file in the manifest exists with the recorded hash and size
+    for name, a in manifest["artifacts"].items():
+        p = Path(a["uri"])
+        assert p.is_file(), name
+        assert sha256_of(p) == a["sha256"] and p.stat().st_size == a["bytes"], name
+    run = store / "runs" / manifest["run_id"]
+    for rel in ["report.md", "model/weights.safetensors", "model/model.pt2", "model/metrics.json",
+                "model/confusion_matrix.csv", "variants/none/history.csv", "variants/none/metrics.json",
+                "variants/none/checkpoint.pt"]:
+        assert (run / rel).is_file(), rel
+    assert champion.read(LocalStore(store))["run_id"] == manifest["run_id"]
+
+    # the portable model loads with plain torch and agrees with the reported accuracy
+    from cnn.data import load_splits
+
+    m = torch.export.load(run / "model" / "model.pt2").module()
+    splits = load_splits(store / "datasets" / "cifar10" / md5, 0)
+    acc = (m(splits.test_x.float() / 255).argmax(1) == splits.test_y).float().mean().item()
+    assert acc == pytest.approx(manifest["test"]["accuracy"], abs=0.01)
+    assert acc > 0.2  # well above chance (0.1) even after 3 short epochs
+
+    # the UI artifacts, read back through the Prefect API
+    arts = _artifacts(manifest["flow_run_id"])
+    for key in ["progress-none", "progress-flip", "progress-poison", "variant-comparison", "report", "manifest", "model"]:
+        assert key in arts, key
+    assert arts["progress-none"].data == 100.0
+    table = json.loads(arts["variant-comparison"].data) if isinstance(arts["variant-comparison"].data, str) else arts["variant-comparison"].data
+    assert {row["variant"] for row in table} == {"none", "poison", "flip", "broken"}
+    assert f"Selected variant **{manifest['selected']}**" in arts["report"].data
+
+
+def test_flow_fails_clearly_when_no_variant_succeeds(run_env, synthetic_archive):
+    from prefect.testing.utilities import prefect_test_harness  # noqa: F401 (harness is session-wide)
+
+    from flows.train_cifar import train_cifar
+
+    path, md5 = synthetic_archive
+    store = run_env / "store"
+    with pytest.raises(RuntimeError, match="no variant finished training.*poison: diverged"):
+        train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["poison"], epochs=2, subset=300,
+                    store=str(store), device="cpu")
+    assert not (store / "champion.json").exists()
+    assert not list(store.glob("runs/*/manifest.json"))
+
+
+def test_invalid_parameter_fails_the_flow_before_data(run_env):
+    from pydantic import ValidationError
+
+    from flows.train_cifar import train_cifar
+
+    with pytest.raises(ValidationError, match="epochs"):
+        train_cifar(dataset="synthetic", epochs=0, store=str(run_env / "store"))
+    assert not (run_env / "store").exists() and not (run_env / "cache").exists()
+
+
+def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_env, synthetic_archive):
+    from flows.train_cifar import train_cifar
+
+    path, md5 = synthetic_archive
+    store = run_env / "store"
+    kw = dict(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=2, subset=300,
+              store=str(store), device="cpu")
+    first = train_cifar(run_id="run-a", **kw)
+    history = (store / "runs/run-a/variants/none/history.csv").read_text()
+    # the same run id again: the finished variant is resumed from its checkpoint, not retrained
+    again = train_cifar(run_id="run-a", **kw)
+    assert (store / "runs/run-a/variants/none/history.csv").read_text() == history
+    assert again["test_accuracy"] == first["test_accuracy"]
+    # an identical model on the same split does not beat the champion
+    assert again["promoted"] is False
+    m = json.loads((store / "runs/run-a/manifest.json").read_text())
+    assert "does not beat champion" in m["promotion_reason"]
