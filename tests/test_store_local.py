@@ -1,0 +1,83 @@
+"""The local store and the champion rule (the S3 store has its own tests)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from store import LocalStore, PreconditionFailed, champion, join_key, open_store, safe_name
+
+
+def _cand(run_id, acc, md5="m" * 32, split_seed=0, test_size=3500):
+    return {"run_id": run_id, "model_uri": f"runs/{run_id}/model", "test": {"accuracy": acc, "loss": 1 - acc},
+            "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
+
+
+@pytest.mark.parametrize("bad", ["..", "../x", "a/b", "", ".hidden", "a\\b", "x" * 200, "a..b"])
+def test_names_cannot_escape_their_prefix(bad):
+    with pytest.raises(ValueError, match="variant"):
+        safe_name(bad, "variant")
+
+
+def test_join_key_refuses_traversal():
+    with pytest.raises(ValueError):
+        join_key("runs", "..", "champion.json")
+    assert join_key("runs", "r1", "model/weights.safetensors") == "runs/r1/model/weights.safetensors"
+
+
+def test_put_get_list_and_hash(tmp_path):
+    s = open_store(str(tmp_path / "store"))
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"abc")
+    info = s.put_file("runs/r1/f.bin", src)
+    assert info["bytes"] == 3 and info["sha256"] == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert s.exists("runs/r1/f.bin") and s.list("runs") == ["runs/r1/f.bin"]
+    assert s.get_file("runs/r1/f.bin", tmp_path / "back.bin").read_bytes() == b"abc"
+    with pytest.raises(FileNotFoundError):
+        s.get_file("runs/r1/nope", tmp_path / "x")
+    assert not list((tmp_path / "store").rglob("*.tmp"))  # no temporary file left behind
+
+
+def test_open_store_refuses_unknown_scheme():
+    with pytest.raises(ValueError, match="--store 'gs://b/x': expected a local folder or s3://"):
+        open_store("gs://b/x")
+
+
+def test_write_if_is_compare_and_swap(tmp_path):
+    s = LocalStore(tmp_path)
+    s.write_if("k.json", b"1", None)
+    with pytest.raises(PreconditionFailed):
+        s.write_if("k.json", b"2", None)  # exists now
+    _, v = s.read_versioned("k.json")
+    s.write_if("k.json", b"2", v)
+    with pytest.raises(PreconditionFailed):
+        s.write_if("k.json", b"3", v)  # stale version
+    assert s.read_versioned("k.json")[0] == b"2"
+
+
+def test_champion_rule(tmp_path):
+    s = LocalStore(tmp_path)
+    assert champion.promote(s, _cand("a", 0.80), 0.0) == (True, "no champion yet")
+    ok, why = champion.promote(s, _cand("b", 0.79), 0.0)
+    assert not ok and "does not beat champion a" in why
+    ok, why = champion.promote(s, _cand("c", 0.80), 0.0)
+    assert not ok  # a tie is not a win
+    ok, why = champion.promote(s, _cand("d", 0.95, md5="x" * 32), 0.0)
+    assert not ok and "another split" in why
+    ok, why = champion.promote(s, _cand("e", 0.95, split_seed=1), 0.0)
+    assert not ok and "another split" in why
+    ok, _ = champion.promote(s, _cand("f", 0.805), 0.01)
+    assert not ok  # better, but not by the margin
+    assert champion.promote(s, _cand("g", 0.85), 0.01)[0]
+    assert champion.read(s)["run_id"] == "g"
+
+
+def test_racing_runs_have_one_consistent_winner(tmp_path):
+    s = LocalStore(tmp_path)
+    champion.promote(s, _cand("base", 0.50), 0.0)
+    cands = [_cand(f"r{i}", 0.60 + i / 100) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda c: champion.promote(s, c, 0.0), cands))
+    # whatever the interleaving, the best candidate ends as champion and no better one was lost
+    assert champion.read(s)["run_id"] == "r7"
+    assert results[7][0] is True
