@@ -7,6 +7,7 @@ everything is asserted through the Prefect client and the bucket.
 """
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -30,7 +32,6 @@ PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATE = REPO / "deployments" / "gpu-job-template.json"
 DOCKERFILE = REPO / "deployments" / "Dockerfile"
 GPU_POOL, LOCAL_POOL = "train-cifar-gpu", "train-cifar-local"
-BUCKET = "train-cifar-e2e"
 
 
 def free_port() -> int:
@@ -97,7 +98,7 @@ def server(procs, tmp_path_factory) -> dict:
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},  # nothing of another server
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -241,30 +242,16 @@ def test_local_deployment(deployed):
 # ---------------------------------------------------------------- runs through a worker
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(procs) -> dict:
-    """A moto S3 server on loopback; returns the AWS settings a worker needs."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc, log = procs.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            dict(os.environ))
-    wait_http(f"{url}/moto-api/", 60, proc, log)
-    aws = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    boto3_client(aws).create_bucket(Bucket=BUCKET)
-    return aws
-
-
-def boto3_client(aws: dict):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name=aws["AWS_DEFAULT_REGION"],
-                        aws_access_key_id=aws["AWS_ACCESS_KEY_ID"], aws_secret_access_key=aws["AWS_SECRET_ACCESS_KEY"])
+AWS_VARS = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+            "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "NO_PROXY"]
 
 
 @pytest.fixture(scope="module")
-def worker(deployed, s3_endpoint, procs) -> dict:
-    env = {**deployed, **s3_endpoint, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+def worker(deployed, s3_server, procs) -> dict:
+    """A process worker for the local pool, with the S3 settings a worker needs
+    (here: the moto endpoint's, from tests/s3_fixtures.py)."""
+    aws = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
+    env = {**deployed, **aws, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     proc, log = procs.start("worker", [PREFECT, "worker", "start", "--pool", LOCAL_POOL], env)
     deadline = time.monotonic() + 90
     with client(env) as c:
@@ -292,7 +279,42 @@ def run_deployment(env: dict, *params: str, timeout: float = 420):
         return c.read_flow_run(uuid.UUID(m.group(1))), out
 
 
-def test_bad_parameter_fails_the_run_naming_it(worker):
+@pytest.fixture(scope="module")
+def failure_webhook(deployed):
+    """The automation of deployments/notify-on-failure.yaml, sending through a
+    custom-webhook block to an HTTP endpoint on loopback; yields what it receives."""
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+        subprocess.run([sys.executable, "-c", (
+            "import sys; from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+            "B(name='train-cifar-test', url=sys.argv[1], "
+            "json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save('train-cifar-test')"), url],
+            env=deployed, cwd=REPO, check=True, capture_output=True, timeout=60)
+        r = subprocess.run([sys.executable, "deployments/add_failure_automation.py", "--block",
+                            "custom-webhook/train-cifar-test"], env=deployed, cwd=REPO, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield received
+    finally:
+        httpd.shutdown()
+        thread.join(timeout=10)
+
+
+def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     run, out = run_deployment(worker, "epochs=0")
@@ -304,13 +326,24 @@ def test_bad_parameter_fails_the_run_naming_it(worker):
     assert any("epochs" in log.message and "greater than or equal to 1" in log.message for log in logs)
     assert task_runs == []  # nothing trained
 
+    # the failure automation told someone, with the reason
+    deadline = time.monotonic() + 60
+    while not failure_webhook and time.monotonic() < deadline:
+        time.sleep(1)
+    assert failure_webhook, "the failure automation sent nothing within 60s"
+    note = failure_webhook[0]
+    assert run.name in note["subject"] and "Failed" in note["subject"]
+    assert "epochs" in note["body"]
 
-def test_local_deployment_trains_to_s3(worker):
+
+def test_local_deployment_trains_to_s3(worker, s3_bucket):
+    import boto3
+
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
     run, out = run_deployment(
         worker, "dataset=synthetic", "synthetic_train=600", "synthetic_test=200", "epochs=2",
-        'variants=["none","flip"]', f"store=s3://{BUCKET}/runs")
+        'variants=["none","flip"]', f"store=s3://{s3_bucket}/runs")
     assert run.state.is_completed(), f"{run.state!r}\n{out[-4000:]}"
     assert run.parameters["epochs"] == 2 and run.parameters["variants"] == ["none", "flip"]
 
@@ -325,13 +358,14 @@ def test_local_deployment_trains_to_s3(worker):
     assert kinds.get("variant-comparison") == "table"
     assert kinds.get("report") == "markdown"
 
-    keys = [o["Key"] for page in boto3_client(worker).get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    s3 = boto3.client("s3")  # the moto endpoint, through the environment like the worker
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_bucket)
             for o in page.get("Contents", [])]
     manifests = [k for k in keys if re.fullmatch(r"runs/runs/[^/]+/manifest\.json", k)]
     assert len(manifests) == 1, keys
     run_prefix = manifests[0].removesuffix("manifest.json")
     assert f"{run_prefix}model/weights.safetensors" in keys
-    body = boto3_client(worker).get_object(Bucket=BUCKET, Key=manifests[0])["Body"].read()
+    body = s3.get_object(Bucket=s3_bucket, Key=manifests[0])["Body"].read()
     manifest = json.loads(body)
     assert manifest["flow_run_id"] == str(run.id)
     assert [v["name"] for v in manifest["variants"]] == ["none", "flip"]
