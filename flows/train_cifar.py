@@ -128,9 +128,11 @@ def train_cifar(
     ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
                        p.synthetic_test, store_uri)
 
-    # one lane per device slot; a lane's variants run in turn, lanes run side by side
+    # one lane per device slot; a lane's variants run in turn, lanes run side by side.
+    # The CPU gets one lane: each variant already uses every core, and concurrent
+    # CPU training threads only fight over them (see benchmarks/README.md)
     futures = {}
-    per_device = p.variants_per_gpu if devices[0].startswith("cuda") else len(p.variants)
+    per_device = p.variants_per_gpu if devices[0].startswith("cuda") else 1
     for dev, names in plan_lanes(p.variants, devices, per_device):
         previous = None
         for v in names:
