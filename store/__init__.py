@@ -1,7 +1,7 @@
 """Object storage: `open_store("./artifacts")` or `open_store("s3://bucket/prefix")`."""
 from __future__ import annotations
 
-from store.base import PreconditionFailed, Store, StoreError, join_key, safe_name, sha256_of
+from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, safe_name, sha256_of
 from store.local import LocalStore
 
 
@@ -16,4 +16,4 @@ def open_store(uri: str) -> Store:
     return LocalStore(uri)
 
 
-__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "join_key", "open_store", "safe_name", "sha256_of"]
+__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreUnavailable", "join_key", "open_store", "safe_name", "sha256_of"]

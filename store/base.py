@@ -24,6 +24,11 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object changed (or appeared) since it was read."""
 
 
+class StoreUnavailable(StoreError):
+    """The store did not answer, even after the client's retries: worth trying again later
+    (unlike a missing bucket or bad credentials, which fail at once)."""
+
+
 def safe_name(value: str, what: str) -> str:
     """`value` if it is a safe single key part, else a ValueError naming `what`."""
     if not isinstance(value, str) or not _PART.match(value) or ".." in value:

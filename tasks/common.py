@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from store import Store, join_key, open_store, safe_name
+from store import Store, StoreError, StoreUnavailable, join_key, open_store, safe_name
 
 
 def cache_dir() -> Path:
@@ -29,11 +29,14 @@ def local_run_dir(run_id: str) -> Path:
 
 
 def is_io_error(task, task_run, state) -> bool:
-    """Retry transient I/O only; bad input (ValueError and subclasses) fails at once."""
+    """Retry transient I/O only; bad input (ValueError and subclasses) and permanent store
+    errors (no such bucket, access denied) fail at once."""
     try:
         state.result()
     except ValueError:
         return False
+    except StoreError as e:
+        return isinstance(e, StoreUnavailable)
     except Exception:
         return True
     return False

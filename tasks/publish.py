@@ -9,13 +9,14 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from store import champion, open_store
-from tasks.common import local_run_dir, run_key
+from tasks.common import is_io_error, local_run_dir, run_key
 from tasks.report import plot_curves, render_markdown, variants_table
 
 VARIANT_FIELDS = ["name", "status", "epochs_run", "best_epoch", "val_loss", "val_accuracy", "seconds"]
 
 
-@task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
+@task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
+      retry_condition_fn=is_io_error)
 def publish_run(manifest: dict, test: dict, variants: list[dict], promote_margin: float, store_uri: str) -> dict:
     """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins."""
     store = open_store(store_uri)
