@@ -36,14 +36,21 @@ def read(store: Store) -> dict | None:
 
 def promote(store: Store, candidate: dict, margin: float, attempts: int = 20) -> tuple[bool, str]:
     """Promote `candidate` if it wins; safe against concurrent runs."""
+    won = None  # why we would win, once a write of ours was refused
     for _ in range(attempts):
         raw, version = store.read_versioned(KEY)
-        ok, reason = decide(None if raw is None else json.loads(raw), candidate, margin)
+        current = None if raw is None else json.loads(raw)
+        if won is not None and current == candidate:
+            # our write did land: its answer was lost and the client's retry of the same
+            # conditional PUT got 412 (S3 retries on timeouts and dropped connections)
+            return True, won
+        ok, reason = decide(current, candidate, margin)
         if not ok:
             return False, reason
         try:
             store.write_if(KEY, json.dumps(candidate, indent=2).encode(), version)
             return True, reason
         except PreconditionFailed:
+            won = reason
             continue  # another run wrote first: read again and decide again
     raise StoreError(f"{store.uri_for(KEY)} kept changing during {attempts} attempts to promote {candidate['run_id']}")
