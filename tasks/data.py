@@ -57,7 +57,13 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
     if path is None:
         path = _s3_archive(data_source) if data_source else cd.download_cifar10(cache_dir() / "downloads")
     # a user's MD5 if given; else the official checks (the synthetic set is checked against itself)
-    md5 = cd.verify(path, data_md5 or (md5 if name == "synthetic" else None))
+    try:
+        md5 = cd.verify(path, data_md5 or (md5 if name == "synthetic" else None))
+    except cd.DataError as e:
+        if not data_source:
+            raise
+        path.unlink(missing_ok=True)  # a bad download is not kept: a fixed mirror is fetched again
+        raise cd.DataError(f"--data-source {data_source}: {e}") from None
     key = join_key("datasets", name, md5)
     if not all(store.exists(f"{key}/{f}") for f in PREPARED_FILES):
         local = cd.prepare(path, md5, cache_dir() / "prepared" / name / md5)
