@@ -14,18 +14,27 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cnn.fast import FastNet
+
 
 @dataclass(frozen=True)
 class Recipe:
-    """Training defaults that belong to a model (a run's parameters override them)."""
+    """Training defaults that belong to a model (a run's parameters override lr and batch size)."""
 
-    lr: float
+    lr: float  # peak learning rate, for the mean loss over a batch
     batch_size: int
-    weight_decay: float
-    momentum: float = 0.9
+    weight_decay: float  # PyTorch SGD's coefficient, on weights (not biases)
+    momentum: float = 0.9  # Nesterov
     label_smoothing: float = 0.0
     schedule: str = "onecycle"  # onecycle | warmup-linear
-    tta: bool = False  # flip test-time augmentation at evaluation
+    warmup: float = 0.2  # warmup-linear: fraction of steps to the peak
+    lr_start: float = 0.0  # warmup-linear: first and last learning rate, as fractions of the peak
+    lr_end: float = 0.0
+    norm_lr_scale: float = 1.0  # BatchNorm parameters train at this multiple of the learning rate
+    norm_decay: bool = False  # weight decay on BatchNorm parameters (divided by norm_lr_scale)
+    lookahead: bool = False  # airbench's lookahead/EMA of the weights (cnn.fast.Lookahead)
+    alt_flip: bool = False  # `flip` alternates per image every epoch instead of a fresh coin
+    tta: int = 0  # test-time augmentation at evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -79,3 +88,21 @@ class SeedNet(nn.Module):
 @register("seed", Recipe(lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9))
 def seed(num_classes: int = 10, widths: tuple[int, ...] = (32, 32, 64, 64, 128, 128), hidden: int = 256) -> nn.Module:
     return SeedNet(widths, hidden, num_classes)
+
+
+# airbench94's hyperparameters are for a loss summed over the batch: lr 11.5 and weight
+# decay 0.0153 per 1024 images, divided by 1 + 1/(1 - momentum) = 7.67. For PyTorch SGD
+# on the mean loss that is lr = 11.5 / 7.67 = 1.5, and a decay coefficient 0.0153 / 11.5
+# so that lr x decay (the fraction of each weight removed per step) is airbench's
+# 0.0153 / 7.67. BatchNorm biases train at 64x the lr with the same decay per step.
+FAST_RECIPE = Recipe(
+    lr=1.5, batch_size=1024, weight_decay=0.0153 / 11.5, momentum=0.85, label_smoothing=0.2,
+    schedule="warmup-linear", warmup=0.23, lr_start=0.2, lr_end=0.07,
+    norm_lr_scale=64.0, norm_decay=True, lookahead=True, alt_flip=True, tta=2,
+)
+
+
+@register("fast", FAST_RECIPE)
+def fast(num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)) -> nn.Module:
+    """airbench94's network (cnn/fast.py): whitening conv, three conv-pool-BN-GELU blocks."""
+    return FastNet(num_classes, widths)
