@@ -1,37 +1,64 @@
 """Evaluate a model on a fixed split: loss, accuracy, per-class accuracy, confusion.
 
-Evaluation never shuffles or augments; with `tta` the prediction averages the
-image and its mirror (the airbench test-time augmentation).
+Evaluation never shuffles or augments. Test-time augmentation (airbench's levels):
+`tta=0` the image alone; `1` the mean of the image's and its mirror's logits;
+`2` half of that plus half the mean over the image shifted one pixel up-left and
+one pixel down-right (reflected at the border), each with its mirror: six views.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from cnn.augment import normalize
+from cnn.augment import normalize, translate
+
+CL = torch.channels_last
 
 
-@torch.no_grad()
-def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta: bool = False, amp: bool = False) -> torch.Tensor:
-    """Logits (N, classes) in float32 on the CPU, in the order of `x_u8`."""
+def _views(x: torch.Tensor, tta: int) -> list[tuple[float, torch.Tensor]]:
+    """(weight, batch) pairs whose weighted logits sum to the prediction."""
+    if tta not in (0, 1, 2):
+        raise ValueError(f"tta must be 0 (none), 1 (mirror) or 2 (mirror + shifts), found {tta!r}")
+    if tta == 0:
+        return [(1.0, x)]
+    mirrored = [(0.5, x), (0.5, x.flip(-1))]
+    if tta == 1:
+        return mirrored
+    views = [(0.5 * w, v) for w, v in mirrored]
+    for d in (-1, 1):  # content moves down-right, then up-left, by one pixel
+        shifted = translate(x, None, pad=1, offsets=torch.full((len(x), 2), d, device=x.device))
+        views += [(0.125, shifted), (0.125, shifted.flip(-1))]
+    return views
+
+
+@torch.inference_mode()
+def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta: int = 0, amp: bool = False,
+                   pad_last: bool = False) -> torch.Tensor:
+    """Logits (N, classes) in float32 on the CPU, in the order of `x_u8`.
+
+    `pad_last` pads the ragged last batch to `batch_size` (and drops the padding's
+    logits) so every call to the model has one shape: no torch.compile recompile and
+    no cudnn re-plan. With the model in eval mode, padding cannot change other rows."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x_u8), batch_size):
-        xb = normalize(x_u8[i : i + batch_size].to(device))
+        chunk = x_u8[i : i + batch_size].to(device)
+        n = len(chunk)
+        if pad_last and n < batch_size:
+            chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
+        xb = normalize(chunk)  # (B, 3, 32, 32) float, channels_last
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(xb)
-            if tta:
-                logits = 0.5 * (logits + model(xb.flip(-1)))
-        out.append(logits.float().cpu())
+            logits = sum(w * model(v.contiguous(memory_format=CL)).float() for w, v in _views(xb, int(tta)))
+        out.append(logits[:n])
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out).cpu() if out else torch.empty(0)
 
 
 def evaluate(model, x_u8: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512,
-             tta: bool = False, amp: bool = False, num_classes: int | None = None) -> dict:
+             tta: int = 0, amp: bool = False, num_classes: int | None = None, pad_last: bool = False) -> dict:
     """Metrics on one split. `confusion[i][j]` counts true class i predicted as j."""
-    logits = predict_logits(model, x_u8, device, batch_size, tta, amp)
+    logits = predict_logits(model, x_u8, device, batch_size, tta, amp, pad_last)
     y = y.cpu()
     k = num_classes or logits.shape[1]
     pred = logits.argmax(1)

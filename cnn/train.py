@@ -1,15 +1,23 @@
 """Train one model on one augmentation variant: the loop, early stopping, checkpoints.
 
 The loop is written out (set lr, forward, backward, step, log). After every
-epoch a full checkpoint (model, optimizer, scheduler, epoch, RNG state,
-history, config, best weights) is written, so a restarted variant resumes at
-the next epoch with the same history. A non-finite loss ends the variant as
-`diverged`.
+epoch a full checkpoint (model, optimizer, scheduler, lookahead average, epoch,
+RNG state, history, config, best weights) is written, so a restarted variant
+resumes at the next epoch with the same history. A non-finite loss ends the
+variant as `diverged`.
+
+`train()` is re-entrant: several variants may train at once in threads of one
+process (several on one GPU, each on its own CUDA stream). All randomness comes
+from per-call generators; the one use of the global RNG, a model's
+initialisation, runs under a lock with the global state saved and restored.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,17 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnn.augment import augment, normalize
+from cnn.augment import make_batch, normalize
 from cnn.data import Splits
-from cnn.evaluate import evaluate
+from cnn.evaluate import evaluate, predict_logits
+from cnn.fast import Lookahead
 from cnn.models import RECIPES, build_model
 
 CHECKPOINT = "checkpoint.pt"
 
 
+EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a variant's training; saved inside every checkpoint."""
+    """Everything that decides a variant's training; saved inside every checkpoint.
+
+    The fields after `seed` come from the model's `Recipe` (see cnn.models.Recipe)."""
 
     model: str
     variant: str
@@ -41,9 +55,16 @@ class TrainConfig:
     weight_decay: float
     label_smoothing: float
     schedule: str
-    tta: bool
+    tta: int  # 0 none, 1 mirror, 2 mirror + 1-pixel shifts (True/False mean 1/0)
     seed: int
     compile: bool = False
+    warmup: float = 0.2
+    lr_start: float = 0.0
+    lr_end: float = 0.0
+    norm_lr_scale: float = 1.0
+    norm_decay: bool = False
+    lookahead: bool = False
+    alt_flip: bool = False
 
 
 class Diverged(RuntimeError):
@@ -53,13 +74,11 @@ class Diverged(RuntimeError):
 def make_config(model: str, variant: str, *, epochs: int, patience: int, seed: int,
                 batch_size: int | None = None, lr: float | None = None, compile: bool = False) -> TrainConfig:
     """A config from the model's recipe, with the run's overrides."""
-    r = RECIPES[model]
-    return TrainConfig(
-        model=model, variant=variant, epochs=epochs, patience=patience,
-        batch_size=batch_size or r.batch_size, lr=r.lr if lr is None else lr,
-        momentum=r.momentum, weight_decay=r.weight_decay, label_smoothing=r.label_smoothing,
-        schedule=r.schedule, tta=r.tta, seed=seed, compile=compile,
-    )
+    if model not in RECIPES:
+        build_model(model)  # raises, listing the known models
+    r = dataclasses.asdict(RECIPES[model])
+    r.update(batch_size=batch_size or r["batch_size"], lr=r["lr"] if lr is None else lr)
+    return TrainConfig(model=model, variant=variant, epochs=epochs, patience=patience, seed=seed, compile=compile, **r)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -74,31 +93,51 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # no weight decay on BatchNorm and biases (1-d parameters)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-    )
+    """Nesterov SGD in three groups: weights (decayed), other biases (not decayed), and
+    BatchNorm parameters at `norm_lr_scale` x lr, decayed only with `norm_decay`, by
+    weight_decay / norm_lr_scale so that the fraction removed per step matches the weights'."""
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False)}
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trained if id(p) not in norm and p.ndim > 1], "lr": cfg.lr,
+         "weight_decay": cfg.weight_decay},
+        {"params": [p for p in trained if id(p) not in norm and p.ndim <= 1], "lr": cfg.lr, "weight_decay": 0.0},
+        {"params": [p for p in trained if id(p) in norm], "lr": cfg.lr * cfg.norm_lr_scale,
+         "weight_decay": cfg.weight_decay / cfg.norm_lr_scale if cfg.norm_decay else 0.0},
+    ]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
+        peaks = [g["lr"] for g in opt.param_groups]
         # at least two warm-up steps: OneCycleLR divides by (warm-up steps - 1)
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 4),
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=max(total, 4),
                                                    pct_start=max(0.25, 2.0 / max(total, 4)))
-    if cfg.schedule == "warmup-linear":  # linear up for 20% of steps, then linearly down to 0
-        warm = max(1, int(0.2 * total))
-        return torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm))
-        )
+    if cfg.schedule == "warmup-linear":
+        # linear from lr_start to the peak over `warmup` of the steps, then linear to lr_end
+        # (fractions of the peak). Step s's factor is the value after s + 1 steps.
+        warm = max(1, int(cfg.warmup * total))
+        a, b = cfg.lr_start, cfg.lr_end
+
+        def factor(s: int) -> float:
+            if s < warm:
+                return a + (1 - a) * (s + 1) / warm
+            return b + (1 - b) * max(0.0, (total - s) / max(1, total - warm))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
     raise ValueError(f"Invalid schedule {cfg.schedule!r}. Only onecycle and warmup-linear are supported.")
 
 
-def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Generator, device, amp: bool) -> float:
-    """One pass over the shuffled training set; returns the mean training loss."""
+def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Generator, device, amp: bool,
+                    epoch: int = 1, flip_bits: torch.Tensor | None = None, lookahead: Lookahead | None = None) -> float:
+    """One pass over the shuffled training set; returns the mean training loss.
+
+    x_u8 (N, 3, 32, 32) uint8 and y (N,) live on the device; each batch is gathered,
+    augmented and normalised there (cnn.augment.make_batch). `flip_bits` (N,) bool is
+    the alternating flip: image k is mirrored in epoch e iff flip_bits[k] xor (e even)."""
     model.train()
     n = len(y)
     steps = max(1, n // cfg.batch_size)  # drop the ragged last batch: fixed shapes
@@ -106,7 +145,8 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
     total = torch.zeros((), device=device)
     for i in range(steps):
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-        xb = augment(normalize(x_u8[idx]), cfg.variant, gen)  # (B, 3, 32, 32) float
+        flip_mask = None if flip_bits is None else flip_bits[idx] ^ (epoch % 2 == 0)
+        xb = make_batch(x_u8, idx, cfg.variant, gen, flip_mask=flip_mask)  # (B, 3, 32, 32) float
         yb = y[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
@@ -114,27 +154,56 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
         loss.backward()
         opt.step()
         sched.step()
+        if lookahead is not None:
+            lookahead.step((epoch - 1) * steps + i + 1)
         total += loss.detach()
-        if not math.isfinite(loss.item() if i % 50 == 0 or i == steps - 1 else 0.0):
-            raise Diverged(f"non-finite training loss at step {i}")
+        # a host sync every 50 steps only: the device runs ahead of Python in between
+        if (i % 50 == 0 or i == steps - 1) and not math.isfinite(loss.item()):
+            raise Diverged(f"non-finite training loss at step {i} of epoch {epoch}")
+    if lookahead is not None:
+        lookahead.sync()
     mean = (total / steps).item()
     if not math.isfinite(mean):
-        raise Diverged("non-finite mean training loss")
+        raise Diverged(f"non-finite mean training loss in epoch {epoch}")
     return mean
 
 
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"gen": gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+# Model initialisation draws from the global RNG (nn.Module.reset_parameters has no
+# generator argument). Under this lock, with the global state saved and restored, a
+# seeded model is the same whether or not other variants are training in other threads.
+_INIT_LOCK = threading.Lock()
 
 
-def _set_rng_state(gen: torch.Generator, state: dict) -> None:
-    gen.set_state(state["gen"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def init_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes=num_classes)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+# torch.compile caches compiled code on the model class's forward, guarded on input
+# shapes, dtypes, strides, grad mode and train/eval: a second model of the same
+# architecture (the next variant) reuses it. Each (model, shapes, device) is warmed
+# once per process, on a throwaway copy so the real model's state is untouched, and
+# under a lock so that variants starting together in threads do not compile twice.
+_COMPILE_LOCK = threading.Lock()
+_WARMED: set[tuple] = set()
+
+
+def compile_model(model: nn.Module, cfg: TrainConfig, device: torch.device, amp: bool) -> nn.Module:
+    key = (type(model).__qualname__, cfg.model, str(device), cfg.batch_size, EVAL_BATCH, int(cfg.tta), amp,
+           tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+    with _COMPILE_LOCK:
+        if key not in _WARMED:
+            twin = torch.compile(copy.deepcopy(model), dynamic=False)
+            x = torch.zeros((cfg.batch_size, 3, 32, 32), device=device).contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = twin(x)
+            out.float().sum().backward()  # compiles the backward graph too
+            predict_logits(twin, torch.zeros((1, 3, 32, 32), dtype=torch.uint8), device, EVAL_BATCH,
+                           tta=cfg.tta, amp=amp, pad_last=True)
+            _WARMED.add(key)
+    return torch.compile(model, dynamic=False)
 
 
 def train(
@@ -151,16 +220,22 @@ def train(
     status, epochs_run, best_epoch, val_loss, val_accuracy, seconds, history,
     and `best_state` (the best epoch's weights, on the CPU)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = workdir / CHECKPOINT
-    torch.manual_seed(cfg.seed)
+    # on CUDA each call has its own stream, so variants sharing a GPU in threads overlap
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        return _train(cfg, data, device, workdir / CHECKPOINT, on_epoch)
+
+
+def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch) -> dict:
     amp = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    model = build_model(cfg.model, num_classes=len(data.classes)).to(device, memory_format=torch.channels_last)
+    model = init_model(cfg, len(data.classes), device)
     opt = make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(data.train_y) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling and augmentation
+    lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
     state = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0,
              "best_state": None, "seconds": 0.0, "status": "running"}
 
@@ -172,23 +247,36 @@ def train(
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(gen, ckpt["rng"])
+        gen.set_state(ckpt["rng"]["gen"])
+        if lookahead is not None and ckpt.get("lookahead") is not None:
+            lookahead.average = {k: v.to(device) for k, v in ckpt["lookahead"].items()}
         state = ckpt["state"]
         if state["status"] != "running":  # already finished: nothing to redo
             return _result(state)
+    elif hasattr(model, "init_from_data"):
+        # data-dependent initialisation (the fast model's whitening layer), once per
+        # variant: on resume the checkpoint already holds the result
+        model.init_from_data(normalize(data.train_x[:5000].to(device)))
 
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = compile_model(model, cfg, device, amp) if cfg.compile else model
     x_train, y_train = data.train_x.to(device), data.train_y.to(device)  # uint8 on the device, moved once
+    # alternating flip: a fixed coin per image, drawn from the seed (the same after a resume)
+    flip_bits = None
+    if cfg.alt_flip:
+        flip_bits = (torch.rand(len(y_train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5).to(device)
+    pad_eval = cfg.compile or device.type == "cuda"  # fixed eval shapes: no recompile, no cudnn re-plan
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"] + 1
         t0 = time.perf_counter()
         try:
-            train_loss = train_one_epoch(fwd, opt, sched, x_train, y_train, cfg, gen, device, amp)
+            train_loss = train_one_epoch(fwd, opt, sched, x_train, y_train, cfg, gen, device, amp,
+                                         epoch=epoch, flip_bits=flip_bits, lookahead=lookahead)
         except Diverged as e:
             state["status"], state["error"] = "diverged", str(e)
             state["epoch"] = epoch
             break
-        val = evaluate(fwd, data.val_x, data.val_y, device, batch_size=512, tta=cfg.tta, amp=amp)
+        val = evaluate(fwd, data.val_x, data.val_y, device, batch_size=EVAL_BATCH, tta=cfg.tta, amp=amp,
+                       pad_last=pad_eval)
         seconds = time.perf_counter() - t0
         state["seconds"] += seconds
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
@@ -204,20 +292,21 @@ def train(
             state["status"] = "early_stopped"
         elif epoch == cfg.epochs:
             state["status"] = "completed"
-        _save_checkpoint(ckpt_path, model, opt, sched, gen, cfg, state)
+        _save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
         if on_epoch:
             on_epoch(row, ckpt_path)
         if state["status"] != "running":
             break
     if state["status"] == "diverged":
-        _save_checkpoint(ckpt_path, model, opt, sched, gen, cfg, state)
+        _save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
     return _result(state)
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, cfg: TrainConfig, state: dict) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, gen, lookahead, cfg: TrainConfig, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "rng": _rng_state(gen), "config": dataclasses.asdict(cfg), "state": state}, tmp)
+                "lookahead": lookahead.state_dict() if lookahead else None, "rng": {"gen": gen.get_state()},
+                "config": dataclasses.asdict(cfg), "state": state}, tmp)
     tmp.replace(path)  # never a half-written checkpoint
 
 
