@@ -28,7 +28,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  NoCredentialsError, PartialCredentialsError)
 from s3transfer.utils import ChunksizeAdjuster
 
-from store.base import PreconditionFailed, Store, StoreError, join_key
+from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +119,12 @@ class S3Store(Store):
     def _fail(self, err: Exception, action: str, key: str | None = None) -> StoreError:
         """A StoreError naming the bucket/object and what to do; never a credential."""
         where = self.uri_for(key) if key else self.uri
-        if isinstance(err, S3UploadFailedError) and isinstance(err.__context__, Exception):
-            err = err.__context__  # boto3 wraps the ClientError of an upload
-        if isinstance(err, RetriesExceededError):
-            err = err.last_exception  # a download whose stream broke on every attempt
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return StoreError(
                 f"cannot {action} {where}: no AWS credentials found. boto3 looks in AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/credentials, then an instance or task role")
         if isinstance(err, (BotoConnectionError, HTTPClientError)):
-            return StoreError(
+            return StoreUnavailable(
                 f"cannot {action} {where}: the S3 endpoint {self.endpoint} did not answer after "
                 f"{self.max_attempts} attempts ({type(err).__name__}). Check that it is running and reachable, "
                 "and that AWS_ENDPOINT_URL points to it")
@@ -137,13 +133,19 @@ class S3Store(Store):
             status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             hint = _HINTS.get(code) or _STATUS_HINTS.get(status) or self._scrub(
                 str(err.response.get("Error", {}).get("Message", "")))
-            return StoreError(f"cannot {action} {where}: S3 answered {code or status} (HTTP {status}) from "
-                              f"{self.endpoint}: {hint.format(bucket=self.bucket)}")
+            # 5xx (InternalError, SlowDown) outlasted the retries: transient, unlike 4xx
+            kind = StoreUnavailable if isinstance(status, int) and status >= 500 else StoreError
+            return kind(f"cannot {action} {where}: S3 answered {code or status} (HTTP {status}) from "
+                        f"{self.endpoint}: {hint.format(bucket=self.bucket)}")
         if isinstance(err, BotoCoreError):
             return StoreError(f"cannot {action} {where}: {type(err).__name__}: {self._scrub(str(err))}")
         return StoreError(f"cannot {action} {where}: {type(err).__name__}")
 
     def _raise(self, err: Exception, action: str, key: str | None = None):
+        if isinstance(err, S3UploadFailedError) and isinstance(err.__context__, Exception):
+            err = err.__context__  # boto3 wraps the ClientError of an upload
+        if isinstance(err, RetriesExceededError):
+            err = err.last_exception  # a download whose stream broke on every attempt
         failure = self._fail(err, action, key)
         code = getattr(err, "response", {}).get("Error", {}).get("Code") if isinstance(err, ClientError) else None
         if code in _AUTH_CODES or isinstance(err, (NoCredentialsError, PartialCredentialsError)):

@@ -23,6 +23,16 @@ import pytest
 
 STARTUP_TIMEOUT_S = 30
 
+# `python -m moto.server`, serving one request at a time. moto checks If-Match and
+# If-None-Match and then writes without a lock, so on its threaded server two
+# concurrent conditional PUTs can both succeed; S3 makes each one atomic, and so
+# does a single-threaded moto. (The racing-champion tests depend on it.)
+_LAUNCH = (
+    "import sys, werkzeug.serving as ws, moto.server as ms; "
+    "ms.run_simple = lambda *a, **k: ws.run_simple(*a, **{**k, 'threaded': False}); "
+    "ms.main(sys.argv[1:])"
+)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,7 +41,7 @@ def free_port() -> int:
 
 
 class MotoServer:
-    """`python -m moto.server` on 127.0.0.1:<port>; its state lives only in that process."""
+    """moto's server on 127.0.0.1:<port>; its state lives only in that process."""
 
     def __init__(self, log_path: Path):
         self.port = free_port()
@@ -42,7 +52,7 @@ class MotoServer:
     def start(self) -> None:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            [sys.executable, "-c", _LAUNCH, "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -131,11 +141,9 @@ def s3_server(tmp_path_factory):
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on a running endpoint (restarted if an earlier test stopped it)."""
-    import boto3
-
     s3_server.ensure_running()
     name = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3").create_bucket(Bucket=name)
+    aws_client("s3").create_bucket(Bucket=name)
     return name
 
 
@@ -143,10 +151,8 @@ def s3_bucket(s3_server) -> str:
 def s3_users(s3_server):
     """Two IAM users, one allowed everything on S3 and one allowed nothing, with moto
     checking signatures and permissions for the duration of the test."""
-    import boto3
-
     s3_server.ensure_running()
-    iam = boto3.client("iam")
+    iam = aws_client("iam")
     users = {}
     for role, policy in [("writer", {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}), ("nobody", None)]:
         name = f"{role}-{uuid.uuid4().hex[:8]}"
@@ -170,4 +176,12 @@ def use_credentials(monkeypatch, creds: dict) -> None:
         monkeypatch.setenv(name, value)
 
 
-__all__ = ["MotoServer", "free_port", "use_credentials"]
+def aws_client(service: str = "s3"):
+    """A client on a fresh session: it reads the credentials in the environment now
+    (boto3's default session keeps the first ones it found)."""
+    import boto3
+
+    return boto3.session.Session().client(service)
+
+
+__all__ = ["MotoServer", "aws_client", "free_port", "use_credentials"]

@@ -8,13 +8,12 @@ import traceback
 import urllib.request
 from pathlib import Path
 
-import boto3
 import pytest
 
 import store.s3 as s3mod
 from store import PreconditionFailed, StoreError, open_store
 from store.s3 import S3Store
-from tests.s3_fixtures import use_credentials
+from tests.s3_fixtures import aws_client, use_credentials
 
 MiB = 1 << 20
 
@@ -25,7 +24,7 @@ def _write(path: Path, n: int, seed: int = 0) -> Path:
 
 
 def _object(bucket: str, key: str) -> bytes:
-    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    return aws_client().get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def test_put_records_the_objects_sha256(s3_bucket, tmp_path, small_parts, size):
                     "sha256": hashlib.sha256(body).hexdigest(), "bytes": size}
     assert body == src.read_bytes()
     # S3 keeps the SHA-256 it checked on arrival (of the parts, for a multipart upload)
-    head = boto3.client("s3").head_object(Bucket=s3_bucket, Key="p/runs/r1/model/weights.safetensors",
+    head = aws_client().head_object(Bucket=s3_bucket, Key="p/runs/r1/model/weights.safetensors",
                                           ChecksumMode="ENABLED")
     assert head["ChecksumSHA256"]
 
@@ -93,7 +92,7 @@ def test_read_versioned_and_conditional_writes(s3_bucket):
     data, v2 = st.read_versioned("champion.json")
     assert data == b"second" and v2 != v1
 
-    boto3.client("s3").delete_object(Bucket=s3_bucket, Key="p/champion.json")
+    aws_client().delete_object(Bucket=s3_bucket, Key="p/champion.json")
     with pytest.raises(PreconditionFailed):
         st.write_if("champion.json", b"gone", v2)  # deleted since it was read
 
@@ -106,7 +105,7 @@ def test_a_key_cannot_escape_the_prefix(s3_bucket, tmp_path, key):
                  lambda: st.write_if(key, b"x", None), lambda: st.link_for(key)):
         with pytest.raises(ValueError, match="invalid store key part"):
             call()
-    assert "Contents" not in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)
+    assert "Contents" not in aws_client().list_objects_v2(Bucket=s3_bucket)
 
 
 @pytest.mark.parametrize("name", ["../other", "flip/../../x", "a/b", ""])

@@ -1,0 +1,337 @@
+"""The pipeline on S3: a run, the dataset mirror, resume, the champion, a dying endpoint.
+
+All against moto's server on 127.0.0.1 through boto3, with small synthetic data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import store.s3 as s3mod
+from cnn import data as cd
+from store import PreconditionFailed, StoreError, champion, open_store
+from tests.s3_fixtures import aws_client, use_credentials
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(variants=["none"], epochs=1, subset=300, device="cpu")  # a run in well under a minute
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """This machine's local cache, empty (GPU workers come and go)."""
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _objects(bucket: str) -> dict[str, bytes]:
+    s3 = aws_client()
+    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def _candidate(run_id: str, accuracy: float, md5: str = "a" * 32, split_seed: int = 0, test_size: int = 140) -> dict:
+    return {"run_id": run_id, "model_uri": f"s3://x/runs/{run_id}/model", "test": {"accuracy": accuracy},
+            "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
+
+
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, monkeypatch, capsys, tmp_path):
+    """Every object of the layout, each manifest SHA-256 equal to the object's, the champion
+    set, the model usable from a fresh process, and no secret anywhere."""
+    from flows.train_cifar import train_cifar
+
+    use_credentials(monkeypatch, s3_users["writer"])  # moto checks signatures during this test
+    secret = s3_users["writer"]["AWS_SECRET_ACCESS_KEY"]
+    uri = f"s3://{s3_bucket}/nightly"
+    out = train_cifar(dataset="synthetic", synthetic_train=400, synthetic_test=200, store=uri,
+                      **{**TINY, "variants": ["none", "flip"]})
+    run_id = out["run_id"]
+    assert out["manifest"] == f"{uri}/runs/{run_id}/manifest.json"
+
+    objects = _objects(s3_bucket)
+    manifest = json.loads(objects[f"nightly/runs/{run_id}/manifest.json"])
+    assert manifest["promoted"] is True and manifest["promotion_reason"] == "no champion yet"
+    assert {"model/model.pt2", "model/weights.safetensors", "report.md", "none/checkpoint.pt",
+            "flip/history.csv"} <= set(manifest["artifacts"])
+    for name, a in manifest["artifacts"].items():
+        assert a["uri"].startswith(f"{uri}/runs/{run_id}/"), name
+        body = objects[a["uri"].removeprefix(f"s3://{s3_bucket}/")]
+        assert hashlib.sha256(body).hexdigest() == a["sha256"] and len(body) == a["bytes"], name
+    md5 = manifest["dataset"]["md5"]
+    assert f"nightly/datasets/synthetic/{md5}/{cd.PREPARED_FILE}" in objects
+
+    champ = json.loads(objects["nightly/champion.json"])
+    assert champ["run_id"] == run_id and champ["model_uri"] == f"{uri}/runs/{run_id}/model"
+    assert champ["dataset_md5"] == md5 and champ["test"]["accuracy"] == manifest["test"]["accuracy"]
+
+    # presigned links (they name the access key id, as every presigned URL does), never the secret
+    report = objects[f"nightly/runs/{run_id}/report.md"].decode()
+    assert "X-Amz-Expires=604800" in report
+    assert all(secret.encode() not in body for body in objects.values())
+    printed = capsys.readouterr()
+    assert secret not in printed.out + printed.err
+
+    # the champion classifies from a fresh process, through the S3 store
+    img = tmp_path / "photo.jpg"
+    Image.new("RGB", (120, 80), (200, 40, 40)).save(img)
+    proc = subprocess.run([sys.executable, "-m", "flows.predict", "--store", uri, str(img)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180, env=os.environ.copy())
+    assert proc.returncode == 0, proc.stderr
+    path, cls, prob = proc.stdout.strip().split("\t")
+    assert path == str(img) and cls in manifest["dataset"]["classes"] and 0 < float(prob) <= 1
+    assert f"run {run_id} (the champion)" in proc.stderr
+
+    # and the portable file alone loads in a plain Python (-I: no project code on the path)
+    (tmp_path / "model.pt2").write_bytes(objects[f"nightly/runs/{run_id}/model/model.pt2"])
+    code = "import torch; m = torch.export.load('model.pt2').module(); print(tuple(m(torch.rand(5, 3, 32, 32)).shape))"
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.stdout.strip() == "(5, 10)", proc.stderr
+
+
+# ----------------------------------------------------------------------------------------
+def _mirror(archive: Path, target: str, capsys) -> tuple[str, str]:
+    from flows import mirror
+
+    assert mirror.main([str(archive), target]) == 0
+    lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    return lines["md5"], lines["uri"]
+
+
+def test_dataset_from_an_s3_mirror(s3_bucket, synthetic_archive, cache, capsys, tmp_path, monkeypatch):
+    from tasks.data import fetch_dataset
+
+    archive, md5 = synthetic_archive
+    got_md5, src = _mirror(archive, f"s3://{s3_bucket}/mirror/", capsys)
+    assert (got_md5, src) == (md5, f"s3://{s3_bucket}/mirror/{cd.ARCHIVE_NAME}")
+
+    store_uri = f"s3://{s3_bucket}/nightly"
+    info = fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri)
+    assert info["md5"] == md5 and info["source"] == src and info["train"] == 2000 and info["holdout"] == 400
+    assert open_store(store_uri).exists(f"datasets/cifar10/{md5}/{cd.PREPARED_FILE}")
+
+    # another machine: nothing local, the prepared tensors come from the store, no download
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "other-machine"))
+    fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri)
+    assert "prepared copy found in the store" in capsys.readouterr().out
+    assert not (tmp_path / "other-machine" / "downloads").exists()
+
+
+def test_a_wrong_md5_from_the_mirror_is_refused(s3_bucket, synthetic_archive, cache):
+    from flows import mirror
+    from tasks.data import fetch_dataset
+
+    archive, md5 = synthetic_archive
+    _, src = mirror.mirror(archive, f"s3://{s3_bucket}/mirror/data.tar.gz")
+    wrong = "0" * 32
+    with pytest.raises(cd.DataError) as err:
+        fetch_dataset.fn("cifar10", None, src, wrong, 10, 10, f"s3://{s3_bucket}/nightly")
+    msg = str(err.value)
+    assert src in msg and f"expected {wrong}" in msg and f"found {md5}" in msg
+    # without --data-md5 the mirror must hold the official archive
+    with pytest.raises(cd.DataError, match=f"not the official CIFAR-10 archive.*--data-md5 {md5}"):
+        fetch_dataset.fn("cifar10", None, src, None, 10, 10, f"s3://{s3_bucket}/nightly")
+    assert not open_store(f"s3://{s3_bucket}/nightly").list("datasets")
+
+
+def test_mirror_refuses_what_is_not_a_cifar_archive(s3_bucket, tmp_path):
+    from flows import mirror
+
+    bad = tmp_path / "cifar-10-python.tar.gz"
+    bad.write_bytes(b"not a tarball")
+    with pytest.raises(cd.DataError, match="not a readable .tar.gz"):
+        mirror.mirror(bad, f"s3://{s3_bucket}/mirror/")
+    with pytest.raises(ValueError, match="TARGET 'bucket/key'"):
+        mirror.mirror(bad, "bucket/key")
+    assert mirror.main([str(tmp_path / "missing.tar.gz"), f"s3://{s3_bucket}/m/"]) == 1
+    assert not open_store(f"s3://{s3_bucket}").list("mirror")
+
+
+# ----------------------------------------------------------------------------------------
+class MachineLost(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Artifact creation outside")  # the task's logic, run without a flow
+def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, cache, prefect_harness,
+                                                                    monkeypatch, capsys, tmp_path):
+    import tasks.training
+    from cnn.train import make_config
+    from tasks.data import fetch_dataset
+    from tasks.training import train_variant
+
+    uri = f"s3://{s3_bucket}/nightly"
+    st = open_store(uri)
+    ds = fetch_dataset.fn("synthetic", None, None, None, 400, 200, uri)
+    cfg = make_config("seed", "flip", epochs=2, patience=5, seed=0)
+    real_train = tasks.training.train
+
+    def dies_after_epoch_1(cfg, data, device, workdir, on_epoch):
+        def upload_then_die(row, ckpt):
+            on_epoch(row, ckpt)  # epoch 1's checkpoint reaches the store...
+            raise MachineLost("after epoch 1")  # ...then the machine goes away
+
+        return real_train(cfg, data, device, workdir, on_epoch=upload_then_die)
+
+    monkeypatch.setattr(tasks.training, "train", dies_after_epoch_1)
+    with pytest.raises(MachineLost):
+        train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
+    first = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
+    assert len(first) == 2  # header and epoch 1
+
+    monkeypatch.setattr(tasks.training, "train", real_train)
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "another-machine"))
+    result = train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
+    assert f"flip: resuming from {uri}/runs/resumed/variants/flip/checkpoint.pt" in capsys.readouterr().out
+    assert result["epochs_run"] == 2 and result["status"] == "completed"
+    history = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
+    assert history[:2] == first and len(history) == 3  # epoch 1 kept as it was, epoch 2 added
+
+
+# ----------------------------------------------------------------------------------------
+def test_champion_first_better_worse_and_other_dataset(s3_bucket):
+    st = open_store(f"s3://{s3_bucket}/nightly")
+    assert champion.promote(st, _candidate("r1", 0.50), 0.0) == (True, "no champion yet")
+
+    ok, why = champion.promote(st, _candidate("r2", 0.45), 0.0)
+    assert not ok and "does not beat champion r1" in why
+    ok, why = champion.promote(st, _candidate("r3", 0.52), 0.05)  # better, but not by the margin
+    assert not ok and "by more than 0.05" in why
+    ok, why = champion.promote(st, _candidate("r4", 0.90, md5="b" * 32), 0.0)
+    assert not ok and "another split" in why
+    ok, why = champion.promote(st, _candidate("r5", 0.90, split_seed=1), 0.0)
+    assert not ok and "another split" in why
+    assert champion.read(st)["run_id"] == "r1"
+
+    ok, why = champion.promote(st, _candidate("r6", 0.60), 0.05)
+    assert ok and "beats champion r1" in why
+    assert champion.read(st) == _candidate("r6", 0.60)
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_two_runs_racing_have_exactly_one_winner(s3_bucket, round_):
+    """Equal accuracy: whoever writes first wins, the other must lose, never both."""
+    uri = f"s3://{s3_bucket}/nightly"
+    stores = [open_store(uri) for _ in range(2)]
+    go = threading.Barrier(2)
+    results = {}
+
+    def run(i):
+        go.wait()
+        results[i] = champion.promote(stores[i], _candidate(f"run{i}", 0.7), 0.0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, (ok, _) in results.items() if ok]
+    assert len(winners) == 1, results
+    assert champion.read(stores[0])["run_id"] == f"run{winners[0]}"
+
+
+def test_many_runs_racing_lose_no_update(s3_bucket):
+    """The best of many concurrent candidates always ends up champion: no write is lost."""
+    uri = f"s3://{s3_bucket}/nightly"
+    accs = [0.61, 0.55, 0.72, 0.68, 0.59, 0.70]
+    go = threading.Barrier(len(accs))
+    results = {}
+
+    def run(i):
+        st = open_store(uri)
+        go.wait()
+        results[i] = champion.promote(st, _candidate(f"run{i}", accs[i]), 0.0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(accs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = champion.read(open_store(uri))
+    assert final["run_id"] == "run2" and results[2][0] is True
+    # a loser lost to a champion at least as good as itself, never to a lost write
+    assert all("does not beat champion" in why for ok, why in results.values() if not ok)
+
+
+def test_a_promotion_whose_answer_was_lost_still_counts(s3_bucket, monkeypatch):
+    """S3 applied the conditional PUT but the response was lost; botocore's retry then
+    gets 412. The run must see that it is the champion, not report that it lost."""
+    st = open_store(f"s3://{s3_bucket}/nightly")
+    real = type(st).write_if
+
+    def applied_then_lost(self, key, data, version):
+        real(self, key, data, version)
+        raise PreconditionFailed("the retry of a PUT that had already succeeded")
+
+    monkeypatch.setattr(type(st), "write_if", applied_then_lost)
+    ok, why = champion.promote(st, _candidate("r1", 0.5), 0.0)
+    assert ok and why == "no champion yet"
+    assert champion.read(st)["run_id"] == "r1"
+
+
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic_archive, cache, prefect_harness,
+                                                 monkeypatch, capsys):
+    """The endpoint hangs while the run is being published: botocore retries, the run
+    fails naming the endpoint, the champion is untouched and the local files are kept."""
+    import tasks.publish
+    from flows.train_cifar import train_cifar
+    from tasks.common import local_run_dir
+
+    archive, md5 = synthetic_archive
+    _, src = _mirror(archive, f"s3://{s3_bucket}/mirror/", capsys)  # the run reads its data from the mirror
+    uri = f"s3://{s3_bucket}/nightly"
+    st = open_store(uri)
+    champion.promote(st, _candidate("old-champion", 0.0, md5=md5, test_size=140), 0.0)  # easy to beat
+    before = st.read_versioned("champion.json")
+
+    monkeypatch.setattr(s3mod, "READ_TIMEOUT_S", 3)  # a hung endpoint is noticed in seconds, not minutes
+    monkeypatch.setattr(s3mod, "CONNECT_TIMEOUT_S", 3)
+    monkeypatch.setattr(tasks.publish, "publish_run", tasks.publish.publish_run.with_options(retries=0))
+    real_put = s3mod.S3Store.put_file
+
+    def hang_at_report(self, key, path):
+        if key.endswith("/report.md"):
+            s3_server.pause()
+        return real_put(self, key, path)
+
+    monkeypatch.setattr(s3mod.S3Store, "put_file", hang_at_report)
+    t0 = time.monotonic()
+    with pytest.raises(StoreError) as err:
+        train_cifar(data_source=src, data_md5=md5, store=uri, run_id="interrupted", **TINY)
+    assert time.monotonic() - t0 < 240
+    msg = str(err.value)
+    assert f"{uri}/runs/interrupted/report.md" in msg and "did not answer after 3 attempts" in msg
+    assert s3_server.endpoint in msg
+
+    s3_server.resume()
+    assert st.read_versioned("champion.json") == before  # same content, same ETag
+    assert not st.exists("runs/interrupted/manifest.json")  # the run was never sealed
+    local = local_run_dir("interrupted")
+    for rel in ["model/model.pt2", "model/weights.safetensors", "model/metrics.json", "report.md",
+                "variants/none/checkpoint.pt", "variants/none/history.csv"]:
+        assert (local / rel).is_file(), rel
+
+
+@pytest.mark.slow
+def test_a_missing_bucket_fails_the_run_at_once(s3_server, cache, prefect_harness):
+    from flows.train_cifar import train_cifar
+
+    s3_server.ensure_running()
+    t0 = time.monotonic()
+    with pytest.raises(StoreError, match="no-such-bucket-here.*NoSuchBucket.*create it"):
+        train_cifar(dataset="synthetic", synthetic_train=100, synthetic_test=50, store="s3://no-such-bucket-here/n",
+                    **TINY)
+    assert time.monotonic() - t0 < 30  # not retried by Prefect (fetch-dataset retries only I/O)
