@@ -55,8 +55,27 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> No
     raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (a worker starts each flow run in a
+    session of its own, so stopping the worker's group alone could leave a run behind)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class Processes:
-    """Background processes, each in its own process group; all stopped in `stop_all`."""
+    """Background processes, each in its own process group; `stop_all` stops them and
+    everything they started."""
 
     def __init__(self, logs: Path):
         self.logs = logs
@@ -71,15 +90,27 @@ class Processes:
         return proc, log
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in reversed(self.procs):
+        for proc in reversed(self.procs):  # the worker before the server it reports to
+            if proc.poll() is not None:
+                continue
+            tree = descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGTERM)
+            for pid in tree:
+                _signal(pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+            for pid in tree:
+                _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
