@@ -8,7 +8,6 @@ process, a test can stop it (kill: the endpoint is gone; pause: it hangs) and
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
