@@ -133,7 +133,8 @@ def server(procs, tmp_path_factory) -> dict:
         "PREFECT_HOME": str(home),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        "PREFECT_UI_API_URL": api,  # the browser's API, not the default 127.0.0.1:4200
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_CLI_WRAP_LINES": "false",
         "COLUMNS": "200",
@@ -367,14 +368,26 @@ def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):
     assert "epochs" in note["body"]
 
 
-def test_local_deployment_trains_to_s3(worker, s3_bucket):
+@pytest.fixture(scope="module")
+def trained(worker, s3_server):
+    """A small synthetic run of train-cifar/local through the worker, to an s3:// store."""
+    from tests.s3_fixtures import aws_client
+
+    s3_server.ensure_running()
+    s3_bucket = f"test-{uuid.uuid4().hex[:12]}"
+    aws_client("s3").create_bucket(Bucket=s3_bucket)
+    run, out = run_deployment(
+        worker, "dataset=synthetic", "synthetic_train=600", "synthetic_test=200", "epochs=2",
+        'variants=["none","flip"]', f"store=s3://{s3_bucket}/runs")
+    return run, out, s3_bucket
+
+
+def test_local_deployment_trains_to_s3(worker, trained):
     import boto3
 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
-    run, out = run_deployment(
-        worker, "dataset=synthetic", "synthetic_train=600", "synthetic_test=200", "epochs=2",
-        'variants=["none","flip"]', f"store=s3://{s3_bucket}/runs")
+    run, out, s3_bucket = trained
     assert run.state.is_completed(), f"{run.state!r}\n{out[-4000:]}"
     assert run.parameters["epochs"] == 2 and run.parameters["variants"] == ["none", "flip"]
 
@@ -400,3 +413,39 @@ def test_local_deployment_trains_to_s3(worker, s3_bucket):
     manifest = json.loads(body)
     assert manifest["flow_run_id"] == str(run.id)
     assert [v["name"] for v in manifest["variants"]] == ["none", "flip"]
+
+
+# ---------------------------------------------------------------- the UI, in a real browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
+                  "--virtual-time-budget=20000", "--window-size=1400,1000"]
+
+
+def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
+    """The page's text once its scripts have run, from headless Chromium."""
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "the UI test needs Chromium: apt-get install chromium (.ci/run installs it)"
+    args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
+    if screenshot:
+        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
+
+
+def test_the_ui_shows_the_run(trained, worker, tmp_path):
+    """The flow run page lists one task run per variant and their epoch logs; the
+    comparison table and report are there as artifacts."""
+    run, _, _ = trained
+    ui = worker["PREFECT_API_URL"].removesuffix("/api")
+    page = browse(f"{ui}/runs/flow-run/{run.id}", tmp_path / "profile", screenshot=tmp_path / "run.png")
+    assert run.name in page and "Completed" in page
+    for variant in ("none", "flip"):
+        assert f"train-{variant}" in page
+        assert re.search(rf"{variant} epoch 2/2 train_loss [0-9.]+ val_loss [0-9.]+ val_acc [0-9.]+", page), page[-3000:]
+    assert (tmp_path / "run.png").stat().st_size > 10_000  # a rendered page, not a blank one
+    for key in ("variant-comparison", "report", "progress-none", "progress-flip"):
+        art = browse(f"{ui}/artifacts/key/{key}", tmp_path / "profile")
+        assert f"Artifact: {key}" in art and run.name in art, art[-2000:]
