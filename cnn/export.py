@@ -40,7 +40,7 @@ def export_portable(model: nn.Module, path: Path, tta: bool = False) -> Path:
     example = torch.rand(4, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(portable, (example,), dynamic_shapes={"x": {0: batch}})
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp = Path(path).with_name(Path(path).stem + ".tmp.pt2")  # torch.export wants the .pt2 suffix
     torch.export.save(program, tmp)
     reloaded = torch.export.load(tmp).module()
     with torch.no_grad():

@@ -116,7 +116,10 @@ def train_cifar(
     from tasks.training import train_variant
 
     # validate everything before any data is touched; a ValueError fails the run
-    p = RunParams(**{k: v for k, v in locals().items() if k in RunParams.model_fields})
+    try:
+        p = RunParams(**{k: v for k, v in locals().items() if k in RunParams.model_fields})
+    except ValidationError as e:  # one line per parameter, naming it; the run ends Failed
+        raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
     run_id = safe_name(p.run_id or new_run_id(), "run_id")
     devices = devices_for(p.device)
     store_uri = p.store if p.store.startswith("s3://") else str(Path(p.store).expanduser().resolve())
