@@ -216,10 +216,16 @@ def is_prepared(out_dir: Path) -> bool:
     return (Path(out_dir) / PREPARED_FILE).is_file() and (Path(out_dir) / PREPARED_META).is_file()
 
 
+def split_sizes(n: int) -> tuple[int, int]:
+    """(validation, test) sizes of a hold-out of `n` images: 6,500 / 3,500 of 10,000."""
+    n_val = round(n * VAL_FRACTION)
+    return n_val, n - n_val
+
+
 def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded permutation of the hold-out: 65% validation, 35% test (6,500 / 3,500)."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = round(n * VAL_FRACTION)
+    n_val, _ = split_sizes(n)
     # sorted so that evaluation order is the file order, never shuffled
     return perm[:n_val].sort().values, perm[n_val:].sort().values
 

@@ -108,6 +108,7 @@ def train_cifar(
     run_id: str | None = D.run_id,
 ) -> dict:
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
+    from cnn.data import split_sizes
     from cnn.train import make_config
     from tasks.data import fetch_dataset
     from tasks.publish import publish_run
@@ -144,8 +145,8 @@ def train_cifar(
                 wait_for=[allow_failure(previous)] if previous else None)
     results = []
     for v, fut in futures.items():
-        state = fut.state if fut.state.is_final() else (fut.wait() or fut.state)
-        if state.is_completed():
+        fut.wait()
+        if fut.state.is_completed():
             results.append(fut.result())
         else:  # the task failed: record it, the other variants go on
             try:
@@ -162,10 +163,7 @@ def train_cifar(
     chosen = next(r for r in results if r["name"] == selected)
     test = test_model(cfgs[selected], chosen["weights_key"], ds, p.split_seed, run_id, store_uri, devices[0])
 
-    holdout = ds["holdout"]
-    from cnn.data import split_holdout
-
-    val_idx, test_idx = split_holdout(holdout, p.split_seed)
+    n_val, n_test = split_sizes(ds["holdout"])
     train_size = min(ds["train"], p.subset) if p.subset else ds["train"]
     manifest = {
         "run_id": run_id,
@@ -174,7 +172,7 @@ def train_cifar(
         "params": p.model_dump(),
         "configs": {v: cfgs[v].__dict__ for v in p.variants},
         "dataset": {"name": ds["name"], "source": ds["source"], "md5": ds["md5"],
-                    "sizes": {"train": train_size, "val": len(val_idx), "test": len(test_idx)},
+                    "sizes": {"train": train_size, "val": n_val, "test": n_test},
                     "split_seed": p.split_seed, "classes": ds["classes"]},
         "selected": selected,
         "versions": versions(),
