@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import dataclasses
 import math
 import threading
@@ -90,6 +91,66 @@ def pick_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
     return dev
+
+
+# PyTorch's CPU allocator keeps no cache: each step allocates its activations afresh,
+# and glibc serves blocks over 128 KiB with mmap and returns them with munmap, so every
+# step pays one page fault (kernel zeroing; in a VM, a hypervisor exit too) per 4 KiB
+# of activations. On the 2-core benchmark VM that made a seed step erratic, 100 to 480
+# images/s; with freed memory kept in the heap and reused it is a steady ~590.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+_heap_kept = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve every block from the heap and never give it back (the process
+    keeps its peak memory). Returns False where the C library is not glibc."""
+    global _heap_kept
+    if not _heap_kept:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+        except (OSError, AttributeError):  # not Linux/glibc: leave the allocator alone
+            return False
+    return _heap_kept
+
+
+def prepare_device(device: torch.device) -> None:
+    """Process-wide settings for training on `device`; idempotent, safe from any thread."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution is planned once
+    else:
+        keep_freed_memory()
+
+
+def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int, wanted: int,
+                      headroom: float = 0.8) -> int:
+    """How many variants of `cfg` may train at once on `device`, at most `wanted`.
+
+    On CUDA: `headroom` of the free memory divided by one variant's need, which is the
+    measured peak of a training step and a validation batch (a throwaway model, before
+    any variant starts) plus its uint8 training images. On CPU: `wanted` (memory is
+    the host's, and the variants share its cores)."""
+    if wanted < 1:
+        raise ValueError(f"variants per device must be at least 1, found {wanted}")
+    if device.type != "cuda":
+        return wanted
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model = init_model(cfg, 10, device)
+    opt = make_optimizer(model, cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(torch.zeros((cfg.batch_size, 3, 32, 32), device=device)).float().sum()
+    loss.backward()
+    opt.step()
+    predict_logits(model, torch.zeros((EVAL_BATCH, 3, 32, 32), dtype=torch.uint8), device, EVAL_BATCH,
+                   tta=cfg.tta, amp=True)
+    need = torch.cuda.max_memory_allocated(device) - base + train_images * 3 * 32 * 32
+    del model, opt, loss
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(wanted, int(headroom * free // need)))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -196,7 +257,7 @@ def compile_model(model: nn.Module, cfg: TrainConfig, device: torch.device, amp:
     with _COMPILE_LOCK:
         if key not in _WARMED:
             twin = torch.compile(copy.deepcopy(model), dynamic=False)
-            x = torch.zeros((cfg.batch_size, 3, 32, 32), device=device).contiguous(memory_format=torch.channels_last)
+            x = torch.zeros((cfg.batch_size, 3, 32, 32), device=device)  # NCHW, like make_batch's
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = twin(x)
             out.float().sum().backward()  # compiles the backward graph too
@@ -228,8 +289,7 @@ def train(
 
 def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch) -> dict:
     amp = device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    prepare_device(device)
     model = init_model(cfg, len(data.classes), device)
     opt = make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(data.train_y) // cfg.batch_size)

@@ -13,7 +13,7 @@ from cnn import augment
 from cnn import train as train_module
 from cnn.data import Splits, load_splits
 from cnn.models import MODELS, RECIPES, SeedNet, build_model
-from cnn.train import make_config, make_optimizer, make_scheduler, train
+from cnn.train import make_config, make_optimizer, make_scheduler, train, variants_that_fit
 
 CPU = torch.device("cpu")
 
@@ -169,3 +169,16 @@ def test_compile_is_warmed_once_and_matches_eager(tiny, data, tmp_path):
     for a, b in zip(first["history"], eager["history"]):  # same computation, fused differently
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.1)
+
+
+def test_variants_that_fit_on_cpu_is_what_was_asked(tiny):
+    cfg = make_config(tiny, "none", epochs=1, patience=1, seed=0)
+    assert variants_that_fit(cfg, CPU, 50_000, 6) == 6
+    with pytest.raises(ValueError, match="at least 1"):
+        variants_that_fit(cfg, CPU, 50_000, 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_variants_that_fit_on_cuda_is_bounded(tiny):
+    cfg = make_config(tiny, "none", epochs=1, patience=1, seed=0)
+    assert 1 <= variants_that_fit(cfg, torch.device("cuda"), 50_000, 4) <= 4
