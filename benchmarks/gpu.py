@@ -31,12 +31,12 @@ from tempfile import TemporaryDirectory
 import torch
 
 from benchmarks.common import machine, synthetic_images, table, write_result
-from cnn.augment import VARIANTS
+from cnn.augment import VARIANTS, normalize
 from cnn.data import Splits
 from cnn.evaluate import evaluate
 from cnn.fast import Lookahead
 from cnn.train import (EVAL_BATCH, compile_model, init_model, make_config, make_optimizer, make_scheduler,
-                       normalize, prepare_device, train, train_one_epoch, variants_that_fit)
+                       prepare_device, train, train_one_epoch, variants_that_fit)
 
 DEFAULT_VARIANTS = list(VARIANTS)[:6]  # none, flip, crop, flip-crop, flip-crop-cutout, flip-crop-jitter
 VAL_IMAGES = 6500

@@ -25,7 +25,6 @@ import argparse
 import os
 import statistics
 
-import numpy as np
 import torch
 import torchvision.transforms as T
 from PIL import Image

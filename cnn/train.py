@@ -35,8 +35,6 @@ from cnn.fast import Lookahead
 from cnn.models import RECIPES, build_model
 
 CHECKPOINT = "checkpoint.pt"
-
-
 EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
 
 
@@ -44,7 +42,8 @@ EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or wh
 class TrainConfig:
     """Everything that decides a variant's training; saved inside every checkpoint.
 
-    The fields after `seed` come from the model's `Recipe` (see cnn.models.Recipe)."""
+    make_config fills it from the model's `Recipe` (cnn.models), with the run's
+    epochs, patience, seed, compile and, when given, batch size and lr."""
 
     model: str
     variant: str
