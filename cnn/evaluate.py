@@ -10,12 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cnn.augment import normalize, translate
+from cnn.augment import normalize
 
 CL = torch.channels_last
 
 
-def _views(x: torch.Tensor, tta: int) -> list[tuple[float, torch.Tensor]]:
+def tta_views(x: torch.Tensor, tta: int) -> list[tuple[float, torch.Tensor]]:
     """(weight, batch) pairs whose weighted logits sum to the prediction."""
     if tta not in (0, 1, 2):
         raise ValueError(f"tta must be 0 (none), 1 (mirror) or 2 (mirror + shifts), found {tta!r}")
@@ -25,8 +25,10 @@ def _views(x: torch.Tensor, tta: int) -> list[tuple[float, torch.Tensor]]:
     if tta == 1:
         return mirrored
     views = [(0.5 * w, v) for w, v in mirrored]
-    for d in (-1, 1):  # content moves down-right, then up-left, by one pixel
-        shifted = translate(x, None, pad=1, offsets=torch.full((len(x), 2), d, device=x.device))
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    for a in (0, 2):  # content moves down-right, then up-left, by one pixel (as translate by -1, +1)
+        shifted = padded[:, :, a : a + h, a : a + w]  # a slice, so any batch size exports
         views += [(0.125, shifted), (0.125, shifted.flip(-1))]
     return views
 
@@ -49,7 +51,7 @@ def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta
             chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
         xb = normalize(chunk)  # (B, 3, 32, 32) float, channels_last
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = sum(w * model(v.contiguous(memory_format=CL)).float() for w, v in _views(xb, int(tta)))
+            logits = sum(w * model(v.contiguous(memory_format=CL)).float() for w, v in tta_views(xb, int(tta)))
         out.append(logits[:n])
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.empty(0)

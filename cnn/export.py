@@ -13,27 +13,26 @@ import torch
 from torch import nn
 
 from cnn.augment import MEAN, STD
+from cnn.evaluate import tta_views
 
 
 class Portable(nn.Module):
-    """0..1 RGB images in, logits out; flip TTA baked in when the recipe uses it."""
+    """0..1 RGB images in, logits out, with the recipe's test-time augmentation
+    (the same views as `cnn.evaluate`, so it reproduces the reported metrics)."""
 
-    def __init__(self, model: nn.Module, tta: bool):
+    def __init__(self, model: nn.Module, tta: int):
         super().__init__()
         self.model = model.eval()
-        self.tta = tta
+        self.tta = int(tta)
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
-        logits = self.model(x)
-        if self.tta:
-            logits = 0.5 * (logits + self.model(x.flip(-1)))
-        return logits
+        return sum(w * self.model(v) for w, v in tta_views(x, self.tta))
 
 
-def export_portable(model: nn.Module, path: Path, tta: bool = False) -> Path:
+def export_portable(model: nn.Module, path: Path, tta: int = 0) -> Path:
     """Export `model` (CPU, fp32, eval) with normalisation to `path` (.pt2), and check it."""
     # contiguous weights: channels_last parameters do not serialise as whole tensors
     portable = Portable(model.float().cpu().to(memory_format=torch.contiguous_format), tta).eval()
