@@ -131,12 +131,21 @@ def train_cifar(
 
     ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
                        p.synthetic_test, store_uri)
+    train_size = min(ds["train"], p.subset or ds["train"])
 
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
     # The CPU gets one lane: each variant already uses every core, and concurrent
     # CPU training threads only fight over them (see benchmarks/README.md)
     futures = {}
-    per_device = p.variants_per_gpu if devices[0].startswith("cuda") else 1
+    per_device = 1
+    if devices[0].startswith("cuda"):  # as many as asked for, and as fit in the GPU's free memory
+        import torch
+
+        from cnn.train import variants_that_fit
+
+        per_device = variants_that_fit(cfgs[p.variants[0]], torch.device(devices[0]), train_size, p.variants_per_gpu)
+        if per_device < p.variants_per_gpu:
+            print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
     for dev, names in plan_lanes(p.variants, devices, per_device):
         previous = None
         for v in names:
@@ -164,7 +173,6 @@ def train_cifar(
     test = test_model(cfgs[selected], chosen["weights_key"], ds, p.split_seed, run_id, store_uri, devices[0])
 
     n_val, n_test = split_sizes(ds["holdout"])
-    train_size = min(ds["train"], p.subset) if p.subset else ds["train"]
     manifest = {
         "run_id": run_id,
         "created_at": created_at,

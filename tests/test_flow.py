@@ -161,3 +161,17 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
     assert again["promoted"] is False
     m = json.loads((store / "runs/run-a/manifest.json").read_text())
     assert "does not beat champion" in m["promotion_reason"]
+
+
+@pytest.mark.parametrize("variants,devices,per_device", [
+    (list("abcdef"), ["cuda:0", "cuda:1"], 2), (list("abc"), ["cpu"], 1), (["a"], ["cuda:0", "cuda:1"], 3),
+    (list("abcdefg"), ["cuda:0", "cuda:1", "cuda:2"], 1)])
+def test_lanes_never_put_more_than_per_device_variants_on_a_device(variants, devices, per_device):
+    from collections import Counter
+
+    from flows.train_cifar import plan_lanes
+
+    lanes = plan_lanes(variants, devices, per_device)
+    assert sorted(v for _, names in lanes for v in names) == sorted(variants)  # each variant once
+    assert max(Counter(d for d, _ in lanes).values()) <= per_device  # lanes run at once: per device
+    assert len(lanes) == min(len(variants), len(devices) * per_device)  # and every slot is used
