@@ -25,7 +25,7 @@ test: setup
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Prefect server, worker and deployments (docs/production.md). The pool names
+# Prefect server, worker and deployments (README.md, "Run it in production"). The pool names
 # match deployments/prefect.yaml.
 PREFECT     := $(VENV)/bin/prefect
 SERVER_HOST ?= 127.0.0.1
