@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: setup run test clean
+.PHONY: setup run test browser clean
 
 setup: $(VENV)/.installed
 
@@ -19,8 +19,15 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(PY) -m flows.train_cifar $(ARGS)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest $(ARGS)
+
+# the UI test drives a real headless browser: Debian's chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the UI test"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache
