@@ -134,8 +134,8 @@ def train_cifar(
     train_size = min(ds["train"], p.subset or ds["train"])
 
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
-    # The CPU gets one lane: each variant already uses every core, and concurrent
-    # CPU training threads only fight over them (see benchmarks/README.md)
+    # The CPU gets one lane: each variant already uses every core, and training several
+    # at once in threads measured 8-9% slower (benchmarks/README.md, cpu_lanes)
     futures = {}
     per_device = 1
     if devices[0].startswith("cuda"):  # as many as asked for, and as fit in the GPU's free memory
