@@ -123,8 +123,6 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
 
 
 def test_flow_fails_clearly_when_no_variant_succeeds(run_env, synthetic_archive):
-    from prefect.testing.utilities import prefect_test_harness  # noqa: F401 (harness is session-wide)
-
     from flows.train_cifar import train_cifar
 
     path, md5 = synthetic_archive
