@@ -136,7 +136,6 @@ def train_cifar(
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
     # The CPU gets one lane: each variant already uses every core, and training several
     # at once in threads measured 8-9% slower (benchmarks/README.md, cpu_lanes)
-    futures = {}
     per_device = 1
     if devices[0].startswith("cuda"):  # as many as asked for, and as fit in the GPU's free memory
         import torch
@@ -147,39 +146,18 @@ def train_cifar(
         if per_device < p.variants_per_gpu:
             print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
     lanes = plan_lanes(p.variants, devices, per_device)
-    states = {}
-    if len(lanes) == 1 and not devices[0].startswith("cuda"):
-        # a single CPU lane runs in this, the flow's own thread: training in a task-runner
-        # thread measured ~6% slower on the 2-core VM (see benchmarks/README.md)
+    # a single CPU lane trains in this, the flow's own thread: 8-10% faster than in a
+    # task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
+    here = len(lanes) == 1 and not devices[0].startswith("cuda")
+    runs = {}
+    for dev, names in lanes:
         previous = None
-        for v in lanes[0][1]:
-            previous = states[v] = train_variant(
-                cfgs[v], ds, p.split_seed, p.subset, run_id, store_uri, lanes[0][0],
-                wait_for=[allow_failure(previous)] if previous else None, return_state=True)
-    else:
-        for dev, names in lanes:
-            previous = None
-            for v in names:
-                previous = futures[v] = train_variant.submit(
-                    cfgs[v], ds, p.split_seed, p.subset, run_id, store_uri, dev,
-                    wait_for=[allow_failure(previous)] if previous else None)
-        for v, fut in futures.items():
-            fut.wait()
-            states[v] = fut.state
-    results = []
-    for v, state in states.items():
-        if state.is_completed():
-            results.append(state.result())
-        else:  # the task failed: record it, the other variants go on
-            try:
-                state.result()
-                err = "unknown error"
-            except Exception as e:  # noqa: BLE001 - any failure of one variant is reported, not raised
-                err = f"{type(e).__name__}: {e}"
-            print(f"{v}: failed: {err}")
-            results.append({"name": v, "status": "failed", "epochs_run": None, "best_epoch": None,
-                            "val_loss": None, "val_accuracy": None, "seconds": None, "error": err,
-                            "artifacts": {}, "weights_key": None})
+        for v in names:
+            args = (cfgs[v], ds, p.split_seed, p.subset, run_id, store_uri, dev)
+            wait = [allow_failure(previous)] if previous else None
+            previous = runs[v] = (train_variant(*args, wait_for=wait, return_state=True) if here
+                                  else train_variant.submit(*args, wait_for=wait))
+    results = [variant_result(v, r if here else (r.wait() or r.state)) for v, r in runs.items()]
 
     selected = select_variant(results, p.select_metric)
     chosen = next(r for r in results if r["name"] == selected)
@@ -203,6 +181,20 @@ def train_cifar(
     out = publish_run(manifest, test, results, p.promote_margin, store_uri)
     _summary(results, selected, out)
     return out
+
+
+def variant_result(name: str, state) -> dict:
+    """A finished train-variant's metrics, or a `failed` row saying why (the others go on)."""
+    if state.is_completed():
+        return state.result()
+    try:
+        state.result()
+        err = f"ended {state.type.value}"
+    except Exception as e:  # noqa: BLE001 - any failure of one variant is reported, not raised
+        err = f"{type(e).__name__}: {e}"
+    print(f"{name}: failed: {err}")
+    return {"name": name, "status": "failed", "epochs_run": None, "best_epoch": None, "val_loss": None,
+            "val_accuracy": None, "seconds": None, "error": err, "artifacts": {}, "weights_key": None}
 
 
 def _summary(results: list[dict], selected: str, out: dict) -> None:
