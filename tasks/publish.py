@@ -46,10 +46,9 @@ def publish_run(manifest: dict, test: dict, variants: list[dict], promote_margin
         "split_seed": manifest["dataset"]["split_seed"], "test_size": manifest["dataset"]["sizes"]["test"],
         "created_at": manifest["created_at"],
     }
-    # decide first and seal the manifest with the decision; the champion is only
-    # written once every file of the run is in the store
-    current = champion.read(store)
-    promoted, reason = champion.decide(current, candidate, promote_margin)
+    # every file of the run is stored, the manifest included, before the champion is
+    # touched; the manifest claims a promotion only once champion.json names this run
+    promoted, reason = champion.decide(champion.read(store), candidate, promote_margin)
 
     links = {name: store.link_for(run_key(run_id, *name.split("/"))) for name in
              ["manifest.json", "report.md", "model/weights.safetensors", "model/model.pt2", "curves.png"]}
@@ -63,11 +62,9 @@ def publish_run(manifest: dict, test: dict, variants: list[dict], promote_margin
         store.put_file(run_key(run_id, "manifest.json"), out / "manifest.json")
         return m
 
-    final = seal(promoted, reason)
-    if promoted:
-        won, why = champion.promote(store, candidate, promote_margin)
-        if not won:  # another run became champion meanwhile and beats us: record why
-            final = seal(False, why)
+    final = seal(False, f"pending: {reason}" if promoted else reason)
+    if promoted:  # decided again inside promote(): another run may have won meanwhile
+        final = seal(*champion.promote(store, candidate, promote_margin))
     print(f"promoted: {final['promoted']} ({final['promotion_reason']})")
 
     create_table_artifact(variants_table(final["variants"], final["selected"]), key="variant-comparison",

@@ -173,3 +173,23 @@ def test_lanes_never_put_more_than_per_device_variants_on_a_device(variants, dev
     assert sorted(v for _, names in lanes for v in names) == sorted(variants)  # each variant once
     assert max(Counter(d for d, _ in lanes).values()) <= per_device  # lanes run at once: per device
     assert len(lanes) == min(len(variants), len(devices) * per_device)  # and every slot is used
+
+
+def test_manifest_never_claims_a_promotion_that_did_not_happen(run_env, synthetic_archive, monkeypatch):
+    """If writing champion.json fails, the run fails, the champion is untouched and the
+    sealed manifest says the promotion is pending, not done."""
+    from flows.train_cifar import train_cifar
+    from store import StoreError
+
+    def refuse(*a, **k):
+        raise StoreError("champion.json: access denied (test)")
+
+    monkeypatch.setattr(champion, "promote", refuse)
+    path, md5 = synthetic_archive
+    store = run_env / "store"
+    with pytest.raises(StoreError, match="access denied"):
+        train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=1, subset=300,
+                    store=str(store), device="cpu", run_id="run-p")
+    m = json.loads((store / "runs/run-p/manifest.json").read_text())
+    assert m["promoted"] is False and m["promotion_reason"] == "pending: no champion yet"
+    assert not (store / "champion.json").exists()
