@@ -7,8 +7,8 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# torch and numpy are imported where used, so that importing this module (for
+# add_run_args) does not count in flow_profile's import timings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -25,6 +25,8 @@ def cpu_model() -> str:
 
 def machine(device: torch.device | None = None) -> dict:
     """The machine, so that a figure is never quoted without it."""
+    import torch
+
     info = {
         "cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__,
@@ -39,6 +41,9 @@ def machine(device: torch.device | None = None) -> dict:
 
 def synthetic_images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n learnable synthetic images (cnn.synthetic): uint8 (n, 3, 32, 32) and int64 labels (n,)."""
+    import numpy as np
+    import torch
+
     from cnn.synthetic import make_images
 
     x, y = make_images(n, np.random.default_rng(seed))
@@ -78,3 +83,13 @@ def write_result(name: str, payload: dict) -> Path:
                               indent=2))
     tmp.replace(path)
     return path
+
+
+def add_run_args(ap) -> None:
+    """The small synthetic flow run that orchestration and flow_profile both time."""
+    ap.add_argument("--model", default="seed")
+    ap.add_argument("--variants", default="none,flip")
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--patience", type=int, default=3)
+    ap.add_argument("--synthetic-train", type=int, default=5000)
+    ap.add_argument("--synthetic-test", type=int, default=1000)

@@ -123,13 +123,10 @@ def instrument() -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import add_run_args
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.flow_profile", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="seed")
-    ap.add_argument("--variants", default="none,flip")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--patience", type=int, default=3)
-    ap.add_argument("--synthetic-train", type=int, default=5000)
-    ap.add_argument("--synthetic-test", type=int, default=1000)
+    add_run_args(ap)
     ap.add_argument("--server", action="store_true", help="run against a `prefect server` started first")
     args = ap.parse_args(argv)
 

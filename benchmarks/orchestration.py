@@ -208,14 +208,11 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.common import add_run_args
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.orchestration", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="seed")
-    ap.add_argument("--variants", default="none,flip")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--patience", type=int, default=3)
+    add_run_args(ap)
     ap.add_argument("--subset", type=int, default=None)
-    ap.add_argument("--synthetic-train", type=int, default=5000)
-    ap.add_argument("--synthetic-test", type=int, default=1000)
     ap.add_argument("--direct", action="store_true", help=argparse.SUPPRESS)  # internal: the direct side
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
