@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -21,12 +20,6 @@ from tasks.data import PREPARED_FILES
 def _fmt(row: dict, variant: str, epochs: int) -> str:
     return (f"{variant} epoch {row['epoch']}/{epochs} train_loss {row['train_loss']:.3f} "
             f"val_loss {row['val_loss']:.3f} val_acc {row['val_accuracy']:.3f} {row['seconds']:.1f}s")
-
-
-def _stamp(path: Path) -> tuple[int, int, int]:
-    """Identifies one write of a file: a checkpoint is always a new file renamed into place."""
-    st = path.stat()
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 # never served from cache: a run always trains; resuming is the checkpoint's job
@@ -48,29 +41,29 @@ def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int 
     history_csv = workdir / "history.csv"
     artifacts: dict[str, dict] = {}
 
-    def on_epoch(row: dict, ckpt_path) -> None:
-        print(_fmt(row, v, cfg.epochs))
-        history.append(row)
+    def upload(history: list[dict]) -> None:
+        """The checkpoint and the whole history so far, to the store."""
         pd.DataFrame(history).to_csv(history_csv, index=False)
         artifacts[f"{v}/history.csv"] = store.put_file(variant_key(run_id, v, "history.csv"), history_csv)
-        artifacts[f"{v}/{CHECKPOINT}"] = store.put_file(ckpt_key, ckpt_path)
-        uploaded.update(history=list(history), checkpoint=_stamp(ckpt_path))
+        artifacts[f"{v}/{CHECKPOINT}"] = store.put_file(ckpt_key, workdir / CHECKPOINT)
+
+    earlier: list[dict] = []  # epochs trained before a resume, so the CSV stays whole
+    if (workdir / CHECKPOINT).exists():
+        earlier = torch.load(workdir / CHECKPOINT, map_location="cpu", weights_only=False)["state"]["history"]
+    trained: list[dict] = []  # epochs trained by this call, each uploaded with its checkpoint
+
+    def on_epoch(row: dict, ckpt_path) -> None:
+        print(_fmt(row, v, cfg.epochs))
+        trained.append(row)
+        upload(earlier + trained)
         update_progress_artifact(progress_id, 100.0 * row["epoch"] / cfg.epochs)
 
-    history: list[dict] = []
-    uploaded: dict = {}  # what the last on_epoch put in the store: the history rows, the checkpoint's stamp
-    if (workdir / CHECKPOINT).exists():  # history so far, so the CSV stays whole after a resume
-        history = list(torch.load(workdir / CHECKPOINT, map_location="cpu", weights_only=False)["state"]["history"])
     result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch)
     update_progress_artifact(progress_id, 100.0, description=f"{v}: {result['status']} after {result['epochs_run']} epochs")
-
-    # the last epoch's upload is usually final; upload again only what changed after it
-    # (a diverged variant's checkpoint, a resumed variant that had nothing left to train)
-    if uploaded.get("history") != result["history"]:
-        pd.DataFrame(result["history"]).to_csv(history_csv, index=False)
-        artifacts[f"{v}/history.csv"] = store.put_file(variant_key(run_id, v, "history.csv"), history_csv)
-    if (workdir / CHECKPOINT).exists() and uploaded.get("checkpoint") != _stamp(workdir / CHECKPOINT):
-        artifacts[f"{v}/{CHECKPOINT}"] = store.put_file(ckpt_key, workdir / CHECKPOINT)
+    # every epoch uploaded itself; only a divergence (its checkpoint is saved after the
+    # last good epoch) or a resume with nothing left to train leaves the store behind
+    if (result["status"] == "diverged" or not trained) and (workdir / CHECKPOINT).exists():
+        upload(result["history"])
     weights_key = None
     if result["best_state"] is not None:
         save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(workdir / "best.safetensors"))
