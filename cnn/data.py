@@ -209,10 +209,6 @@ def prepare(path: Path, md5: str, out_dir: Path) -> Path:
     return out_dir
 
 
-def is_prepared(out_dir: Path) -> bool:
-    return (Path(out_dir) / PREPARED_FILE).is_file() and (Path(out_dir) / PREPARED_META).is_file()
-
-
 def split_sizes(n: int) -> tuple[int, int]:
     """(validation, test) sizes of a hold-out of `n` images: 6,500 / 3,500 of 10,000."""
     n_val = round(n * VAL_FRACTION)
