@@ -36,7 +36,7 @@ from cnn.data import Splits
 from cnn.evaluate import evaluate
 from cnn.fast import Lookahead
 from cnn.train import (EVAL_BATCH, compile_model, init_model, make_config, make_optimizer, make_scheduler,
-                       prepare_device, train, train_one_epoch, variants_that_fit)
+                       prepare_device, resolve_precision, train, train_one_epoch, variants_that_fit)
 
 DEFAULT_VARIANTS = list(VARIANTS)[:6]  # none, flip, crop, flip-crop, flip-crop-cutout, flip-crop-jitter
 VAL_IMAGES = 6500
@@ -80,8 +80,9 @@ def peak_gib(device) -> float | None:
 
 def epoch_timing(name: str, data: Splits, device, use_compile: bool) -> dict:
     """Training and validation pass of one variant, after a warm-up epoch."""
-    cfg = make_config(name, "flip-crop", epochs=3, patience=3, seed=0, compile=use_compile)
-    amp = device.type == "cuda"
+    cfg = make_config(name, "flip-crop", epochs=3, patience=3, seed=0, compile=use_compile,
+                      precision=resolve_precision("auto", device))
+    amp = cfg.precision == "bf16"
     peak_reset(device)
     model = init_model(cfg, 10, device)
     if hasattr(model, "init_from_data"):
@@ -124,7 +125,8 @@ def epoch_timing(name: str, data: Splits, device, use_compile: bool) -> dict:
 
 def variant_runs(name: str, data: Splits, device, epochs: int, workdir: Path) -> dict:
     """The default variants with train(): one after another, then sharing the device."""
-    cfgs = [make_config(name, v, epochs=epochs, patience=epochs, seed=0) for v in DEFAULT_VARIANTS]
+    cfgs = [make_config(name, v, epochs=epochs, patience=epochs, seed=0, precision=resolve_precision("auto", device))
+            for v in DEFAULT_VARIANTS]
     at_once = variants_that_fit(cfgs[0], device, len(data.train_y), len(cfgs))
 
     sync(device)

@@ -43,7 +43,7 @@ class TrainConfig:
     """Everything that decides a variant's training; saved inside every checkpoint.
 
     make_config fills it from the model's `Recipe` (cnn.models), with the run's
-    epochs, patience, seed, compile and, when given, batch size and lr."""
+    epochs, patience, seed, compile, precision and, when given, batch size and lr."""
 
     model: str
     variant: str
@@ -65,6 +65,19 @@ class TrainConfig:
     norm_decay: bool = False
     lookahead: bool = False
     alt_flip: bool = False
+    precision: str = "fp32"  # fp32, or bf16: bf16 autocast (weights, optimizer and BatchNorm stay fp32)
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """'auto' is bf16 autocast on CUDA and fp32 on the CPU; 'fp32' and 'bf16' are as named."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected auto, fp32 or bf16, found {precision!r}")
+    return precision
 
 
 class Diverged(RuntimeError):
@@ -72,13 +85,18 @@ class Diverged(RuntimeError):
 
 
 def make_config(model: str, variant: str, *, epochs: int, patience: int, seed: int,
-                batch_size: int | None = None, lr: float | None = None, compile: bool = False) -> TrainConfig:
-    """A config from the model's recipe, with the run's overrides."""
+                batch_size: int | None = None, lr: float | None = None, compile: bool = False,
+                precision: str = "fp32") -> TrainConfig:
+    """A config from the model's recipe, with the run's overrides. `precision` is fp32
+    or bf16 (resolve 'auto' for the device first: resolve_precision)."""
     if model not in RECIPES:
         build_model(model)  # raises, listing the known models
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
     r = dataclasses.asdict(RECIPES[model])
     r.update(batch_size=batch_size or r["batch_size"], lr=r["lr"] if lr is None else lr)
-    return TrainConfig(model=model, variant=variant, epochs=epochs, patience=patience, seed=seed, compile=compile, **r)
+    return TrainConfig(model=model, variant=variant, epochs=epochs, patience=patience, seed=seed, compile=compile,
+                       precision=precision, **r)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -139,12 +157,13 @@ def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int,
     torch.cuda.reset_peak_memory_stats(device)
     model = init_model(cfg, 10, device)
     opt = make_optimizer(model, cfg)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    amp = cfg.precision == "bf16"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         loss = model(torch.zeros((cfg.batch_size, 3, 32, 32), device=device)).float().sum()
     loss.backward()
     opt.step()
     predict_logits(model, torch.zeros((EVAL_BATCH, 3, 32, 32), dtype=torch.uint8), device, EVAL_BATCH,
-                   tta=cfg.tta, amp=True)
+                   tta=cfg.tta, amp=amp)
     need = torch.cuda.max_memory_allocated(device) - base + train_images * 3 * 32 * 32
     del model, opt, loss
     torch.cuda.empty_cache()
@@ -287,7 +306,7 @@ def train(
 
 
 def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch) -> dict:
-    amp = device.type == "cuda"
+    amp = cfg.precision == "bf16"
     prepare_device(device)
     model = init_model(cfg, len(data.classes), device)
     opt = make_optimizer(model, cfg)

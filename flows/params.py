@@ -43,6 +43,9 @@ class RunParams(BaseModel):
     store: str = Field("./artifacts", description="a local folder or s3://bucket/prefix")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     compile: bool = Field(False, description="torch.compile the model (warmed once per variant)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on either "
+        "(on a CPU, fast only with native bf16: AVX512-BF16 or AMX); fp32: no autocast")
     variants_per_gpu: int = Field(1, ge=1, description="variants trained at once on one GPU")
     promote_margin: float = Field(0.0, ge=0, description="test accuracy by which a new model must beat the champion")
     run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "

@@ -103,13 +103,14 @@ def train_cifar(
     store: str = D.store,
     device: str = D.device,
     compile: bool = D.compile,
+    precision: typing.Literal["auto", "fp32", "bf16"] = D.precision,
     variants_per_gpu: int = D.variants_per_gpu,
     promote_margin: float = D.promote_margin,
     run_id: str | None = D.run_id,
 ) -> dict:
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
     from cnn.data import split_sizes
-    from cnn.train import make_config
+    from cnn.train import make_config, resolve_precision
     from tasks.data import fetch_dataset
     from tasks.publish import publish_run
     from tasks.selection import select_variant
@@ -125,7 +126,8 @@ def train_cifar(
     devices = devices_for(p.device)
     store_uri = p.store if p.store.startswith("s3://") else str(Path(p.store).expanduser().resolve())
     cfgs = {v: make_config(p.model, v, epochs=p.epochs, patience=p.patience, seed=p.seed,
-                           batch_size=p.batch_size, lr=p.lr, compile=p.compile) for v in p.variants}
+                           batch_size=p.batch_size, lr=p.lr, compile=p.compile,
+                           precision=resolve_precision(p.precision, devices[0])) for v in p.variants}
     created_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     print(f"run {run_id}: {len(p.variants)} variant(s) of {p.model} on {', '.join(devices)} -> {store_uri}")
 

@@ -37,7 +37,7 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
 
     data = load_splits(materialize(store, dataset["key"], PREPARED_FILES), split_seed)
     m = evaluate(model, data.test_x, data.test_y, torch.device(device), tta=cfg.tta,
-                 amp=device.startswith("cuda"))
+                 amp=cfg.precision == "bf16")
     metrics = {
         "variant": cfg.variant, "model": cfg.model, "n": m["n"], "loss": m["loss"], "accuracy": m["accuracy"],
         "per_class": dict(zip(classes, m["per_class"])),

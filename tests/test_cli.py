@@ -52,3 +52,6 @@ def test_help_and_exit_code_from_a_real_process():
     assert ok.returncode == 0 and "--variants" in ok.stdout and "--subset" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--epochs", "0"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--epochs" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--precision", "fp16"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "--precision: invalid choice: 'fp16'" in bad.stderr

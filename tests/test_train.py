@@ -13,7 +13,7 @@ from cnn import augment
 from cnn import train as train_module
 from cnn.data import Splits, load_splits
 from cnn.models import MODELS, RECIPES, SeedNet, build_model
-from cnn.train import make_config, make_optimizer, make_scheduler, train, variants_that_fit
+from cnn.train import make_config, make_optimizer, make_scheduler, resolve_precision, train, variants_that_fit
 
 CPU = torch.device("cpu")
 
@@ -169,6 +169,32 @@ def test_compile_is_warmed_once_and_matches_eager(tiny, data, tmp_path):
     for a, b in zip(first["history"], eager["history"]):  # same computation, fused differently
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.1)
+
+
+def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("auto", "cuda:1") == "bf16"
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    with pytest.raises(ValueError, match="precision: expected auto, fp32 or bf16, found 'fp16'"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision: expected one of fp32, bf16, found 'auto'"):
+        make_config("seed", "none", epochs=1, patience=1, seed=0, precision="auto")
+
+
+def test_bf16_on_the_cpu_learns_in_autocast_and_keeps_fp32_weights(tiny, data, tmp_path):
+    fp32 = train(make_config(tiny, "flip", epochs=3, patience=3, seed=0, batch_size=32), data, CPU, tmp_path / "fp32")
+    bf16 = train(make_config(tiny, "flip", epochs=3, patience=3, seed=0, batch_size=32, precision="bf16"), data, CPU,
+                 tmp_path / "bf16")
+    h = bf16["history"]
+    assert bf16["status"] == "completed" and h[-1]["train_loss"] < 0.8 * h[0]["train_loss"]
+    assert bf16["val_accuracy"] > 0.2
+    # autocast was on: same seed, same batches, other rounding, so other losses
+    assert [r["train_loss"] for r in h] != [r["train_loss"] for r in fp32["history"]]
+    assert {v.dtype for v in bf16["best_state"].values() if v.is_floating_point()} == {torch.float32}
+    saved = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=False)
+    assert saved["config"]["precision"] == "bf16"
+    # a checkpoint resumes only under the precision it was trained with
+    with pytest.raises(ValueError, match="different config"):
+        train(make_config(tiny, "flip", epochs=3, patience=3, seed=0, batch_size=32), data, CPU, tmp_path / "bf16")
 
 
 def test_variants_that_fit_on_cpu_is_what_was_asked(tiny):
