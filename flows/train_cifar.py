@@ -7,10 +7,17 @@ select by validation -> test the selected model once -> publish.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+
+from flows import api
+
+# Run as the CLI with no Prefect API configured: the temporary API server boots in
+# its own process while this one imports Prefect, torch and the project below (flows/api.py)
+_API = api.start() if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]) else None
+
+import argparse  # noqa: E402 - after the server start, on purpose
 import platform
 import subprocess
-import sys
 import typing
 from datetime import datetime, timezone
 from pathlib import Path
@@ -228,15 +235,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit:  # a refused flag: argparse has said which
+        api.stop(_API, graceful=False)
+        raise
     raw = {k: v for k, v in vars(args).items()}
     try:
         params = RunParams.model_validate(raw, strict=False)
     except ValidationError as e:
         print(f"error: invalid parameter\n{describe_errors(e, flag_style=True)}", file=sys.stderr)
+        api.stop(_API, graceful=False)  # it was never used
         return 2
     try:
-        out = train_cifar(**params.model_dump())
+        api.ready(_API)
+        with api.using(_API):
+            out = train_cifar(**params.model_dump())
     except Exception as e:  # the flow already logged the traceback; end with the reason
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -1,8 +1,14 @@
 """The command line: every invalid value is refused by name before any data is touched."""
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import socket
+import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +61,29 @@ def test_help_and_exit_code_from_a_real_process():
     bad = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--precision", "fp16"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "--precision: invalid choice: 'fp16'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_a_run_with_no_api_starts_its_own_server_and_stops_it(tmp_path):
+    """`make run`'s case: no PREFECT_API_URL. The CLI boots the temporary API server while
+    it imports, the run is recorded in the Prefect home's database (flow and task runs,
+    so the server was stopped only after Prefect flushed its events), and no server is
+    left behind."""
+    home = tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               TRAIN_CIFAR_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--dataset", "synthetic", "--synthetic-train",
+                           "300", "--synthetic-test", "100", "--variants", "none", "--epochs", "1", "--store",
+                           str(tmp_path / "store")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert Path(proc.stdout.strip().splitlines()[-1]).is_file()  # the manifest
+    port = int(re.search(r"View at http://127\.0\.0\.1:(\d+)/runs/flow-run/", proc.stdout + proc.stderr).group(1))
+    with pytest.raises(OSError):  # stopped with the run
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
+        assert db.execute("select state_type from flow_run").fetchall() == [("COMPLETED",)]
+        tasks = dict(db.execute("select name, state_type from task_run").fetchall())
+    for task in ["fetch-dataset", "train-none", "select-variant", "test-model", "publish-run"]:
+        assert any(n.startswith(task) for n in tasks), f"no {task} task run in {sorted(tasks)}"
+    assert set(tasks.values()) == {"COMPLETED"}
