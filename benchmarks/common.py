@@ -91,5 +91,5 @@ def add_run_args(ap) -> None:
     ap.add_argument("--variants", default="none,flip")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--patience", type=int, default=3)
-    ap.add_argument("--synthetic-train", type=int, default=5000)
+    ap.add_argument("--synthetic-train", type=int, default=2500)  # about a minute of training here
     ap.add_argument("--synthetic-test", type=int, default=1000)

@@ -3,7 +3,7 @@ wall-clock timers around its parts.
 
     python -m benchmarks.flow_profile [--variants none,flip] [--epochs 3] [--server]
 
-Same run as `benchmarks.orchestration` (seed, synthetic 5,000 / 1,000 images, CPU).
+Same run as `benchmarks.orchestration` (seed, synthetic 2,500 / 1,000 images, CPU).
 Without `--server` it runs on embedded Prefect (a temporary API server started by the
 run, in a new Prefect home); with `--server` it first starts `prefect server start`
 on a free loopback port (its own Prefect home) and points the run at it, as a
