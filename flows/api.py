@@ -4,11 +4,11 @@ With no PREFECT_API_URL, Prefect starts a temporary API server itself at the
 run's first API call and waits for it: on 2 cores, about 1.5 s importing the
 server code into this process and 4 s for the server process to boot, all
 before the flow begins. The CLI calls `start()` as its first step instead,
-before it imports torch and the project (3.5 s), so that the same server, the
-command Prefect runs for its own temporary server, boots in its own process
+before it imports torch and the project (2.5 to 3.5 s), so that the same server
+(the command Prefect runs for its own temporary server) boots in its own process
 meanwhile; `ready()` waits for its health check just before the flow runs, and
-`using()` points the run at it. This takes about 5 s off every `make run`
-(benchmarks/orchestration.py).
+`using()` points the run at it. This takes about 3 s off every `make run`
+(benchmarks/README.md, orchestration).
 
 The server keeps its database in the Prefect home, as Prefect's own temporary
 server does, and is stopped when this process exits, after Prefect has flushed
