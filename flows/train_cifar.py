@@ -161,8 +161,8 @@ def train_cifar(
         if per_device < p.variants_per_gpu:
             print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
     lanes = plan_lanes(p.variants, devices, per_device)
-    # a single CPU lane trains in this, the flow's own thread: 8-10% faster than in a
-    # task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
+    # a single CPU lane trains in this, the flow's own thread: up to 10% faster than in
+    # a task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
     here = len(lanes) == 1 and not devices[0].startswith("cuda")
     runs = {}
     for dev, names in lanes:
