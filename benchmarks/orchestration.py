@@ -47,13 +47,13 @@ import os
 import resource
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from statistics import median
 
 REPO = Path(__file__).resolve().parent.parent
 EMPTY_FLOW = "from prefect import flow\n@flow(name='empty')\ndef empty():\n    return 1\nempty()"
@@ -216,10 +216,6 @@ def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
     return seconds, cpu, proc.stdout
 
 
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.common import add_run_args
 
@@ -261,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "selected": manifest["selected"], "test_accuracy": manifest["test"]["accuracy"]})
             print(f"  round {round_}: flow, {mode}: {seconds:.1f} s (training loop {runs[-1]['train_loop_s']:.1f} s)")
 
-        def empty(mode: str, extra_env: dict) -> float:
+        def empty(extra_env: dict) -> float:
             seconds, _, _ = timed([sys.executable, "-c", EMPTY_FLOW],
                                   {**env, **extra_env, "PREFECT_LOGGING_LEVEL": "WARNING"})
             return seconds
@@ -277,12 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         embedded = {"PREFECT_HOME": str(tmp / "prefect-home")}
         served = {"PREFECT_API_URL": server.api_url, "PREFECT_HOME": str(tmp / "client-home")}
-        empty("embedded", embedded)  # creates the home's database, as any run after the first finds it
+        empty(embedded)  # creates the home's database, as any run after the first finds it
         started = server.start()  # up before the runs, as in production; idle while the other sides run
         print(f"  prefect server up on {server.api_url} in {started:.1f} s")
         try:
-            empties = {"empty flow, embedded (Prefect's own temporary server)": empty("embedded", embedded),
-                       "empty flow, server": empty("server", served)}
+            empties = {"empty flow, embedded (Prefect's own temporary server)": empty(embedded),
+                       "empty flow, server": empty(served)}
             for round_ in range(1, args.repeats + 1):  # interleaved: a drift in the machine's speed hits every side
                 direct_side(round_)
                 flow("embedded", embedded, round_)

@@ -150,7 +150,7 @@ def train_cifar(
 
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
     # The CPU gets one lane: each variant already uses every core, and training several
-    # at once in threads measured 8-9% slower (benchmarks/README.md, cpu_lanes)
+    # at once in threads measured 1-9% slower (benchmarks/README.md, cpu_lanes)
     per_device = 1
     if devices[0].startswith("cuda"):  # as many as asked for, and as fit in the GPU's free memory
         import torch
