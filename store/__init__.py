@@ -1,19 +1,45 @@
-"""Object storage: `open_store("./artifacts")` or `open_store("s3://bucket/prefix")`."""
+"""Object storage: `open_store("./artifacts")` or `open_store("s3://bucket/prefix")`.
+
+Store URIs are parsed and validated here only: `normalize_uri` is what parameter
+validation calls, `open_store` what everything else calls.
+"""
 from __future__ import annotations
 
-from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, safe_name, sha256_of
+from pathlib import Path
+
+from store.base import (PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, parse_uri, safe_name,
+                        sha256_of)
 from store.local import LocalStore
+
+
+def normalize_uri(uri: str) -> str:
+    """The canonical form of a store URI: `s3://bucket[/prefix]` without a trailing
+    slash, or an absolute local path. A ValueError says what was expected."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise ValueError(f"expected a local folder or s3://bucket/prefix, found {uri!r}")
+    if uri.startswith("s3://"):
+        bucket, prefix = parse_uri(uri)
+        return f"s3://{bucket}/{prefix}".rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"expected a local folder or s3://bucket/prefix, found {uri!r}")
+    return str(Path(uri).expanduser().resolve())
+
+
+def is_shared(uri: str) -> bool:
+    """Can a process on another machine (or in another working directory) reach this
+    store as written? An s3:// store, or an absolute local path (a shared or local disk)."""
+    return uri.startswith("s3://") or Path(uri).is_absolute()
 
 
 def open_store(uri: str) -> Store:
     """The store for `uri`: a local folder, or `s3://bucket[/prefix]`."""
+    uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used
 
         return S3Store(uri)
-    if "://" in uri:
-        raise ValueError(f"--store {uri!r}: expected a local folder or s3://bucket/prefix")
     return LocalStore(uri)
 
 
-__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreUnavailable", "join_key", "open_store", "safe_name", "sha256_of"]
+__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreUnavailable", "is_shared", "join_key",
+           "normalize_uri", "open_store", "safe_name", "sha256_of"]

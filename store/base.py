@@ -8,12 +8,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 # a key part: a name made only of safe characters, so no run or variant name can
 # climb out of its prefix ('..', '/', '\\' and empty parts are rejected)
 _PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class StoreError(RuntimeError):
@@ -46,6 +48,20 @@ def join_key(*parts: str) -> str:
             if piece in ("", ".", "..") or "\\" in piece:
                 raise ValueError(f"invalid store key part {piece!r} in {'/'.join(parts)!r}")
     return "/".join(parts)
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """('bucket', 'prefix') of 's3://bucket[/prefix]'; the prefix's parts must be safe."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"store {uri!r}: expected s3://bucket/prefix")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not _BUCKET.match(bucket) or ".." in bucket:
+        raise ValueError(f"store {uri!r}: {bucket!r} is not a valid S3 bucket name "
+                         "(3-63 lowercase letters, digits, '.' or '-')")
+    prefix = prefix.strip("/")
+    if prefix:
+        join_key(prefix)  # no '..' or empty parts: the store cannot start outside its own prefix
+    return bucket, prefix
 
 
 def sha256_of(path: Path) -> str:
@@ -90,7 +106,7 @@ class Store(ABC):
     # helpers shared by both implementations
     def put_bytes(self, key: str, data: bytes, tmp_dir: Path) -> dict:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / (key.replace("/", "__") + ".upload")
+        tmp = tmp_dir / f"{key.replace('/', '__')}.{uuid.uuid4().hex}.upload"  # unique per writer
         tmp.write_bytes(data)
         try:
             return self.put_file(key, tmp)

@@ -5,6 +5,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ class LocalStore(Store):
     def put_file(self, key: str, path: Path) -> dict:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)  # atomic: readers see the old file or the new one
         return {"uri": self.uri_for(key), "sha256": sha256_of(dest), "bytes": dest.stat().st_size}
@@ -71,7 +72,7 @@ class LocalStore(Store):
             if current != version:
                 raise PreconditionFailed(f"{self.uri_for(key)} changed since it was read")
             dest = self._path(key)
-            tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
             tmp.write_bytes(data)
             os.replace(tmp, dest)
 

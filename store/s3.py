@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import re
 from pathlib import Path
 
 import boto3
@@ -28,7 +27,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  NoCredentialsError, PartialCredentialsError)
 from s3transfer.utils import ChunksizeAdjuster
 
-from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key
+from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +39,6 @@ MULTIPART_THRESHOLD = 16 * MiB
 MULTIPART_CHUNKSIZE = 16 * MiB  # S3's smallest part is 5 MiB
 MAX_CONCURRENCY = 8
 MAX_LINK_EXPIRY_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
-
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 # what the user must do, by S3 error code; these are permanent: never retried
 _HINTS = {
@@ -70,20 +67,6 @@ _STATUS_HINTS = {
     404: "not found",
 }
 _AUTH_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "403"}
-
-
-def parse_uri(uri: str) -> tuple[str, str]:
-    """('bucket', 'prefix') of 's3://bucket[/prefix]'; the prefix's parts must be safe."""
-    if not uri.startswith("s3://"):
-        raise ValueError(f"store {uri!r}: expected s3://bucket/prefix")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not _BUCKET.match(bucket) or ".." in bucket:
-        raise ValueError(f"store {uri!r}: {bucket!r} is not a valid S3 bucket name "
-                         "(3-63 lowercase letters, digits, '.' or '-')")
-    prefix = prefix.strip("/")
-    if prefix:
-        join_key(prefix)  # no '..' or empty parts: the store cannot start outside its own prefix
-    return bucket, prefix
 
 
 def _b64(digest: bytes) -> str:

@@ -39,8 +39,24 @@ def test_put_get_list_and_hash(tmp_path):
 
 
 def test_open_store_refuses_unknown_scheme():
-    with pytest.raises(ValueError, match="--store 'gs://b/x': expected a local folder or s3://"):
+    with pytest.raises(ValueError, match="expected a local folder or s3://bucket/prefix, found 'gs://b/x'"):
         open_store("gs://b/x")
+
+
+def test_store_uris_are_normalised_in_one_place(tmp_path, monkeypatch):
+    from store import is_shared, normalize_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert normalize_uri("./artifacts") == str(tmp_path / "artifacts")
+    assert normalize_uri("s3://bucket/a/b/") == "s3://bucket/a/b"
+    assert normalize_uri("s3://bucket") == "s3://bucket"
+    assert open_store("s3://bucket/a/").uri == "s3://bucket/a"
+    for bad in ("s3://bucket/a/../b", "s3://bucket/a//b", "s3://B/x", ""):
+        with pytest.raises(ValueError):
+            normalize_uri(bad)
+    # what a worker on another machine can reach as written
+    assert is_shared("s3://bucket/x") and is_shared("/srv/store")
+    assert not is_shared("./artifacts") and not is_shared("artifacts") and not is_shared("~/artifacts")
 
 
 def test_write_if_is_compare_and_swap(tmp_path):
