@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cnn.augment import VARIANTS
 from cnn.models import MODELS
+from store import is_shared, normalize_uri, safe_name
 
 DEFAULT_VARIANTS = ["none", "flip", "crop", "flip-crop", "flip-crop-cutout", "flip-crop-jitter"]
 
@@ -48,8 +49,15 @@ class RunParams(BaseModel):
         "(on a CPU, fast only with native bf16: AVX512-BF16 or AMX); fp32: no autocast")
     variants_per_gpu: int = Field(1, ge=1, description="variants trained at once on one GPU")
     promote_margin: float = Field(0.0, ge=0, description="test accuracy by which a new model must beat the champion")
+    variant_deployment: str | None = Field(
+        None, description="train each variant as its own flow run of this deployment, e.g. train-variant/gpu "
+        "(one pod and GPU each); default: in this process")
+    variant_attempts: int = Field(3, ge=1, le=20, description="with variant_deployment: flow runs per variant, "
+                                  "counting resubmissions after a crash (each resumes from the checkpoint)")
+    fanout_deadline_hours: float = Field(24.0, gt=0, description="with variant_deployment: variants unfinished "
+                                         "after this long are cancelled and reported as failed")
     run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "
-                               "(default: a new id from the time and the flow run)")
+                               "(default: derived from the flow run, so a retried flow run continues its own run)")
 
     @field_validator("model")
     @classmethod
@@ -106,16 +114,20 @@ class RunParams(BaseModel):
     @field_validator("store")
     @classmethod
     def _store_form(cls, v: str) -> str:
-        if "://" in v and not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?", v):
-            raise ValueError(f"expected a local folder or s3://bucket/prefix, found {v!r}")
+        normalize_uri(v)  # raises, saying what was expected
+        return v
+
+    @field_validator("variant_deployment")
+    @classmethod
+    def _deployment_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[^/\s]+/[^/\s]+", v):
+            raise ValueError(f"expected <flow name>/<deployment name>, e.g. train-variant/gpu, found {v!r}")
         return v
 
     @field_validator("run_id")
     @classmethod
     def _run_id_form(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v) or (v and ".." in v):
-            raise ValueError(f"expected letters, digits, '.', '_' or '-', found {v!r}")
-        return v
+        return v if v is None else safe_name(v, "run_id")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -123,6 +135,9 @@ class RunParams(BaseModel):
             raise ValueError("dataset: synthetic is generated; do not combine it with data_dir or data_source")
         if self.data_dir and self.data_source:
             raise ValueError("data_dir and data_source: give one source, not both")
+        if self.variant_deployment and not is_shared(self.store):
+            raise ValueError(f"store {self.store!r} with variant_deployment {self.variant_deployment!r}: every "
+                             "worker must reach the store, so give an s3:// store or an absolute path")
         return self
 
 

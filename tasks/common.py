@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from store import Store, StoreError, StoreUnavailable, join_key, open_store, safe_name
@@ -26,6 +27,30 @@ def variant_key(run_id: str, variant: str, filename: str) -> str:
 def local_run_dir(run_id: str) -> Path:
     """Where a run's files are written before (and kept after) upload."""
     return cache_dir() / "runs" / safe_name(run_id, "run id")
+
+
+def current_owner() -> str:
+    """Who is writing: the flow run this code runs in (the same across its retries and
+    reschedules), else this process."""
+    from prefect.runtime import flow_run
+
+    fid = flow_run.get_id()
+    return str(fid) if fid else f"process-{socket.gethostname()}-{os.getpid()}"
+
+
+def flow_run_is_over(owner: str) -> bool:
+    """True if `owner` is a flow run that Prefect knows has ended (Crashed, Failed,
+    Cancelled, Completed): whatever it held, it no longer writes. False if unknown."""
+    import uuid
+
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(owner)).state
+    except Exception:  # noqa: BLE001 - not a flow run, or no API: cannot tell
+        return False
+    return state is not None and state.is_final()
 
 
 def is_io_error(task, task_run, state) -> bool:
@@ -56,4 +81,4 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
     return local
 
 
-__all__ = ["cache_dir", "is_io_error", "local_run_dir", "materialize", "open_store", "run_key", "variant_key"]
+__all__ = ["cache_dir", "current_owner", "flow_run_is_over", "is_io_error", "local_run_dir", "materialize", "open_store", "run_key", "variant_key"]

@@ -43,14 +43,16 @@ def plot_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
     return path
 
 
-def variants_table(variants: list[dict], selected: str) -> list[dict]:
-    """One row per variant for the UI's table artifact and the report."""
+def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
+    """One row per variant (the manifest's variant entries) for the UI's table artifact
+    and the report; `attempts` counts the flow or task runs a variant took."""
     def r(x, n=4):
         return None if x is None else round(x, n)
 
     return [{"variant": v["name"], "selected": v["name"] == selected, "status": v["status"],
-             "epochs_run": v["epochs_run"], "best_epoch": v["best_epoch"], "val_loss": r(v["val_loss"]),
-             "val_accuracy": r(v["val_accuracy"]), "seconds": r(v["seconds"], 1)} for v in variants]
+             "attempts": v.get("attempts", 1), "epochs_run": v.get("epochs_run"), "best_epoch": v.get("best_epoch"),
+             "val_loss": r(v.get("val_loss")), "val_accuracy": r(v.get("val_accuracy")),
+             "seconds": r(v.get("seconds"), 1), "note": v.get("error") or ""} for v in variants]
 
 
 def render_markdown(manifest: dict, links: dict[str, str]) -> str:

@@ -26,7 +26,7 @@ from flows.train_cifar import build_parser, main
     (["--device", "tpu"], "--device: expected auto, cpu, cuda or cuda:N, found 'tpu'"),
     (["--data-md5", "xyz"], "--data-md5: expected 32 hex digits, found 'xyz'"),
     (["--store", "gs://bucket/x"], "--store: expected a local folder or s3://bucket/prefix"),
-    (["--run-id", "../escape"], "--run-id: expected letters, digits"),
+    (["--run-id", "../escape"], "--run-id: run_id '../escape' is not a valid name: expected letters, digits"),
 ])
 def test_invalid_values_named_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))

@@ -167,7 +167,7 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
 def test_lanes_never_put_more_than_per_device_variants_on_a_device(variants, devices, per_device):
     from collections import Counter
 
-    from flows.train_cifar import plan_lanes
+    from flows.variants import plan_lanes
 
     lanes = plan_lanes(variants, devices, per_device)
     assert sorted(v for _, names in lanes for v in names) == sorted(variants)  # each variant once

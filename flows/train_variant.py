@@ -1,0 +1,62 @@
+"""The train-variant flow: one variant of one run, on whatever machine runs it.
+
+The train-cifar flow starts one flow run of this per variant when it is given a
+`variant_deployment` (e.g. train-variant/gpu: one pod and one GPU each). All it needs
+is in its parameters (JSON values only) and the store; what it leaves is in the
+store: checkpoint and history after every epoch, the best weights, and the result
+record `metrics.json`, which the parent reads. Run again (a reschedule after
+SIGTERM, a resubmission after a crash) it resumes from the checkpoint, and a
+variant already trained is not trained again.
+"""
+from __future__ import annotations
+
+from prefect import flow
+from pydantic import ValidationError
+
+from flows.params import RunParams, describe_errors
+from store import join_key, open_store
+
+D = RunParams()  # the defaults, from the one place they are written
+
+
+@flow(name="train-variant", log_prints=True, flow_run_name="{run_id}-{variant}")
+def train_variant(
+    run_id: str,
+    variant: str,
+    dataset_key: str,
+    dataset_md5: str,
+    store: str,
+    model: str = D.model,
+    epochs: int = D.epochs,
+    patience: int = D.patience,
+    batch_size: int | None = D.batch_size,
+    lr: float | None = D.lr,
+    seed: int = D.seed,
+    compile: bool = D.compile,
+    precision: str = D.precision,
+    split_seed: int = D.split_seed,
+    subset: int | None = D.subset,
+    device: str = D.device,
+) -> dict:
+    """Train one variant of one run; its checkpoint, history, weights and result go to the store."""
+    from cnn.train import make_config, pick_device, resolve_precision
+    from tasks.training import train_unit
+
+    # the same checks as the run's own parameters (names, ranges, the store), before any work
+    try:
+        p = RunParams(model=model, variants=[variant], epochs=epochs, patience=patience, batch_size=batch_size,
+                      lr=lr, seed=seed, compile=compile, precision=precision, split_seed=split_seed, subset=subset,
+                      store=store, device=device, run_id=run_id)
+        join_key(dataset_key)
+    except ValidationError as e:
+        raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
+    except ValueError as e:
+        raise ValueError(f"dataset_key: {e}") from None
+    dev = pick_device(p.device)
+    cfg = make_config(p.model, variant, epochs=p.epochs, patience=p.patience, seed=p.seed, batch_size=p.batch_size,
+                      lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, dev))
+    store_uri = open_store(p.store).uri
+    result = train_unit(cfg, dataset_key, dataset_md5, p.split_seed, p.subset, run_id, store_uri, str(dev))
+    print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "
+          f"(val_acc {result.val_accuracy})")
+    return result.summary()

@@ -1,0 +1,134 @@
+"""Training every variant of a run: in lanes in this process, or as flow runs of their
+own on the variant deployment's work pool (flows/fanout.py). Either way the result is
+one `VariantResult` per variant, in the order asked for."""
+from __future__ import annotations
+
+from prefect import allow_failure
+from prefect.artifacts import create_table_artifact
+
+from flows.params import RunParams
+from store import open_store
+from tasks.report import variants_table
+from tasks.results import VariantResult
+
+
+class Board:
+    """The run's variant table in the UI (artifact `variant-comparison`), from the start:
+    every variant pending, then its state and attempts as they change, then its result."""
+
+    def __init__(self, run_id: str, names: list[str]):
+        self.run_id = run_id
+        self.rows = {n: {"name": n, "status": "pending", "attempts": 0} for n in names}
+        self._shown = None
+        self.show()
+
+    def update(self, name: str, row: dict) -> None:
+        self.rows[name] = {**self.rows[name], **row}
+        self.show()
+
+    def show(self) -> None:
+        table = variants_table(list(self.rows.values()), None)
+        if table != self._shown:  # a new artifact version only when something changed
+            create_table_artifact(table, key="variant-comparison",
+                                  description=f"Run {self.run_id}: augmentation variants so far")
+            self._shown = table
+
+
+def plan_lanes(variants: list[str], devices: list[str], per_device: int) -> list[tuple[str, list[str]]]:
+    """Assign variants to lanes: each lane runs its variants one after another on one
+    device, and a device has `per_device` lanes, so it never trains more at once."""
+    lanes = [(d, []) for _ in range(per_device) for d in devices][: len(variants)]
+    for i, v in enumerate(variants):
+        lanes[i % len(lanes)][1].append(v)
+    return lanes
+
+
+def devices_for(device: str) -> list[str]:
+    """The devices variants are spread over: every GPU for 'auto'/'cuda', else the one named."""
+    import torch
+
+    from cnn.train import pick_device
+
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return [str(dev)]
+
+
+def train_variants(p: RunParams, run_id: str, store_uri: str, dataset: dict) -> list[VariantResult]:
+    """Every variant's result: in this process's lanes, or, with `variant_deployment`,
+    each as its own flow run of that deployment."""
+    board = Board(run_id, p.variants)
+    if p.variant_deployment:
+        from flows.fanout import fan_out
+
+        children = {v: child_parameters(p, v, run_id, store_uri, dataset) for v in p.variants}
+        return fan_out(p.variant_deployment, run_id, children, open_store(store_uri), p.variant_attempts,
+                       p.fanout_deadline_hours * 3600, on_change=board.update)
+    return _in_lanes(p, run_id, store_uri, dataset, board)
+
+
+def child_parameters(p: RunParams, variant: str, run_id: str, store_uri: str, dataset: dict) -> dict:
+    """The train-variant flow's parameters for one variant: JSON values only."""
+    return {"run_id": run_id, "variant": variant, "model": p.model, "epochs": p.epochs, "patience": p.patience,
+            "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed, "compile": p.compile, "precision": p.precision,
+            "dataset_key": dataset["key"], "dataset_md5": dataset["md5"], "split_seed": p.split_seed,
+            "subset": p.subset, "store": store_uri, "device": p.device}
+
+
+def _in_lanes(p: RunParams, run_id: str, store_uri: str, dataset: dict, board: Board) -> list[VariantResult]:
+    from cnn.train import make_config, resolve_precision
+    from tasks.training import train_variant
+
+    devices = devices_for(p.device)
+    cfgs = {v: make_config(p.model, v, epochs=p.epochs, patience=p.patience, seed=p.seed, batch_size=p.batch_size,
+                           lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, devices[0]))
+            for v in p.variants}
+    # one lane per device slot; a lane's variants run in turn, lanes run side by side.
+    # The CPU gets one lane: each variant already uses every core, and training several
+    # at once in threads measured 1-9% slower (benchmarks/README.md, cpu_lanes)
+    per_device = 1
+    if devices[0].startswith("cuda"):  # as many as asked for, and as fit in the GPU's free memory
+        import torch
+
+        from cnn.train import variants_that_fit
+
+        train_size = min(dataset["train"], p.subset or dataset["train"])
+        per_device = variants_that_fit(cfgs[p.variants[0]], torch.device(devices[0]), train_size, p.variants_per_gpu)
+        if per_device < p.variants_per_gpu:
+            print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
+    lanes = plan_lanes(p.variants, devices, per_device)
+    print(f"run {run_id}: {len(p.variants)} variant(s) of {p.model} in {len(lanes)} lane(s) on {', '.join(devices)}")
+    # a single CPU lane trains in this, the flow's own thread: up to 10% faster than in
+    # a task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
+    here = len(lanes) == 1 and not devices[0].startswith("cuda")
+    results: dict[str, VariantResult] = {}
+    futures = {}
+    for dev, names in lanes:
+        previous = None
+        for v in names:
+            args = (cfgs[v], dataset, p.split_seed, p.subset, run_id, store_uri, dev)
+            if here:
+                board.update(v, {"status": "running", "attempts": 1})
+                results[v] = _result(v, train_variant(*args, return_state=True))
+                board.update(v, results[v].summary())
+            else:
+                wait = [allow_failure(previous)] if previous else None
+                previous = futures[v] = train_variant.submit(*args, wait_for=wait)
+    for v, future in futures.items():
+        results[v] = _result(v, future.wait() or future.state)
+        board.update(v, results[v].summary())
+    return [results[v] for v in p.variants]
+
+
+def _result(name: str, state) -> VariantResult:
+    """A finished train-variant task's result, or a failed one saying why (the others go on)."""
+    if state.is_completed():
+        return state.result()
+    try:
+        state.result()
+        err = f"ended {state.type.value}"
+    except Exception as e:  # noqa: BLE001 - any failure of one variant is reported, not raised
+        err = f"{type(e).__name__}: {e}"
+    print(f"{name}: failed: {err}")
+    return VariantResult.failed(name, err)

@@ -1,0 +1,60 @@
+"""A variant's result: the one record that training writes (as the variant's
+`metrics.json` in the store) and that the parent, selection and the report read."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from store import Store
+from tasks.common import variant_key
+
+METRICS = "metrics.json"
+STATUSES = ("completed", "early_stopped", "diverged", "failed")
+SELECTABLE = ("completed", "early_stopped")
+
+
+@dataclass
+class VariantResult:
+    name: str
+    status: str  # one of STATUSES
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    seconds: float | None = None  # training time, all attempts together
+    device: str | None = None
+    error: str | None = None
+    weights_key: str | None = None  # store key of the best epoch's weights
+    config: dict | None = None  # the TrainConfig it trained with
+    artifacts: dict[str, dict] = field(default_factory=dict)  # name -> {uri, sha256, bytes}
+    attempts: int = 1  # flow runs (or task runs) it took
+    flow_run_id: str | None = None  # the flow run that trained it
+
+    @classmethod
+    def failed(cls, name: str, error: str, **known) -> VariantResult:
+        """A variant that produced no model, saying why."""
+        return cls(name=name, status="failed", error=error, **known)
+
+    @property
+    def selectable(self) -> bool:
+        return self.status in SELECTABLE and self.val_loss is not None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VariantResult:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def read(cls, store: Store, run_id: str, variant: str) -> VariantResult | None:
+        """The variant's record in the store, or None if it has not finished."""
+        d = store.read_json(variant_key(run_id, variant, METRICS))
+        return None if d is None else cls.from_dict(d)
+
+    def summary(self) -> dict:
+        """The manifest's per-variant fields."""
+        return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
+                                               "val_accuracy", "seconds", "attempts", "error")}
