@@ -314,3 +314,43 @@ def test_official_archive_check_covers_batches_meta(tmp_path, monkeypatch):
     changed = _archive_with(tmp_path / "b", members)
     with pytest.raises(cd.DataError, match=f"not the official CIFAR-10 archive: expected MD5 {md5}"):
         cd.verify(changed, None)
+
+
+# --- trust boundary: a data source's key stays inside the download cache (issue 10) ---
+
+def test_fetch_refuses_a_data_source_outside_the_cache(tmp_path, monkeypatch):
+    """The task checks the key itself (it may be called without RunParams), and a symlink
+    planted in the cache cannot lead a download (or its deletion) elsewhere."""
+    from tasks.data import fetch_dataset
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="data_source: 's3://bucket/../../../victim': invalid store key part"):
+        fetch_dataset.fn("cifar10", None, "s3://bucket/../../../victim", "0" * 32, 0, 0, str(tmp_path / "store"))
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)
+    (tmp_path / "cache" / "downloads" / "bucket").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match=f"data_source: .* resolves to {victim}, outside "):
+        fetch_dataset.fn("cifar10", None, "s3://bucket/victim", "0" * 32, 0, 0, str(tmp_path / "store"))
+    assert victim.read_text() == "keep me"
+
+
+def test_a_bad_download_is_deleted_and_fetched_again(s3_bucket, tmp_path, monkeypatch, synthetic_archive):
+    """Only what this call downloaded is deleted; a cached copy is reused only with the right MD5."""
+    from store import open_store
+    from tasks.data import fetch_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    mirror = open_store(f"s3://{s3_bucket}")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not the archive")
+    mirror.put_file("m/a.tar.gz", tmp_path / "junk.tar.gz")
+    local = tmp_path / "cache" / "downloads" / s3_bucket / "m" / "a.tar.gz"
+    args = ("cifar10", None, f"s3://{s3_bucket}/m/a.tar.gz", md5, 0, 0, str(tmp_path / "store"))
+    with pytest.raises(cd.DataError, match=f"--data-source s3://{s3_bucket}/m/a.tar.gz: .*MD5 mismatch"):
+        fetch_dataset.fn(*args)
+    assert not local.exists()  # downloaded by this call, so deleted
+
+    mirror.put_file("m/a.tar.gz", path)  # the mirror is fixed; a stale copy in the cache is replaced
+    local.write_bytes(b"stale")
+    assert fetch_dataset.fn(*args)["md5"] == md5 and cd.md5_of(local) == md5
