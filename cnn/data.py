@@ -1,8 +1,10 @@
 """CIFAR-10 data: find the archive, verify it, decode it once, split the hold-out.
 
 The python-format archive (`cifar-10-python.tar.gz`, or its extracted
-`cifar-10-batches-py/`) is read with plain pickle; official files are checked
-against torchvision's MD5s, anything else only against an MD5 the user passes.
+`cifar-10-batches-py/`) is checked before it is read: official files against
+torchvision's MD5s, anything else against an MD5 the user passes. Its pickles
+then go through `CifarUnpickler`, which rebuilds dicts, lists, strings, numbers
+and numpy arrays only: an archive from a mirror or a shared folder cannot run code.
 Prepared tensors are uint8 (N, 3, 32, 32) and saved with safetensors under
 `<cache>/<archive-md5>/`, so a second run never decodes again.
 """
@@ -28,8 +30,9 @@ ARCHIVE_URL = CIFAR10.url
 BATCH_DIR = CIFAR10.base_folder  # cifar-10-batches-py
 TRAIN_FILES = [name for name, _ in CIFAR10.train_list]
 HOLDOUT_FILE = CIFAR10.test_list[0][0]  # test_batch
-OFFICIAL_FILE_MD5 = dict(CIFAR10.train_list + CIFAR10.test_list)
 META_FILE = CIFAR10.meta["filename"]  # batches.meta
+# batches.meta too: its class names end up in every manifest and report
+OFFICIAL_FILE_MD5 = dict(CIFAR10.train_list + CIFAR10.test_list + [(META_FILE, CIFAR10.meta["md5"])])
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 VAL_FRACTION = 0.65  # of the hold-out: 6,500 of the official 10,000
 
@@ -39,6 +42,65 @@ PREPARED_META = "meta.json"
 
 class DataError(ValueError):
     """A data file is missing, corrupt, or not what was expected."""
+
+
+try:  # numpy 2 moved numpy.core to numpy._core; both names appear in CIFAR pickles
+    from numpy._core.multiarray import _reconstruct
+    from numpy._core.numeric import _frombuffer
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+    from numpy.core.numeric import _frombuffer
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(str, "latin1")
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}; only latin1 rebuilds bytes")
+    return text.encode("latin1")
+
+
+# Every global a CIFAR pickle may name: what rebuilds a numpy array, nothing else.
+# The official files (Python 2, numpy 1.x) name numpy.core.multiarray._reconstruct,
+# numpy.ndarray and numpy.dtype; files written under numpy 2 name numpy._core; protocol 5
+# uses _frombuffer; protocol 2 under Python 3 adds _codecs.encode for bytes.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside `_ALLOWED_GLOBALS`."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python format (dicts, lists, str, bytes, ints, numpy arrays) and
+    refuses every other global, so that a pickle cannot call os.system or the like."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise RefusedGlobal(f"{module}.{name}") from None
+
+
+def load_cifar_pickle(raw: bytes, member: str, source: Path):
+    """Unpickle one CIFAR file (`member` of `source`) with `CifarUnpickler`."""
+    try:
+        # latin1: the official files are Python 2 str pickles; numpy expects latin1 for their arrays
+        return CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
+    except RefusedGlobal as e:
+        raise DataError(
+            f"{source}: {member}: refused to unpickle global {e}: a CIFAR pickle holds only dicts, lists, "
+            "strings, numbers and numpy arrays (is this file from a trusted source?)"
+        ) from None
+    except Exception as e:
+        raise DataError(f"{source}: {member} is not a valid CIFAR pickle: {e}") from e
 
 
 @dataclass
@@ -97,19 +159,26 @@ def find_archive(data_dir: Path) -> Path:
     )
 
 
+def _members_md5(members: dict[str, bytes]) -> str:
+    """MD5 of a folder's files concatenated in order: train batches, the hold-out, then
+    batches.meta when there is one (its class names are data too)."""
+    h = hashlib.md5()
+    for name in TRAIN_FILES + [HOLDOUT_FILE, META_FILE]:
+        if name in members:
+            h.update(members[name])
+    return h.hexdigest()
+
+
 def dataset_md5(path: Path) -> str:
-    """The dataset's identity: the archive's MD5, or for an extracted folder the MD5
-    of its batch files concatenated in order (train batches, then the hold-out)."""
+    """The dataset's identity: the archive's MD5, or for an extracted folder the MD5 of
+    its files concatenated in order (train batches, the hold-out, batches.meta if present)."""
     path = Path(path)
     if path.is_file():
         return md5_of(path)
-    h = hashlib.md5()
     for name in TRAIN_FILES + [HOLDOUT_FILE]:
-        f = path / name
-        if not f.is_file():
+        if not (path / name).is_file():
             raise DataError(f"{path}: missing {name}; expected {', '.join(TRAIN_FILES)} and {HOLDOUT_FILE}")
-        h.update(f.read_bytes())
-    return h.hexdigest()
+    return _members_md5(_folder_members(path))
 
 
 def verify(path: Path, expected_md5: str | None) -> str:
@@ -129,6 +198,9 @@ def verify(path: Path, expected_md5: str | None) -> str:
             )
         return found
     for name, official in OFFICIAL_FILE_MD5.items():
+        if not (path / name).is_file():
+            raise DataError(f"{path}: missing {name}, which the official CIFAR-10 folder holds "
+                            f"(MD5 {official}). If this is your own CIFAR-format data, pass --data-md5 {found}")
         got = md5_of(path / name)
         if got != official:
             raise DataError(
@@ -138,28 +210,45 @@ def verify(path: Path, expected_md5: str | None) -> str:
     return found
 
 
-def _read_members(path: Path) -> dict[str, bytes]:
-    """Raw bytes of the batch files, from a .tar.gz or a folder."""
-    wanted = TRAIN_FILES + [HOLDOUT_FILE, META_FILE]
+def _folder_members(path: Path) -> dict[str, bytes]:
+    return {n: (path / n).read_bytes() for n in TRAIN_FILES + [HOLDOUT_FILE, META_FILE] if (path / n).is_file()}
+
+
+def _read_members(path: Path, md5: str | None = None) -> dict[str, bytes]:
+    """Raw bytes of the batch files, from a .tar.gz or a folder. With `md5`, the bytes
+    read here are checked against it, so what is unpickled is what was verified (a file
+    swapped after `verify` is refused, not decoded)."""
     if path.is_dir():
-        return {n: (path / n).read_bytes() for n in wanted if (path / n).is_file()}
-    out = {}
+        out = _folder_members(path)
+        found = _members_md5(out)
+    else:
+        raw = path.read_bytes()  # once: hashed and unpacked from the same bytes (~170 MB official)
+        found = hashlib.md5(raw).hexdigest()
+        out = _tar_members(raw, path)
+    if md5 is not None and found != md5:
+        raise DataError(f"{path}: changed since it was verified: expected MD5 {md5}, found {found}")
+    return out
+
+
+def _tar_members(raw: bytes, path: Path) -> dict[str, bytes]:
+    wanted = TRAIN_FILES + [HOLDOUT_FILE, META_FILE]
+    out, where = {}, {}
     try:
-        with tarfile.open(path, "r:gz") as tar:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
             for member in tar.getmembers():
                 name = Path(member.name).name
                 if member.isfile() and name in wanted:
-                    out[name] = tar.extractfile(member).read()
+                    if name in out:  # two candidates: which one is the data would be a guess
+                        raise DataError(f"{path}: holds {name} twice ({where[name]} and {member.name}); "
+                                        "expected one of each CIFAR file")
+                    out[name], where[name] = tar.extractfile(member).read(), member.name
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: not a readable .tar.gz archive (truncated or corrupt?): {e}") from e
     return out
 
 
 def _decode_batch(name: str, raw: bytes, source: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        batch = pickle.load(io.BytesIO(raw), encoding="latin1")
-    except Exception as e:
-        raise DataError(f"{source}: {name} is not a valid CIFAR pickle: {e}") from e
+    batch = load_cifar_pickle(raw, name, source)
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{source}: {name}: expected a dict with 'data' and 'labels', found {keys}")
@@ -176,9 +265,11 @@ def _decode_batch(name: str, raw: bytes, source: Path) -> tuple[torch.Tensor, to
     return data.view(-1, 3, 32, 32).clone(), labels
 
 
-def decode(path: Path) -> dict[str, torch.Tensor | list[str]]:
-    """Decode the archive into uint8 train/hold-out tensors; counts come from the files."""
-    members = _read_members(path)
+def decode(path: Path, md5: str | None = None) -> dict[str, torch.Tensor | list[str]]:
+    """Decode the archive into uint8 train/hold-out tensors; counts come from the files.
+    With `md5` (from `verify`), the bytes decoded must still have that MD5."""
+    path = Path(path)
+    members = _read_members(path, md5)
     missing = [n for n in TRAIN_FILES + [HOLDOUT_FILE] if n not in members]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)}; found {', '.join(sorted(members)) or 'nothing'}")
@@ -186,7 +277,7 @@ def decode(path: Path) -> dict[str, torch.Tensor | list[str]]:
     hold_x, hold_y = _decode_batch(HOLDOUT_FILE, members[HOLDOUT_FILE], path)
     classes = CLASSES
     if META_FILE in members:
-        classes = pickle.load(io.BytesIO(members[META_FILE]), encoding="latin1")[CIFAR10.meta["key"]]
+        classes = _class_names(load_cifar_pickle(members[META_FILE], META_FILE, path), path)
     return {
         "train_x": torch.cat([x for x, _ in train]),
         "train_y": torch.cat([y for _, y in train]),
@@ -196,10 +287,20 @@ def decode(path: Path) -> dict[str, torch.Tensor | list[str]]:
     }
 
 
+def _class_names(meta, source: Path) -> list[str]:
+    key = CIFAR10.meta["key"]  # label_names
+    names = meta.get(key) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        found = sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__
+        raise DataError(f"{source}: {META_FILE}: expected a dict with {key!r} a list of strings, found {found}")
+    return names
+
+
 def prepare(path: Path, md5: str, out_dir: Path) -> Path:
-    """Decode `path` into `out_dir` (tensors + meta), written then renamed."""
+    """Decode `path` into `out_dir` (tensors + meta), written then renamed; the bytes
+    decoded must have the verified `md5`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    decoded = decode(path)
+    decoded = decode(path, md5)
     tensors = {k: v.contiguous() for k, v in decoded.items() if isinstance(v, torch.Tensor)}
     tmp = out_dir / (PREPARED_FILE + ".tmp")
     save_file(tensors, str(tmp))

@@ -3,8 +3,9 @@
     python -m flows.predict --store s3://bucket/prefix [--run RUN_ID] cat.jpg ship.png
 
 Loads `runs/<run-id>/model/*.pt2` (a torch.export program with the input
-normalisation inside) with torch alone, resizes each PNG or JPEG to 32x32 RGB
-and prints one line per image: `IMAGE<TAB>CLASS<TAB>PROBABILITY`.
+normalisation inside) with torch alone, resizes each PNG or JPEG (at most
+4096x4096 pixels) to 32x32 RGB and prints one line per image:
+`IMAGE<TAB>CLASS<TAB>PROBABILITY`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import argparse
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +24,44 @@ from store import Store, StoreError, join_key, open_store, safe_name
 
 CHAMPION = "champion.json"  # written by store.champion at the store root
 BATCH = 256
+FORMATS = ("PNG", "JPEG")
+# Every image is shrunk to 32x32, so a larger one gains nothing and costs memory: a
+# 20000x20000 PNG of a few kilobytes would decode to 1.2 GB of RGB. Checked from the header.
+MAX_SIDE = 4096
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+
+
+def load_image(p: Path) -> torch.Tensor:
+    """(3, 32, 32) uint8 RGB of one PNG or JPEG, whatever its size, or a ValueError naming it."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns from ~89 M pixels; the lower MAX_PIXELS is checked below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p, formats=FORMATS)  # reads the header only; only these decoders are tried
+    except FileNotFoundError:
+        raise FileNotFoundError(f"IMAGE {p}: no such file") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"IMAGE {p}: not an image (PNG or JPEG expected)") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, twice its warning size
+        raise ValueError(f"IMAGE {p}: too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
+                         f"at most {MAX_PIXELS:,} ({MAX_SIDE}x{MAX_SIDE}) are accepted") from None
+    with im:
+        if im.format not in FORMATS:  # what Pillow found in the file, not its extension
+            raise ValueError(f"IMAGE {p}: a {im.format} image; PNG or JPEG expected")
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"IMAGE {p}: too large: {w}x{h} pixels; at most {MAX_PIXELS:,} "
+                             f"({MAX_SIDE}x{MAX_SIDE}) are accepted")
+        try:
+            rgb = im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+        except (OSError, SyntaxError) as e:  # truncated or damaged after a valid header
+            raise ValueError(f"IMAGE {p}: a damaged {im.format} file: {e}") from None
+    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:
     """(N, 3, 32, 32) float RGB in 0..1, each image resized to 32x32 whatever its size."""
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                rgb = im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"IMAGE {p}: no such file") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"IMAGE {p}: not an image PIL can read (expected PNG or JPEG): {e}") from None
-        out.append(torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1))
-    return torch.stack(out).float() / 255
+    return torch.stack([load_image(p) for p in paths]).float() / 255
 
 
 def model_run(store: Store, run_id: str | None) -> tuple[str, str]:
@@ -82,13 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="the store the runs are in: a local folder or s3://bucket/prefix")
     ap.add_argument("--run", default=None, metavar="RUN_ID", help="this run's model instead of the champion's")
-    ap.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG files, any size")
+    ap.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help=f"PNG or JPEG files, up to {MAX_SIDE}x{MAX_SIDE} pixels")
     args = ap.parse_args(argv)
     try:
         images = load_images(args.images)  # bad input fails before anything is downloaded
-        store = open_store(args.store)
-        if not args.store.startswith("s3://") and not Path(args.store).expanduser().is_dir():
-            raise FileNotFoundError(f"--store {args.store}: no such folder")
+        store = open_store(args.store, must_exist=True)
         run_id, why = model_run(store, args.run)
         with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
             model_path, classes = fetch_model(store, run_id, Path(tmp))

@@ -31,13 +31,17 @@ def is_shared(uri: str) -> bool:
     return uri.startswith("s3://") or Path(uri).is_absolute()
 
 
-def open_store(uri: str) -> Store:
-    """The store for `uri`: a local folder, or `s3://bucket[/prefix]`."""
+def open_store(uri: str, must_exist: bool = False) -> Store:
+    """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`
+    (a store to read from), a local folder that is not there is a FileNotFoundError
+    (a bucket is checked at its first request)."""
     uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used
 
         return S3Store(uri)
+    if must_exist and not Path(uri).is_dir():
+        raise FileNotFoundError(f"--store {uri}: no such folder")
     return LocalStore(uri)
 
 

@@ -53,14 +53,17 @@ def join_key(*parts: str) -> str:
 def parse_uri(uri: str) -> tuple[str, str]:
     """('bucket', 'prefix') of 's3://bucket[/prefix]'; the prefix's parts must be safe."""
     if not uri.startswith("s3://"):
-        raise ValueError(f"store {uri!r}: expected s3://bucket/prefix")
+        raise ValueError(f"{uri!r}: expected s3://bucket/prefix")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
     if not _BUCKET.match(bucket) or ".." in bucket:
-        raise ValueError(f"store {uri!r}: {bucket!r} is not a valid S3 bucket name "
+        raise ValueError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name "
                          "(3-63 lowercase letters, digits, '.' or '-')")
     prefix = prefix.strip("/")
     if prefix:
-        join_key(prefix)  # no '..' or empty parts: the store cannot start outside its own prefix
+        try:  # no '..' or empty parts: the store cannot start outside its own prefix
+            join_key(prefix)
+        except ValueError as e:
+            raise ValueError(f"{uri!r}: {e}") from None
     return bucket, prefix
 
 

@@ -24,9 +24,20 @@ def variant_key(run_id: str, variant: str, filename: str) -> str:
     return run_key(run_id, "variants", safe_name(variant, "variant"), filename)
 
 
+def inside(root: Path, path: Path, param: str) -> Path:
+    """`path` resolved (symlinks followed), if it stays inside `root`; else a ValueError
+    naming `param`, the parameter it was derived from. Checked before anything is written
+    or deleted there: a name check alone misses a symlink planted in a shared folder."""
+    root, resolved = Path(root).resolve(), Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{param}: {path} resolves to {resolved}, outside {root}")
+    return resolved
+
+
 def local_run_dir(run_id: str) -> Path:
     """Where a run's files are written before (and kept after) upload."""
-    return cache_dir() / "runs" / safe_name(run_id, "run id")
+    root = cache_dir() / "runs"
+    return inside(root, root / safe_name(run_id, "run id"), "run_id")
 
 
 def current_owner() -> str:
@@ -81,4 +92,5 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
     return local
 
 
-__all__ = ["cache_dir", "current_owner", "flow_run_is_over", "is_io_error", "local_run_dir", "materialize", "open_store", "run_key", "variant_key"]
+__all__ = ["cache_dir", "current_owner", "flow_run_is_over", "inside", "is_io_error", "local_run_dir",
+           "materialize", "open_store", "run_key", "variant_key"]

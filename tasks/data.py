@@ -8,19 +8,25 @@ from prefect.cache_policies import NO_CACHE
 
 from cnn import data as cd
 from cnn.synthetic import write_archive
-from store import join_key, open_store
-from tasks.common import cache_dir, is_io_error, materialize
+from store import join_key, open_store, parse_uri
+from tasks.common import cache_dir, inside, is_io_error, materialize
 
 PREPARED_FILES = [cd.PREPARED_FILE, cd.PREPARED_META]
 
 
-def _s3_archive(uri: str) -> Path:
-    """Download `s3://bucket/key` into the local cache (reused if already there)."""
-    bucket, _, key = uri.removeprefix("s3://").partition("/")
-    local = cache_dir() / "downloads" / bucket / key
-    if not local.is_file():
-        open_store(f"s3://{bucket}").get_file(key, local)
-    return local
+def _s3_archive(uri: str, md5: str) -> tuple[Path, bool]:
+    """Download `s3://bucket/key` into the local cache; (local path, downloaded by this call).
+    A cached copy is reused only if it has the expected `md5`."""
+    try:  # also checked by RunParams; this task may be called without them
+        bucket, key = parse_uri(uri)
+    except ValueError as e:
+        raise ValueError(f"data_source: {e}") from None
+    root = cache_dir() / "downloads"
+    local = inside(root, root / bucket / key, "data_source")
+    if local.is_file() and cd.md5_of(local) == md5:
+        return local, False
+    open_store(f"s3://{bucket}").get_file(key, local)
+    return local, True
 
 
 def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md5: str | None,
@@ -54,15 +60,19 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
         if all(store.exists(f"{key}/{f}") for f in PREPARED_FILES):
             print(f"dataset {name} {md5}: prepared copy found in the store, nothing to download")
             return _info(store, name, source, md5, key)
-    if path is None:
-        path = _s3_archive(data_source) if data_source else cd.download_cifar10(cache_dir() / "downloads")
+    downloaded = False  # only a file this call downloaded is ever deleted
+    if path is None and data_source:
+        path, downloaded = _s3_archive(data_source, md5)
+    elif path is None:
+        path = cd.download_cifar10(cache_dir() / "downloads")
     # a user's MD5 if given; else the official checks (the synthetic set is checked against itself)
     try:
         md5 = cd.verify(path, data_md5 or (md5 if name == "synthetic" else None))
     except cd.DataError as e:
         if not data_source:
             raise
-        path.unlink(missing_ok=True)  # a bad download is not kept: a fixed mirror is fetched again
+        if downloaded:
+            path.unlink(missing_ok=True)  # a bad download is not kept: a fixed mirror is fetched again
         raise cd.DataError(f"--data-source {data_source}: {e}") from None
     key = join_key("datasets", name, md5)
     if not all(store.exists(f"{key}/{f}") for f in PREPARED_FILES):

@@ -27,6 +27,8 @@ from flows.train_cifar import build_parser, main
     (["--data-md5", "xyz"], "--data-md5: expected 32 hex digits, found 'xyz'"),
     (["--store", "gs://bucket/x"], "--store: expected a local folder or s3://bucket/prefix"),
     (["--run-id", "../escape"], "--run-id: run_id '../escape' is not a valid name: expected letters, digits"),
+    (["--data-source", "s3://bucket/../../x"], "--data-source: expected s3://bucket/key with no '.', '..' or empty"),
+    (["--data-source", "s3://bucket/a//b.tar.gz"], "--data-source: expected s3://bucket/key with no '.', '..' or"),
 ])
 def test_invalid_values_named_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
@@ -87,3 +89,22 @@ def test_a_run_with_no_api_starts_its_own_server_and_stops_it(tmp_path):
     for task in ["fetch-dataset", "train-none", "select-variant", "test-model", "publish-run"]:
         assert any(n.startswith(task) for n in tasks), f"no {task} task run in {sorted(tasks)}"
     assert set(tasks.values()) == {"COMPLETED"}
+
+
+def test_a_data_source_climbing_out_of_the_cache_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """s3://bucket/../../../victim joined onto <cache>/downloads/bucket/ names a file beside the
+    cache; it is refused as a parameter, and the file is still there."""
+    from flows.params import RunParams, describe_errors
+    from pydantic import ValidationError
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    source = "s3://bucket/../../../victim"
+    assert (tmp_path / "cache" / "downloads" / "bucket" / "../../../victim").resolve() == victim
+    with pytest.raises(ValidationError) as e:
+        RunParams(data_source=source, data_md5="0" * 32)
+    assert describe_errors(e.value).startswith("data_source: expected s3://bucket/key with no")
+    assert main(["--data-source", source, "--data-md5", "0" * 32, "--store", str(tmp_path / "store")]) == 2
+    assert "--data-source: expected s3://bucket/key" in capsys.readouterr().err
+    assert victim.read_text() == "keep me"

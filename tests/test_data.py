@@ -4,7 +4,10 @@ from __future__ import annotations
 import gzip
 import io
 import pickle
+import pickletools
+import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +163,194 @@ def test_fetch_dataset_wrong_md5_stores_nothing(tmp_path, monkeypatch, synthetic
     with pytest.raises(cd.DataError, match="MD5 mismatch"):
         fetch_dataset.fn("cifar10", str(path.parent), None, "f" * 32, 0, 0, str(tmp_path / "store"))
     assert not (tmp_path / "store" / "datasets").exists()
+
+
+# --- trust boundary: a CIFAR pickle cannot run code (issue 10) ---
+
+class _Touch:
+    """A pickle payload: unpickling it calls open(marker, "w"), creating the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes a batch the way the official files were written (Python 2 cPickle, numpy 1.x):
+    strings as byte strings, arrays through numpy.core.multiarray._reconstruct."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj if isinstance(obj, bytes) else obj.encode("latin1")
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is cd._reconstruct:
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n_reconstruct\n")
+        else:
+            super().save_global(obj, name)
+
+
+def _py2_pickle(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def _globals_in(raw: bytes) -> set[str]:
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"}
+
+
+def test_reads_batches_pickled_like_the_official_ones(tmp_path):
+    """The official files name numpy.core.multiarray (not numpy 2's numpy._core) and hold
+    Python 2 byte strings; the restricted unpickler must still read them."""
+    data = np.arange(4 * 3072, dtype=np.int64).astype(np.uint8).reshape(4, 3072)
+    batch = _py2_pickle({"batch_label": "training batch 1 of 5", "data": data, "labels": [3, 1, 4, 1]})
+    meta = _py2_pickle({"label_names": cd.CLASSES, "num_cases_per_batch": 4, "num_vis": 3072})
+    assert _globals_in(batch) == {"numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+    members = {n: batch for n in cd.TRAIN_FILES + [cd.HOLDOUT_FILE]} | {cd.META_FILE: meta}
+    d = cd.decode(_archive_with(tmp_path, members))
+    assert torch.equal(d["holdout_x"].reshape(4, 3072), torch.from_numpy(data))
+    assert d["holdout_y"].tolist() == [3, 1, 4, 1] and d["classes"] == cd.CLASSES
+
+
+def test_synthetic_batches_need_only_allowed_globals(synthetic_archive):
+    path, _ = synthetic_archive
+    with tarfile.open(path) as tar:
+        raw = tar.extractfile(f"{cd.BATCH_DIR}/data_batch_1").read()
+    assert _globals_in(raw) <= {f"{m}.{n}" for m, n in cd._ALLOWED_GLOBALS}
+
+
+@pytest.mark.parametrize("member", [cd.META_FILE, "data_batch_2"])
+def test_a_pickle_payload_is_refused_naming_member_and_global(member, tmp_path, monkeypatch):
+    """An archive whose batches.meta or a data batch would create a file when unpickled:
+    its MD5 is the one the user gives (so the checksum passes), and the unpickler stops it."""
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"label_names": _Touch(marker)} if member == cd.META_FILE
+                           else {"data": _Touch(marker), "labels": [0]})
+    pickle.loads(payload)  # the attack is real: plain pickle creates the marker
+    assert marker.exists()
+    marker.unlink()
+
+    members = {n: _batch(10) for n in cd.TRAIN_FILES + [cd.HOLDOUT_FILE]} | {cd.META_FILE: pickle.dumps(
+        {"label_names": cd.CLASSES})} | {member: payload}
+    (tmp_path / "data").mkdir()
+    archive = _archive_with(tmp_path / "data", members)
+    md5 = cd.md5_of(archive)
+
+    from tasks.data import fetch_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cd.DataError) as e:
+        fetch_dataset.fn("cifar10", str(archive.parent), None, md5, 0, 0, str(tmp_path / "store"))
+    assert f"{archive}: {member}: refused to unpickle global io.open" in str(e.value)
+    assert not marker.exists()
+    assert not (tmp_path / "store" / "datasets").exists()
+
+    folder = tmp_path / "x"  # the same files extracted: refused the same way
+    _extract(archive, folder)
+    with pytest.raises(cd.DataError, match=f"{member}: refused to unpickle global io.open"):
+        cd.decode(folder / cd.BATCH_DIR, cd.dataset_md5(folder / cd.BATCH_DIR))
+    assert not marker.exists()
+
+
+def test_folder_identity_and_official_check_cover_batches_meta(tmp_path, monkeypatch):
+    """For an extracted folder, batches.meta is part of the MD5 the user gives, and of the
+    official per-file check; a file swapped after the check is not decoded."""
+    path, _ = write_archive(tmp_path / "a", n_train=100, n_test=20)
+    folder = _extract(path, tmp_path / "x")
+    md5 = cd.dataset_md5(folder)
+    official = {n: cd.md5_of(folder / n) for n in cd.OFFICIAL_FILE_MD5}
+    monkeypatch.setattr(cd, "OFFICIAL_FILE_MD5", official)  # pretend these are the official files
+    assert cd.verify(folder, None) == md5 == cd.verify(folder, md5)
+
+    (folder / cd.META_FILE).write_bytes(pickle.dumps({"label_names": list("abcdefghij")}))
+    assert cd.dataset_md5(folder) != md5
+    with pytest.raises(cd.DataError, match=f"MD5 mismatch: expected {md5}"):
+        cd.verify(folder, md5)
+    with pytest.raises(cd.DataError, match=f"{cd.META_FILE}: not the official CIFAR-10 file: "
+                                           f"expected MD5 {official[cd.META_FILE]}"):
+        cd.verify(folder, None)
+    with pytest.raises(cd.DataError, match=f"changed since it was verified: expected MD5 {md5}"):
+        cd.decode(folder, md5)
+    (folder / cd.META_FILE).unlink()
+    with pytest.raises(cd.DataError, match=f"missing {cd.META_FILE}, which the official CIFAR-10 folder holds"):
+        cd.verify(folder, None)
+
+
+def test_official_meta_md5_is_torchvisions():
+    from torchvision.datasets import CIFAR10
+
+    assert cd.OFFICIAL_FILE_MD5[cd.META_FILE] == CIFAR10.meta["md5"] == "5ff9c542aee3614f3951f8cda6e48888"
+
+
+def test_an_archive_holding_a_file_twice_is_refused(tmp_path):
+    """Two batches.meta in one archive: which one is the data would be a guess."""
+    meta = pickle.dumps({"label_names": list("abcdefghij")})
+    path = _archive_with(tmp_path, {n: _batch(5) for n in cd.TRAIN_FILES + [cd.HOLDOUT_FILE]}
+                         | {cd.META_FILE: meta, f"../other/{cd.META_FILE}": meta})
+    with pytest.raises(cd.DataError, match=f"holds {cd.META_FILE} twice .*other/{cd.META_FILE}"):
+        cd.decode(path)
+
+
+def test_official_archive_check_covers_batches_meta(tmp_path, monkeypatch):
+    """The official archive's MD5 covers every member: a changed batches.meta is refused."""
+    path, md5 = write_archive(tmp_path / "a", n_train=100, n_test=20)
+    monkeypatch.setattr(cd, "ARCHIVE_MD5", md5)  # pretend this is the official archive
+    assert cd.verify(path, None) == md5
+    with tarfile.open(path) as tar:
+        members = {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers()}
+    members[cd.META_FILE] = pickle.dumps({"label_names": list("abcdefghij")}, protocol=2)
+    (tmp_path / "b").mkdir()
+    changed = _archive_with(tmp_path / "b", members)
+    with pytest.raises(cd.DataError, match=f"not the official CIFAR-10 archive: expected MD5 {md5}"):
+        cd.verify(changed, None)
+
+
+# --- trust boundary: a data source's key stays inside the download cache (issue 10) ---
+
+def test_fetch_refuses_a_data_source_outside_the_cache(tmp_path, monkeypatch):
+    """The task checks the key itself (it may be called without RunParams), and a symlink
+    planted in the cache cannot lead a download (or its deletion) elsewhere."""
+    from tasks.data import fetch_dataset
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="data_source: 's3://bucket/../../../victim': invalid store key part"):
+        fetch_dataset.fn("cifar10", None, "s3://bucket/../../../victim", "0" * 32, 0, 0, str(tmp_path / "store"))
+    (tmp_path / "cache" / "downloads").mkdir(parents=True)
+    (tmp_path / "cache" / "downloads" / "bucket").symlink_to(tmp_path)
+    with pytest.raises(ValueError, match=f"data_source: .* resolves to {victim}, outside "):
+        fetch_dataset.fn("cifar10", None, "s3://bucket/victim", "0" * 32, 0, 0, str(tmp_path / "store"))
+    assert victim.read_text() == "keep me"
+
+
+def test_a_bad_download_is_deleted_and_fetched_again(s3_bucket, tmp_path, monkeypatch, synthetic_archive):
+    """Only what this call downloaded is deleted; a cached copy is reused only with the right MD5."""
+    from store import open_store
+    from tasks.data import fetch_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    mirror = open_store(f"s3://{s3_bucket}")
+    (tmp_path / "junk.tar.gz").write_bytes(b"not the archive")
+    mirror.put_file("m/a.tar.gz", tmp_path / "junk.tar.gz")
+    local = tmp_path / "cache" / "downloads" / s3_bucket / "m" / "a.tar.gz"
+    args = ("cifar10", None, f"s3://{s3_bucket}/m/a.tar.gz", md5, 0, 0, str(tmp_path / "store"))
+    with pytest.raises(cd.DataError, match=f"--data-source s3://{s3_bucket}/m/a.tar.gz: .*MD5 mismatch"):
+        fetch_dataset.fn(*args)
+    assert not local.exists()  # downloaded by this call, so deleted
+
+    mirror.put_file("m/a.tar.gz", path)  # the mirror is fixed; a stale copy in the cache is replaced
+    local.write_bytes(b"stale")
+    assert fetch_dataset.fn(*args)["md5"] == md5 and cd.md5_of(local) == md5

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,54 @@ def test_clear_errors(s3_bucket, tmp_path, images, capsys):
     assert f"IMAGE {tmp_path / 'notes.png'}: not an image" in capsys.readouterr().err
     assert predict.main(["--store", uri, "--run", "r1", str(tmp_path / "missing.jpg")]) == 1
     assert "missing.jpg: no such file" in capsys.readouterr().err
+
+
+def _bilevel_png(path: Path, width: int, height: int) -> Path:
+    """A valid all-black 1-bit PNG: a few kilobytes on disk whatever its size (a decompression bomb
+    when large: 20000x20000 decodes to 1.2 GB of RGB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then the row's bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def test_refuses_huge_images_and_non_images_naming_them(tmp_path, capsys):
+    """Bad input fails before the store is opened, with one line naming the file."""
+    store = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+
+    bomb = _bilevel_png(tmp_path / "bomb.png", 20000, 20000)
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(Image.DecompressionBombError):  # what plain Pillow does: a traceback
+        Image.open(bomb)
+    assert predict.main(["--store", store, str(bomb)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: IMAGE {bomb}: too large: over ") and "at most 16,777,216 (4096x4096)" in err
+
+    big = _bilevel_png(tmp_path / "big.png", 5000, 5000)  # under Pillow's limit, over ours
+    assert Image.open(big).size == (5000, 5000)
+    assert predict.main(["--store", store, str(big)]) == 1
+    assert f"IMAGE {big}: too large: 5000x5000 pixels; at most 16,777,216 (4096x4096)" in capsys.readouterr().err
+
+    text = tmp_path / "notes.txt"
+    text.write_text("a shopping list, not a picture")
+    assert predict.main(["--store", store, str(text)]) == 1
+    assert f"error: IMAGE {text}: not an image (PNG or JPEG expected)\n" == capsys.readouterr().err
+
+    gif = tmp_path / "red.png"  # the format Pillow detects decides, not the extension
+    Image.new("RGB", (8, 8), COLOURS["red"]).save(gif, "GIF")
+    assert predict.main(["--store", store, str(gif)]) == 1
+    assert f"IMAGE {gif}: not an image (PNG or JPEG expected)" in capsys.readouterr().err
+
+
+def test_format_comes_from_the_content_not_the_extension(tmp_path):
+    jpeg_named_png = tmp_path / "green.png"
+    Image.new("RGB", (40, 30), COLOURS["green"]).save(jpeg_named_png, "JPEG")
+    edge = _bilevel_png(tmp_path / "edge.png", 4096, 4096)  # exactly at the limit: accepted
+    x = predict.load_images([jpeg_named_png, edge])
+    assert x.shape == (2, 3, 32, 32) and x[0, 1].mean() > 0.7 and x[1].max() == 0
