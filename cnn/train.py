@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import dataclasses
 import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,115 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn.augment import make_batch, normalize
+from cnn.config import PRECISIONS, TrainConfig, make_config, resolve_precision
 from cnn.data import Splits
+from cnn.device import keep_freed_memory, pick_device, prepare_device
 from cnn.evaluate import evaluate, predict_logits
 from cnn.fast import Lookahead
-from cnn.models import RECIPES, build_model
+from cnn.models import build_model
+
+# names other modules import from here since before the split into config, device and checkpoint
+__all__ = ["CHECKPOINT", "EVAL_BATCH", "PRECISIONS", "Diverged", "TrainConfig", "compile_model", "init_model",
+           "keep_freed_memory", "make_config", "make_optimizer", "make_scheduler", "pick_device", "prepare_device",
+           "resolve_precision", "train", "train_one_epoch", "variants_that_fit"]
 
 CHECKPOINT = "checkpoint.pt"
 EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a variant's training; saved inside every checkpoint.
-
-    make_config fills it from the model's `Recipe` (cnn.models), with the run's
-    epochs, patience, seed, compile, precision and, when given, batch size and lr."""
-
-    model: str
-    variant: str
-    epochs: int  # maximum; early stopping may end sooner
-    patience: int  # epochs without a better validation loss before stopping
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    label_smoothing: float
-    schedule: str
-    tta: int  # 0 none, 1 mirror, 2 mirror + 1-pixel shifts (True/False mean 1/0)
-    seed: int
-    compile: bool = False
-    warmup: float = 0.2
-    lr_start: float = 0.0
-    lr_end: float = 0.0
-    norm_lr_scale: float = 1.0
-    norm_decay: bool = False
-    lookahead: bool = False
-    alt_flip: bool = False
-    precision: str = "fp32"  # fp32, or bf16: bf16 autocast (weights, optimizer and BatchNorm stay fp32)
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """'auto' is bf16 autocast on CUDA and fp32 on the CPU; 'fp32' and 'bf16' are as named."""
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected auto, fp32 or bf16, found {precision!r}")
-    return precision
-
-
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def make_config(model: str, variant: str, *, epochs: int, patience: int, seed: int,
-                batch_size: int | None = None, lr: float | None = None, compile: bool = False,
-                precision: str = "fp32") -> TrainConfig:
-    """A config from the model's recipe, with the run's overrides. `precision` is fp32
-    or bf16 (resolve 'auto' for the device first: resolve_precision)."""
-    if model not in RECIPES:
-        build_model(model)  # raises, listing the known models
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
-    r = dataclasses.asdict(RECIPES[model])
-    r.update(batch_size=batch_size or r["batch_size"], lr=r["lr"] if lr is None else lr)
-    return TrainConfig(model=model, variant=variant, epochs=epochs, patience=patience, seed=seed, compile=compile,
-                       precision=precision, **r)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
-# PyTorch's CPU allocator keeps no cache: each step allocates its activations afresh,
-# and glibc serves blocks over 128 KiB with mmap and returns them with munmap, so every
-# step pays one page fault (kernel zeroing; in a VM, a hypervisor exit too) per 4 KiB
-# of activations. On the 2-core benchmark VM that made a seed step erratic, 100 to 480
-# images/s; with freed memory kept in the heap and reused it is a steady ~590.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-_heap_kept = False
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve every block from the heap and never give it back (the process
-    keeps its peak memory). Returns False where the C library is not glibc."""
-    global _heap_kept
-    if not _heap_kept:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError):  # not Linux/glibc: leave the allocator alone
-            return False
-    return _heap_kept
-
-
-def prepare_device(device: torch.device) -> None:
-    """Process-wide settings for training on `device`; idempotent, safe from any thread."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution is planned once
-    else:
-        keep_freed_memory()
 
 
 def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int, wanted: int,
