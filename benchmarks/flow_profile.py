@@ -97,7 +97,7 @@ def instrument() -> None:
         setattr(ft, name, marked)
     wrap(store.local.LocalStore, "put_file", "store: put_file (copy + sha256)")
     wrap(store.local.LocalStore, "get_file", "store: get_file")
-    wrap(cnn.train, "_save_checkpoint", "train: checkpoint torch.save")
+    wrap(cnn.train, "save_checkpoint", "train: checkpoint save")
     wrap(cnn.train, "evaluate", "train: validation")
     wrap(cnn.train, "train_one_epoch", "train: training pass")
     for name in ("load_splits", "train", "create_progress_artifact", "update_progress_artifact"):

@@ -1,9 +1,10 @@
 """Train one model on one augmentation variant: the loop, early stopping, checkpoints.
 
-The loop is written out (set lr, forward, backward, step, log). After every
-epoch a full checkpoint (model, optimizer, scheduler, lookahead average, epoch,
-RNG state, history, config, best weights) is written, so a restarted variant
-resumes at the next epoch with the same history. A non-finite loss ends the
+The loop is written out (set lr, forward, backward, step, log); its progress is
+a LoopState. After every epoch a full checkpoint (cnn.checkpoint: model,
+optimizer, scheduler, lookahead average, RNG state, loop state, config, best
+weights) is written, so a restarted variant resumes at the next epoch with the
+same history and the same random streams. A non-finite loss ends the
 variant as `diverged`.
 
 `train()` is re-entrant: several variants may train at once in threads of one
@@ -15,12 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import dataclasses
 import math
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,115 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn.augment import make_batch, normalize
+from cnn.checkpoint import CHECKPOINT, LoopState, load_checkpoint, save_checkpoint
+from cnn.config import PRECISIONS, TrainConfig, make_config, resolve_precision
 from cnn.data import Splits
+from cnn.device import keep_freed_memory, pick_device, prepare_device
 from cnn.evaluate import evaluate, predict_logits
 from cnn.fast import Lookahead
-from cnn.models import RECIPES, build_model
+from cnn.models import build_model
 
-CHECKPOINT = "checkpoint.pt"
+# names other modules import from here, from before config, device and checkpoint had modules of their own
+__all__ = ["CHECKPOINT", "EVAL_BATCH", "PRECISIONS", "Diverged", "TrainConfig", "compile_model", "init_model",
+           "keep_freed_memory", "make_config", "make_optimizer", "make_scheduler", "pick_device", "prepare_device",
+           "resolve_precision", "train", "train_one_epoch", "variants_that_fit"]
+
 EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a variant's training; saved inside every checkpoint.
-
-    make_config fills it from the model's `Recipe` (cnn.models), with the run's
-    epochs, patience, seed, compile, precision and, when given, batch size and lr."""
-
-    model: str
-    variant: str
-    epochs: int  # maximum; early stopping may end sooner
-    patience: int  # epochs without a better validation loss before stopping
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    label_smoothing: float
-    schedule: str
-    tta: int  # 0 none, 1 mirror, 2 mirror + 1-pixel shifts (True/False mean 1/0)
-    seed: int
-    compile: bool = False
-    warmup: float = 0.2
-    lr_start: float = 0.0
-    lr_end: float = 0.0
-    norm_lr_scale: float = 1.0
-    norm_decay: bool = False
-    lookahead: bool = False
-    alt_flip: bool = False
-    precision: str = "fp32"  # fp32, or bf16: bf16 autocast (weights, optimizer and BatchNorm stay fp32)
-
-
-PRECISIONS = ("fp32", "bf16")
-
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """'auto' is bf16 autocast on CUDA and fp32 on the CPU; 'fp32' and 'bf16' are as named."""
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected auto, fp32 or bf16, found {precision!r}")
-    return precision
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def make_config(model: str, variant: str, *, epochs: int, patience: int, seed: int,
-                batch_size: int | None = None, lr: float | None = None, compile: bool = False,
-                precision: str = "fp32") -> TrainConfig:
-    """A config from the model's recipe, with the run's overrides. `precision` is fp32
-    or bf16 (resolve 'auto' for the device first: resolve_precision)."""
-    if model not in RECIPES:
-        build_model(model)  # raises, listing the known models
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
-    r = dataclasses.asdict(RECIPES[model])
-    r.update(batch_size=batch_size or r["batch_size"], lr=r["lr"] if lr is None else lr)
-    return TrainConfig(model=model, variant=variant, epochs=epochs, patience=patience, seed=seed, compile=compile,
-                       precision=precision, **r)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return dev
-
-
-# PyTorch's CPU allocator keeps no cache: each step allocates its activations afresh,
-# and glibc serves blocks over 128 KiB with mmap and returns them with munmap, so every
-# step pays one page fault (kernel zeroing; in a VM, a hypervisor exit too) per 4 KiB
-# of activations. On the 2-core benchmark VM that made a seed step erratic, 100 to 480
-# images/s; with freed memory kept in the heap and reused it is a steady ~590.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
-_heap_kept = False
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc to serve every block from the heap and never give it back (the process
-    keeps its peak memory). Returns False where the C library is not glibc."""
-    global _heap_kept
-    if not _heap_kept:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError):  # not Linux/glibc: leave the allocator alone
-            return False
-    return _heap_kept
-
-
-def prepare_device(device: torch.device) -> None:
-    """Process-wide settings for training on `device`; idempotent, safe from any thread."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution is planned once
-    else:
-        keep_freed_memory()
 
 
 def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int, wanted: int,
@@ -292,7 +199,7 @@ def train(
     workdir: Path,
     on_epoch: Callable[[dict, Path], None] | None = None,
 ) -> dict:
-    """Train `cfg.variant`, resuming from `workdir/checkpoint.pt` if present.
+    """Train `cfg.variant`, resuming from its checkpoint `workdir/CHECKPOINT` if present.
 
     `on_epoch(row, checkpoint_path)` is called after each epoch's checkpoint is
     written (the caller logs, uploads, updates the UI). Returns the result:
@@ -314,22 +221,11 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     sched = make_scheduler(opt, cfg, steps_per_epoch)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling and augmentation
     lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
-    state = {"epoch": 0, "history": [], "best_epoch": 0, "best_val_loss": math.inf, "bad_epochs": 0,
-             "best_state": None, "seconds": 0.0, "status": "running"}
+    state = LoopState()
 
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ckpt["config"] != dataclasses.asdict(cfg):
-            raise ValueError(f"{ckpt_path}: checkpoint was written with a different config; "
-                             f"expected {dataclasses.asdict(cfg)}, found {ckpt['config']}")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        gen.set_state(ckpt["rng"]["gen"])
-        if lookahead is not None and ckpt.get("lookahead") is not None:
-            lookahead.average = {k: v.to(device) for k, v in ckpt["lookahead"].items()}
-        state = ckpt["state"]
-        if state["status"] != "running":  # already finished: nothing to redo
+        state = load_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg)
+        if state.status != "running":  # already finished: nothing to redo
             return _result(state)
     elif hasattr(model, "init_from_data"):
         # data-dependent initialisation (the fast model's whitening layer), once per
@@ -343,61 +239,52 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     if cfg.alt_flip:
         flip_bits = (torch.rand(len(y_train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5).to(device)
     pad_eval = cfg.compile or device.type == "cuda"  # fixed eval shapes: no recompile, no cudnn re-plan
-    while state["epoch"] < cfg.epochs:
-        epoch = state["epoch"] + 1
+    while state.epoch < cfg.epochs:
+        epoch = state.epoch + 1
         t0 = time.perf_counter()
         try:
             train_loss = train_one_epoch(fwd, opt, sched, x_train, y_train, cfg, gen, device, amp,
                                          epoch=epoch, flip_bits=flip_bits, lookahead=lookahead)
         except Diverged as e:
-            state["status"], state["error"] = "diverged", str(e)
-            state["epoch"] = epoch
+            state.status, state.error, state.epoch = "diverged", str(e), epoch
             break
         val = evaluate(fwd, data.val_x, data.val_y, device, batch_size=EVAL_BATCH, tta=cfg.tta, amp=amp,
                        pad_last=pad_eval)
         seconds = time.perf_counter() - t0
-        state["seconds"] += seconds
+        state.seconds += seconds
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                "val_accuracy": val["accuracy"], "lr": opt.param_groups[0]["lr"], "seconds": seconds}
-        state["history"].append(row)
-        state["epoch"] = epoch
-        if val["loss"] < state["best_val_loss"]:
-            state.update(best_epoch=epoch, best_val_loss=val["loss"], bad_epochs=0,
-                         best_state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+        state.history.append(row)
+        state.epoch = epoch
+        if val["loss"] < state.best_val_loss:
+            state.best_epoch, state.best_val_loss, state.bad_epochs = epoch, val["loss"], 0
+            state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
-            state["bad_epochs"] += 1
-        if state["bad_epochs"] >= cfg.patience:
-            state["status"] = "early_stopped"
+            state.bad_epochs += 1
+        if state.bad_epochs >= cfg.patience:
+            state.status = "early_stopped"
         elif epoch == cfg.epochs:
-            state["status"] = "completed"
-        _save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
+            state.status = "completed"
+        save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
         if on_epoch:
             on_epoch(row, ckpt_path)
-        if state["status"] != "running":
+        if state.status != "running":
             break
-    if state["status"] == "diverged":
-        _save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
+    if state.status == "diverged":
+        save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
     return _result(state)
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, lookahead, cfg: TrainConfig, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "lookahead": lookahead.state_dict() if lookahead else None, "rng": {"gen": gen.get_state()},
-                "config": dataclasses.asdict(cfg), "state": state}, tmp)
-    tmp.replace(path)  # never a half-written checkpoint
-
-
-def _result(state: dict) -> dict:
-    best = next((r for r in state["history"] if r["epoch"] == state["best_epoch"]), None)
+def _result(state: LoopState) -> dict:
+    best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
     return {
-        "status": state["status"],
-        "epochs_run": state["epoch"],
-        "best_epoch": state["best_epoch"] or None,
+        "status": state.status,
+        "epochs_run": state.epoch,
+        "best_epoch": state.best_epoch or None,
         "val_loss": best["val_loss"] if best else None,
         "val_accuracy": best["val_accuracy"] if best else None,
-        "seconds": round(state["seconds"], 3),
-        "history": state["history"],
-        "best_state": state["best_state"],
-        "error": state.get("error"),
+        "seconds": round(state.seconds, 3),
+        "history": state.history,
+        "best_state": state.best_state,
+        "error": state.error,
     }

@@ -18,6 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
+from cnn.checkpoint import read_history
 from cnn.data import DataError, load_splits
 from cnn.train import CHECKPOINT, TrainConfig, train
 from store import open_store
@@ -88,7 +89,7 @@ def _train_leased(cfg, store, lease: Lease, dataset_key, dataset_md5, split_seed
 
     earlier: list[dict] = []  # epochs trained before a resume, so the CSV stays whole
     if (workdir / CHECKPOINT).exists():
-        earlier = torch.load(workdir / CHECKPOINT, map_location="cpu", weights_only=False)["state"]["history"]
+        earlier = read_history(workdir / CHECKPOINT)  # the JSON part alone: nothing unpickled
     trained: list[dict] = []  # epochs trained by this call, each uploaded with its checkpoint
 
     def on_epoch(row: dict, ckpt_path) -> None:

@@ -99,7 +99,7 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
     run = store / "runs" / manifest["run_id"]
     for rel in ["report.md", "model/weights.safetensors", "model/model.pt2", "model/metrics.json",
                 "model/confusion_matrix.csv", "variants/none/history.csv", "variants/none/metrics.json",
-                "variants/none/checkpoint.pt"]:
+                "variants/none/checkpoint.safetensors"]:
         assert (run / rel).is_file(), rel
     assert champion.read(LocalStore(store))["run_id"] == manifest["run_id"]
 

@@ -61,7 +61,7 @@ def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, m
     objects = _objects(s3_bucket)
     manifest = json.loads(objects[f"nightly/runs/{run_id}/manifest.json"])
     assert manifest["promoted"] is True and manifest["promotion_reason"] == "no champion yet"
-    assert {"model/model.pt2", "model/weights.safetensors", "report.md", "none/checkpoint.pt",
+    assert {"model/model.pt2", "model/weights.safetensors", "report.md", "none/checkpoint.safetensors",
             "flip/history.csv"} <= set(manifest["artifacts"])
     for name, a in manifest["artifacts"].items():
         assert a["uri"].startswith(f"{uri}/runs/{run_id}/"), name
@@ -193,7 +193,7 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
     monkeypatch.setattr(tasks.training, "train", real_train)
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "another-machine"))
     result = train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
-    assert f"flip: resuming from {uri}/runs/resumed/variants/flip/checkpoint.pt" in capsys.readouterr().out
+    assert f"flip: resuming from {uri}/runs/resumed/variants/flip/checkpoint.safetensors" in capsys.readouterr().out
     assert result["epochs_run"] == 2 and result["status"] == "completed"
     history = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
     assert history[:2] == first and len(history) == 3  # epoch 1 kept as it was, epoch 2 added
@@ -321,7 +321,7 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
     assert not st.exists("runs/interrupted/manifest.json")  # the run was never sealed
     local = local_run_dir("interrupted")
     for rel in ["model/model.pt2", "model/weights.safetensors", "model/metrics.json", "report.md",
-                "variants/none/checkpoint.pt", "variants/none/history.csv"]:
+                "variants/none/checkpoint.safetensors", "variants/none/history.csv"]:
         assert (local / rel).is_file(), rel
 
 

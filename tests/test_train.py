@@ -4,16 +4,19 @@ Runs use `tiny`, the seed network at small widths with the seed recipe, on a few
 hundred synthetic images: the same loop, a fraction of the compute."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from cnn import augment
 from cnn import train as train_module
 from cnn.data import Splits, load_splits
 from cnn.models import MODELS, RECIPES, SeedNet, build_model
-from cnn.train import make_config, make_optimizer, make_scheduler, resolve_precision, train, variants_that_fit
+from cnn.train import (CHECKPOINT, make_config, make_optimizer, make_scheduler, resolve_precision, train,
+                       variants_that_fit)
 
 CPU = torch.device("cpu")
 
@@ -190,8 +193,8 @@ def test_bf16_on_the_cpu_learns_in_autocast_and_keeps_fp32_weights(tiny, data, t
     # autocast was on: same seed, same batches, other rounding, so other losses
     assert [r["train_loss"] for r in h] != [r["train_loss"] for r in fp32["history"]]
     assert {v.dtype for v in bf16["best_state"].values() if v.is_floating_point()} == {torch.float32}
-    saved = torch.load(tmp_path / "bf16" / "checkpoint.pt", weights_only=False)
-    assert saved["config"]["precision"] == "bf16"
+    with safe_open(str(tmp_path / "bf16" / CHECKPOINT), framework="pt") as f:
+        assert json.loads(f.metadata()["document"])["config"]["precision"] == "bf16"
     # a checkpoint resumes only under the precision it was trained with
     with pytest.raises(ValueError, match="different config"):
         train(make_config(tiny, "flip", epochs=3, patience=3, seed=0, batch_size=32), data, CPU, tmp_path / "bf16")
