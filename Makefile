@@ -32,17 +32,20 @@ browser:
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Prefect server, worker and deployments (README.md, "Run it in production"). The pool names
-# match deployments/prefect.yaml.
+# Prefect server, workers and deployments (README.md, "Run it in production" and
+# "Across machines"). The pool names match deployments/prefect.yaml.
 PREFECT     := $(VENV)/bin/prefect
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 4200
 PREFECT_API_URL ?= http://$(SERVER_HOST):$(SERVER_PORT)/api
 LOCAL_POOL  := train-cifar-local
+VARIANT_POOL := train-cifar-local-variants
+CPU_POOL    := train-cifar-cpu
 GPU_POOL    := train-cifar-gpu
-DEPLOY_ARGS ?= --name local
+DEPLOY_ARGS ?= --name train-cifar/local --name train-variant/local
+STORE       ?= $(CURDIR)/artifacts
 
-.PHONY: server worker deploy
+.PHONY: server worker variant-worker deploy fanout
 
 # the API and UI on http://127.0.0.1:4200 (SQLite under ~/.prefect); Ctrl-C stops it
 server: setup
@@ -52,15 +55,32 @@ server: setup
 worker: setup
 	PREFECT_API_URL=$(PREFECT_API_URL) $(PREFECT) worker start --pool $(LOCAL_POOL) --type process
 
+# a process worker for train-variant/local: one variant at a time, like one GPU node.
+# Start several (each in its own terminal) to train variants side by side.
+variant-worker: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH PREFECT_API_URL=$(PREFECT_API_URL) \
+	  $(PREFECT) worker start --pool $(VARIANT_POOL) --type process --limit 1
+
 # pools, then deployments. `make deploy DEPLOY_ARGS=--all` also builds and pushes
-# the GPU image and applies train-cifar/nightly (needs Docker and a registry login).
+# the image and applies train-cifar/nightly and train-variant/gpu (needs Docker and
+# a registry login). The automations: deployments/add_automations.py.
 deploy: setup
 	@export PREFECT_API_URL=$(PREFECT_API_URL); set -e; \
-	$(PREFECT) work-pool inspect $(LOCAL_POOL) >/dev/null 2>&1 || \
-	  $(PREFECT) work-pool create $(LOCAL_POOL) --type process; \
-	if $(PREFECT) work-pool inspect $(GPU_POOL) >/dev/null 2>&1; then \
-	  $(PREFECT) work-pool update $(GPU_POOL) --base-job-template deployments/gpu-job-template.json; \
-	else \
-	  $(PREFECT) work-pool create $(GPU_POOL) --type kubernetes --base-job-template deployments/gpu-job-template.json; \
-	fi; \
+	for pool in $(LOCAL_POOL) $(VARIANT_POOL); do \
+	  $(PREFECT) work-pool inspect $$pool >/dev/null 2>&1 || $(PREFECT) work-pool create $$pool --type process; \
+	done; \
+	for kind in cpu gpu; do \
+	  pool=train-cifar-$$kind; template=deployments/$$kind-job-template.json; \
+	  if $(PREFECT) work-pool inspect $$pool >/dev/null 2>&1; then \
+	    $(PREFECT) work-pool update $$pool --base-job-template $$template; \
+	  else \
+	    $(PREFECT) work-pool create $$pool --type kubernetes --base-job-template $$template; \
+	  fi; \
+	done; \
 	$(PREFECT) deploy --prefect-file deployments/prefect.yaml $(DEPLOY_ARGS)
+
+# the local deployment with each variant as its own flow run on the variant workers
+# (`make server`, `make worker` and `make variant-worker` running, `make deploy` done)
+fanout: setup
+	PREFECT_API_URL=$(PREFECT_API_URL) $(PREFECT) deployment run train-cifar/local --watch \
+	  -p variant_deployment=train-variant/local -p store=$(STORE) $(ARGS)

@@ -19,7 +19,7 @@ from store import join_key, open_store
 D = RunParams()  # the defaults, from the one place they are written
 
 
-@flow(name="train-variant", log_prints=True, flow_run_name="{run_id}-{variant}")
+@flow(name="train-variant", log_prints=True)  # the parent names each run <run-id>-<variant>-a<attempt>
 def train_variant(
     run_id: str,
     variant: str,

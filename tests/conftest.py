@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-pytest_plugins = ["tests.s3_fixtures"]
+pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -183,4 +183,15 @@ def aws_client(service: str = "s3"):
     return boto3.session.Session().client(service)
 
 
-__all__ = ["MotoServer", "aws_client", "free_port", "use_credentials"]
+__all__ = ["MotoServer", "aws_client", "aws_env", "free_port", "use_credentials"]
+
+
+AWS_VARS = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+            "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "NO_PROXY"]
+
+
+def aws_env() -> dict:
+    """The S3 settings a worker process needs to reach the test endpoint (as set by `s3_server`)."""
+    import os
+
+    return {k: os.environ[k] for k in AWS_VARS if k in os.environ}

@@ -9,156 +9,24 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, PREFECT_FILE, REPO, TEST_IMAGE, VARIANT_POOL, cli,
+                                    client, create_pools, deploy_all, load_prefect_yaml, start_worker)
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = str(Path(sys.executable).with_name("prefect"))
-PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 GPU_TEMPLATE = REPO / "deployments" / "gpu-job-template.json"
 DOCKERFILE = REPO / "deployments" / "Dockerfile"
-GPU_POOL, LOCAL_POOL = "train-cifar-gpu", "train-cifar-local"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`, read from /proc (a worker starts each flow run in a
-    session of its own, so stopping the worker's group alone could leave a run behind)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-class Processes:
-    """Background processes, each in its own process group; `stop_all` stops them and
-    everything they started."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, cmd: list[str], env: dict, cwd: Path = REPO) -> tuple[subprocess.Popen, Path]:
-        log = self.logs / f"{name}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
-        self.procs.append(proc)
-        return proc, log
-
-    def stop_all(self) -> None:
-        for proc in reversed(self.procs):  # the worker before the server it reports to
-            if proc.poll() is not None:
-                continue
-            tree = descendants(proc.pid)
-            os.killpg(proc.pid, signal.SIGTERM)
-            for pid in tree:
-                _signal(pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-            for pid in tree:
-                _signal(pid, signal.SIGKILL)
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-@pytest.fixture(scope="module")
-def procs(tmp_path_factory):
-    p = Processes(tmp_path_factory.mktemp("logs"))
-    try:
-        yield p
-    finally:
-        p.stop_all()
-
-
-@pytest.fixture(scope="module")
-def server(procs, tmp_path_factory) -> dict:
-    """A Prefect server (SQLite) on a free port; returns the env for CLI calls."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},  # nothing of another server
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_UI_ENABLED": "true",
-        "PREFECT_UI_API_URL": api,  # the browser's API, not the default 127.0.0.1:4200
-        "PREFECT_LOGGING_LEVEL": "INFO",
-        "PREFECT_CLI_WRAP_LINES": "false",
-        "COLUMNS": "200",
-        # a run's scratch files (prepared tensors, checkpoints) stay in the test's folder
-        "TRAIN_CIFAR_CACHE": str(tmp_path_factory.mktemp("cache")),
-    }
-    proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
-    wait_http(f"{api}/health", 120, proc, log)
-    return env
-
-
-def cli(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
-                       timeout=timeout, stdin=subprocess.DEVNULL)
-    if check and r.returncode != 0:
-        raise AssertionError(f"prefect {' '.join(args)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
-    return r
-
-
-def client(env: dict):
-    from prefect.client.orchestration import SyncPrefectClient
-
-    return SyncPrefectClient(env["PREFECT_API_URL"])
 
 
 # ---------------------------------------------------------------- pools
@@ -166,8 +34,7 @@ def client(env: dict):
 
 @pytest.fixture(scope="module")
 def pools(server) -> dict:
-    cli(server, "work-pool", "create", GPU_POOL, "--type", "kubernetes", "--base-job-template", str(GPU_TEMPLATE))
-    cli(server, "work-pool", "create", LOCAL_POOL, "--type", "process")
+    create_pools(server)
     return server
 
 
@@ -187,8 +54,8 @@ def test_gpu_pool_accepts_the_template(pools):
     unused = [name for name in props if "{{ " + name + " }}" not in config_text]
     assert not unused, f"variables never used in job_configuration: {unused}"
 
-    # what a worker would submit for the nightly deployment's job variables
-    job_vars = load_prefect_yaml()["nightly"]["work_pool"]["job_variables"]
+    # what a worker would submit for the GPU deployment's job variables
+    job_vars = load_prefect_yaml()["train-variant/gpu"]["work_pool"]["job_variables"]
     values = {k: v["default"] for k, v in props.items() if "default" in v} | job_vars | {"image": "img:1"}
     manifest = apply_values(tmpl["job_configuration"]["job_manifest"], values)
     pod = manifest["spec"]["template"]["spec"]
@@ -198,20 +65,33 @@ def test_gpu_pool_accepts_the_template(pools):
     assert pod["tolerations"] == job_vars["tolerations"]
     assert container["envFrom"] == job_vars["env_from"]
     assert container["image"] == "img:1"
+    # requests, so the pod is not BestEffort; no Job retries, so that on a graceful
+    # eviction the Kubernetes worker reschedules the flow run itself (it resumes)
+    assert container["resources"]["requests"] == {"cpu": job_vars["cpu_request"], "memory": job_vars["memory_request"]}
+    assert manifest["spec"]["backoffLimit"] == 0
+
+
+def test_cpu_pool_gives_the_parent_a_burstable_pod(pools):
+    from prefect.utilities.templating import apply_values
+
+    with client(pools) as c:
+        tmpl = c.read_work_pool(CPU_POOL).base_job_template
+    props = tmpl["variables"]["properties"]
+    assert "gpu_limit" not in props and "nvidia.com/gpu" not in json.dumps(tmpl)
+    job_vars = load_prefect_yaml()["train-cifar/nightly"]["work_pool"]["job_variables"]
+    values = {k: v["default"] for k, v in props.items() if "default" in v} | job_vars | {"image": "img:1"}
+    container = apply_values(tmpl["job_configuration"]["job_manifest"], values)["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
 
 
 # ---------------------------------------------------------------- deployments
 
 
-def load_prefect_yaml() -> dict:
-    """The deployments of deployments/prefect.yaml by name, anchors resolved."""
-    doc = yaml.safe_load(PREFECT_FILE.read_text())
-    return {d["name"]: d for d in doc["deployments"]}
-
-
 def test_prefect_yaml_builds_the_gpu_image_with_the_dockerfile():
-    """The nightly deployment's Docker steps (not run here: no Docker daemon in tests)."""
-    nightly = load_prefect_yaml()["nightly"]
+    """The Kubernetes deployments' Docker steps (not run here: no Docker daemon in tests)."""
+    deployments = load_prefect_yaml()
+    assert deployments["train-variant/gpu"]["build"] == deployments["train-cifar/nightly"]["build"]
+    nightly = deployments["train-cifar/nightly"]
     build = {k: v for step in nightly["build"] for k, v in step.items()}
     docker = build["prefect_docker.deployments.steps.build_docker_image"]
     assert docker["id"] == "build-image" and docker["dockerfile"] == "deployments/Dockerfile"
@@ -226,71 +106,73 @@ def test_prefect_yaml_builds_the_gpu_image_with_the_dockerfile():
 
 @pytest.fixture(scope="module")
 def deployed(pools, tmp_path_factory) -> dict:
-    # local: exactly `make deploy`'s command
-    cli(pools, "deploy", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)), "--name", "local")
-    # nightly: the same file with its Docker build and push left out (no Docker
-    # daemon here) and the image they would produce named directly
-    doc = yaml.safe_load(PREFECT_FILE.read_text())
-    for d in doc["deployments"]:
-        if d["name"] == "nightly":
-            d["build"] = d["push"] = None
-            d["work_pool"]["job_variables"]["image"] = "ghcr.io/your-org/train-cifar:test"
-    no_docker = tmp_path_factory.mktemp("deploy") / "prefect.yaml"
-    no_docker.write_text(yaml.safe_dump(doc, sort_keys=False))
-    cli(pools, "deploy", "--prefect-file", str(no_docker), "--name", "nightly")
+    deploy_all(pools, tmp_path_factory.mktemp("deploy"))
     return pools
 
 
 def test_nightly_deployment(deployed):
+    """The parent: on the CPU pool, on a schedule, one night at a time, fanning out to the GPU pool."""
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
 
     with client(deployed) as c:
         d = c.read_deployment_by_name("train-cifar/nightly")
-    assert d.work_pool_name == GPU_POOL
+    assert d.work_pool_name == CPU_POOL
     assert len(d.schedules) == 1 and d.schedules[0].active
     sched = d.schedules[0].schedule
     assert sched.cron == "0 2 * * *" and sched.timezone == "UTC"
-    assert d.job_variables["gpu_limit"] >= 1
-    assert d.job_variables["node_selector"] and d.job_variables["tolerations"]
-    assert d.job_variables["image"] == "ghcr.io/your-org/train-cifar:test"
+    assert d.job_variables["cpu_request"] and d.job_variables["memory_request"]
+    assert d.job_variables["image"] == TEST_IMAGE
     assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
     assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
     assert d.parameters["dataset"] == "cifar10" and d.parameters["store"].startswith("s3://")
+    assert d.parameters["variant_deployment"] == "train-variant/gpu"
     assert d.enforce_parameter_schema
     assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": "/opt/train-cifar"}}]
 
 
-def test_local_deployment(deployed):
+def test_gpu_variant_deployment(deployed):
+    """The children: one GPU pod per variant, and nothing that would cancel a night's own children."""
+    with client(deployed) as c:
+        d = c.read_deployment_by_name("train-variant/gpu")
+    assert d.work_pool_name == GPU_POOL and d.entrypoint == "flows/train_variant.py:train_variant"
+    assert d.job_variables["gpu_limit"] == 1
+    assert d.job_variables["cpu_request"] and d.job_variables["memory_request"]
+    assert d.job_variables["node_selector"] and d.job_variables["tolerations"]
+    assert d.job_variables["image"] == TEST_IMAGE
+    assert d.global_concurrency_limit is None and d.concurrency_options is None
+    assert d.schedules == [] and d.enforce_parameter_schema
+    schema = d.parameter_openapi_schema
+    assert set(schema["required"]) == {"run_id", "variant", "dataset_key", "dataset_md5", "store"}
+
+
+def test_local_deployments(deployed):
     with client(deployed) as c:
         d = c.read_deployment_by_name("train-cifar/local")
+        v = c.read_deployment_by_name("train-variant/local")
     assert d.work_pool_name == LOCAL_POOL
     assert d.schedules == []
     assert d.parameters["dataset"] == "synthetic"
     # the process worker runs the code where it was deployed from: this repository
     assert d.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert d.entrypoint == "flows/train_cifar.py:train_cifar"
+    # the variant worker runs what a Kubernetes pod runs, so a SIGTERM reschedules the run
+    assert v.work_pool_name == VARIANT_POOL and v.pull_steps == d.pull_steps
+    assert v.job_variables == {"command": "prefect flow-run execute",
+                               "env": {"PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}}
 
 
 # ---------------------------------------------------------------- runs through a worker
 
-
-AWS_VARS = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-            "AWS_MAX_ATTEMPTS", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_EC2_METADATA_DISABLED", "NO_PROXY"]
 
 
 @pytest.fixture(scope="module")
 def worker(deployed, s3_server, procs) -> dict:
     """A process worker for the local pool, with the S3 settings a worker needs
     (here: the moto endpoint's, from tests/s3_fixtures.py)."""
-    aws = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
-    env = {**deployed, **aws, "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    proc, log = procs.start("worker", [PREFECT, "worker", "start", "--pool", LOCAL_POOL], env)
-    deadline = time.monotonic() + 90
-    with client(env) as c:
-        while not c.read_workers_for_work_pool(LOCAL_POOL):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not come up:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+    from tests.s3_fixtures import aws_env
+
+    env = {**deployed, **aws_env()}
+    proc, log = start_worker(procs, env, LOCAL_POOL, "local")
     return {**env, "worker_log": str(log)}
 
 
@@ -336,7 +218,7 @@ def failure_webhook(deployed):
             "B(name='train-cifar-test', url=sys.argv[1], "
             "json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save('train-cifar-test')"), url],
             env=deployed, cwd=REPO, check=True, capture_output=True, timeout=60)
-        r = subprocess.run([sys.executable, "deployments/add_failure_automation.py", "--block",
+        r = subprocess.run([sys.executable, "deployments/add_automations.py", "--block",
                             "custom-webhook/train-cifar-test"], env=deployed, cwd=REPO, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr

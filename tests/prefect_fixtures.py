@@ -1,0 +1,206 @@
+"""A real Prefect server for the tests: `prefect server start` on a free loopback port,
+its own PREFECT_HOME, and helpers to run the CLI and stop every process started.
+
+Used as a pytest plugin (tests/conftest.py): the `procs` and `server` fixtures are
+module-scoped, so each test module that uses them gets a server of its own.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+GPU_POOL, CPU_POOL, LOCAL_POOL, VARIANT_POOL = ("train-cifar-gpu", "train-cifar-cpu", "train-cifar-local",
+                                                "train-cifar-local-variants")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (a worker starts each flow run in a
+    session of its own, so stopping the worker's group alone could leave a run behind)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Processes:
+    """Background processes, each in its own process group; `stop_all` stops them and
+    everything they started."""
+
+    def __init__(self, logs: Path):
+        self.logs = logs
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, cmd: list[str], env: dict, cwd: Path = REPO) -> tuple[subprocess.Popen, Path]:
+        log = self.logs / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(proc)
+        return proc, log
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):  # the worker before the server it reports to
+            if proc.poll() is not None:
+                continue
+            tree = descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGTERM)
+            for pid in tree:
+                _signal(pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+            for pid in tree:
+                _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory):
+    p = Processes(tmp_path_factory.mktemp("logs"))
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+@pytest.fixture(scope="module")
+def server(procs, tmp_path_factory) -> dict:
+    """A Prefect server (SQLite) on a free port; returns the env for CLI calls."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},  # nothing of another server
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "true",
+        "PREFECT_UI_API_URL": api,  # the browser's API, not the default 127.0.0.1:4200
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_CLI_WRAP_LINES": "false",
+        "COLUMNS": "200",
+        # a run's scratch files (prepared tensors, checkpoints) stay in the test's folder
+        "TRAIN_CIFAR_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
+    proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
+    wait_http(f"{api}/health", 120, proc, log)
+    return env
+
+
+def cli(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    if check and r.returncode != 0:
+        raise AssertionError(f"prefect {' '.join(args)} exited {r.returncode}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def client(env: dict):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(env["PREFECT_API_URL"])
+
+
+# ---------------------------------------------------------------- pools, deployments, workers
+
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+FLOW_OF_ENTRYPOINT = {"flows/train_cifar.py:train_cifar": "train-cifar", "flows/train_variant.py:train_variant": "train-variant"}
+TEST_IMAGE = "ghcr.io/your-org/train-cifar:test"
+
+
+def load_prefect_yaml() -> dict:
+    """The deployments of deployments/prefect.yaml as {"<flow>/<name>": deployment}, anchors resolved."""
+    import yaml
+
+    doc = yaml.safe_load(PREFECT_FILE.read_text())
+    return {f"{FLOW_OF_ENTRYPOINT[d['entrypoint']]}/{d['name']}": d for d in doc["deployments"]}
+
+
+def create_pools(env: dict) -> None:
+    """The four pools, as `make deploy` creates them."""
+    for kind in ("gpu", "cpu"):
+        cli(env, "work-pool", "create", f"train-cifar-{kind}", "--type", "kubernetes", "--base-job-template",
+            str(REPO / "deployments" / f"{kind}-job-template.json"))
+    for pool in (LOCAL_POOL, VARIANT_POOL):
+        cli(env, "work-pool", "create", pool, "--type", "process")
+
+
+def deploy_all(env: dict, tmp: Path) -> None:
+    """Every deployment: the local ones with exactly `make deploy`'s command; the
+    Kubernetes ones from the same file with the Docker build and push left out (no
+    Docker daemon here) and the image they would produce named directly."""
+    import yaml
+
+    cli(env, "deploy", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)),
+        "--name", "train-cifar/local", "--name", "train-variant/local")
+    doc = yaml.safe_load(PREFECT_FILE.read_text())
+    for d in doc["deployments"]:
+        if d["name"] in ("nightly", "gpu"):
+            d["build"] = d["push"] = None
+            d["work_pool"]["job_variables"]["image"] = TEST_IMAGE
+    no_docker = tmp / "prefect.yaml"
+    no_docker.write_text(yaml.safe_dump(doc, sort_keys=False))
+    cli(env, "deploy", "--prefect-file", str(no_docker), "--name", "train-cifar/nightly", "--name", "train-variant/gpu")
+
+
+def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """`prefect worker start --pool <pool> --name <name> [extra]`, once it has registered."""
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.environ['PATH'])}",
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
+    proc, log = procs.start(name, [PREFECT, "worker", "start", "--pool", pool, "--name", name, *extra], env)
+    deadline = time.monotonic() + 90
+    with client(env) as c:
+        while not any(w.name == name for w in c.read_workers_for_work_pool(pool)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the worker {name} did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+    return proc, log
