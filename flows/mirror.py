@@ -9,14 +9,11 @@ mirror. It prints the archive's MD5 and URI; a run then takes it with
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from cnn import data as cd
-from store import StoreError
-
-_TARGET = re.compile(r"^s3://([a-z0-9][a-z0-9.-]{1,61}[a-z0-9])/(.+)$")
+from store import StoreError, parse_uri
 
 
 def mirror(archive: Path, target: str) -> tuple[str, str]:
@@ -24,12 +21,13 @@ def mirror(archive: Path, target: str) -> tuple[str, str]:
     archive = Path(archive).expanduser()
     if not archive.is_file():
         raise FileNotFoundError(f"ARCHIVE {archive}: no such file")
-    m = _TARGET.match(target)
-    if not m:
-        raise ValueError(f"TARGET {target!r}: expected s3://bucket/key (e.g. s3://bucket/mirror/{cd.ARCHIVE_NAME})")
-    bucket, key = m.group(1), m.group(2)
-    if key.endswith("/"):
-        key += cd.ARCHIVE_NAME
+    try:  # the store's own rules: a valid bucket, a key with no '..' or empty parts
+        bucket, key = parse_uri(target.removesuffix("/") + "/" + cd.ARCHIVE_NAME if target.endswith("/") else target)
+        if not key:
+            raise ValueError(f"{target!r}: no key")
+    except ValueError as e:
+        raise ValueError(f"TARGET {target!r}: expected s3://bucket/key (e.g. s3://bucket/mirror/{cd.ARCHIVE_NAME}): "
+                         f"{str(e).removeprefix(repr(target) + ': ')}") from None
     decoded = cd.decode(archive)  # raises DataError naming the file if it is not a CIFAR archive
     print(f"{archive}: {len(decoded['train_y'])} training and {len(decoded['holdout_y'])} hold-out images, "
           f"classes {', '.join(decoded['classes'])}", file=sys.stderr)

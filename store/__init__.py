@@ -46,4 +46,4 @@ def open_store(uri: str, must_exist: bool = False) -> Store:
 
 
 __all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreUnavailable", "is_shared", "join_key",
-           "normalize_uri", "open_store", "safe_name", "sha256_of"]
+           "normalize_uri", "open_store", "parse_uri", "safe_name", "sha256_of"]
