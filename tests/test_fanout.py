@@ -1,0 +1,389 @@
+"""Variants across machines, with the faults of a spot GPU fleet, on real parts.
+
+A real `prefect server`, moto's S3 server on loopback, a process worker for the
+parent (train-cifar/local) and two process workers with `--limit 1` on the variant
+pool: two "GPU nodes", each with its own TRAIN_CIFAR_CACHE. The variant deployment
+gives its runs what a Kubernetes pod gets (`prefect flow-run execute`, SIGTERM set
+to reschedule), so the same code paths run as on the cluster; the zombie automation
+(deployments/crash-zombie-runs.yaml) marks a run whose heartbeats stop Crashed.
+
+Every fault is made real (SIGTERM, SIGKILL of processes, `prefect flow-run retry`)
+and judged by what is in the bucket and in Prefect afterwards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.prefect_fixtures import (LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools, deploy_all,
+                                    descendants, start_worker)
+from tests.s3_fixtures import aws_client, aws_env
+
+pytestmark = pytest.mark.slow
+
+NODES = ("gpu-node-a", "gpu-node-b")
+HEARTBEAT_S, ZOMBIE_AFTER_S = 30, 45  # Prefect's smallest heartbeat; three quarters of a minute without one
+# small enough to be quick, long enough (a few seconds an epoch) to be killed mid-training
+SYNTHETIC = ["dataset=synthetic", "synthetic_train=1000", "synthetic_test=400", "subset=800"]
+
+
+class Cluster:
+    def __init__(self, procs: Processes, env: dict, tmp: Path):
+        self.procs, self.env, self.tmp = procs, env, tmp
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def cache(self, name: str) -> Path:
+        return self.tmp / f"cache-{name}"
+
+    def start(self, name: str, pool: str, *extra: str) -> None:
+        env = {**self.env, "TRAIN_CIFAR_CACHE": str(self.cache(name))}
+        self.workers[name], self.logs[name] = start_worker(self.procs, env, pool, name, *extra)
+
+    def ensure_nodes(self) -> None:
+        """Both variant workers up (a test may have killed one, as a lost node)."""
+        for name in NODES:
+            if name not in self.workers or self.workers[name].poll() is not None:
+                self.start(name, VARIANT_POOL, "--limit", "1")
+
+    def tail(self) -> str:
+        return "\n".join(f"--- {n}:\n{p.read_text()[-2500:]}" for n, p in self.logs.items())
+
+
+@pytest.fixture(scope="module")
+def cluster(server, procs, s3_server, tmp_path_factory) -> Cluster:
+    tmp = tmp_path_factory.mktemp("fanout")
+    create_pools(server)
+    deploy_all(server, tmp)
+    # one thread per training process: three or four of them share two cores here, as
+    # pods each have their own GPU (and it keeps the runs' arithmetic the same)
+    env = {**server, **aws_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "deployments/add_automations.py", "--zombie-after", str(ZOMBIE_AFTER_S)],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    c = Cluster(procs, env, tmp)
+    c.start("parent", LOCAL_POOL)
+    c.ensure_nodes()
+    return c
+
+
+@pytest.fixture
+def bucket(cluster, s3_server) -> str:
+    s3_server.ensure_running()
+    name = f"fanout-{uuid.uuid4().hex[:10]}"
+    aws_client("s3").create_bucket(Bucket=name)
+    return name
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def start_run(env: dict, *params: str) -> uuid.UUID:
+    """`prefect deployment run train-cifar/local -p ...` (no --watch); the flow run's id."""
+    args = ["deployment", "run", "train-cifar/local"]
+    for p in params:
+        args += ["-p", p]
+    out = cli(env, *args).stdout
+    m = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
+    assert m, out
+    return uuid.UUID(m.group(1))
+
+
+def fanout(bucket: str, *variants: str) -> list[str]:
+    return [f"store=s3://{bucket}/store", "variant_deployment=train-variant/local",
+            f"variants={json.dumps(list(variants))}"]
+
+
+def wait_for(what: str, check, timeout: float, cluster: Cluster, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"{what}: not within {timeout:.0f}s\n{cluster.tail()}")
+
+
+def flow_run(env: dict, run_id: uuid.UUID):
+    with client(env) as c:
+        return c.read_flow_run(run_id)
+
+
+def wait_final(cluster: Cluster, run_id: uuid.UUID, timeout: float = 420):
+    return wait_for(f"flow run {run_id} to finish", lambda: (lambda r: r if r.state.is_final() else None)(
+        flow_run(cluster.env, run_id)), timeout, cluster, every=2)
+
+
+def children(env: dict, parent: uuid.UUID) -> dict[str, object]:
+    """The parent's child flow runs (nested under it through their stand-in task runs), by name."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with client(env) as c:
+        runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+    return {r.name: r for r in runs}
+
+
+def history(bucket: str, run_id: str, variant: str) -> pd.DataFrame | None:
+    try:
+        body = aws_client("s3").get_object(Bucket=bucket, Key=f"store/runs/{run_id}/variants/{variant}/history.csv")
+    except Exception:  # noqa: BLE001 - not there yet
+        return None
+    return pd.read_csv(io.BytesIO(body["Body"].read()))
+
+
+def manifest(bucket: str, run_id: str) -> dict:
+    body = aws_client("s3").get_object(Bucket=bucket, Key=f"store/runs/{run_id}/manifest.json")["Body"].read()
+    return json.loads(body)
+
+
+def epochs_logged(env: dict, flow_run_ids: list, variant: str) -> list[int]:
+    """Every 'epoch N/M' line these flow runs logged for `variant`, in order: an epoch
+    trained twice shows up twice."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    with client(env) as c:
+        logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))), sort=LogSort.TIMESTAMP_ASC)
+    return [int(m.group(1)) for log in logs if (m := re.match(rf"{variant} epoch (\d+)/", log.message))]
+
+
+def run_processes(flow_run_id: uuid.UUID) -> list[int]:
+    """The processes running this flow run: those whose environment names it."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes().split(b"\0"):
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def wait_crash_handled(cluster: Cluster, worker: str, run_id: uuid.UUID) -> None:
+    """Wait for the run to be Crashed and for its worker to have finished with the dead
+    process: the process worker reports a crash twice (its runner at once, the worker's
+    own watch later), and a retry started between the two is marked Crashed by the second."""
+    wait_for("the run to be marked Crashed", lambda: flow_run(cluster.env, run_id).state.is_crashed(), 60, cluster)
+    line = f"Reported flow run '{run_id}' as crashed: Flow run infrastructure exited"
+    wait_for(f"worker {worker} to finish with the killed process", lambda: line in cluster.logs[worker].read_text(),
+             120, cluster)
+
+
+def top_process(flow_run_id: uuid.UUID) -> int:
+    """The flow run's own process (`prefect flow-run execute`, a pod's main process), not
+    the engine it started."""
+    pids = run_processes(flow_run_id)
+    tops = [p for p in pids if not any(p in descendants(q) for q in pids if q != p)]
+    assert len(tops) == 1, f"expected one top process for {flow_run_id}, found {tops} of {pids}"
+    return tops[0]
+
+
+def kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_id_of(kids: dict, variants: list[str]) -> str:
+    """The run id in the children's names, `<run-id>-<variant>-a<attempt>`."""
+    for name in kids:
+        for v in variants:
+            if m := re.fullmatch(rf"(.+)-{re.escape(v)}-a\d+", name):
+                return m.group(1)
+    raise AssertionError(f"no child named <run-id>-<variant>-a<n> among {sorted(kids)}")
+
+
+# ---------------------------------------------------------------- the tests
+
+
+def test_a_relative_store_with_fan_out_is_refused_before_any_work(cluster):
+    run = start_run(cluster.env, *SYNTHETIC, "store=./artifacts", "variant_deployment=train-variant/local")
+    run = wait_final(cluster, run, timeout=120)
+    assert run.state.is_failed(), run.state
+    assert "store './artifacts' with variant_deployment 'train-variant/local'" in run.state.message
+    assert children(cluster.env, run.id) == {}
+
+
+def test_fan_out_trains_each_variant_as_its_own_flow_run(cluster, bucket):
+    variants = ["none", "flip", "flip-crop"]
+    common = [*SYNTHETIC, "epochs=3", "patience=3"]
+    parent = start_run(cluster.env, *common, *fanout(bucket, *variants))
+    local = start_run(cluster.env, *common, f"store=s3://{bucket}/in-process", f"variants={json.dumps(variants)}")
+    parent, local = wait_final(cluster, parent), wait_final(cluster, local)
+    assert parent.state.is_completed(), f"{parent.state!r}\n{cluster.tail()}"
+    assert local.state.is_completed(), f"{local.state!r}\n{cluster.tail()}"
+
+    kids = children(cluster.env, parent.id)
+    run_id = run_id_of(kids, variants)
+    assert sorted(kids) == sorted(f"{run_id}-{v}-a1" for v in variants)  # one flow run each, named for it
+    assert all(k.state.is_completed() and k.run_count == 1 for k in kids.values())
+    # each child's parent is the run: its stand-in task run belongs to the parent flow run
+    with client(cluster.env) as c:
+        assert {c.read_task_run(k.parent_task_run_id).flow_run_id for k in kids.values()} == {parent.id}
+    # both "GPU nodes" trained, at the same time
+    trained_on = {n for n in NODES for v in variants if (cluster.cache(n) / "runs" / run_id / "variants" / v).is_dir()}
+    assert trained_on == set(NODES)
+    spans = sorted((k.start_time, k.end_time) for k in kids.values())
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
+
+    # the manifest is complete, and selection is what the in-process path chose on the same seeds
+    m = manifest(bucket, run_id)
+    assert m["flow_run_id"] == str(parent.id) and m["variant_deployment"] == "train-variant/local"
+    assert [v["name"] for v in m["variants"]] == variants
+    assert all(v["status"] in ("completed", "early_stopped") and v["attempts"] == 1 for v in m["variants"])
+    for v in variants:
+        assert {f"{v}/history.csv", f"{v}/best.safetensors"} <= set(m["artifacts"])
+    s3 = aws_client("s3")
+    for name, art in m["artifacts"].items():
+        key = art["uri"].removeprefix(f"s3://{bucket}/")
+        assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] == art["bytes"], name
+    local_run = json.loads(s3.get_object(Bucket=bucket, Key=next(
+        o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="in-process/runs/")["Contents"]
+        if o["Key"].endswith("/manifest.json")))["Body"].read())
+    assert m["selected"] == local_run["selected"]
+    for ours, theirs in zip(m["variants"], local_run["variants"]):
+        assert ours["best_epoch"] == theirs["best_epoch"]
+        assert ours["val_accuracy"] == pytest.approx(theirs["val_accuracy"], abs=1e-6)
+        assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4)
+
+
+def test_sigterm_reschedules_the_same_child_which_resumes(cluster, bucket):
+    """A graceful eviction: the pod gets SIGTERM. The same child flow run goes
+    AwaitingRetry, is picked up again and resumes at the next epoch."""
+    cluster.ensure_nodes()
+    parent = start_run(cluster.env, *SYNTHETIC, "epochs=6", "patience=6", *fanout(bucket, "flip"))
+    kid = wait_for("the child to start", lambda: next(iter(children(cluster.env, parent).values()), None),
+                   120, cluster)
+    run_id = run_id_of({kid.name: kid}, ["flip"])
+    wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
+             240, cluster)
+    kill([top_process(kid.id)], signal.SIGTERM)  # as the kubelet signals a pod's main process
+
+    parent_run = wait_final(cluster, parent)
+    assert parent_run.state.is_completed(), f"{parent_run.state!r}\n{cluster.tail()}"
+    kid = flow_run(cluster.env, kid.id)
+    assert kid.state.is_completed() and kid.run_count == 2, kid
+    with client(cluster.env) as c:
+        states = [s.name for s in c.read_flow_run_states(kid.id)]
+    assert "AwaitingRetry" in states, states
+    h = history(bucket, run_id, "flip")
+    assert list(h["epoch"]) == [1, 2, 3, 4, 5, 6]  # each epoch exactly once
+    logged = epochs_logged(cluster.env, [kid.id], "flip")
+    assert sorted(set(logged)) == [1, 2, 3, 4, 5, 6] and len(logged) == 6, logged  # none trained twice
+    assert manifest(bucket, run_id)["variants"][0]["attempts"] == 1  # the same flow run, not a new attempt
+
+
+def test_sigkill_of_a_child_and_its_worker_starts_a_new_attempt_that_resumes(cluster, bucket):
+    """A node lost without a word: the child and its worker are SIGKILLed. The zombie
+    automation marks attempt 1 Crashed; the parent starts attempt 2 on the other node,
+    which takes over the lease and resumes from the checkpoint."""
+    cluster.ensure_nodes()
+    parent = start_run(cluster.env, *SYNTHETIC, "epochs=6", "patience=6", *fanout(bucket, "flip"))
+    kid = wait_for("the child to start", lambda: next(iter(children(cluster.env, parent).values()), None),
+                   120, cluster)
+    run_id = run_id_of({kid.name: kid}, ["flip"])
+    wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
+             240, cluster)
+    node = next(n for n in NODES if set(run_processes(kid.id)) & set(descendants(cluster.workers[n].pid)))
+    kill([cluster.workers[node].pid, *descendants(cluster.workers[node].pid)], signal.SIGKILL)
+    cluster.workers[node].wait(timeout=10)
+    stored_at_kill = len(history(bucket, run_id, "flip"))
+
+    parent_run = wait_final(cluster, parent, timeout=600)
+    assert parent_run.state.is_completed(), f"{parent_run.state!r}\n{cluster.tail()}"
+    kids = children(cluster.env, parent)
+    assert kids[f"{run_id}-flip-a1"].state.is_crashed(), kids[f"{run_id}-flip-a1"].state
+    second = kids[f"{run_id}-flip-a2"]
+    assert second.state.is_completed()
+    h = history(bucket, run_id, "flip")
+    assert list(h["epoch"]) == [1, 2, 3, 4, 5, 6]
+    # attempt 2 began where the store left off, not at epoch 1
+    assert epochs_logged(cluster.env, [second.id], "flip")[0] in (stored_at_kill + 1, stored_at_kill + 2)
+    m = manifest(bucket, run_id)
+    assert m["variants"][0]["attempts"] == 2 and m["variants"][0]["status"] in ("completed", "early_stopped")
+
+
+def test_a_retried_parent_reattaches_to_its_children(cluster, bucket):
+    """Kill the parent mid-run, `prefect flow-run retry` it (the UI's Retry): the same
+    run id, its children found again through their idempotency keys, nothing trained twice."""
+    cluster.ensure_nodes()
+    variants = ["none", "flip"]
+    parent = start_run(cluster.env, *SYNTHETIC, "epochs=4", "patience=4", *fanout(bucket, *variants))
+    kids = wait_for("both children running", lambda: (k := children(cluster.env, parent)) and len(k) == 2
+                    and all(r.state.is_running() for r in k.values()) and k, 180, cluster)
+    run_id = run_id_of(kids, variants)
+    wait_for("an epoch in the store", lambda: history(bucket, run_id, "none") is not None, 240, cluster)
+    kill(run_processes(parent), signal.SIGKILL)
+    wait_crash_handled(cluster, "parent", parent)
+
+    cli(cluster.env, "flow-run", "retry", str(parent))
+    parent_run = wait_final(cluster, parent)
+    assert parent_run.state.is_completed(), f"{parent_run.state!r}\n{cluster.tail()}"
+    assert parent_run.run_count >= 2
+    after = children(cluster.env, parent)
+    assert sorted(after) == sorted(f"{run_id}-{v}-a1" for v in variants)  # no duplicates, no new attempts
+    assert all(r.run_count == 1 and r.state.is_completed() for r in after.values())
+    m = manifest(bucket, run_id)  # the same run id: the retry continued the run
+    assert m["run_id"] == run_id and m["flow_run_id"] == str(parent)
+    for v in variants:
+        assert list(history(bucket, run_id, v)["epoch"]) == [1, 2, 3, 4]
+        assert len(epochs_logged(cluster.env, [after[f"{run_id}-{v}-a1"].id], v)) == 4
+
+
+def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
+    """The bug report: kill -9 of an in-process run mid-variant, then `prefect flow-run
+    retry`: the same run continues from its checkpoint instead of starting over."""
+    params = [*SYNTHETIC, "epochs=5", "patience=5", f"store=s3://{bucket}/store", 'variants=["flip"]']
+    parent = start_run(cluster.env, *params)
+    prefix = "store/runs/"
+
+    def run_ids():
+        listing = aws_client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+        return {o["Key"][len(prefix):].split("/")[0] for o in listing}
+
+    run_id = wait_for("the run in the store", lambda: next(iter(run_ids()), None), 180, cluster)
+    wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
+             240, cluster)
+    kill(run_processes(parent), signal.SIGKILL)
+    wait_crash_handled(cluster, "parent", parent)
+    stored_at_kill = len(history(bucket, run_id, "flip"))
+
+    cli(cluster.env, "flow-run", "retry", str(parent))
+    run = wait_final(cluster, parent)
+    assert run.state.is_completed(), f"{run.state!r}\n{cluster.tail()}"
+    assert run_ids() == {run_id}  # one run folder: the retry continued it
+    assert manifest(bucket, run_id)["flow_run_id"] == str(parent)
+    assert list(history(bucket, run_id, "flip")["epoch"]) == [1, 2, 3, 4, 5]
+    logged = epochs_logged(cluster.env, [parent], "flip")
+    assert logged[:stored_at_kill] == list(range(1, stored_at_kill + 1))
+    assert logged[-(5 - stored_at_kill):] == list(range(stored_at_kill + 1, 6))
+    assert len(logged) <= 6  # at most the epoch in flight at the kill was lost
+
+
+def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster, bucket):
+    """Two parents with the same run id: the second stops instead of training alongside."""
+    params = [*SYNTHETIC, "epochs=4", "patience=4", f"store=s3://{bucket}/store", 'variants=["flip"]', "run_id=dup-1"]
+    first = start_run(cluster.env, *params)
+    wait_for("an epoch in the store", lambda: history(bucket, "dup-1", "flip") is not None, 180, cluster)
+    second = wait_final(cluster, start_run(cluster.env, *params), timeout=180)
+    assert second.state.is_failed(), second.state
+    assert "LeaseHeld" in second.state.message and f"being trained by flow run {first}" in second.state.message
+    done = wait_final(cluster, first)
+    assert done.state.is_completed(), f"{done.state!r}\n{cluster.tail()}"
+    assert list(history(bucket, "dup-1", "flip")["epoch"]) == [1, 2, 3, 4]
+    assert manifest(bucket, "dup-1")["flow_run_id"] == str(first)
