@@ -216,7 +216,7 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "another-machine"))
     result = train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
     assert f"flip: resuming from {uri}/runs/resumed/variants/flip/checkpoint.safetensors" in capsys.readouterr().out
-    assert result["epochs_run"] == 2 and result["status"] == "completed"
+    assert result.epochs_run == 2 and result.status == "completed"
     history = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
     assert history[:2] == first and len(history) == 3  # epoch 1 kept as it was, epoch 2 added
 
