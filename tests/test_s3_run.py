@@ -261,7 +261,7 @@ def test_two_runs_racing_have_exactly_one_winner(s3_bucket, round_):
         t.start()
     for t in threads:
         t.join()
-    winners = [i for i, (ok, _) in results.items() if ok]
+    winners = [i for i, d in results.items() if d.promoted]
     assert len(winners) == 1, results
     assert champion.read(stores[0], IDENT)["run_id"] == f"run{winners[0]}"
 
