@@ -49,6 +49,8 @@ class RunParams(BaseModel):
         "(on a CPU, fast only with native bf16: AVX512-BF16 or AMX); fp32: no autocast")
     variants_per_gpu: int = Field(1, ge=1, description="variants trained at once on one GPU")
     promote_margin: float = Field(0.0, ge=0, description="test accuracy by which a new model must beat the champion")
+    link_expiry_hours: int = Field(168, ge=1, le=168, description="hours the Prefect UI's links to an S3 "
+                                   "store's files work (presigned at publish; 168, a week, is S3's maximum)")
     variant_deployment: str | None = Field(
         None, description="train each variant as its own flow run of this deployment, e.g. train-variant/gpu "
         "(one pod and GPU each); default: in this process")

@@ -1,16 +1,19 @@
-"""Classify images with the champion (or a named run's) portable model.
+"""Classify images with a champion's (or a named run's) model.
 
-    python -m flows.predict --store s3://bucket/prefix [--run RUN_ID] cat.jpg ship.png
+    python -m flows.predict --store s3://bucket/prefix [--dataset IDENTITY | --run RUN_ID] cat.jpg ship.png
 
-Loads `runs/<run-id>/model/*.pt2` (a torch.export program with the input
-normalisation inside) with torch alone, resizes each PNG or JPEG (at most
-4096x4096 pixels) to 32x32 RGB and prints one line per image:
+Rebuilds the run's model from `runs/<run-id>/model/weights.safetensors` and
+`config.json` (nothing unpickled; `--portable` loads the `.pt2` instead, once its
+SHA-256 matches the manifest: flows/run_model.py), resizes each PNG or JPEG (at
+most 4096x4096 pixels) to 32x32 RGB and prints one line per image:
 `IMAGE<TAB>CLASS<TAB>PROBABILITY`.
+
+Without --run, the champion of: --dataset, else the official CIFAR-10 archive's
+identity if it has one champion, else the store's only champion.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import warnings
@@ -20,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from store import Store, StoreError, join_key, open_store, safe_name
+from cnn.data import ARCHIVE_MD5
+from flows.run_model import load_model, runs_hint
+from store import Store, StoreError, champion, join_key, open_store, safe_name
 
-CHAMPION = "champion.json"  # written by store.champion at the store root
 BATCH = 256
 FORMATS = ("PNG", "JPEG")
 # Every image is shrunk to 32x32, so a larger one gains nothing and costs memory: a
@@ -64,40 +68,35 @@ def load_images(paths: list[Path]) -> torch.Tensor:
     return torch.stack([load_image(p) for p in paths]).float() / 255
 
 
-def model_run(store: Store, run_id: str | None) -> tuple[str, str]:
-    """(run id, why this run): the one asked for, else the champion's."""
+def model_run(store: Store, run_id: str | None, dataset: str | None) -> tuple[str, str]:
+    """(run id, why this run): the one asked for, else a champion's (see the module's doc)."""
     if run_id is not None:
         return safe_name(run_id, "--run"), "as asked"
-    champ = store.read_json(CHAMPION)
-    if champ is None:
-        raise LookupError(f"--store {store.uri}: no {CHAMPION}, so no run has been promoted yet; "
-                          f"name one with --run RUN_ID ({_runs_hint(store)})")
-    return safe_name(champ["run_id"], f"run_id in {store.uri_for(CHAMPION)}"), "the champion"
+    docs = champion.documents(store)
+    if dataset is not None:
+        if dataset not in docs:
+            raise LookupError(f"--dataset {dataset}: no champion of that dataset identity in {store.uri} "
+                              f"({_identities(docs)})")
+        chosen = dataset
+    elif not docs:
+        raise LookupError(f"--store {store.uri}: no champion yet, so no run has been promoted; "
+                          f"name one with --run RUN_ID ({runs_hint(store)})")
+    else:
+        official = [i for i, d in docs.items() if d["champion"].get("dataset_md5") == ARCHIVE_MD5]
+        chosen = official[0] if len(official) == 1 else next(iter(docs)) if len(docs) == 1 else None
+        if chosen is None:
+            raise LookupError(f"--store {store.uri}: champions of {len(docs)} datasets; choose one with "
+                              f"--dataset IDENTITY or a run with --run RUN_ID ({_identities(docs)})")
+    run = docs[chosen]["champion"]["run_id"]
+    return safe_name(run, f"run_id in {store.uri_for(champion.key_for(chosen))}"), f"the champion of {chosen}"
 
 
-def _runs_hint(store: Store) -> str:
-    runs = sorted({k.split("/")[1] for k in store.list("runs") if k.endswith("/manifest.json")})
-    return f"runs in the store: {', '.join(runs[-5:])}" if runs else "the store holds no runs"
+def _identities(docs: dict) -> str:
+    return f"identities with a champion: {', '.join(docs)}" if docs else "no dataset has a champion yet"
 
 
-def fetch_model(store: Store, run_id: str, workdir: Path) -> tuple[Path, list[str]]:
-    """Download the run's portable model and class names; (model path, classes)."""
-    folder = join_key("runs", run_id, "model")
-    files = store.list(folder)
-    portable = [k for k in files if k.endswith(".pt2")]
-    if len(portable) != 1:
-        if not store.list(join_key("runs", run_id)):
-            raise LookupError(f"--run {run_id}: no such run in {store.uri} ({_runs_hint(store)})")
-        raise LookupError(f"{store.uri_for(folder)}: expected one portable model (*.pt2), found "
-                          f"{', '.join(Path(k).name for k in files) or 'nothing'}; did the run finish?")
-    model = store.get_file(portable[0], workdir / Path(portable[0]).name)
-    classes = json.loads(store.get_file(join_key(folder, "classes.json"), workdir / "classes.json").read_text())
-    return model, classes
-
-
-def predict(model_path: Path, images: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (N, C) from the exported program, with torch alone."""
-    module = torch.export.load(str(model_path)).module()  # eval mode was fixed at export
+def predict(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (N, C): `module` takes 0..1 RGB and normalises inside."""
     with torch.no_grad():
         logits = torch.cat([module(images[i:i + BATCH]) for i in range(0, len(images), BATCH)])
     return logits.softmax(dim=1)
@@ -106,18 +105,25 @@ def predict(model_path: Path, images: torch.Tensor) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="the store the runs are in: a local folder or s3://bucket/prefix")
-    ap.add_argument("--run", default=None, metavar="RUN_ID", help="this run's model instead of the champion's")
+    pick = ap.add_mutually_exclusive_group()
+    pick.add_argument("--run", default=None, metavar="RUN_ID", help="this run's model instead of a champion's")
+    pick.add_argument("--dataset", default=None, metavar="IDENTITY",
+                      help="the champion of this dataset identity (python -m flows.champion --store S lists them)")
+    ap.add_argument("--portable", action="store_true",
+                    help="load the portable model.pt2 (after checking its SHA-256 against the run's manifest) "
+                         "instead of rebuilding the model from weights.safetensors")
     ap.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help=f"PNG or JPEG files, up to {MAX_SIDE}x{MAX_SIDE} pixels")
     args = ap.parse_args(argv)
     try:
         images = load_images(args.images)  # bad input fails before anything is downloaded
         store = open_store(args.store, must_exist=True)
-        run_id, why = model_run(store, args.run)
+        run_id, why = model_run(store, args.run, args.dataset)
         with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
-            model_path, classes = fetch_model(store, run_id, Path(tmp))
-            print(f"model: run {run_id} ({why}) from {store.uri_for(join_key('runs', run_id, 'model'))}",
+            module, classes = load_model(store, run_id, Path(tmp), portable=args.portable)
+            what = "model.pt2, SHA-256 verified" if args.portable else "weights.safetensors"
+            print(f"model: run {run_id} ({why}) from {store.uri_for(join_key('runs', run_id, 'model'))} ({what})",
                   file=sys.stderr)
-            probs = predict(model_path, images)
+            probs = predict(module, images)
     except (OSError, ValueError, LookupError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,7 +4,7 @@
 
 fetch -> train every variant (parallel tasks, one lane per device slot; or, with
 --variant-deployment, one flow run per variant on that deployment's work pool) ->
-select by validation -> test the selected model once -> publish.
+select by validation -> test the selected model once -> publish -> show it in the UI.
 """
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def train_cifar(
     precision: typing.Literal["auto", "fp32", "bf16"] = D.precision,
     variants_per_gpu: int = D.variants_per_gpu,
     promote_margin: float = D.promote_margin,
+    link_expiry_hours: int = D.link_expiry_hours,
     variant_deployment: str | None = D.variant_deployment,
     variant_attempts: int = D.variant_attempts,
     fanout_deadline_hours: float = D.fanout_deadline_hours,
@@ -86,6 +87,7 @@ def train_cifar(
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
     from tasks.data import fetch_dataset
+    from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
     from tasks.selection import select_variant
     from tasks.testing import test_model
@@ -112,6 +114,7 @@ def train_cifar(
     test = test_model(TrainConfig(**selected.config), selected.weights_key, ds, p.split_seed, run["run_id"],
                       store_uri, test_device)
     out = publish_run(run, p.model_dump(), ds, results, selected, test, store_uri)
+    create_run_artifacts(run["run_id"], store_uri, p.link_expiry_hours)  # best-effort: never fails the run
     _summary(results, selected.name, out)
     return out
 

@@ -1,56 +1,186 @@
-"""The champion: champion.json at the store root names the promoted run and model.
+"""Champions: one per dataset identity, each with its audit history, changed by CAS only.
 
-A new model is promoted when there is no champion, or the champion was measured
-on the same dataset (MD5), split seed and test size, and the new test accuracy
-beats it by at least the margin. The write is conditional (If-None-Match for the
-first champion, If-Match on its version after), so two runs racing cannot both
-win; the loser re-reads and decides again.
+A dataset identity is (name, archive MD5, split seed, test size): two runs are
+compared only when their test accuracies were measured on the same images. Each
+identity has one object, `champions/<identity>.json`:
+
+    {"identity": {name, md5, split_seed, test_size}, "champion": <record>,
+     "history": [{id, at, action, champion, previous, reason, flow_run_id, by}, ...]}
+
+The champion and its history live in one object so a change and its history entry
+are one conditional write (If-None-Match for the first, If-Match after): two
+writers racing cannot both win, and no entry is lost. A run on another dataset or
+split has its own identity: it neither blocks nor replaces another's champion.
+
+Stores written before this layout hold one `champion.json` at the root; it is read
+as the champion of its identity until that identity's first change here.
 """
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import datetime, timezone
+from typing import NamedTuple
 
-from store.base import PreconditionFailed, Store, StoreError
+from store.base import PreconditionFailed, Store, StoreError, join_key, safe_name
 
-KEY = "champion.json"
+FOLDER = "champions"
+LEGACY_KEY = "champion.json"  # the one champion per store of earlier versions
+IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size")  # in a champion record
+
+
+class Decision(NamedTuple):
+    promoted: bool
+    reason: str
+    compared_with: str | None  # the champion's run id, or None: there was none of this identity
+
+
+def identity(record: dict) -> str:
+    """The identity's name, a safe key part: `<name>-<md5>-split<seed>-test<size>`."""
+    name, md5, seed, size = (record.get(k) for k in IDENTITY_FIELDS)
+    return safe_name(f"{name}-{md5}-split{seed}-test{size}", "dataset identity")
+
+
+def key_for(ident: str) -> str:
+    return join_key(FOLDER, safe_name(ident, "dataset identity") + ".json")
 
 
 def decide(current: dict | None, candidate: dict, margin: float) -> tuple[bool, str]:
-    """(promote?, why) for `candidate` against the `current` champion."""
+    """(promote?, why) for `candidate` against `current`, the champion of its identity."""
     if current is None:
-        return True, "no champion yet"
-    same = ("dataset_md5", "split_seed", "test_size")
+        return True, f"no champion yet for dataset {identity(candidate)}"
+    if current["run_id"] == candidate["run_id"]:  # a retried publish finds its own promotion
+        return True, f"already the champion of dataset {identity(candidate)}"
+    same = ("dataset_md5", "split_seed", "test_size")  # a legacy record has no dataset name
     if any(current.get(k) != candidate.get(k) for k in same):
-        theirs = ", ".join(f"{k} {current.get(k)}" for k in same)
-        ours = ", ".join(f"{k} {candidate.get(k)}" for k in same)
-        return False, f"champion {current['run_id']} was tested on another split ({theirs}; this run: {ours})"
+        raise ValueError(f"champion {current['run_id']} is of another dataset identity than "
+                         f"{identity(candidate)}; refusing to compare")
     old, new = current["test"]["accuracy"], candidate["test"]["accuracy"]
     if new > old and new - old >= margin:
         return True, f"test accuracy {new:.4f} beats champion {current['run_id']} ({old:.4f}) by >= {margin}"
     return False, f"test accuracy {new:.4f} does not beat champion {current['run_id']} ({old:.4f}) by more than {margin}"
 
 
-def read(store: Store) -> dict | None:
-    return store.read_json(KEY)
+def _legacy(store: Store) -> tuple[str, dict] | None:
+    """(identity, record) of a root champion.json no per-identity object has replaced."""
+    rec = store.read_json(LEGACY_KEY)
+    if rec is None:
+        return None
+    if "dataset_name" not in rec:  # older records lack it; their run's manifest has it
+        manifest = store.read_json(join_key("runs", safe_name(rec["run_id"], "run_id"), "manifest.json")) or {}
+        rec = {**rec, "dataset_name": manifest.get("dataset", {}).get("name", "unknown")}
+    return identity(rec), rec
 
 
-def promote(store: Store, candidate: dict, margin: float, attempts: int = 20) -> tuple[bool, str]:
-    """Promote `candidate` if it wins; safe against concurrent runs."""
-    won = None  # why we would win, once a write of ours was refused
+def _load(store: Store, ident: str) -> tuple[dict | None, str | None]:
+    """(document, version) of an identity; a matching legacy champion.json counts as one
+    with no history (version None: the first write here creates the object)."""
+    raw, version = store.read_versioned(key_for(ident))
+    if raw is not None:
+        return json.loads(raw), version
+    legacy = _legacy(store)
+    if legacy is not None and legacy[0] == ident:
+        return {"identity": ident, "champion": legacy[1], "history": []}, None
+    return None, None
+
+
+def read(store: Store, ident: str) -> dict | None:
+    """The current champion record of dataset identity `ident`, or None."""
+    doc, _ = _load(store, ident)
+    return None if doc is None else doc["champion"]
+
+
+def documents(store: Store) -> dict[str, dict]:
+    """{identity: document} of every identity with a champion, legacy included."""
+    docs = {}
+    for key in store.list(FOLDER):
+        name = key.removeprefix(FOLDER + "/")
+        if "/" not in name and name.endswith(".json"):
+            docs[name.removesuffix(".json")] = store.read_json(key)
+    legacy = _legacy(store)
+    if legacy is not None and legacy[0] not in docs:
+        docs[legacy[0]] = {"identity": legacy[0], "champion": legacy[1], "history": []}
+    return docs
+
+
+def _entry(action: str, new: dict, previous: dict | None, reason: str, flow_run_id: str | None,
+           by: str | None) -> dict:
+    return {"id": uuid.uuid4().hex, "at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "action": action, "champion": new, "previous": previous, "reason": reason,
+            "flow_run_id": flow_run_id, "by": by}
+
+
+def _change(store: Store, ident: str, plan, attempts: int = 20):
+    """Apply `plan(doc) -> (entry or None, result)` by CAS until it lands or needs nothing.
+
+    `plan` sees the current document (None if there is none) and returns the history
+    entry to append (its `champion` becomes the champion) or None to write nothing."""
+    key = key_for(ident)
+    sent = None  # the id of an entry we sent, once a write of ours was refused
     for _ in range(attempts):
-        raw, version = store.read_versioned(KEY)
-        current = None if raw is None else json.loads(raw)
-        if won is not None and current == candidate:
+        doc, version = _load(store, ident)
+        history = [] if doc is None else doc["history"]
+        if sent is not None and any(e["id"] == sent[0] for e in history):
             # our write did land: its answer was lost and the client's retry of the same
             # conditional PUT got 412 (S3 retries on timeouts and dropped connections)
-            return True, won
-        ok, reason = decide(current, candidate, margin)
-        if not ok:
-            return False, reason
+            return sent[1]
+        entry, result = plan(doc)
+        if entry is None:
+            return result
+        new = {"identity": ident, "champion": entry["champion"], "history": [*history, entry]}
         try:
-            store.write_if(KEY, json.dumps(candidate, indent=2).encode(), version)
-            return True, reason
+            store.write_if(key, json.dumps(new, indent=2).encode(), version)
+            return result
         except PreconditionFailed:
-            won = reason
-            continue  # another run wrote first: read again and decide again
-    raise StoreError(f"{store.uri_for(KEY)} kept changing during {attempts} attempts to promote {candidate['run_id']}")
+            sent = (entry["id"], result)
+            continue  # another writer changed it first: read again and plan again
+    raise StoreError(f"{store.uri_for(key)} kept changing during {attempts} attempts")
+
+
+def _already(doc: dict, candidate: dict) -> Decision:
+    """The decision that made `candidate` champion, found again: a retried publish
+    records the promotion it made, not a comparison of the run with itself."""
+    made = next((e for e in reversed(doc["history"]) if e["champion"]["run_id"] == candidate["run_id"]), None)
+    if made is None:  # a legacy champion.json names it: no history to read
+        return Decision(True, f"already the champion of dataset {identity(candidate)}", None)
+    return Decision(True, made["reason"], None if made["previous"] is None else made["previous"]["run_id"])
+
+
+def promote(store: Store, candidate: dict, margin: float, flow_run_id: str | None = None) -> Decision:
+    """Make `candidate` the champion of its identity if it wins; safe against concurrent
+    runs and against the retry of a publish that already promoted it."""
+    ident = identity(candidate)
+
+    def plan(doc):
+        current = None if doc is None else doc["champion"]
+        if current is not None and current["run_id"] == candidate["run_id"]:
+            return None, _already(doc, candidate)
+        ok, reason = decide(current, candidate, margin)
+        against = None if current is None else current["run_id"]
+        if not ok:
+            return None, Decision(False, reason, against)
+        return _entry("promote", candidate, current, reason, flow_run_id, None), Decision(True, reason, against)
+
+    return _change(store, ident, plan)
+
+
+def rollback(store: Store, ident: str, run_id: str, reason: str, by: str | None = None,
+             flow_run_id: str | None = None) -> dict:
+    """Make `run_id`, an earlier champion of `ident`, its champion again; returns the entry."""
+    def plan(doc):
+        if doc is None:
+            raise LookupError(f"dataset {ident}: no champion, so nothing to roll back")
+        if doc["champion"]["run_id"] == run_id:
+            raise ValueError(f"--to {run_id}: already the champion of dataset {ident}")
+        earlier = {}
+        for e in doc["history"]:  # the records of every champion this identity has had
+            for rec in (e["previous"], e["champion"]):
+                if rec is not None:
+                    earlier[rec["run_id"]] = rec
+        if run_id not in earlier:
+            raise LookupError(f"--to {run_id}: never a champion of dataset {ident}; earlier champions: "
+                              f"{', '.join(r for r in earlier if r != doc['champion']['run_id']) or 'none'}")
+        entry = _entry("rollback", earlier[run_id], doc["champion"], reason, flow_run_id, by)
+        return entry, entry
+
+    return _change(store, ident, plan)

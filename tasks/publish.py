@@ -1,4 +1,4 @@
-"""publish_run: the report, the manifest, the champion decision and the UI artifacts."""
+"""publish_run: the report, the manifest and the champion decision (the UI's artifacts: tasks/artifacts.py)."""
 from __future__ import annotations
 
 import json
@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.events import emit_event
 
 from store import champion, open_store
 from cnn.data import split_sizes
 from tasks.common import is_io_error, local_run_dir, run_key, variant_key
-from tasks.report import plot_curves, render_markdown, variants_table
+from tasks.report import plot_curves, render_markdown
 from tasks.results import VariantResult
+
+NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
 
 def git_sha() -> str:
     """The code's commit: GIT_SHA (set in the image, which has no .git), else git's answer."""
@@ -62,11 +64,33 @@ def build_manifest(run: dict, params: dict, dataset: dict, results: list[Variant
     }
 
 
+def champion_record(manifest: dict, store) -> dict:
+    """What champions/<identity>.json records of a run (store.champion): its model, its
+    test metrics and the dataset identity they were measured on."""
+    d = manifest["dataset"]
+    run_id = manifest["run_id"]
+    return {
+        "run_id": run_id, "model_uri": store.uri_for(run_key(run_id, "model")),
+        "manifest_uri": store.uri_for(run_key(run_id, "manifest.json")),
+        "variant": manifest["selected"], "model": manifest["params"]["model"], "test": manifest["test"],
+        "dataset_name": d["name"], "dataset_md5": d["md5"], "split_seed": d["split_seed"],
+        "test_size": d["sizes"]["test"], "created_at": manifest["created_at"],
+    }
+
+
+# the run's files the report links to, relative to its folder (where report.md is)
+REPORT_FILES = ["manifest.json", "report.md", "model/weights.safetensors", "model/model.pt2", "curves.png"]
+
+
 @task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=is_io_error)
 def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
                 test: dict, store_uri: str) -> dict:
-    """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins."""
+    """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins.
+
+    Safe to retry: every write replaces itself, and a champion that already names
+    this run records the promotion that was made (store.champion). The UI's
+    artifacts are another step (tasks/artifacts.py), so no UI hiccup repeats this."""
     store = open_store(store_uri)
     run_id = run["run_id"]
     out = local_run_dir(run_id)
@@ -87,42 +111,48 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     plot_curves(histories, out / "curves.png")
     artifacts["curves.png"] = store.put_file(run_key(run_id, "curves.png"), out / "curves.png")
 
-    candidate = {
-        "run_id": run_id, "model_uri": store.uri_for(run_key(run_id, "model")),
-        "manifest_uri": store.uri_for(run_key(run_id, "manifest.json")),
-        "variant": manifest["selected"], "model": params["model"],
-        "test": manifest["test"], "dataset_md5": manifest["dataset"]["md5"],
-        "split_seed": manifest["dataset"]["split_seed"], "test_size": manifest["dataset"]["sizes"]["test"],
-        "created_at": manifest["created_at"],
-    }
+    candidate = champion_record(manifest, store)
+    ident = champion.identity(candidate)
+    manifest["dataset"]["identity"] = ident
     margin = params["promote_margin"]
     # every file of the run is stored, the manifest included, before the champion is
-    # touched; the manifest claims a promotion only once champion.json names this run
-    promoted, reason = champion.decide(champion.read(store), candidate, margin)
+    # touched; the manifest claims a promotion only once the champion names this run
+    current = champion.read(store, ident)
+    promoted, reason = champion.decide(current, candidate, margin)
+    # report.md stays in the store for good: relative links, never presigned ones (they
+    # carry credentials and expire); the UI gets presigned links in tasks/artifacts.py
+    folder = store.uri_for(run_key(run_id))
 
-    links = {name: store.link_for(run_key(run_id, *name.split("/"))) for name in
-             ["manifest.json", "report.md", "model/weights.safetensors", "model/model.pt2", "curves.png"]}
-
-    def seal(promoted: bool, reason: str) -> dict:
-        m = {**manifest, "promoted": promoted, "promotion_reason": reason}
-        (out / "report.md").write_text(render_markdown(m, links))
+    def seal(promoted: bool, reason: str, compared_with: str | None) -> dict:
+        m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with}
+        (out / "report.md").write_text(render_markdown(m, {name: name for name in REPORT_FILES}, folder))
         arts = {**artifacts, "report.md": store.put_file(run_key(run_id, "report.md"), out / "report.md")}
         m["artifacts"] = arts
         (out / "manifest.json").write_text(json.dumps(m, indent=2))
         store.put_file(run_key(run_id, "manifest.json"), out / "manifest.json")
         return m
 
-    final = seal(False, f"pending: {reason}" if promoted else reason)
+    decision = champion.Decision(False, f"pending: {reason}" if promoted else reason,
+                                 None if current is None else current["run_id"])
+    final = seal(*decision)
     if promoted:  # decided again inside promote(): another run may have won meanwhile
-        final = seal(*champion.promote(store, candidate, margin))
+        decision = champion.promote(store, candidate, margin, flow_run_id=run["flow_run_id"])
+        final = seal(*decision)
     print(f"promoted: {final['promoted']} ({final['promotion_reason']})")
-
-    create_table_artifact(variants_table(final["variants"], final["selected"]), key="variant-comparison",
-                          description=f"Run {run_id}: augmentation variants on validation (final)")
-    create_markdown_artifact(render_markdown(final, links), key="report", description=f"Run {run_id}: test report")
-    create_link_artifact(links["manifest.json"], "manifest.json", key="manifest", description=f"Run {run_id} manifest")
-    create_link_artifact(links["model/model.pt2"], "portable model", key="model",
-                         description=f"Run {run_id}: torch.export program, loads with torch alone")
-    create_link_artifact(links["report.md"], "report.md", key="report-file", description=f"Run {run_id} report")
+    if decision.compared_with is None:
+        not_compared(store, run_id, ident, decision)
     return {"run_id": run_id, "manifest": store.uri_for(run_key(run_id, "manifest.json")),
-            "promoted": final["promoted"], "test_accuracy": final["test"]["accuracy"], "selected": final["selected"]}
+            "promoted": final["promoted"], "test_accuracy": final["test"]["accuracy"], "selected": final["selected"],
+            "dataset_identity": ident, "compared_with": decision.compared_with}
+
+
+def not_compared(store, run_id: str, ident: str, decision: champion.Decision) -> None:
+    """Say, and tell Prefect (an automation can alert on it), that this run had no
+    champion of its dataset identity to be compared with."""
+    others = sorted(set(champion.documents(store)) - {ident})
+    print(f"not compared: no champion of dataset {ident} to compare with"
+          + (f" (champions of other datasets: {', '.join(others)})" if others else ""))
+    emit_event(event=NOT_COMPARED, resource={"prefect.resource.id": f"train-cifar.run.{run_id}",
+                                             "prefect.resource.name": run_id},
+               payload={"run_id": run_id, "dataset_identity": ident, "promoted": decision.promoted,
+                        "reason": decision.reason, "other_identities": others, "store": store.uri})

@@ -55,9 +55,12 @@ def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
              "seconds": r(v.get("seconds"), 1), "note": v.get("error") or ""} for v in variants]
 
 
-def render_markdown(manifest: dict, links: dict[str, str]) -> str:
-    """The report shown in the Prefect UI and stored as report.md."""
+def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = None) -> str:
+    """The report shown in the Prefect UI (presigned `links`) and stored as report.md
+    (`links` relative to the run's `folder`, a store URI: nothing that expires or signs)."""
     t, d = manifest["test"], manifest["dataset"]
+    not_compared = ("" if manifest.get("compared_with") or "identity" not in d else
+                    f"**Not compared** with any champion: dataset `{d['identity']}` had none.")
     rows = variants_table(manifest["variants"], manifest["selected"])
     lines = [
         f"# train-cifar run `{manifest['run_id']}`",
@@ -68,7 +71,7 @@ def render_markdown(manifest: dict, links: dict[str, str]) -> str:
         "",
         f"**Test accuracy {t['accuracy']:.4f}**, test loss {t['loss']:.4f}. "
         f"Promoted to champion: **{'yes' if manifest['promoted'] else 'no'}** ({manifest['promotion_reason']}).",
-        "",
+        *([not_compared, ""] if not_compared else [""]),
         "## Variants (validation)",
         "",
         pd.DataFrame(rows).to_markdown(index=False) if rows else "",
@@ -83,6 +86,7 @@ def render_markdown(manifest: dict, links: dict[str, str]) -> str:
         "",
         "## Files",
         "",
+        *([f"In `{folder}`:", ""] if folder else []),
         *[f"- [{name}]({url})" for name, url in links.items()],
         "",
     ]

@@ -85,7 +85,8 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
                key=lambda v: (v["val_accuracy"], -v["val_loss"]))
     assert manifest["selected"] == best["name"]
     assert set(manifest["test"]) == {"loss", "accuracy", "per_class"} and len(manifest["test"]["per_class"]) == 10
-    assert manifest["promoted"] is True and manifest["promotion_reason"] == "no champion yet"
+    ident = manifest["dataset"]["identity"]
+    assert manifest["promoted"] is True and manifest["promotion_reason"] == f"no champion yet for dataset {ident}"
 
     # the test split was evaluated exactly once; training only ever saw validation
     assert calls["test"] == [140]
@@ -101,7 +102,7 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
                 "model/confusion_matrix.csv", "variants/none/history.csv", "variants/none/metrics.json",
                 "variants/none/checkpoint.safetensors"]:
         assert (run / rel).is_file(), rel
-    assert champion.read(LocalStore(store))["run_id"] == manifest["run_id"]
+    assert champion.read(LocalStore(store), ident)["run_id"] == manifest["run_id"]
 
     # the portable model loads with plain torch and agrees with the reported accuracy
     from cnn.data import load_splits
@@ -130,7 +131,7 @@ def test_flow_fails_clearly_when_no_variant_succeeds(run_env, synthetic_archive)
     with pytest.raises(RuntimeError, match="no variant finished training.*poison: diverged"):
         train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["poison"], epochs=2, subset=300,
                     store=str(store), device="cpu")
-    assert not (store / "champion.json").exists()
+    assert not (store / "champions").exists()
     assert not list(store.glob("runs/*/manifest.json"))
 
 
@@ -155,10 +156,15 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
     again = train_cifar(run_id="run-a", **kw)
     assert (store / "runs/run-a/variants/none/history.csv").read_text() == history
     assert again["test_accuracy"] == first["test_accuracy"]
-    # an identical model on the same split does not beat the champion
-    assert again["promoted"] is False
+    # it is still the champion: the rerun records the promotion it made, not a comparison with itself
+    assert again["promoted"] is True
     m = json.loads((store / "runs/run-a/manifest.json").read_text())
-    assert "does not beat champion" in m["promotion_reason"]
+    assert m["promotion_reason"].startswith("no champion yet for dataset")
+    # another run training an identical model on the same split does not beat the champion
+    other = train_cifar(run_id="run-b", **kw)
+    assert other["promoted"] is False and other["compared_with"] == "run-a"
+    m = json.loads((store / "runs/run-b/manifest.json").read_text())
+    assert "does not beat champion run-a" in m["promotion_reason"]
 
 
 @pytest.mark.parametrize("variants,devices,per_device", [
@@ -191,5 +197,5 @@ def test_manifest_never_claims_a_promotion_that_did_not_happen(run_env, syntheti
         train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=1, subset=300,
                     store=str(store), device="cpu", run_id="run-p")
     m = json.loads((store / "runs/run-p/manifest.json").read_text())
-    assert m["promoted"] is False and m["promotion_reason"] == "pending: no champion yet"
-    assert not (store / "champion.json").exists()
+    assert m["promoted"] is False and m["promotion_reason"].startswith("pending: no champion yet for dataset")
+    assert not (store / "champions").exists()

@@ -1,51 +1,85 @@
-"""flows.predict: the champion's (or a named run's) portable model on image files.
+"""flows.predict: a champion's (or a named run's) model on image files.
 
-The models here are tiny exported programs that classify by dominant colour, so
-the expected class of each image is known; the real trained model is exercised
-end to end in test_s3_run.py.
+The models here are the registry's `seed` network with weights set by hand so that
+it classifies by dominant colour: the expected class of each image is known. The
+real trained model is exercised end to end in test_s3_run.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import pickle
 import struct
 import subprocess
 import sys
+import zipfile
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from torch import nn
+from safetensors.torch import save_file
 
+from cnn.config import make_config
+from cnn.export import export_portable
+from cnn.models import build_model
 from flows import predict
-from store import open_store
+from store import champion, open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 220)}
 
 
-class ByColour(nn.Module):
-    """Logits = 10 x mean of each channel: red, green, blue images get classes 0, 1, 2."""
+def colour_model(reverse: bool = False) -> torch.nn.Module:
+    """`seed` with 3 classes whose logits are 10 x each normalised channel's mean: red,
+    green and blue images get classes 0, 1, 2 (2, 1, 0 reversed). Every conv passes
+    channels 0..2 through its centre tap; BatchNorm's bias keeps them above ReLU's zero."""
+    m = build_model("seed", num_classes=3).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.zero_()
+        for layer in m.features:
+            if isinstance(layer, torch.nn.Conv2d):
+                for c in range(3):
+                    layer.weight[c, c, 1, 1] = 1.0
+            elif isinstance(layer, torch.nn.BatchNorm2d):
+                layer.weight.fill_(1.0)
+                layer.bias[:3] = 10.0  # (B, C, H, W): channels 0..2 stay positive
+        fc1, fc2 = m.classifier[1], m.classifier[3]
+        for c in range(3):
+            fc1.weight[c, c * 64:(c + 1) * 64] = 1 / 64  # the mean of channel c over the 8x8 map
+        fc1.bias[:3] = -50.0  # the six BatchNorm biases added 60; keep the value positive
+        order = [2, 1, 0] if reverse else [0, 1, 2]
+        for c in range(3):
+            fc2.weight[c, order[c]] = 10.0
+    return m
 
-    def __init__(self, reverse: bool = False):
-        super().__init__()
-        self.reverse = reverse
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) in 0..1 -> (B, 3)
-        m = x.mean(dim=(2, 3)) * 10
-        return m.flip(1) if self.reverse else m
+def _publish_model(store, run_id: str, tmp: Path, reverse: bool = False, model=None, tta: int = 0,
+                   classes: tuple[str, ...] = ("red", "green", "blue")) -> None:
+    """What test-model and publish-run store of a run: weights, config, classes, the
+    portable model and a manifest recording its SHA-256."""
+    model = colour_model(reverse) if model is None else model
+    out = tmp / run_id
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), out / "weights.safetensors")
+    cfg = dataclasses.replace(make_config("seed", "none", epochs=1, patience=1, seed=0), tta=tta)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (out / "classes.json").write_text(json.dumps(list(classes)))
+    export_portable(model, out / "model.pt2", tta=tta)
+    artifacts = {f"model/{name}": store.put_file(f"runs/{run_id}/model/{name}", out / name)
+                 for name in ["weights.safetensors", "config.json", "classes.json", "model.pt2"]}
+    store.put_json(f"runs/{run_id}/manifest.json", {"run_id": run_id, "artifacts": artifacts}, tmp)
 
 
-def _publish_model(store, run_id: str, tmp: Path, reverse: bool = False) -> None:
-    prog = torch.export.export(ByColour(reverse), (torch.rand(2, 3, 32, 32),),
-                               dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=1024)}})
-    torch.export.save(prog, tmp / f"{run_id}.pt2")
-    (tmp / "classes.json").write_text(json.dumps(["red", "green", "blue"]))
-    store.put_file(f"runs/{run_id}/model/model.pt2", tmp / f"{run_id}.pt2")
-    store.put_file(f"runs/{run_id}/model/classes.json", tmp / "classes.json")
-    store.put_json(f"runs/{run_id}/manifest.json", {"run_id": run_id}, tmp)
+def _crown(store, run_id: str, md5: str = "c58f30108f718f92721af3b95e74349a", name: str = "cifar10") -> str:
+    """Make `run_id` the champion of a dataset identity; returns the identity."""
+    rec = {"run_id": run_id, "model_uri": store.uri_for(f"runs/{run_id}/model"), "test": {"accuracy": 0.5},
+           "dataset_name": name, "dataset_md5": md5, "split_seed": 0, "test_size": 3500}
+    assert champion.promote(store, rec, 0.0).promoted
+    return champion.identity(rec)
 
 
 @pytest.fixture
@@ -72,7 +106,7 @@ def test_predict_champion_on_s3_from_a_fresh_process(s3_bucket, tmp_path, images
     st = open_store(uri)
     _publish_model(st, "r1", tmp_path)
     _publish_model(st, "r2", tmp_path, reverse=True)
-    st.write_if("champion.json", json.dumps({"run_id": "r1", "model_uri": st.uri_for("runs/r1/model")}).encode(), None)
+    ident = _crown(st, "r1")
 
     files = [str(images[k]) for k in ["red", "green", "blue", "red-palette"]]
     proc = subprocess.run([sys.executable, "-m", "flows.predict", "--store", uri, *files], cwd=ROOT,
@@ -80,7 +114,7 @@ def test_predict_champion_on_s3_from_a_fresh_process(s3_bucket, tmp_path, images
     assert proc.returncode == 0, proc.stderr
     assert _lines(proc.stdout) == {"red.png": "red", "green.jpeg": "green", "blue.png": "blue",
                                    "grey-red.png": "red"}
-    assert "run r1 (the champion)" in proc.stderr
+    assert f"run r1 (the champion of {ident})" in proc.stderr and "(weights.safetensors)" in proc.stderr
 
 
 def test_predict_a_named_run_and_a_local_store(tmp_path, images, capsys):
@@ -97,7 +131,7 @@ def test_clear_errors(s3_bucket, tmp_path, images, capsys):
     red = str(images["red"])
 
     assert predict.main(["--store", uri, red]) == 1
-    assert f"--store {uri}: no champion.json" in capsys.readouterr().err
+    assert f"--store {uri}: no champion yet" in capsys.readouterr().err
 
     _publish_model(st, "r1", tmp_path)
     assert predict.main(["--store", uri, "--run", "r9", red]) == 1
@@ -107,9 +141,10 @@ def test_clear_errors(s3_bucket, tmp_path, images, capsys):
     assert predict.main(["--store", uri, "--run", "../r1", red]) == 1
     assert "--run '../r1' is not a valid name" in capsys.readouterr().err
 
-    st.put_file("runs/r3/manifest.json", tmp_path / "classes.json")  # a run that never got a model
+    st.put_file("runs/r3/manifest.json", tmp_path / "r1" / "classes.json")  # a run that never got a model
     assert predict.main(["--store", uri, "--run", "r3", red]) == 1
-    assert f"{uri}/runs/r3/model: expected one portable model" in capsys.readouterr().err
+    assert f"{uri}/runs/r3/model: expected classes.json, config.json, weights.safetensors, found nothing" \
+        in capsys.readouterr().err
 
     assert predict.main(["--store", "s3://no-such-bucket-here/p", red]) == 1
     err = capsys.readouterr().err
@@ -174,3 +209,115 @@ def test_format_comes_from_the_content_not_the_extension(tmp_path):
     edge = _bilevel_png(tmp_path / "edge.png", 4096, 4096)  # exactly at the limit: accepted
     x = predict.load_images([jpeg_named_png, edge])
     assert x.shape == (2, 3, 32, 32) and x[0, 1].mean() > 0.7 and x[1].max() == 0
+
+
+def test_without_run_the_official_cifar10_champion_else_the_only_one_else_ask(tmp_path, images, capsys):
+    uri = str(tmp_path / "store")
+    st = open_store(uri)
+    for run in ["synth", "official", "split1"]:
+        _publish_model(st, run, tmp_path, reverse=run != "official")
+    red = str(images["red"])
+    synth = _crown(st, "synth", md5="5" * 32, name="synthetic")
+    assert predict.main(["--store", uri, red]) == 0  # the only champion
+    assert f"run synth (the champion of {synth})" in capsys.readouterr().err
+
+    official = _crown(st, "official")
+    assert predict.main(["--store", uri, red]) == 0  # the official CIFAR-10 archive's, over others
+    out = capsys.readouterr()
+    assert f"run official (the champion of {official})" in out.err and _lines(out.out) == {"red.png": "red"}
+    assert predict.main(["--store", uri, "--dataset", synth, red]) == 0
+    assert _lines(capsys.readouterr().out) == {"red.png": "blue"}
+
+    # two champions of the official archive (other split seeds): predict asks which
+    rec = {"run_id": "split1", "model_uri": "", "test": {"accuracy": 0.5}, "dataset_name": "cifar10",
+           "dataset_md5": "c58f30108f718f92721af3b95e74349a", "split_seed": 1, "test_size": 3500}
+    champion.promote(st, rec, 0.0)
+    assert predict.main(["--store", uri, red]) == 1
+    err = capsys.readouterr().err
+    assert "champions of 3 datasets; choose one with --dataset IDENTITY or a run with --run RUN_ID" in err
+    assert synth in err and official in err
+    assert predict.main(["--store", uri, "--dataset", "nope", red]) == 1
+    assert "--dataset nope: no champion of that dataset identity" in capsys.readouterr().err
+
+
+def test_predictions_from_safetensors_equal_the_portable_models(tmp_path):
+    """The default path (registry model + safetensors + config's TTA) and the exported
+    program give the same probabilities on the same images."""
+    from flows.run_model import load_model
+
+    torch.manual_seed(0)
+    model = build_model("seed", num_classes=10).eval()
+    with torch.no_grad():  # BatchNorm statistics other than 0/1, so normalisation matters
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    st = open_store(str(tmp_path / "store"))
+    _publish_model(st, "r1", tmp_path, model=model, tta=2, classes=tuple(f"c{i}" for i in range(10)))
+    images = torch.rand(37, 3, 32, 32)
+    safe, classes = load_model(st, "r1", tmp_path / "a")
+    portable, _ = load_model(st, "r1", tmp_path / "b", portable=True)
+    assert len(classes) == 10
+    p_safe, p_portable = predict.predict(safe, images), predict.predict(portable, images)
+    assert torch.allclose(p_safe, p_portable, atol=1e-5)
+    assert (p_safe.argmax(1) == p_portable.argmax(1)).all()
+
+
+def _pickling_archive(genuine: Path, out: Path, marker: Path) -> Path:
+    """`genuine` (a torch.export archive) with its first weight replaced by a pickle that
+    creates `marker` when unpickled, and the archive's config asking torch to unpickle it."""
+    class Plant:
+        def __reduce__(self):
+            return open, (str(marker), "w")  # harmless, and visible
+
+    with zipfile.ZipFile(genuine) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        config_name = next(n for n in src.namelist() if n.endswith("data/weights/model_weights_config.json"))
+        config = json.loads(src.read(config_name))
+        first = next(iter(config["config"].values()))
+        first["use_pickle"] = True
+        planted = config_name.replace("model_weights_config.json", first["path_name"])
+        for info in src.infolist():
+            data = {config_name: json.dumps(config).encode(),
+                    planted: pickle.dumps(Plant(), protocol=2)}.get(info.filename, src.read(info))
+            dst.writestr(info, data)
+    return out
+
+
+def test_a_pickling_portable_model_is_never_loaded(tmp_path, images, capsys):
+    """model.pt2 replaced in the store by one whose archive asks for pickled weights: the
+    default path never opens it, and --portable refuses it on its SHA-256."""
+    uri = str(tmp_path / "store")
+    st = open_store(uri)
+    _publish_model(st, "r1", tmp_path)
+    marker = tmp_path / "PWNED"
+    evil = _pickling_archive(tmp_path / "r1" / "model.pt2", tmp_path / "evil.pt2", marker)
+    st.put_file("runs/r1/model/model.pt2", evil)  # someone with write access to the store
+    genuine_sha = json.loads((tmp_path / "store/runs/r1/manifest.json").read_text()
+                             )["artifacts"]["model/model.pt2"]["sha256"]
+
+    assert predict.main(["--store", uri, "--run", "r1", str(images["red"])]) == 0
+    assert _lines(capsys.readouterr().out) == {"red.png": "red"}
+    assert not marker.exists()
+
+    assert predict.main(["--store", uri, "--run", "r1", "--portable", str(images["red"])]) == 1
+    err = capsys.readouterr().err
+    from store import sha256_of
+    assert f"{uri}/runs/r1/model/model.pt2: refusing to load it: its SHA-256 is {sha256_of(evil)}" in err
+    assert f"but {uri}/runs/r1/manifest.json records {genuine_sha}" in err
+    assert not marker.exists()
+
+    # the planted archive is a real threat: plain torch.export.load runs its payload
+    with pytest.raises(Exception):
+        torch.export.load(str(evil))
+    assert marker.exists()
+
+
+def test_portable_needs_the_manifests_record(tmp_path, images, capsys):
+    uri = str(tmp_path / "store")
+    st = open_store(uri)
+    _publish_model(st, "r1", tmp_path)
+    st.put_json("runs/r1/manifest.json", {"run_id": "r1"}, tmp_path)  # no artifacts recorded
+    assert predict.main(["--store", uri, "--run", "r1", "--portable", str(images["red"])]) == 1
+    assert "records no SHA-256 for model/model.pt2" in capsys.readouterr().err
+    _publish_model(st, "r1", tmp_path)
+    assert predict.main(["--store", uri, "--run", "r1", "--portable", str(images["red"])]) == 0
+    assert _lines(capsys.readouterr().out) == {"red.png": "red"}

@@ -38,9 +38,23 @@ def _objects(bucket: str) -> dict[str, bytes]:
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-def _candidate(run_id: str, accuracy: float, md5: str = "a" * 32, split_seed: int = 0, test_size: int = 140) -> dict:
+def _candidate(run_id: str, accuracy: float, md5: str = "a" * 32, split_seed: int = 0, test_size: int = 140,
+               name: str = "cifar10") -> dict:
     return {"run_id": run_id, "model_uri": f"s3://x/runs/{run_id}/model", "test": {"accuracy": accuracy},
-            "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
+            "dataset_name": name, "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
+
+
+IDENT = champion.identity(_candidate("any", 0.0))
+
+
+def _artifacts(flow_run_id: str) -> dict:
+    """The flow run's Prefect artifacts by key, read back through the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts}
 
 
 # ----------------------------------------------------------------------------------------
@@ -60,7 +74,8 @@ def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, m
 
     objects = _objects(s3_bucket)
     manifest = json.loads(objects[f"nightly/runs/{run_id}/manifest.json"])
-    assert manifest["promoted"] is True and manifest["promotion_reason"] == "no champion yet"
+    ident = manifest["dataset"]["identity"]
+    assert manifest["promoted"] is True and manifest["promotion_reason"] == f"no champion yet for dataset {ident}"
     assert {"model/model.pt2", "model/weights.safetensors", "report.md", "none/checkpoint.safetensors",
             "flip/history.csv"} <= set(manifest["artifacts"])
     for name, a in manifest["artifacts"].items():
@@ -70,13 +85,20 @@ def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, m
     md5 = manifest["dataset"]["md5"]
     assert f"nightly/datasets/synthetic/{md5}/{cd.PREPARED_FILE}" in objects
 
-    champ = json.loads(objects["nightly/champion.json"])
+    assert ident == f"synthetic-{manifest['dataset']['md5']}-split0-test{manifest['dataset']['sizes']['test']}"
+    champ = json.loads(objects[f"nightly/champions/{ident}.json"])["champion"]
     assert champ["run_id"] == run_id and champ["model_uri"] == f"{uri}/runs/{run_id}/model"
     assert champ["dataset_md5"] == md5 and champ["test"]["accuracy"] == manifest["test"]["accuracy"]
 
-    # presigned links (they name the access key id, as every presigned URL does), never the secret
+    # the stored report holds store URIs and relative paths: no presigned link, whose query
+    # carries the signer's key id (and a session token) and expires
     report = objects[f"nightly/runs/{run_id}/report.md"].decode()
-    assert "X-Amz-Expires=604800" in report
+    assert "X-Amz-" not in report and "](model/model.pt2)" in report and f"`{uri}/runs/{run_id}`" in report
+    # the UI's links are presigned, valid for link_expiry_hours (here the default, a week)
+    arts = _artifacts(manifest["flow_run_id"])
+    for key in ["manifest", "model", "report-file"]:
+        assert "X-Amz-Signature=" in arts[key].data and "X-Amz-Expires=604800" in arts[key].data, key
+    assert "X-Amz-Signature=" in arts["report"].data
     assert all(secret.encode() not in body for body in objects.values())
     printed = capsys.readouterr()
     assert secret not in printed.out + printed.err
@@ -89,7 +111,7 @@ def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, m
     assert proc.returncode == 0, proc.stderr
     path, cls, prob = proc.stdout.strip().split("\t")
     assert path == str(img) and cls in manifest["dataset"]["classes"] and 0 < float(prob) <= 1
-    assert f"run {run_id} (the champion)" in proc.stderr
+    assert f"run {run_id} (the champion of {ident})" in proc.stderr
 
     # and the portable file alone loads in a plain Python (-I: no project code on the path)
     (tmp_path / "model.pt2").write_bytes(objects[f"nightly/runs/{run_id}/model/model.pt2"])
@@ -194,7 +216,7 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "another-machine"))
     result = train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
     assert f"flip: resuming from {uri}/runs/resumed/variants/flip/checkpoint.safetensors" in capsys.readouterr().out
-    assert result["epochs_run"] == 2 and result["status"] == "completed"
+    assert result.epochs_run == 2 and result.status == "completed"
     history = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
     assert history[:2] == first and len(history) == 3  # epoch 1 kept as it was, epoch 2 added
 
@@ -202,21 +224,24 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
 # ----------------------------------------------------------------------------------------
 def test_champion_first_better_worse_and_other_dataset(s3_bucket):
     st = open_store(f"s3://{s3_bucket}/nightly")
-    assert champion.promote(st, _candidate("r1", 0.50), 0.0) == (True, "no champion yet")
+    assert champion.promote(st, _candidate("r1", 0.50), 0.0) == (True, f"no champion yet for dataset {IDENT}", None)
 
-    ok, why = champion.promote(st, _candidate("r2", 0.45), 0.0)
+    ok, why, _ = champion.promote(st, _candidate("r2", 0.45), 0.0)
     assert not ok and "does not beat champion r1" in why
-    ok, why = champion.promote(st, _candidate("r3", 0.52), 0.05)  # better, but not by the margin
+    ok, why, _ = champion.promote(st, _candidate("r3", 0.52), 0.05)  # better, but not by the margin
     assert not ok and "by more than 0.05" in why
-    ok, why = champion.promote(st, _candidate("r4", 0.90, md5="b" * 32), 0.0)
-    assert not ok and "another split" in why
-    ok, why = champion.promote(st, _candidate("r5", 0.90, split_seed=1), 0.0)
-    assert not ok and "another split" in why
-    assert champion.read(st)["run_id"] == "r1"
+    # another dataset or split: the first champion of its own identity, r1 untouched
+    ok, why, against = champion.promote(st, _candidate("r4", 0.90, md5="b" * 32), 0.0)
+    assert ok and against is None and why == f"no champion yet for dataset cifar10-{'b' * 32}-split0-test140"
+    ok, why, against = champion.promote(st, _candidate("r5", 0.90, split_seed=1), 0.0)
+    assert ok and against is None
+    assert champion.read(st, IDENT)["run_id"] == "r1"
+    assert sorted(champion.documents(st)) == sorted([IDENT, f"cifar10-{'b' * 32}-split0-test140",
+                                                     f"cifar10-{'a' * 32}-split1-test140"])
 
-    ok, why = champion.promote(st, _candidate("r6", 0.60), 0.05)
+    ok, why, _ = champion.promote(st, _candidate("r6", 0.60), 0.05)
     assert ok and "beats champion r1" in why
-    assert champion.read(st) == _candidate("r6", 0.60)
+    assert champion.read(st, IDENT) == _candidate("r6", 0.60)
 
 
 @pytest.mark.parametrize("round_", range(3))
@@ -236,9 +261,9 @@ def test_two_runs_racing_have_exactly_one_winner(s3_bucket, round_):
         t.start()
     for t in threads:
         t.join()
-    winners = [i for i, (ok, _) in results.items() if ok]
+    winners = [i for i, d in results.items() if d.promoted]
     assert len(winners) == 1, results
-    assert champion.read(stores[0])["run_id"] == f"run{winners[0]}"
+    assert champion.read(stores[0], IDENT)["run_id"] == f"run{winners[0]}"
 
 
 def test_many_runs_racing_lose_no_update(s3_bucket):
@@ -258,10 +283,10 @@ def test_many_runs_racing_lose_no_update(s3_bucket):
         t.start()
     for t in threads:
         t.join()
-    final = champion.read(open_store(uri))
-    assert final["run_id"] == "run2" and results[2][0] is True
+    final = champion.read(open_store(uri), IDENT)
+    assert final["run_id"] == "run2" and results[2].promoted is True
     # a loser lost to a champion at least as good as itself, never to a lost write
-    assert all("does not beat champion" in why for ok, why in results.values() if not ok)
+    assert all("does not beat champion" in why for ok, why, _ in results.values() if not ok)
 
 
 def test_a_promotion_whose_answer_was_lost_still_counts(s3_bucket, monkeypatch):
@@ -275,9 +300,10 @@ def test_a_promotion_whose_answer_was_lost_still_counts(s3_bucket, monkeypatch):
         raise PreconditionFailed("the retry of a PUT that had already succeeded")
 
     monkeypatch.setattr(type(st), "write_if", applied_then_lost)
-    ok, why = champion.promote(st, _candidate("r1", 0.5), 0.0)
-    assert ok and why == "no champion yet"
-    assert champion.read(st)["run_id"] == "r1"
+    ok, why, _ = champion.promote(st, _candidate("r1", 0.5), 0.0)
+    assert ok and why == f"no champion yet for dataset {IDENT}"
+    assert champion.read(st, IDENT)["run_id"] == "r1"
+    assert len(champion.documents(st)[IDENT]["history"]) == 1  # recorded once
 
 
 # ----------------------------------------------------------------------------------------
@@ -294,8 +320,9 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
     _, src = _mirror(archive, f"s3://{s3_bucket}/mirror/", capsys)  # the run reads its data from the mirror
     uri = f"s3://{s3_bucket}/nightly"
     st = open_store(uri)
-    champion.promote(st, _candidate("old-champion", 0.0, md5=md5, test_size=140), 0.0)  # easy to beat
-    before = st.read_versioned("champion.json")
+    old = _candidate("old-champion", 0.0, md5=md5, test_size=140)
+    champion.promote(st, old, 0.0)  # easy to beat
+    before = st.read_versioned(champion.key_for(champion.identity(old)))
 
     monkeypatch.setattr(s3mod, "READ_TIMEOUT_S", 3)  # a hung endpoint is noticed in seconds, not minutes
     monkeypatch.setattr(s3mod, "CONNECT_TIMEOUT_S", 3)
@@ -317,7 +344,7 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
     assert s3_server.endpoint in msg
 
     s3_server.resume()
-    assert st.read_versioned("champion.json") == before  # same content, same ETag
+    assert st.read_versioned(champion.key_for(champion.identity(old))) == before  # same content, same ETag
     assert not st.exists("runs/interrupted/manifest.json")  # the run was never sealed
     local = local_run_dir("interrupted")
     for rel in ["model/model.pt2", "model/weights.safetensors", "model/metrics.json", "report.md",

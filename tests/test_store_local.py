@@ -8,9 +8,12 @@ import pytest
 from store import LocalStore, PreconditionFailed, champion, join_key, open_store, safe_name
 
 
-def _cand(run_id, acc, md5="m" * 32, split_seed=0, test_size=3500):
+def _cand(run_id, acc, md5="m" * 32, split_seed=0, test_size=3500, name="cifar10"):
     return {"run_id": run_id, "model_uri": f"runs/{run_id}/model", "test": {"accuracy": acc, "loss": 1 - acc},
-            "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
+            "dataset_name": name, "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
+
+
+IDENT = champion.identity(_cand("any", 0.0))
 
 
 @pytest.mark.parametrize("bad", ["..", "../x", "a/b", "", ".hidden", "a\\b", "x" * 200, "a..b"])
@@ -73,19 +76,22 @@ def test_write_if_is_compare_and_swap(tmp_path):
 
 def test_champion_rule(tmp_path):
     s = LocalStore(tmp_path)
-    assert champion.promote(s, _cand("a", 0.80), 0.0) == (True, "no champion yet")
-    ok, why = champion.promote(s, _cand("b", 0.79), 0.0)
-    assert not ok and "does not beat champion a" in why
-    ok, why = champion.promote(s, _cand("c", 0.80), 0.0)
+    d = champion.promote(s, _cand("a", 0.80), 0.0)
+    assert d.promoted and d.reason == f"no champion yet for dataset {IDENT}" and d.compared_with is None
+    ok, why, against = champion.promote(s, _cand("b", 0.79), 0.0)
+    assert not ok and "does not beat champion a" in why and against == "a"
+    ok, why, _ = champion.promote(s, _cand("c", 0.80), 0.0)
     assert not ok  # a tie is not a win
-    ok, why = champion.promote(s, _cand("d", 0.95, md5="x" * 32), 0.0)
-    assert not ok and "another split" in why
-    ok, why = champion.promote(s, _cand("e", 0.95, split_seed=1), 0.0)
-    assert not ok and "another split" in why
-    ok, _ = champion.promote(s, _cand("f", 0.805), 0.01)
+    # another dataset or split is another identity: its own first champion, not compared with a
+    ok, why, against = champion.promote(s, _cand("d", 0.95, md5="x" * 32), 0.0)
+    assert ok and against is None and why.startswith("no champion yet for dataset cifar10-xxxx")
+    ok, why, against = champion.promote(s, _cand("e", 0.95, split_seed=1), 0.0)
+    assert ok and against is None and "split1" in why
+    ok, _, _ = champion.promote(s, _cand("f", 0.805), 0.01)
     assert not ok  # better, but not by the margin
-    assert champion.promote(s, _cand("g", 0.85), 0.01)[0]
-    assert champion.read(s)["run_id"] == "g"
+    assert champion.promote(s, _cand("g", 0.85), 0.01).promoted
+    assert champion.read(s, IDENT)["run_id"] == "g"
+    assert champion.read(s, champion.identity(_cand("d", 0, md5="x" * 32)))["run_id"] == "d"
 
 
 def test_racing_runs_have_one_consistent_winner(tmp_path):
@@ -95,5 +101,10 @@ def test_racing_runs_have_one_consistent_winner(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda c: champion.promote(s, c, 0.0), cands))
     # whatever the interleaving, the best candidate ends as champion and no better one was lost
-    assert champion.read(s)["run_id"] == "r7"
-    assert results[7][0] is True
+    assert champion.read(s, IDENT)["run_id"] == "r7"
+    assert results[7].promoted is True
+    # every promotion that happened is in the history, in the order the writes landed
+    doc = champion.documents(s)[IDENT]
+    chain = [e["champion"]["run_id"] for e in doc["history"]]
+    assert chain[0] == "base" and chain[-1] == "r7" and len(chain) == 1 + sum(r.promoted for r in results)
+    assert all(e["previous"]["run_id"] == p for e, p in zip(doc["history"][1:], chain))

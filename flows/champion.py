@@ -1,0 +1,89 @@
+"""The champions of a store: show them, list their history, roll one back.
+
+    python -m flows.champion --store s3://bucket/nightly                 # each dataset's champion
+    python -m flows.champion --store S history [--dataset IDENTITY]     # every change, oldest first
+    python -m flows.champion --store S rollback --to RUN_ID [--dataset IDENTITY] [--reason TEXT]
+
+A rollback makes an earlier champion of a dataset identity its champion again, by
+the same conditional write as a promotion (store/champion.py), and is itself
+recorded in the history.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import socket
+import sys
+
+from store import StoreError, champion, open_store
+
+
+def _score(rec: dict | None) -> str:
+    return "-" if rec is None else f"{rec['test']['accuracy']:.4f}"
+
+
+def show(docs: dict) -> list[str]:
+    if not docs:
+        return ["no champion yet"]
+    return [f"{ident}\t{d['champion']['run_id']}\t{_score(d['champion'])}\t{d['champion'].get('model_uri', '')}"
+            for ident, d in docs.items()]
+
+
+def history(docs: dict) -> list[str]:
+    rows = sorted((e["at"], ident, e) for ident, d in docs.items() for e in d["history"])
+    return [f"{at}\t{ident}\t{e['action']}\t{(e['previous'] or {}).get('run_id', '-')} ({_score(e['previous'])}) -> "
+            f"{e['champion']['run_id']} ({_score(e['champion'])})\t{e['reason']}\t"
+            f"{e.get('flow_run_id') or e.get('by') or '-'}" for at, ident, e in rows]
+
+
+def pick_identity(docs: dict, asked: str | None) -> str:
+    if asked is not None:
+        if asked not in docs:
+            raise LookupError(f"--dataset {asked}: no champion of that identity; known: {', '.join(docs) or 'none'}")
+        return asked
+    if len(docs) != 1:
+        raise LookupError(f"--dataset: give the dataset identity, one of: {', '.join(docs) or 'none'}")
+    return next(iter(docs))
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no USER variable and no passwd entry (a container)
+        user = "unknown"
+    return f"{user}@{socket.gethostname()} (python -m flows.champion)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flows.champion", description=__doc__.split("\n")[0])
+    ap.add_argument("--store", required=True, help="a local folder or s3://bucket/prefix")
+    sub = ap.add_subparsers(dest="command")
+    h = sub.add_parser("history", help="every champion change, oldest first")
+    h.add_argument("--dataset", default=None, metavar="IDENTITY", help="only this dataset identity's")
+    r = sub.add_parser("rollback", help="make an earlier champion the champion again")
+    r.add_argument("--to", required=True, metavar="RUN_ID", help="an earlier champion of the dataset identity")
+    r.add_argument("--dataset", default=None, metavar="IDENTITY", help="needed when the store has several")
+    r.add_argument("--reason", default="rolled back by hand", help="recorded in the history")
+    args = ap.parse_args(argv)
+    try:
+        store = open_store(args.store, must_exist=True)
+        docs = champion.documents(store)
+        if args.command == "history":
+            if args.dataset is not None:
+                docs = {pick_identity(docs, args.dataset): docs[args.dataset]}
+            lines = history(docs) or ["no champion change recorded yet"]
+        elif args.command == "rollback":
+            ident = pick_identity(docs, args.dataset)
+            e = champion.rollback(store, ident, args.to, args.reason, by=who())
+            lines = [f"{ident}: champion {e['previous']['run_id']} -> {e['champion']['run_id']} ({e['reason']})"]
+        else:
+            lines = show(docs)
+    except (OSError, ValueError, LookupError, StoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
