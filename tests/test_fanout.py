@@ -148,15 +148,22 @@ def manifest(bucket: str, run_id: str) -> dict:
     return json.loads(body)
 
 
-def epochs_logged(env: dict, flow_run_ids: list, variant: str) -> list[int]:
-    """Every 'epoch N/M' line these flow runs logged for `variant`, in order: an epoch
-    trained twice shows up twice."""
+def epochs_logged(env: dict, flow_run_ids: list, variant: str, after_resume: bool = False) -> list[int]:
+    """Every 'epoch N/M' line these flow runs logged for `variant`, in order (an epoch
+    trained twice shows up twice); with `after_resume`, only those after the last
+    'resuming from' line. A killed process's last lines may never reach the server
+    (logs go in batches), so what was logged before a kill is a lower bound."""
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
     with client(env) as c:
         logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))), sort=LogSort.TIMESTAMP_ASC)
-    return [int(m.group(1)) for log in logs if (m := re.match(rf"{variant} epoch (\d+)/", log.message))]
+    messages = [log.message for log in logs]
+    if after_resume:
+        starts = [i for i, m in enumerate(messages) if m.startswith(f"{variant}: resuming from ")]
+        assert starts, f"{variant} never resumed: {messages[-20:]}"
+        messages = messages[starts[-1]:]
+    return [int(m.group(1)) for msg in messages if (m := re.match(rf"{variant} epoch (\d+)/", msg))]
 
 
 def run_processes(flow_run_id: uuid.UUID) -> list[int]:
@@ -172,14 +179,19 @@ def run_processes(flow_run_id: uuid.UUID) -> list[int]:
     return sorted(pids)
 
 
-def wait_crash_handled(cluster: Cluster, worker: str, run_id: uuid.UUID) -> None:
-    """Wait for the run to be Crashed and for its worker to have finished with the dead
-    process: the process worker reports a crash twice (its runner at once, the worker's
-    own watch later), and a retry started between the two is marked Crashed by the second."""
+WORKER_DONE = "prefect.flow_runs.worker - Check whether the flow run exceeded its memory allocation"
+
+
+def kill_and_wait(cluster: Cluster, worker: str, run_id: uuid.UUID) -> None:
+    """SIGKILL the run's processes, then wait for it to be Crashed and for its worker to
+    be done with the dead process. The process worker reports such a crash twice (its
+    runner at once, its own watch up to half a minute later, then logs WORKER_DONE), and
+    a retry started between the two would be marked Crashed by the second report."""
+    done_before = cluster.logs[worker].read_text().count(WORKER_DONE)
+    kill(run_processes(run_id), signal.SIGKILL)
     wait_for("the run to be marked Crashed", lambda: flow_run(cluster.env, run_id).state.is_crashed(), 60, cluster)
-    line = f"Reported flow run '{run_id}' as crashed: Flow run infrastructure exited"
-    wait_for(f"worker {worker} to finish with the killed process", lambda: line in cluster.logs[worker].read_text(),
-             120, cluster)
+    wait_for(f"worker {worker} to be done with the killed process",
+             lambda: cluster.logs[worker].read_text().count(WORKER_DONE) > done_before, 120, cluster)
 
 
 def top_process(flow_run_id: uuid.UUID) -> int:
@@ -235,9 +247,8 @@ def test_fan_out_trains_each_variant_as_its_own_flow_run(cluster, bucket):
     # each child's parent is the run: its stand-in task run belongs to the parent flow run
     with client(cluster.env) as c:
         assert {c.read_task_run(k.parent_task_run_id).flow_run_id for k in kids.values()} == {parent.id}
-    # both "GPU nodes" trained, at the same time
-    trained_on = {n for n in NODES for v in variants if (cluster.cache(n) / "runs" / run_id / "variants" / v).is_dir()}
-    assert trained_on == set(NODES)
+    # both "GPU nodes" trained (the worker that ran a flow run labels it), at the same time
+    assert {k.labels["prefect.worker.name"] for k in kids.values()} == set(NODES)
     spans = sorted((k.start_time, k.end_time) for k in kids.values())
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
@@ -283,8 +294,11 @@ def test_sigterm_reschedules_the_same_child_which_resumes(cluster, bucket):
     assert "AwaitingRetry" in states, states
     h = history(bucket, run_id, "flip")
     assert list(h["epoch"]) == [1, 2, 3, 4, 5, 6]  # each epoch exactly once
+    # resumed at the next epoch: right after the last one in the store when it stopped
+    resumed = epochs_logged(cluster.env, [kid.id], "flip", after_resume=True)
+    assert resumed == list(range(resumed[0], 7)) and resumed[0] >= 3, resumed
     logged = epochs_logged(cluster.env, [kid.id], "flip")
-    assert sorted(set(logged)) == [1, 2, 3, 4, 5, 6] and len(logged) == 6, logged  # none trained twice
+    assert len(logged) - len(set(logged)) <= 1, logged  # at most the epoch in flight was trained again
     assert manifest(bucket, run_id)["variants"][0]["attempts"] == 1  # the same flow run, not a new attempt
 
 
@@ -313,7 +327,8 @@ def test_sigkill_of_a_child_and_its_worker_starts_a_new_attempt_that_resumes(clu
     h = history(bucket, run_id, "flip")
     assert list(h["epoch"]) == [1, 2, 3, 4, 5, 6]
     # attempt 2 began where the store left off, not at epoch 1
-    assert epochs_logged(cluster.env, [second.id], "flip")[0] in (stored_at_kill + 1, stored_at_kill + 2)
+    assert epochs_logged(cluster.env, [second.id], "flip", after_resume=True)[0] in (stored_at_kill + 1,
+                                                                                    stored_at_kill + 2)
     m = manifest(bucket, run_id)
     assert m["variants"][0]["attempts"] == 2 and m["variants"][0]["status"] in ("completed", "early_stopped")
 
@@ -328,8 +343,7 @@ def test_a_retried_parent_reattaches_to_its_children(cluster, bucket):
                     and all(r.state.is_running() for r in k.values()) and k, 180, cluster)
     run_id = run_id_of(kids, variants)
     wait_for("an epoch in the store", lambda: history(bucket, run_id, "none") is not None, 240, cluster)
-    kill(run_processes(parent), signal.SIGKILL)
-    wait_crash_handled(cluster, "parent", parent)
+    kill_and_wait(cluster, "parent", parent)
 
     cli(cluster.env, "flow-run", "retry", str(parent))
     parent_run = wait_final(cluster, parent)
@@ -359,8 +373,7 @@ def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
     run_id = wait_for("the run in the store", lambda: next(iter(run_ids()), None), 180, cluster)
     wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
              240, cluster)
-    kill(run_processes(parent), signal.SIGKILL)
-    wait_crash_handled(cluster, "parent", parent)
+    kill_and_wait(cluster, "parent", parent)
     stored_at_kill = len(history(bucket, run_id, "flip"))
 
     cli(cluster.env, "flow-run", "retry", str(parent))
@@ -369,10 +382,12 @@ def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
     assert run_ids() == {run_id}  # one run folder: the retry continued it
     assert manifest(bucket, run_id)["flow_run_id"] == str(parent)
     assert list(history(bucket, run_id, "flip")["epoch"]) == [1, 2, 3, 4, 5]
+    # the retry went on from the store's last epoch (its checkpoint goes up before its
+    # history: a kill between the two leaves the history one epoch behind)
+    resumed = epochs_logged(cluster.env, [parent], "flip", after_resume=True)
+    assert resumed == list(range(resumed[0], 6)) and resumed[0] in (stored_at_kill + 1, stored_at_kill + 2), resumed
     logged = epochs_logged(cluster.env, [parent], "flip")
-    assert logged[:stored_at_kill] == list(range(1, stored_at_kill + 1))
-    assert logged[-(5 - stored_at_kill):] == list(range(stored_at_kill + 1, 6))
-    assert len(logged) <= 6  # at most the epoch in flight at the kill was lost
+    assert len(logged) - len(set(logged)) <= 1, logged  # at most the epoch in flight at the kill
 
 
 def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster, bucket):
