@@ -67,7 +67,7 @@ def build_manifest(run: dict, params: dict, dataset: dict, results: list[Variant
 def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
                 test: dict, store_uri: str) -> dict:
     """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins."""
-    store = open_store(store_uri)
+    store = open_store(store_uri, outage_minutes=params.get("store_outage_minutes"))  # waits out an outage
     run_id = run["run_id"]
     out = local_run_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)
