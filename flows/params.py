@@ -42,6 +42,9 @@ class RunParams(BaseModel):
     select_metric: Literal["val_accuracy", "val_loss"] = Field(
         "val_accuracy", description="how the variant is chosen (ties go to the lower validation loss)")
     store: str = Field("./artifacts", description="a local folder or s3://bucket/prefix")
+    store_outage_minutes: float = Field(
+        10.0, ge=0, description="how long a store that stopped answering is waited for (training goes on, its "
+        "uploads retried in the background) before the variant or run fails")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     compile: bool = Field(False, description="torch.compile the model (warmed once per variant)")
     precision: Literal["auto", "fp32", "bf16"] = Field(

@@ -71,6 +71,7 @@ def train_cifar(
     split_seed: int = D.split_seed,
     select_metric: typing.Literal["val_accuracy", "val_loss"] = D.select_metric,
     store: str = D.store,
+    store_outage_minutes: float = D.store_outage_minutes,
     device: str = D.device,
     compile: bool = D.compile,
     precision: typing.Literal["auto", "fp32", "bf16"] = D.precision,
@@ -86,6 +87,7 @@ def train_cifar(
     from cnn.train import TrainConfig
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
+    from tasks.cache import drop_local_copies
     from tasks.data import fetch_dataset
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
@@ -105,15 +107,16 @@ def train_cifar(
     print(f"run {run['run_id']}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")
 
     ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
-                       p.synthetic_test, store_uri)
+                       p.synthetic_test, store_uri, p.store_outage_minutes)
     try:
         results = train_variants(p, run["run_id"], store_uri, ds)
     except RunCancelled as e:
         return Cancelled(message=str(e))
     selected = select_variant(results, p.select_metric)
     test = test_model(TrainConfig(**selected.config), selected.weights_key, ds, p.split_seed, run["run_id"],
-                      store_uri, test_device)
+                      store_uri, test_device, p.store_outage_minutes)
     out = publish_run(run, p.model_dump(), ds, results, selected, test, store_uri)
+    drop_local_copies(open_store(store_uri), run["run_id"])  # the manifest is stored: the run is safe there
     create_run_artifacts(run["run_id"], store_uri, p.link_expiry_hours)  # best-effort: never fails the run
     _summary(results, selected.name, out)
     return out

@@ -37,6 +37,7 @@ def train_variant(
     split_seed: int = D.split_seed,
     subset: int | None = D.subset,
     device: str = D.device,
+    store_outage_minutes: float = D.store_outage_minutes,
 ) -> dict:
     """Train one variant of one run; its checkpoint, history, weights and result go to the store."""
     from cnn.train import make_config, pick_device, resolve_precision
@@ -46,7 +47,7 @@ def train_variant(
     try:
         p = RunParams(model=model, variants=[variant], epochs=epochs, patience=patience, batch_size=batch_size,
                       lr=lr, seed=seed, compile=compile, precision=precision, split_seed=split_seed, subset=subset,
-                      store=store, device=device, run_id=run_id)
+                      store=store, device=device, run_id=run_id, store_outage_minutes=store_outage_minutes)
         join_key(dataset_key)
     except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
@@ -56,7 +57,8 @@ def train_variant(
     cfg = make_config(p.model, variant, epochs=p.epochs, patience=p.patience, seed=p.seed, batch_size=p.batch_size,
                       lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, dev))
     store_uri = open_store(p.store).uri
-    result = train_unit(cfg, dataset_key, dataset_md5, p.split_seed, p.subset, run_id, store_uri, str(dev))
+    result = train_unit(cfg, dataset_key, dataset_md5, p.split_seed, p.subset, run_id, store_uri, str(dev),
+                        p.store_outage_minutes)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "
           f"(val_acc {result.val_accuracy})")
     return result.summary()

@@ -63,7 +63,8 @@ def train_variants(p: RunParams, run_id: str, store_uri: str, dataset: dict) -> 
         from flows.fanout import fan_out
 
         children = {v: child_parameters(p, v, run_id, store_uri, dataset) for v in p.variants}
-        return fan_out(p.variant_deployment, run_id, children, open_store(store_uri), p.variant_attempts,
+        return fan_out(p.variant_deployment, run_id, children,
+                       open_store(store_uri, outage_minutes=p.store_outage_minutes), p.variant_attempts,
                        p.fanout_deadline_hours * 3600, on_change=board.update)
     return _in_lanes(p, run_id, store_uri, dataset, board)
 
@@ -73,7 +74,8 @@ def child_parameters(p: RunParams, variant: str, run_id: str, store_uri: str, da
     return {"run_id": run_id, "variant": variant, "model": p.model, "epochs": p.epochs, "patience": p.patience,
             "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed, "compile": p.compile, "precision": p.precision,
             "dataset_key": dataset["key"], "dataset_md5": dataset["md5"], "split_seed": p.split_seed,
-            "subset": p.subset, "store": store_uri, "device": p.device}
+            "subset": p.subset, "store": store_uri, "device": p.device,
+            "store_outage_minutes": p.store_outage_minutes}
 
 
 def _in_lanes(p: RunParams, run_id: str, store_uri: str, dataset: dict, board: Board) -> list[VariantResult]:
@@ -107,7 +109,7 @@ def _in_lanes(p: RunParams, run_id: str, store_uri: str, dataset: dict, board: B
     for dev, names in lanes:
         previous = None
         for v in names:
-            args = (cfgs[v], dataset, p.split_seed, p.subset, run_id, store_uri, dev)
+            args = (cfgs[v], dataset, p.split_seed, p.subset, run_id, store_uri, dev, p.store_outage_minutes)
             if here:
                 board.update(v, {"status": "running", "attempts": 1})
                 results[v] = _result(v, train_variant(*args, return_state=True))

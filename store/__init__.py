@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from store.base import (PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, parse_uri, safe_name,
-                        sha256_of)
+from store.base import (PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable, join_key, parse_uri,
+                        safe_name, sha256_of)
 from store.local import LocalStore
 
 
@@ -31,19 +31,28 @@ def is_shared(uri: str) -> bool:
     return uri.startswith("s3://") or Path(uri).is_absolute()
 
 
-def open_store(uri: str, must_exist: bool = False) -> Store:
+def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None = None) -> Store:
     """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`
     (a store to read from), a local folder that is not there is a FileNotFoundError
-    (a bucket is checked at its first request)."""
+    (a bucket is checked at its first request). With `outage_minutes` (the run's
+    store_outage_minutes), every operation waits out an outage that
+    long before it fails (store/outage.py); without it, at boto3's last retry."""
     uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used
 
-        return S3Store(uri)
-    if must_exist and not Path(uri).is_dir():
-        raise FileNotFoundError(f"--store {uri}: no such folder")
-    return LocalStore(uri)
+        store = S3Store(uri)
+        where = f"the S3 endpoint {store.endpoint}"
+    else:
+        if must_exist and not Path(uri).is_dir():
+            raise FileNotFoundError(f"--store {uri}: no such folder")
+        store, where = LocalStore(uri), f"the store folder {uri}"
+    if outage_minutes is None:
+        return store
+    from store.outage import Outage, PatientStore
+
+    return PatientStore(store, Outage(outage_minutes * 60, where))
 
 
-__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreUnavailable", "is_shared", "join_key",
-           "normalize_uri", "open_store", "parse_uri", "safe_name", "sha256_of"]
+__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreOutage", "StoreUnavailable", "is_shared",
+           "join_key", "normalize_uri", "open_store", "parse_uri", "safe_name", "sha256_of"]

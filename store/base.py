@@ -31,6 +31,11 @@ class StoreUnavailable(StoreError):
     (unlike a missing bucket or bad credentials, which fail at once)."""
 
 
+class StoreOutage(StoreError):
+    """The store stayed unavailable for longer than the outage window (store/outage.py):
+    final, not retried again (the window was the retrying)."""
+
+
 def safe_name(value: str, what: str) -> str:
     """`value` if it is a safe single key part, else a ValueError naming `what`."""
     if not isinstance(value, str) or not _PART.match(value) or ".." in value:

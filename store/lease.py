@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from store.base import PreconditionFailed, Store, StoreError
+from store.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ def _iso(t: float) -> str:
 
 class Lease:
     def __init__(self, store: Store, key: str, owner: str, ttl_s: float = 300,
-                 owner_is_gone: Callable[[str], bool] | None = None):
+                 owner_is_gone: Callable[[str], bool] | None = None, outage: Outage | None = None):
         self.store, self.key, self.owner, self.ttl_s = store, key, owner, ttl_s
+        # the claim waits out a store outage; renewals fail fast (their callers try again)
+        self.outage = outage
         self.owner_is_gone = owner_is_gone or (lambda owner: False)
         self.writer = uuid.uuid4().hex  # this claim; a re-execution of the same owner gets a new one
         self.lost: StoreError | None = None
@@ -108,7 +111,10 @@ class Lease:
                 log.warning("renewing %s failed (%s); trying again in %.0fs", self.key, e, self.ttl_s / 3)
 
     def __enter__(self) -> Lease:
-        self.claim()
+        if self.outage is not None:
+            self.outage.call(self.claim)
+        else:
+            self.claim()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{self.key}", daemon=True)
         self._thread.start()
         return self

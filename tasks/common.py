@@ -83,11 +83,14 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
     a local store, else a download cache reused across runs on this machine."""
     from store.local import LocalStore
 
-    if isinstance(store, LocalStore):
-        return store.root / key
+    inner = getattr(store, "inner", store)  # a PatientStore's own store (store/outage.py)
+    if isinstance(inner, LocalStore):
+        return inner.root / key
     local = cache_dir() / "store-cache" / key
     for name in filenames:
-        if not (local / name).is_file():
+        if (local / name).is_file():
+            os.utime(local / name)  # used now: the cache's age rule (tasks/cache.py) counts from here
+        else:
             store.get_file(f"{key}/{name}", local / name)
     return local
 

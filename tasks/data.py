@@ -9,12 +9,13 @@ from prefect.cache_policies import NO_CACHE
 from cnn import data as cd
 from cnn.synthetic import write_archive
 from store import join_key, open_store, parse_uri
+from tasks.cache import cache_days, mark_used, prune_cache
 from tasks.common import cache_dir, inside, is_io_error, materialize
 
 PREPARED_FILES = [cd.PREPARED_FILE, cd.PREPARED_META]
 
 
-def _s3_archive(uri: str, md5: str) -> tuple[Path, bool]:
+def _s3_archive(uri: str, md5: str, outage_minutes: float | None) -> tuple[Path, bool]:
     """Download `s3://bucket/key` into the local cache; (local path, downloaded by this call).
     A cached copy is reused only if it has the expected `md5`."""
     try:  # also checked by RunParams; this task may be called without them
@@ -24,8 +25,9 @@ def _s3_archive(uri: str, md5: str) -> tuple[Path, bool]:
     root = cache_dir() / "downloads"
     local = inside(root, root / bucket / key, "data_source")
     if local.is_file() and cd.md5_of(local) == md5:
+        mark_used(local)
         return local, False
-    open_store(f"s3://{bucket}").get_file(key, local)
+    open_store(f"s3://{bucket}", outage_minutes=outage_minutes).get_file(key, local)
     return local, True
 
 
@@ -35,7 +37,9 @@ def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md
     if dataset == "synthetic":
         out = cache_dir() / "synthetic" / f"train{synthetic_train}-test{synthetic_test}"
         path, md5 = (out / cd.ARCHIVE_NAME, None)
-        if not path.is_file():
+        if path.is_file():
+            mark_used(out)
+        else:
             path, md5 = write_archive(out, synthetic_train, synthetic_test, seed=0)
         return "synthetic", f"synthetic(train={synthetic_train}, test={synthetic_test}, seed=0)", path, md5 or cd.md5_of(path)
     if data_dir:
@@ -48,12 +52,17 @@ def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md
 @task(name="fetch-dataset", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=is_io_error)
 def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, data_md5: str | None,
-                  synthetic_train: int, synthetic_test: int, store_uri: str) -> dict:
+                  synthetic_train: int, synthetic_test: int, store_uri: str,
+                  store_outage_minutes: float | None = None) -> dict:
     """Fetch, verify and prepare CIFAR-10 once; returns where the prepared tensors are.
 
     The store is the cache: `datasets/<name>/<md5>/` is reused by every later run
-    and every machine, so a rerun neither downloads nor decodes."""
-    store = open_store(store_uri)
+    and every machine, so a rerun neither downloads nor decodes. A store or mirror
+    outage is waited out for `store_outage_minutes` (None: not at all)."""
+    removed = prune_cache()  # this machine's cached files unused for TRAIN_CIFAR_CACHE_DAYS
+    if removed:
+        print(f"cache {cache_dir()}: removed {len(removed)} file(s) unused for {cache_days():g} days")
+    store = open_store(store_uri, outage_minutes=store_outage_minutes)
     name, source, path, md5 = _locate(dataset, data_dir, data_source, data_md5, synthetic_train, synthetic_test)
     if md5 is not None:  # known before fetching: maybe nothing to do
         key = join_key("datasets", name, md5)
@@ -62,9 +71,10 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
             return _info(store, name, source, md5, key)
     downloaded = False  # only a file this call downloaded is ever deleted
     if path is None and data_source:
-        path, downloaded = _s3_archive(data_source, md5)
+        path, downloaded = _s3_archive(data_source, md5, store_outage_minutes)
     elif path is None:
         path = cd.download_cifar10(cache_dir() / "downloads")
+        mark_used(path)  # reused rather than downloaded: still counts as a use
     # a user's MD5 if given; else the official checks (the synthetic set is checked against itself)
     try:
         md5 = cd.verify(path, data_md5 or (md5 if name == "synthetic" else None))

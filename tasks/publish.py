@@ -91,7 +91,7 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     Safe to retry: every write replaces itself, and a champion that already names
     this run records the promotion that was made (store.champion). The UI's
     artifacts are another step (tasks/artifacts.py), so no UI hiccup repeats this."""
-    store = open_store(store_uri)
+    store = open_store(store_uri, outage_minutes=params.get("store_outage_minutes"))  # waits out an outage
     run_id = run["run_id"]
     out = local_run_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)

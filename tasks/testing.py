@@ -24,9 +24,9 @@ PORTABLE = "model.pt2"  # torch.export program: torch.export.load(path).module()
 
 @task(name="test-model", cache_policy=NO_CACHE)
 def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: int,
-               run_id: str, store_uri: str, device: str) -> dict:
+               run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None) -> dict:
     """Test the selected variant's best weights; write the model folder to the store."""
-    store = open_store(store_uri)
+    store = open_store(store_uri, outage_minutes=store_outage_minutes)
     out = local_run_dir(run_id) / "model"
     out.mkdir(parents=True, exist_ok=True)
     store.get_file(weights_key, out / "weights.safetensors")

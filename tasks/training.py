@@ -6,6 +6,12 @@
 machine can pick it up: a unit whose result record (`metrics.json`) is stored is not
 trained again, an unfinished one resumes from its checkpoint, and a lease makes
 sure that one writer at a time trains it.
+
+A store outage costs no work: each epoch's checkpoint and history go up in the
+background (store/uploader.py) and training goes on while the store is away; the
+variant fails only when the store has been unreachable for longer than
+`store_outage_minutes`. Its result record is written only once every upload before
+it has landed, so a stored `metrics.json` never sits beside a stale checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from cnn.data import DataError, load_splits
 from cnn.train import CHECKPOINT, TrainConfig, train
 from store import open_store
 from store.lease import Lease
+from store.uploader import Uploader
+from tasks.cache import drop_local_copies
 from tasks.common import current_owner, flow_run_is_over, local_run_dir, materialize, variant_key
 from tasks.data import PREPARED_FILES
 from tasks.results import METRICS, VariantResult
@@ -46,18 +54,25 @@ def device_name(device: str) -> str:
 
 
 def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed: int, subset: int | None,
-               run_id: str, store_uri: str, device: str) -> VariantResult:
+               run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None) -> VariantResult:
     """Train `cfg.variant` of run `run_id` (or return its stored result); resume from
-    its checkpoint in the store if there is one."""
-    store = open_store(store_uri)
+    its checkpoint in the store if there is one. Store outages up to `store_outage_minutes`
+    are waited out (None: none is)."""
+    store = open_store(store_uri, outage_minutes=store_outage_minutes or 0)  # a PatientStore
     v = cfg.variant
     done = VariantResult.read(store, run_id, v)
     if done is not None:
         print(f"{v}: already trained ({done.status}, {store.uri_for(variant_key(run_id, v, METRICS))}); not again")
         return done
     owner = current_owner()
-    with Lease(store, variant_key(run_id, v, LEASE), owner, owner_is_gone=flow_run_is_over) as lease:
-        return _train_leased(cfg, store, lease, dataset_key, dataset_md5, split_seed, subset, run_id, device, owner)
+    # the lease renews itself (and is renewed before each upload) on the store that fails
+    # fast: its callers try again; only the claim waits out an outage
+    with Lease(store.inner, variant_key(run_id, v, LEASE), owner, owner_is_gone=flow_run_is_over,
+               outage=store.outage) as lease:
+        out = _train_leased(cfg, store, lease, dataset_key, dataset_md5, split_seed, subset, run_id, device, owner)
+    # everything it wrote is in the store now, its SHA-256 checked there
+    drop_local_copies(store, run_id, "variants", v)
+    return out
 
 
 def _train_leased(cfg, store, lease: Lease, dataset_key, dataset_md5, split_seed, subset, run_id, device,
@@ -78,19 +93,42 @@ def _train_leased(cfg, store, lease: Lease, dataset_key, dataset_md5, split_seed
     data = load_splits(prepared, split_seed, subset)
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
     history_csv = workdir / "history.csv"
-    artifacts: dict[str, dict] = {}
+    history_key = variant_key(run_id, v, "history.csv")
+    # uploads go to the store that fails fast: the uploader does its own waiting, in the
+    # background; the lease is renewed before each (LeaseLost: this writer stops)
+    with Uploader(store.inner, store.outage, workdir / ".uploading", before=lease.renew) as uploader:
+        result, artifacts = _train_epochs(cfg, data, device, workdir, uploader, progress_id, history_csv,
+                                          # the checkpoint first: the history never claims an epoch it lacks
+                                          {ckpt_key: workdir / CHECKPOINT, history_key: history_csv})
+    weights_key = None
+    if result["best_state"] is not None:
+        save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(workdir / "best.safetensors"))
+        weights_key = variant_key(run_id, v, "best.safetensors")
+        artifacts[f"{v}/best.safetensors"] = store.put_file(weights_key, workdir / "best.safetensors")
+    out = VariantResult(
+        name=v, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
+        val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
+        error=result["error"], weights_key=weights_key, config=cfg.__dict__, artifacts=artifacts,
+        flow_run_id=owner)
+    (workdir / METRICS).write_text(out.to_json())
+    store.outage.call(lease.renew)  # LeaseLost if another writer took over meanwhile
+    out.artifacts[f"{v}/{METRICS}"] = store.put_file(variant_key(run_id, v, METRICS), workdir / METRICS)
+    return out
 
-    def upload(history: list[dict]) -> None:
-        """The checkpoint and the whole history so far, to the store, while the lease is ours."""
-        lease.renew()  # LeaseLost if another writer took this unit over: write nothing more
-        pd.DataFrame(history).to_csv(history_csv, index=False)
-        artifacts[f"{v}/history.csv"] = store.put_file(variant_key(run_id, v, "history.csv"), history_csv)
-        artifacts[f"{v}/{CHECKPOINT}"] = store.put_file(ckpt_key, workdir / CHECKPOINT)
 
+def _train_epochs(cfg, data, device, workdir, uploader: Uploader, progress_id, history_csv,
+                  files: dict) -> tuple[dict, dict[str, dict]]:
+    """Train, handing each epoch's checkpoint and history (`files`: key -> local path) to
+    the uploader; (the training result, the stored files' records once all have landed)."""
+    v = cfg.variant
     earlier: list[dict] = []  # epochs trained before a resume, so the CSV stays whole
     if (workdir / CHECKPOINT).exists():
         earlier = read_history(workdir / CHECKPOINT)  # the JSON part alone: nothing unpickled
     trained: list[dict] = []  # epochs trained by this call, each uploaded with its checkpoint
+
+    def upload(history: list[dict]) -> None:
+        pd.DataFrame(history).to_csv(history_csv, index=False)  # the local copy first: it is the truth
+        uploader.submit(files)  # raises if the store was gone for longer than the window, or the lease lost
 
     def on_epoch(row: dict, ckpt_path) -> None:
         print(_fmt(row, v, cfg.epochs, len(data.train_y)))
@@ -104,25 +142,15 @@ def _train_leased(cfg, store, lease: Lease, dataset_key, dataset_md5, split_seed
     # last good epoch) or a resume with nothing left to train leaves the store behind
     if (result["status"] == "diverged" or not trained) and (workdir / CHECKPOINT).exists():
         upload(result["history"])
-    weights_key = None
-    if result["best_state"] is not None:
-        save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(workdir / "best.safetensors"))
-        weights_key = variant_key(run_id, v, "best.safetensors")
-        artifacts[f"{v}/best.safetensors"] = store.put_file(weights_key, workdir / "best.safetensors")
-    out = VariantResult(
-        name=v, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
-        val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
-        error=result["error"], weights_key=weights_key, config=cfg.__dict__, artifacts=artifacts,
-        flow_run_id=owner)
-    (workdir / METRICS).write_text(out.to_json())
-    lease.renew()
-    out.artifacts[f"{v}/{METRICS}"] = store.put_file(variant_key(run_id, v, METRICS), workdir / METRICS)
-    return out
+    uploader.flush()  # within the outage window, before anything claims the variant is done
+    names = {key: f"{v}/{path.name}" for key, path in files.items()}
+    return result, {names[key]: rec for key, rec in uploader.uploaded.items()}
 
 
 # never served from cache: a run always trains; resuming is the checkpoint's job
 @task(name="train-variant", cache_policy=NO_CACHE, task_run_name="train-{cfg.variant}")
 def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
-                  run_id: str, store_uri: str, device: str) -> VariantResult:
+                  run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None) -> VariantResult:
     """Train one variant in this process; resume from its checkpoint in the store if one exists."""
-    return train_unit(cfg, dataset["key"], dataset["md5"], split_seed, subset, run_id, store_uri, device)
+    return train_unit(cfg, dataset["key"], dataset["md5"], split_seed, subset, run_id, store_uri, device,
+                      store_outage_minutes)

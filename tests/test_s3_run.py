@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -336,20 +337,22 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
 
     monkeypatch.setattr(s3mod.S3Store, "put_file", hang_at_report)
     t0 = time.monotonic()
-    with pytest.raises(StoreError) as err:
-        train_cifar(data_source=src, data_md5=md5, store=uri, run_id="interrupted", **TINY)
+    with pytest.raises(StoreError) as err:  # waited out for 3 s, then given up
+        train_cifar(data_source=src, data_md5=md5, store=uri, run_id="interrupted", store_outage_minutes=0.05, **TINY)
     assert time.monotonic() - t0 < 240
     msg = str(err.value)
     assert f"{uri}/runs/interrupted/report.md" in msg and "did not answer after 3 attempts" in msg
-    assert s3_server.endpoint in msg
+    assert f"{s3_server.endpoint} did not answer for" in msg
 
     s3_server.resume()
     assert st.read_versioned(champion.key_for(champion.identity(old))) == before  # same content, same ETag
     assert not st.exists("runs/interrupted/manifest.json")  # the run was never sealed
     local = local_run_dir("interrupted")
-    for rel in ["model/model.pt2", "model/weights.safetensors", "model/metrics.json", "report.md",
-                "variants/none/checkpoint.safetensors", "variants/none/history.csv"]:
+    for rel in ["model/model.pt2", "model/weights.safetensors", "model/metrics.json", "report.md"]:
         assert (local / rel).is_file(), rel
+    # the variant's checkpoint was removed locally once its result record was stored
+    assert not (local / "variants" / "none" / "checkpoint.safetensors").exists()
+    assert st.exists("runs/interrupted/variants/none/checkpoint.safetensors")
 
 
 @pytest.mark.slow
@@ -362,3 +365,103 @@ def test_a_missing_bucket_fails_the_run_at_once(s3_server, cache, prefect_harnes
         train_cifar(dataset="synthetic", synthetic_train=100, synthetic_test=50, store="s3://no-such-bucket-here/n",
                     **TINY)
     assert time.monotonic() - t0 < 30  # not retried by Prefect (fetch-dataset retries only I/O)
+
+
+# ----------------------------------------------------------------------------------------
+OUTAGE_RUN = dict(dataset="synthetic", synthetic_train=400, synthetic_test=200, variants=["none"], epochs=5,
+                  patience=10, subset=300, device="cpu")
+
+
+def _outage_after_epoch(monkeypatch, epoch: int, proxy, back_after_s: float | None) -> list[tuple[int, float]]:
+    """The proxy refuses connections once `epoch` is trained (and accepts again
+    `back_after_s` later); returns (epoch, when it ended) as training goes."""
+    import tasks.training
+
+    real_train = tasks.training.train
+    ended: list[tuple[int, float]] = []
+
+    def train_with_outage(cfg, data, device, workdir, on_epoch):
+        def hook(row, ckpt):
+            on_epoch(row, ckpt)
+            ended.append((row["epoch"], time.monotonic()))
+            if row["epoch"] == epoch:
+                proxy.refuse()
+                if back_after_s is not None:
+                    timer = threading.Timer(back_after_s, proxy.accept)
+                    timer.daemon = True
+                    timer.start()
+
+        return real_train(cfg, data, device, workdir, on_epoch=hook)
+
+    monkeypatch.setattr(tasks.training, "train", train_with_outage)
+    return ended
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    from tests.tcp_proxy import TcpProxy
+
+    p = TcpProxy(s3_server.port)
+    p.accept()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)  # the run reaches S3 through it
+    yield p
+    p.close()
+
+
+@pytest.mark.slow
+def test_a_store_outage_mid_run_costs_no_work(s3_bucket, proxy, cache, prefect_harness, monkeypatch):
+    """The endpoint refuses connections for 30 s after epoch 2: training goes on, the
+    uploads catch up, the run completes with every artifact verified in the bucket."""
+    from flows.train_cifar import train_cifar
+    from tasks.common import local_run_dir
+
+    ended = _outage_after_epoch(monkeypatch, 2, proxy, back_after_s=30)
+    t0 = time.monotonic()
+    out = train_cifar(store=f"s3://{s3_bucket}/nightly", run_id="outage", **OUTAGE_RUN)
+    refused_at = dict(ended)[2]
+    assert time.monotonic() - t0 >= 30  # the outage happened inside the run
+    assert any(refused_at < t < refused_at + 30 for e, t in ended if e > 2)  # epochs trained while refused
+
+    objects = _objects(s3_bucket)
+    manifest = json.loads(objects["nightly/runs/outage/manifest.json"])
+    assert out["manifest"] == f"s3://{s3_bucket}/nightly/runs/outage/manifest.json"
+    assert {"none/checkpoint.safetensors", "none/history.csv", "none/metrics.json"} <= set(manifest["artifacts"])
+    for name, a in manifest["artifacts"].items():
+        body = objects[a["uri"].removeprefix(f"s3://{s3_bucket}/")]
+        assert hashlib.sha256(body).hexdigest() == a["sha256"] and len(body) == a["bytes"], name
+    history = objects["nightly/runs/outage/variants/none/history.csv"].decode().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3", "4", "5"]  # each epoch once
+    assert manifest["variants"][0]["epochs_run"] == 5
+    assert not local_run_dir("outage").exists()  # safely in S3: the local copies are gone
+
+
+@pytest.mark.slow
+def test_a_store_outage_past_the_window_fails_naming_the_endpoint(s3_bucket, proxy, cache, prefect_harness,
+                                                                 monkeypatch):
+    """Refused for longer than store_outage_minutes (0.3 min here): the run fails naming
+    the endpoint and how long it tried; the local copies are whole; the champion untouched."""
+    from cnn.checkpoint import read_history
+    from flows.train_cifar import train_cifar
+    from tasks.common import local_run_dir
+
+    uri = f"s3://{s3_bucket}/nightly"
+    champion.promote(open_store(uri), _candidate("old-champion", 0.0), 0.0)
+    before = _objects(s3_bucket)["nightly/champion.json"]
+    _outage_after_epoch(monkeypatch, 2, proxy, back_after_s=None)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as err:
+        train_cifar(store=uri, run_id="gone", store_outage_minutes=0.3, **OUTAGE_RUN)
+    assert time.monotonic() - t0 < 120
+    msg = str(err.value)
+    tried = int(re.search(rf"the S3 endpoint {re.escape(proxy.endpoint)} did not answer for (\d+) s", msg).group(1))
+    assert 18 <= tried < 60, msg
+
+    # every epoch trained is kept locally (how many depends on this machine's speed: the
+    # variant stops at the first epoch that ends after the window)
+    local = local_run_dir("gone") / "variants" / "none"
+    epochs = [r["epoch"] for r in read_history(local / "checkpoint.safetensors")]
+    assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
+    assert len((local / "history.csv").read_text().splitlines()) == 1 + len(epochs)
+    proxy.accept()
+    assert _objects(s3_bucket)["nightly/champion.json"] == before
+    assert not open_store(uri).exists("runs/gone/variants/none/metrics.json")

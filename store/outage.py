@@ -1,0 +1,121 @@
+"""Waiting out a store outage: what failed with StoreUnavailable is tried again, with
+backoff, until the store has been unreachable for longer than a window.
+
+A MinIO pod restarting, a load balancer failing over or a network blip makes the
+store refuse or drop connections for seconds to minutes; botocore's own retries
+last a few seconds. An hour of training must not be lost to that, so everything
+that writes a run waits for the store up to `store_outage_minutes` (RunParams)
+and only then gives up, naming the endpoint and how long it tried.
+
+One `Outage` per store is shared by every caller (the training thread, the
+background uploader, the lease): the clock starts when the first call that failed
+was started (a hung endpoint is noticed only when a request times out) and stops
+at the first call that succeeds.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from store.base import Store, StoreOutage, StoreUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+FIRST_DELAY_S = 0.5  # then doubled after each failure...
+MAX_DELAY_S = 10.0  # ...up to this: a store that is back is used again within seconds
+
+
+class Outage:
+    """How long `where` has been unreachable, and the window after which to give up."""
+
+    def __init__(self, window_s: float, where: str):
+        if window_s < 0:
+            raise ValueError(f"store_outage_minutes: expected 0 or more, found {window_s / 60:g}")
+        self.window_s, self.where = window_s, where
+        self._since: float | None = None  # monotonic start of the first failed call of this outage
+        self._lock = threading.Lock()
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._since = None
+
+    def failed(self, started: float) -> float:
+        """Record a call started at `started` (time.monotonic()) that failed; seconds unreachable."""
+        with self._lock:
+            if self._since is None or started < self._since:
+                self._since = started
+            return time.monotonic() - self._since
+
+    def unreachable_s(self) -> float:
+        with self._lock:
+            return 0.0 if self._since is None else time.monotonic() - self._since
+
+    def over(self) -> bool:
+        """True once the store has been unreachable for longer than the window."""
+        with self._lock:
+            return self._since is not None and time.monotonic() - self._since >= self.window_s
+
+    def give_up(self, last: Exception | str) -> StoreOutage:
+        return StoreOutage(f"{self.where} did not answer for {self.unreachable_s():.0f} s, longer than the "
+                           f"store_outage_minutes window ({self.window_s / 60:g} min); giving up. Last error: {last}")
+
+    def call(self, fn: Callable[..., T], *args, **kw) -> T:
+        """`fn(*args, **kw)`, tried again while it raises StoreUnavailable and the window lasts."""
+        delay = FIRST_DELAY_S
+        while True:
+            started = time.monotonic()
+            try:
+                out = fn(*args, **kw)
+            except StoreUnavailable as e:
+                down = self.failed(started)
+                if down >= self.window_s:
+                    raise self.give_up(e) from e
+                wait = min(delay, self.window_s - down)  # one last try at the end of the window
+                log.warning("%s; trying again in %.1f s (unreachable for %.0f s of at most %.0f s)",
+                            e, wait, down, self.window_s)
+                time.sleep(wait)
+                delay = min(2 * delay, MAX_DELAY_S)
+                continue
+            self.succeeded()
+            return out
+
+
+class PatientStore(Store):
+    """A store whose every operation waits out an outage (`Outage.call`); anything else
+    (an attribute such as `endpoint` or `client`) is the wrapped store's."""
+
+    def __init__(self, inner: Store, outage: Outage):
+        self.inner, self.outage, self.uri = inner, outage, inner.uri
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put_file(self, key: str, path: Path) -> dict:
+        return self.outage.call(self.inner.put_file, key, path)
+
+    def get_file(self, key: str, path: Path) -> Path:
+        return self.outage.call(self.inner.get_file, key, path)
+
+    def exists(self, key: str) -> bool:
+        return self.outage.call(self.inner.exists, key)
+
+    def list(self, prefix: str) -> list[str]:
+        return self.outage.call(self.inner.list, prefix)
+
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        return self.outage.call(self.inner.read_versioned, key)
+
+    def write_if(self, key: str, data: bytes, version: str | None) -> None:
+        # a retried conditional write whose first try was applied answers PreconditionFailed:
+        # the champion's rule already reads back who won (store/champion.py)
+        return self.outage.call(self.inner.write_if, key, data, version)
+
+    def uri_for(self, key: str) -> str:
+        return self.inner.uri_for(key)
+
+    def link_for(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
+        return self.outage.call(self.inner.link_for, key, expires_s)

@@ -1,0 +1,146 @@
+"""Keeping the store's copy of a few local files current, in the background, through outages.
+
+Training writes a checkpoint and a history every epoch; the store must follow, but
+an hour of training must not wait for (or die with) a store that is restarting.
+`submit` snapshots the files and returns at once; a thread uploads the newest
+snapshot, trying again with backoff while the store is unavailable, a newer
+snapshot replacing one not yet uploaded. Meanwhile the local files are the truth.
+The writer learns what must stop it at its next `check` (the store unreachable for
+longer than the outage window, a permanent store error, a lost lease), and `flush`
+waits until the newest snapshot is stored.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from store.base import Store, StoreUnavailable
+from store.outage import FIRST_DELAY_S, MAX_DELAY_S, Outage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Snapshot:
+    folder: Path  # private copies: training goes on rewriting the originals
+    files: dict[str, Path]  # store key -> local copy, uploaded in this order
+
+
+class Uploader:
+    def __init__(self, store: Store, outage: Outage, staging: Path, before: Callable[[], None] = lambda: None):
+        """Upload to `store` (one that fails fast: the waiting is done here) from copies kept
+        in `staging`; `before()` runs before each upload (a lease renewal: LeaseLost stops it)."""
+        self.store, self.outage, self.staging, self.before = store, outage, staging, before
+        self.uploaded: dict[str, dict] = {}  # key -> {uri, sha256, bytes} of its newest stored version
+        self._pending: _Snapshot | None = None  # the newest snapshot not yet being uploaded
+        self._busy = False  # a snapshot is being uploaded now
+        self._error: BaseException | None = None  # what stopped the thread
+        self._last: Exception | None = None  # the latest StoreUnavailable, for the final message
+        self._closing = False
+        self._cond = threading.Condition()
+        self._numbers = itertools.count()
+        shutil.rmtree(staging, ignore_errors=True)  # copies left by an earlier attempt are stale
+        self._thread = threading.Thread(target=self._run, name=f"uploader-{staging.parent.name}", daemon=True)
+        self._thread.start()
+
+    # the writer's side ----------------------------------------------------------------
+    def submit(self, files: dict[str, Path]) -> None:
+        """Upload these files (key -> local path) soon; returns at once."""
+        self.check()
+        folder = self.staging / str(next(self._numbers))
+        folder.mkdir(parents=True)
+        copies = {}
+        for key, path in files.items():
+            copies[key] = folder / key.replace("/", "__")
+            shutil.copyfile(path, copies[key])
+        with self._cond:
+            if self._pending is not None:  # superseded before it was tried: the newer one goes up
+                shutil.rmtree(self._pending.folder, ignore_errors=True)
+            self._pending = _Snapshot(folder, copies)
+            self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raise what must stop this writer: the thread's error, or an outage past the window."""
+        if self._error is not None:
+            raise self._error
+        if self.outage.over():
+            raise self.outage.give_up(self._last)
+
+    def flush(self) -> None:
+        """Wait until every snapshot submitted is stored (StoreOutage when the window passes first)."""
+        with self._cond:
+            while self._pending is not None or self._busy:
+                self.check()
+                self._cond.wait(0.5)
+        self.check()
+
+    def close(self, flush: bool) -> None:
+        """Stop the thread; with `flush`, first store what is pending if the store is answering
+        (a writer that failed for another reason keeps its last epoch; an unreachable store
+        is not waited for again)."""
+        if flush and self._error is None and self.outage.unreachable_s() == 0:
+            try:
+                self.flush()
+            except Exception as e:  # noqa: BLE001 - the writer's own error is the one to report
+                log.warning("the last upload did not finish: %s", e)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        # a request to a hung endpoint ends at its timeouts; the daemon thread is not waited for
+        self._thread.join(timeout=1.0)
+        if not self._thread.is_alive():
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def __enter__(self) -> Uploader:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(flush=exc_type is not None)
+
+    # the thread's side ----------------------------------------------------------------
+    def _run(self) -> None:
+        delay = FIRST_DELAY_S
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closing:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                snap, self._pending, self._busy = self._pending, None, True
+            started = time.monotonic()
+            try:
+                self.before()
+                stored = {key: self.store.put_file(key, path) for key, path in snap.files.items()}
+            except StoreUnavailable as e:
+                down = self.outage.failed(started)
+                self._last = e
+                log.warning("%s; the local copy is kept and sent again in %.1f s (store unreachable for %.0f s)",
+                            e, delay, down)
+                with self._cond:
+                    if self._pending is None:
+                        self._pending = snap  # try it again, unless a newer one came meanwhile
+                    else:
+                        shutil.rmtree(snap.folder, ignore_errors=True)
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait(delay)  # a new snapshot or close wakes it early
+                delay = min(2 * delay, MAX_DELAY_S)
+                continue
+            except BaseException as e:  # noqa: BLE001 - LeaseLost, a permanent store error: this writer stops
+                with self._cond:
+                    self._error, self._busy = e, False
+                    self._cond.notify_all()
+                return
+            self.outage.succeeded()
+            delay = FIRST_DELAY_S
+            shutil.rmtree(snap.folder, ignore_errors=True)
+            with self._cond:
+                self.uploaded.update(stored)
+                self._busy = False
+                self._cond.notify_all()

@@ -1,0 +1,98 @@
+"""Keeping this machine's cache ($TRAIN_CIFAR_CACHE) from growing without bound.
+
+Two rules (README, "Where local space goes"):
+
+- A run's local copies (`runs/<run-id>/`) are deleted once the store holds them: a
+  variant's folder when its result record is stored, the rest when the manifest is.
+  Kept when an upload failed (they are then the only copy), and never when they
+  are the store's own folder.
+- Downloads, prepared tensors, the store's download cache and generated data
+  (`downloads/`, `prepared/`, `store-cache/`, `synthetic/`) are deleted, at the start
+  of every fetch-dataset, when no run has used them for TRAIN_CIFAR_CACHE_DAYS days
+  (by modification time, which a run refreshes when it uses a file).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from store import Store
+from store.local import LocalStore
+from tasks.common import cache_dir, inside, local_run_dir
+
+DEFAULT_CACHE_DAYS = 14.0  # a weekly or nightly job reuses its data well within this
+PRUNED = ("downloads", "prepared", "store-cache", "synthetic")
+
+
+def cache_days() -> float:
+    """TRAIN_CIFAR_CACHE_DAYS: days an unused cached file is kept (0: forever)."""
+    raw = os.environ.get("TRAIN_CIFAR_CACHE_DAYS", "")
+    if not raw.strip():
+        return DEFAULT_CACHE_DAYS
+    try:
+        days = float(raw)
+    except ValueError:
+        days = -1.0
+    if not days >= 0:  # also refuses nan
+        raise ValueError(f"TRAIN_CIFAR_CACHE_DAYS: expected a number of days >= 0 (0: keep forever), found {raw!r}")
+    return days
+
+
+def mark_used(path: Path) -> None:
+    """Refresh the modification time of `path` (a file, or every file in a folder), so
+    the age rule counts from this use."""
+    if path.is_file():
+        os.utime(path)
+        return
+    for folder, _, files in os.walk(path):  # never follows symlinks
+        for f in files:
+            if not (Path(folder) / f).is_symlink():
+                os.utime(Path(folder) / f)
+
+
+def prune_cache(days: float | None = None) -> list[Path]:
+    """Delete cached files unused for `days` (default: cache_days()); the deleted paths.
+    Symlinks are neither followed nor deleted: what they point to is not ours."""
+    days = cache_days() if days is None else days
+    if days == 0:
+        return []
+    cutoff = time.time() - days * 86400
+    removed = []
+    for name in PRUNED:
+        top = cache_dir() / name
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for folder, dirs, files in os.walk(top, topdown=False):  # never follows symlinks
+            for f in files:
+                p = Path(folder) / f
+                st = p.lstat()
+                if not p.is_symlink() and st.st_mtime < cutoff:
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+            if Path(folder) != top:
+                try:
+                    os.rmdir(folder)  # only if emptied
+                except OSError:
+                    pass
+    return removed
+
+
+def drop_local_copies(store: Store, run_id: str, *parts: str) -> None:
+    """Delete `runs/<run-id>/<parts...>` from the cache now that `store` holds it, then
+    the folders above it that this left empty. Not if it is, or holds, the store's folder."""
+    run_dir = local_run_dir(run_id)
+    path = inside(run_dir, run_dir.joinpath(*parts), "run_id")
+    inner = getattr(store, "inner", store)  # a PatientStore's own store
+    if isinstance(inner, LocalStore) and (path.is_relative_to(inner.root) or inner.root.is_relative_to(path)):
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    root = cache_dir().resolve() / "runs"
+    for parent in path.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        try:
+            parent.rmdir()  # only if empty: another variant may still be writing there
+        except OSError:
+            break

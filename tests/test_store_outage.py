@@ -1,0 +1,133 @@
+"""A store that stops answering is waited for, up to the outage window (store/outage.py,
+store/uploader.py): against moto's server behind a loopback proxy that refuses
+connections, and a paused (hung) moto."""
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+import store.s3 as s3mod
+from store import StoreOutage, open_store
+from store.lease import LeaseLost
+from store.outage import Outage
+from store.uploader import Uploader
+from tests.s3_fixtures import aws_client
+from tests.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+def proxy(s3_server, s3_bucket, monkeypatch):
+    """A proxy in front of moto, and boto3 pointed at it (the bucket exists)."""
+    p = TcpProxy(s3_server.port)
+    p.accept()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+    yield p
+    p.close()
+
+
+def _back_after(seconds: float, action) -> threading.Timer:
+    t = threading.Timer(seconds, action)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def test_a_refused_endpoint_is_waited_for_within_the_window(proxy, s3_bucket, tmp_path):
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    proxy.refuse()
+    _back_after(4, proxy.accept)
+    t0 = time.monotonic()
+    info = st.put_file("runs/r/a.bin", tmp_path / "f")
+    assert time.monotonic() - t0 >= 4  # it did wait
+    assert aws_client().get_object(Bucket=s3_bucket, Key="p/runs/r/a.bin")["Body"].read() == b"x" * 1000
+    assert info["bytes"] == 1000 and st.outage.unreachable_s() == 0  # the clock stops at a success
+
+
+def test_a_refused_endpoint_fails_after_the_window_naming_it(proxy, s3_bucket, tmp_path):
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=0.05)  # 3 s
+    proxy.refuse()
+    t0 = time.monotonic()
+    with pytest.raises(StoreOutage) as err:
+        st.read_versioned("champion.json")
+    took = time.monotonic() - t0
+    msg = str(err.value)
+    assert 3 <= took < 20, took
+    assert f"the S3 endpoint {proxy.endpoint} did not answer for" in msg and "store_outage_minutes" in msg
+    assert int(re.search(r"did not answer for (\d+) s", msg).group(1)) >= 3
+    assert f"s3://{s3_bucket}/p/champion.json" in msg  # the last error names the object
+
+
+@pytest.mark.slow
+def test_a_hung_endpoint_is_covered_by_the_same_window(s3_server, s3_bucket, monkeypatch, tmp_path):
+    """moto paused (SIGSTOP): connections open, nothing answers. Each request ends at its
+    read timeout; the window counts from the first request that hung."""
+    monkeypatch.setattr(s3mod, "READ_TIMEOUT_S", 1)
+    monkeypatch.setattr(s3mod, "CONNECT_TIMEOUT_S", 1)
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=0.1)  # 6 s
+    st.exists("warm")  # the bucket check is done while the endpoint answers
+    s3_server.pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreOutage, match=f"{s3_server.endpoint} did not answer for"):
+            st.exists("runs/r/metrics.json")
+        assert 6 <= time.monotonic() - t0 < 30
+        # paused, then back within the window: the call just takes longer
+        _back_after(3, s3_server.resume)
+        assert st.exists("runs/r/metrics.json") is False
+    finally:
+        s3_server.resume()
+
+
+def test_uploads_go_on_in_the_background_and_the_newest_one_lands(proxy, s3_bucket, tmp_path):
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
+    local = tmp_path / "history.csv"
+    with Uploader(st.inner, st.outage, tmp_path / "staging") as up:
+        proxy.refuse()
+        for epoch in range(1, 4):  # three epochs while the store is away: none waits
+            local.write_text(f"epoch {epoch}\n")
+            t0 = time.monotonic()
+            up.submit({"runs/r/history.csv": local})
+            assert time.monotonic() - t0 < 1
+            time.sleep(0.5)
+        _back_after(2, proxy.accept)
+        up.flush()
+    body = aws_client().get_object(Bucket=s3_bucket, Key="p/runs/r/history.csv")["Body"].read()
+    assert body == b"epoch 3\n"
+    assert up.uploaded["runs/r/history.csv"]["bytes"] == len(body)
+    assert not (tmp_path / "staging").exists()
+
+
+def test_an_outage_past_the_window_stops_the_writer_at_its_next_epoch(proxy, s3_bucket, tmp_path):
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=0.05)  # 3 s
+    local = tmp_path / "checkpoint.safetensors"
+    local.write_bytes(b"weights")
+    with Uploader(st.inner, st.outage, tmp_path / "staging") as up:
+        proxy.refuse()
+        up.submit({"runs/r/checkpoint.safetensors": local})
+        deadline = time.monotonic() + 20
+        with pytest.raises(StoreOutage, match=f"{proxy.endpoint} did not answer for"):
+            while time.monotonic() < deadline:  # the epochs go on until the window has passed
+                up.submit({"runs/r/checkpoint.safetensors": local})
+                time.sleep(0.5)
+    assert local.read_bytes() == b"weights"  # the local copy is the truth
+
+
+def test_a_lost_lease_stops_the_writer(tmp_path):
+    from store.local import LocalStore
+
+    def lost():
+        raise LeaseLost("taken over by flow run x; this writer stops")
+
+    st = LocalStore(tmp_path / "store")
+    (tmp_path / "f").write_text("1")
+    with Uploader(st, Outage(60, "here"), tmp_path / "staging", before=lost) as up:
+        up.submit({"runs/r/history.csv": tmp_path / "f"})
+        with pytest.raises(LeaseLost):
+            up.flush()
+        with pytest.raises(LeaseLost):
+            up.submit({"runs/r/history.csv": tmp_path / "f"})
+    assert not st.exists("runs/r/history.csv")
