@@ -107,6 +107,15 @@ def using(api: TemporaryAPI | None):
         yield
 
 
+def see_later(flow_run_id) -> str:
+    """How to open a run of the temporary server in the UI once that server is gone: its
+    "View at" link dies with it, but the run stays in the Prefect home's database, which
+    `make server` serves (on Prefect's default address, as the Makefile starts it)."""
+    server = get_current_settings().server.api
+    return (f"to see this run in the Prefect UI: make server, then open "
+            f"http://{server.host}:{server.port}/runs/flow-run/{flow_run_id}")
+
+
 def stop(api: TemporaryAPI | None, graceful: bool = True) -> None:
     """Stop the server: gracefully, so it saves what it was sent, or at once when it was
     sent nothing (a run refused for its parameters). Safe to call twice."""

@@ -159,15 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid parameter\n{describe_errors(e, flag_style=True)}", file=sys.stderr)
         api.stop(_API, graceful=False)  # it was never used
         return 2
+    state = None
     try:
         api.ready(_API)
         with api.using(_API):
-            out = train_cifar(**params.model_dump())
+            state = train_cifar(**params.model_dump(), return_state=True)
+            out = state.result()  # raises what the flow raised
     except Exception as e:  # the flow already logged the traceback; end with the reason
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(out["manifest"])
-    return 0
+        code = 1
+    else:
+        print(out["manifest"])  # the last line on stdout, for scripts
+        code = 0
+    if _API is not None and state is not None:  # its "View at" link dies with the temporary server
+        print(api.see_later(state.state_details.flow_run_id), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """flows/api.py: when the temporary API server cannot come up, the run stops with a
 clear error naming it, and no server process is left behind; it keeps quiet about
-telemetry."""
+telemetry; and the CLI says how to see the run once it is gone."""
 from __future__ import annotations
 
 import subprocess
@@ -43,3 +43,8 @@ def test_the_temporary_server_does_not_send_telemetry_unless_asked(monkeypatch):
         assert api.server_env(get_current_settings())["PREFECT_SERVER_ANALYTICS_ENABLED"].lower() == "true"
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
     assert api.server_env(get_current_settings())["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+
+
+def test_the_way_to_see_a_run_later_is_make_servers_address():
+    assert api.see_later("0d1e") == ("to see this run in the Prefect UI: make server, then open "
+                                     "http://127.0.0.1:4200/runs/flow-run/0d1e")
