@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import threading
 import time
@@ -118,17 +119,23 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 
 
 def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Generator, device, amp: bool,
-                    epoch: int = 1, flip_bits: torch.Tensor | None = None, lookahead: Lookahead | None = None) -> float:
+                    epoch: int = 1, flip_bits: torch.Tensor | None = None, lookahead: Lookahead | None = None,
+                    on_progress: Callable[[int, int, float], None] | None = None,
+                    progress_every: float = 15.0) -> float:
     """One pass over the shuffled training set; returns the mean training loss.
 
     x_u8 (N, 3, 32, 32) uint8 and y (N,) live on the device; each batch is gathered,
     augmented and normalised there (cnn.augment.make_batch). `flip_bits` (N,) bool is
-    the alternating flip: image k is mirrored in epoch e iff flip_bits[k] xor (e even)."""
+    the alternating flip: image k is mirrored in epoch e iff flip_bits[k] xor (e even).
+    `on_progress(step, steps, images_per_second)` is called after a step once
+    `progress_every` seconds have passed since the epoch began or since its last call:
+    a long epoch (a CPU's) shows signs of life."""
     model.train()
     n = len(y)
     steps = max(1, n // cfg.batch_size)  # drop the ragged last batch: fixed shapes
     perm = torch.randperm(n, generator=gen, device=gen.device).to(device)
     total = torch.zeros((), device=device)
+    start = last_report = time.perf_counter()
     for i in range(steps):
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         flip_mask = None if flip_bits is None else flip_bits[idx] ^ (epoch % 2 == 0)
@@ -146,6 +153,10 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
         # a host sync every 50 steps only: the device runs ahead of Python in between
         if (i % 50 == 0 or i == steps - 1) and not math.isfinite(loss.item()):
             raise Diverged(f"non-finite training loss at step {i} of epoch {epoch}")
+        # the clock, not a host sync: on CUDA the rate may count a few queued steps early
+        if on_progress is not None and time.perf_counter() - last_report >= progress_every:
+            last_report = time.perf_counter()
+            on_progress(i + 1, steps, (i + 1) * cfg.batch_size / (last_report - start))
     if lookahead is not None:
         lookahead.sync()
     mean = (total / steps).item()
@@ -198,21 +209,24 @@ def train(
     device: torch.device,
     workdir: Path,
     on_epoch: Callable[[dict, Path], None] | None = None,
+    on_progress: Callable[[int, int, int, float], None] | None = None,
 ) -> dict:
     """Train `cfg.variant`, resuming from its checkpoint `workdir/CHECKPOINT` if present.
 
     `on_epoch(row, checkpoint_path)` is called after each epoch's checkpoint is
-    written (the caller logs, uploads, updates the UI). Returns the result:
+    written (the caller logs, uploads, updates the UI); `on_progress(epoch, step,
+    steps, images_per_second)` within an epoch, about every 15 s (train_one_epoch).
+    Returns the result:
     status, epochs_run, best_epoch, val_loss, val_accuracy, seconds, history,
     and `best_state` (the best epoch's weights, on the CPU)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # on CUDA each call has its own stream, so variants sharing a GPU in threads overlap
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        return _train(cfg, data, device, workdir / CHECKPOINT, on_epoch)
+        return _train(cfg, data, device, workdir / CHECKPOINT, on_epoch, on_progress)
 
 
-def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch) -> dict:
+def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch, on_progress=None) -> dict:
     amp = cfg.precision == "bf16"
     prepare_device(device)
     model = init_model(cfg, len(data.classes), device)
@@ -242,9 +256,10 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     while state.epoch < cfg.epochs:
         epoch = state.epoch + 1
         t0 = time.perf_counter()
+        progress = None if on_progress is None else functools.partial(on_progress, epoch)
         try:
             train_loss = train_one_epoch(fwd, opt, sched, x_train, y_train, cfg, gen, device, amp,
-                                         epoch=epoch, flip_bits=flip_bits, lookahead=lookahead)
+                                         epoch=epoch, flip_bits=flip_bits, lookahead=lookahead, on_progress=progress)
         except Diverged as e:
             state.status, state.error, state.epoch = "diverged", str(e), epoch
             break

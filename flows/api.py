@@ -51,18 +51,26 @@ def start() -> TemporaryAPI | None:
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
     port = _free_port()
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-           **settings.to_environment_variables(exclude_unset=True)}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        env=env)
+        env=server_env(settings))
     api = TemporaryAPI(process, f"http://127.0.0.1:{port}/api")
     # registered before Prefect's log and event workers register theirs: atexit runs
     # handlers last-in first-out, so those flush to the server before it stops
     atexit.register(stop, api)
     return api
+
+
+def server_env(settings) -> dict[str, str]:
+    """The temporary server's environment: this one's, with the settings in force here
+    (from a profile too), the UI off, and Prefect's telemetry off unless the user set it.
+    Offline, the telemetry service's first report fails with an ERROR that would be the
+    first line of every run; and this server is this run's alone, gone when it ends."""
+    return {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+            **settings.to_environment_variables(exclude_unset=True)}
 
 
 def ready(api: TemporaryAPI | None, timeout: float | None = None) -> None:
@@ -97,6 +105,15 @@ def using(api: TemporaryAPI | None):
         return
     with temporary_settings(updates={PREFECT_API_URL: api.url}):
         yield
+
+
+def see_later(flow_run_id) -> str:
+    """How to open a run of the temporary server in the UI once that server is gone: its
+    "View at" link dies with it, but the run stays in the Prefect home's database, which
+    `make server` serves (on Prefect's default address, as the Makefile starts it)."""
+    server = get_current_settings().server.api
+    return (f"to see this run in the Prefect UI: make server, then open "
+            f"http://{server.host}:{server.port}/runs/flow-run/{flow_run_id}")
 
 
 def stop(api: TemporaryAPI | None, graceful: bool = True) -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema, field_validator,
+                      model_validator)
 
 from cnn.augment import VARIANTS
 from cnn.models import MODELS
@@ -29,9 +30,14 @@ class RunParams(BaseModel):
     data_md5: str | None = Field(None, description="MD5 of a non-official archive in CIFAR format (required for one)")
     synthetic_train: int = Field(5000, ge=10, description="training images generated for --dataset synthetic")
     synthetic_test: int = Field(1000, ge=10, description="hold-out images generated for --dataset synthetic")
-    model: str = Field("seed", description="model name from the registry")
+    # the choices go to the UI's form (a select) as a JSON schema enum; the validators below
+    # still give the message that lists them
+    model: str = Field("seed", description="model name from the registry",
+                       json_schema_extra={"enum": sorted(MODELS)})
     variants: list[str] = Field(default_factory=lambda: list(DEFAULT_VARIANTS),
-                                description="augmentation variants to train and compare")
+                                description="augmentation variants to train and compare",
+                                json_schema_extra={"items": {"type": "string", "enum": list(VARIANTS)},
+                                                   "uniqueItems": True})
     epochs: int = Field(30, ge=1, description="maximum epochs per variant")
     patience: int = Field(5, ge=1, description="stop a variant after this many epochs without a better validation loss")
     batch_size: int | None = Field(None, ge=1, description="training batch size (default: the model's recipe)")
@@ -151,6 +157,29 @@ class RunParams(BaseModel):
             raise ValueError(f"store {self.store!r} with variant_deployment {self.variant_deployment!r}: every "
                              "worker must reach the store, so give an s3:// store or an absolute path")
         return self
+
+
+# The flows' parameters are typed from RunParams, so that the JSON schema Prefect builds
+# from a flow's signature (the UI's run form; with enforce_parameter_schema the server
+# refuses a deployment run that does not match it) carries RunParams' descriptions,
+# bounds and choices. Only the schema: Prefect's own check of a call stays a type check,
+# and RunParams, inside the flow, checks the values with messages that name what was found.
+_SCHEMAS = RunParams.model_json_schema()["properties"]
+
+
+def form(name: str) -> Any:
+    """The annotation of the flow parameter `name`: RunParams' type, with RunParams' JSON
+    schema for it (minus title and default: Prefect sets those from the signature)."""
+    schema = {k: v for k, v in _SCHEMAS[name].items() if k not in ("title", "default")}
+    return Annotated[RunParams.model_fields[name].annotation, WithJsonSchema(schema)]
+
+
+def described(annotation: Any, description: str, **schema: Any) -> Any:
+    """The annotation of a flow parameter RunParams does not have, described the same way.
+    Not `Field(description=...)`: Prefect gives each parameter the description of its
+    docstring, None when it has none, which would replace one given in the annotation."""
+    return Annotated[annotation, WithJsonSchema({**TypeAdapter(annotation).json_schema(), "description": description,
+                                                 **schema})]
 
 
 def describe_errors(err: ValidationError, flag_style: bool = False) -> str:

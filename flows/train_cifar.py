@@ -33,7 +33,7 @@ from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
-from flows.params import RunParams, describe_errors
+from flows.params import RunParams, describe_errors, form
 from store import open_store
 
 D = RunParams()  # the defaults, from the one place they are written
@@ -52,36 +52,38 @@ def stable_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}"
 
 
+# form(name): RunParams' type for the parameter, with its description, bounds and choices
+# for the UI's run form (flows/params.py)
 @flow(name="train-cifar", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
 def train_cifar(
-    dataset: typing.Literal["cifar10", "synthetic"] = D.dataset,
-    data_dir: str | None = D.data_dir,
-    data_source: str | None = D.data_source,
-    data_md5: str | None = D.data_md5,
-    synthetic_train: int = D.synthetic_train,
-    synthetic_test: int = D.synthetic_test,
-    model: str = D.model,
-    variants: list[str] = D.variants,
-    epochs: int = D.epochs,
-    patience: int = D.patience,
-    batch_size: int | None = D.batch_size,
-    lr: float | None = D.lr,
-    subset: int | None = D.subset,
-    seed: int = D.seed,
-    split_seed: int = D.split_seed,
-    select_metric: typing.Literal["val_accuracy", "val_loss"] = D.select_metric,
-    store: str = D.store,
-    store_outage_minutes: float = D.store_outage_minutes,
-    device: str = D.device,
-    compile: bool = D.compile,
-    precision: typing.Literal["auto", "fp32", "bf16"] = D.precision,
-    variants_per_gpu: int = D.variants_per_gpu,
-    promote_margin: float = D.promote_margin,
-    link_expiry_hours: int = D.link_expiry_hours,
-    variant_deployment: str | None = D.variant_deployment,
-    variant_attempts: int = D.variant_attempts,
-    fanout_deadline_hours: float = D.fanout_deadline_hours,
-    run_id: str | None = D.run_id,
+    dataset: form("dataset") = D.dataset,
+    data_dir: form("data_dir") = D.data_dir,
+    data_source: form("data_source") = D.data_source,
+    data_md5: form("data_md5") = D.data_md5,
+    synthetic_train: form("synthetic_train") = D.synthetic_train,
+    synthetic_test: form("synthetic_test") = D.synthetic_test,
+    model: form("model") = D.model,
+    variants: form("variants") = D.variants,
+    epochs: form("epochs") = D.epochs,
+    patience: form("patience") = D.patience,
+    batch_size: form("batch_size") = D.batch_size,
+    lr: form("lr") = D.lr,
+    subset: form("subset") = D.subset,
+    seed: form("seed") = D.seed,
+    split_seed: form("split_seed") = D.split_seed,
+    select_metric: form("select_metric") = D.select_metric,
+    store: form("store") = D.store,
+    store_outage_minutes: form("store_outage_minutes") = D.store_outage_minutes,
+    device: form("device") = D.device,
+    compile: form("compile") = D.compile,
+    precision: form("precision") = D.precision,
+    variants_per_gpu: form("variants_per_gpu") = D.variants_per_gpu,
+    promote_margin: form("promote_margin") = D.promote_margin,
+    link_expiry_hours: form("link_expiry_hours") = D.link_expiry_hours,
+    variant_deployment: form("variant_deployment") = D.variant_deployment,
+    variant_attempts: form("variant_attempts") = D.variant_attempts,
+    fanout_deadline_hours: form("fanout_deadline_hours") = D.fanout_deadline_hours,
+    run_id: form("run_id") = D.run_id,
 ):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
     from cnn.train import TrainConfig
@@ -163,15 +165,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid parameter\n{describe_errors(e, flag_style=True)}", file=sys.stderr)
         api.stop(_API, graceful=False)  # it was never used
         return 2
+    state = None
     try:
         api.ready(_API)
         with api.using(_API):
-            out = train_cifar(**params.model_dump())
+            state = train_cifar(**params.model_dump(), return_state=True)
+            out = state.result()  # raises what the flow raised
     except Exception as e:  # the flow already logged the traceback; end with the reason
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
-    print(out["manifest"])
-    return 0
+        code = 1
+    else:
+        print(out["manifest"])  # the last line on stdout, for scripts
+        code = 0
+    if _API is not None and state is not None:  # its "View at" link dies with the temporary server
+        print(api.see_later(state.state_details.flow_run_id), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -13,31 +13,33 @@ from __future__ import annotations
 from prefect import flow
 from pydantic import ValidationError
 
-from flows.params import RunParams, describe_errors
+from cnn.augment import VARIANTS
+from flows.params import RunParams, describe_errors, described, form
 from store import join_key, open_store
 
 D = RunParams()  # the defaults, from the one place they are written
 
 
+# form(name): RunParams' type, description, bounds and choices, for the UI's form (flows/params.py)
 @flow(name="train-variant", log_prints=True)  # the parent names each run <run-id>-<variant>-a<attempt>
 def train_variant(
-    run_id: str,
-    variant: str,
-    dataset_key: str,
-    dataset_md5: str,
-    store: str,
-    model: str = D.model,
-    epochs: int = D.epochs,
-    patience: int = D.patience,
-    batch_size: int | None = D.batch_size,
-    lr: float | None = D.lr,
-    seed: int = D.seed,
-    compile: bool = D.compile,
-    precision: str = D.precision,
-    split_seed: int = D.split_seed,
-    subset: int | None = D.subset,
-    device: str = D.device,
-    store_outage_minutes: float = D.store_outage_minutes,
+    run_id: described(str, "the run this variant belongs to (the parent's run id)"),
+    variant: described(str, "the augmentation variant to train", enum=list(VARIANTS)),
+    dataset_key: described(str, "store key of the prepared dataset (the parent's fetch-dataset result)"),
+    dataset_md5: described(str, "MD5 of the dataset's archive, which the prepared copy in the store must match"),
+    store: form("store"),
+    model: form("model") = D.model,
+    epochs: form("epochs") = D.epochs,
+    patience: form("patience") = D.patience,
+    batch_size: form("batch_size") = D.batch_size,
+    lr: form("lr") = D.lr,
+    seed: form("seed") = D.seed,
+    compile: form("compile") = D.compile,
+    precision: form("precision") = D.precision,
+    split_seed: form("split_seed") = D.split_seed,
+    subset: form("subset") = D.subset,
+    device: form("device") = D.device,
+    store_outage_minutes: form("store_outage_minutes") = D.store_outage_minutes,
 ) -> dict:
     """Train one variant of one run; its checkpoint, history, weights and result go to the store."""
     from cnn.train import make_config, pick_device, resolve_precision

@@ -16,6 +16,8 @@ it has landed, so a stored `metrics.json` never sits beside a stale checkpoint.
 from __future__ import annotations
 
 import json
+import sys
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -42,6 +44,21 @@ def _fmt(row: dict, variant: str, epochs: int, images: int) -> str:
     return (f"{variant} epoch {row['epoch']}/{epochs} train_loss {row['train_loss']:.3f} "
             f"val_loss {row['val_loss']:.3f} val_acc {row['val_accuracy']:.3f} {row['seconds']:.1f}s "
             f"({images / row['seconds']:.0f} images/s)")
+
+
+def terminal_progress(variant: str, epochs: int, batch_size: int, images: int,
+                      stream=None) -> Callable[[int, int, int, float], None] | None:
+    """Lines within an epoch for a person at a terminal (a CPU epoch of CIFAR-10 is a minute
+    or more of silence otherwise); None when the output is not a terminal, so that a
+    deployment's logs keep one line per epoch."""
+    if not (stream or sys.stdout).isatty():
+        return None
+
+    def show(epoch: int, step: int, steps: int, images_per_second: float) -> None:
+        print(f"{variant} epoch {epoch}/{epochs}: {step * batch_size:,}/{images:,} images, "
+              f"{images_per_second:,.0f} images/s")
+
+    return show
 
 
 def device_name(device: str) -> str:
@@ -136,7 +153,8 @@ def _train_epochs(cfg, data, device, workdir, uploader: Uploader, progress_id, h
         upload(earlier + trained)
         update_progress_artifact(progress_id, 100.0 * row["epoch"] / cfg.epochs)
 
-    result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch)
+    result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch,
+                   on_progress=terminal_progress(v, cfg.epochs, cfg.batch_size, len(data.train_y)))
     update_progress_artifact(progress_id, 100.0, description=f"{v}: {result['status']} after {result['epochs_run']} epochs")
     # every epoch uploaded itself; only a divergence (its checkpoint is saved after the
     # last good epoch) or a resume with nothing left to train leaves the store behind

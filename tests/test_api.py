@@ -1,5 +1,6 @@
 """flows/api.py: when the temporary API server cannot come up, the run stops with a
-clear error naming it, and no server process is left behind."""
+clear error naming it, and no server process is left behind; it keeps quiet about
+telemetry; and the CLI says how to see the run once it is gone."""
 from __future__ import annotations
 
 import subprocess
@@ -30,3 +31,20 @@ def test_nothing_is_started_when_an_api_is_configured():
 
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         assert api.start() is None
+
+
+def test_the_temporary_server_does_not_send_telemetry_unless_asked(monkeypatch):
+    """Offline, Prefect's telemetry service logs an ERROR as the first line of every run."""
+    from prefect.settings import PREFECT_SERVER_ANALYTICS_ENABLED, get_current_settings, temporary_settings
+
+    monkeypatch.delenv("PREFECT_SERVER_ANALYTICS_ENABLED", raising=False)
+    assert api.server_env(get_current_settings())["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    with temporary_settings(updates={PREFECT_SERVER_ANALYTICS_ENABLED: True}):  # in a profile, say
+        assert api.server_env(get_current_settings())["PREFECT_SERVER_ANALYTICS_ENABLED"].lower() == "true"
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "true")
+    assert api.server_env(get_current_settings())["PREFECT_SERVER_ANALYTICS_ENABLED"] == "true"
+
+
+def test_the_way_to_see_a_run_later_is_make_servers_address():
+    assert api.see_later("0d1e") == ("to see this run in the Prefect UI: make server, then open "
+                                     "http://127.0.0.1:4200/runs/flow-run/0d1e")

@@ -69,12 +69,11 @@ def test_help_and_exit_code_from_a_real_process():
 def test_a_run_with_no_api_starts_its_own_server_and_stops_it(tmp_path):
     """`make run`'s case: no PREFECT_API_URL. The CLI boots the temporary API server while
     it imports, the run is recorded in the Prefect home's database (flow and task runs,
-    so the server was stopped only after Prefect flushed its events), and no server is
-    left behind."""
+    so the server was stopped only after Prefect flushed its events), no server is left
+    behind, and the CLI ends saying how to see the run with `make server`."""
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               TRAIN_CIFAR_CACHE=str(tmp_path / "cache"))
+    env.update(PREFECT_HOME=str(home), PREFECT_LOGGING_LEVEL="INFO", TRAIN_CIFAR_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-m", "flows.train_cifar", "--dataset", "synthetic", "--synthetic-train",
                            "300", "--synthetic-test", "100", "--variants", "none", "--epochs", "1", "--store",
                            str(tmp_path / "store")], env=env, capture_output=True, text=True, timeout=600)
@@ -83,7 +82,12 @@ def test_a_run_with_no_api_starts_its_own_server_and_stops_it(tmp_path):
     port = int(re.search(r"View at http://127\.0\.0\.1:(\d+)/runs/flow-run/", proc.stdout + proc.stderr).group(1))
     with pytest.raises(OSError):  # stopped with the run
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert "telemetry" not in proc.stdout + proc.stderr  # the server's telemetry is off (flows/api.py)
+    # the link above died with the server: the last word says how to see the run later
+    later = re.search(r"make server, then open http://127\.0\.0\.1:4200/runs/flow-run/([0-9a-f-]{36})", proc.stderr)
+    assert later and later.start() > proc.stderr.rfind("View at"), proc.stderr[-3000:]
     with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
+        assert db.execute("select id from flow_run").fetchall() == [(later.group(1),)]
         assert db.execute("select state_type from flow_run").fetchall() == [("COMPLETED",)]
         tasks = dict(db.execute("select name, state_type from task_run").fetchall())
     for task in ["fetch-dataset", "train-none", "select-variant", "test-model", "publish-run"]:

@@ -229,15 +229,23 @@ def failure_webhook(deployed):
 
 
 def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):
+    """A value out of the schema's bounds (from RunParams) is refused by the server before
+    any run exists; one only the flow can check (device's form) fails the run, naming it."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-    run, out = run_deployment(worker, "epochs=0")
+    refused = cli(worker, "deployment", "run", "train-cifar/local", "-p", "epochs=0", check=False)
+    said = " ".join((refused.stdout + refused.stderr).split())  # the console wraps long lines
+    assert refused.returncode != 0, said
+    assert "Validation failed for field 'epochs'" in said and "less than the minimum of 1" in said, said
+    assert "UUID:" not in said  # no flow run was created
+
+    run, out = run_deployment(worker, "device=tpu")
     assert run.state.is_failed(), f"{run.state!r}\n{out[-3000:]}"  # Failed, not Crashed
-    assert "epochs" in run.state.message
+    assert "device" in run.state.message
     with client(worker) as c:
         logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-    assert any("epochs" in log.message and "greater than or equal to 1" in log.message for log in logs)
+    assert any("device: expected auto, cpu, cuda or cuda:N, found 'tpu'" in log.message for log in logs)
     assert task_runs == []  # nothing trained
 
     # the failure automation told someone, with the reason
@@ -247,7 +255,7 @@ def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):
     assert failure_webhook, "the failure automation sent nothing within 60s"
     note = failure_webhook[0]
     assert run.name in note["subject"] and "Failed" in note["subject"]
-    assert "epochs" in note["body"]
+    assert "device" in note["body"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,86 @@
+"""The flows' parameter schemas, which the Prefect UI renders as the run form and the
+server checks a deployment run against: every parameter described, with RunParams'
+bounds and choices."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from prefect.utilities.callables import parameter_schema
+from prefect.utilities.schema_tools.validation import ValidationError, validate
+
+from cnn.augment import VARIANTS
+from cnn.models import MODELS
+from flows.params import RunParams
+from flows.train_cifar import train_cifar
+from flows.train_variant import train_variant
+
+CIFAR = parameter_schema(train_cifar).model_dump()
+VARIANT = parameter_schema(train_variant).model_dump()
+
+
+@pytest.mark.parametrize("schema", [CIFAR, VARIANT], ids=["train-cifar", "train-variant"])
+def test_every_parameter_has_a_description(schema):
+    undescribed = [name for name, prop in schema["properties"].items() if not prop.get("description")]
+    assert not undescribed
+
+
+def test_train_cifar_has_every_run_parameter_with_its_description_and_default():
+    props = CIFAR["properties"]
+    assert list(props) == list(RunParams.model_fields)
+    for name, field in RunParams.model_fields.items():
+        assert props[name]["description"] == field.description
+        assert props[name]["default"] == field.get_default(call_default_factory=True)
+    assert CIFAR["required"] == []
+
+
+@pytest.mark.parametrize("schema", [CIFAR, VARIANT], ids=["train-cifar", "train-variant"])
+def test_bounds_and_choices(schema):
+    props = schema["properties"]
+    assert props["epochs"]["minimum"] == 1 and props["patience"]["minimum"] == 1
+    assert props["precision"]["enum"] == ["auto", "fp32", "bf16"]
+    assert props["model"]["enum"] == sorted(MODELS)
+    assert {"minimum": 1, "type": "integer"} in props["batch_size"]["anyOf"]
+    assert {"exclusiveMinimum": 0, "type": "number"} in props["lr"]["anyOf"]
+
+
+def test_train_cifar_choices_and_ranges():
+    props = CIFAR["properties"]
+    assert props["select_metric"]["enum"] == ["val_accuracy", "val_loss"]
+    assert props["dataset"]["enum"] == ["cifar10", "synthetic"]
+    assert props["variants"]["items"]["enum"] == list(VARIANTS) and props["variants"]["uniqueItems"]
+    assert (props["variant_attempts"]["minimum"], props["variant_attempts"]["maximum"]) == (1, 20)
+
+
+def test_train_variant_shares_the_run_parameters_schema():
+    """The parameters the child shares with the parent read the same in both forms."""
+    strip = lambda prop: {k: v for k, v in prop.items() if k not in ("position", "default")}  # noqa: E731
+    own = {"run_id", "variant", "dataset_key", "dataset_md5"}  # run_id: required here, so described here
+    shared = set(VARIANT["properties"]) - own
+    assert shared <= set(RunParams.model_fields)
+    for name in shared:
+        assert strip(VARIANT["properties"][name]) == strip(CIFAR["properties"][name]), name
+    assert VARIANT["properties"]["variant"]["enum"] == list(VARIANTS)
+    assert set(VARIANT["required"]) == {"run_id", "variant", "dataset_key", "dataset_md5", "store"}
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"epochs": 0}, "epochs"),
+    ({"patience": 0}, "patience"),
+    ({"select_metric": "test_accuracy"}, "select_metric"),
+    ({"variants": ["none", "mixup"]}, "variants[1]"),
+    ({"model": "resnet9000"}, "model"),
+])
+def test_the_server_check_refuses_out_of_range_values_naming_them(params, field):
+    """The check the server runs on `prefect deployment run` with enforce_parameter_schema."""
+    with pytest.raises(ValidationError, match=re.escape(f"Validation failed for field '{field}'")):
+        validate(params, CIFAR, raise_on_error=True, ignore_required=True)
+    # device's form is the flow's check, not the schema's
+    validate({"epochs": 1, "variants": ["none"], "device": "tpu"}, CIFAR, raise_on_error=True)
+
+
+def test_a_direct_call_is_still_checked_by_run_params_naming_what_was_found():
+    """The schema is for the form and the server; in Python, RunParams gives the message."""
+    assert train_cifar.validate_parameters({"epochs": 0})["epochs"] == 0  # Prefect checks types only
+    with pytest.raises(ValueError, match="epochs: Input should be greater than or equal to 1, found 0"):
+        train_cifar.fn(epochs=0)
