@@ -204,3 +204,36 @@ def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str)
                 raise RuntimeError(f"the worker {name} did not come up:\n{log.read_text()[-3000:]}")
             time.sleep(1)
     return proc, log
+
+
+# ---------------------------------------------------------------- processes of a flow run
+
+
+def run_processes(flow_run_id) -> list[int]:
+    """The processes running this flow run: those whose environment names it."""
+    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes().split(b"\0"):
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def top_process(flow_run_id) -> int:
+    """The flow run's own process (`prefect flow-run execute`, a pod's main process), not
+    the engine it started."""
+    pids = run_processes(flow_run_id)
+    tops = [p for p in pids if not any(p in descendants(q) for q in pids if q != p)]
+    assert len(tops) == 1, f"expected one top process for {flow_run_id}, found {tops} of {pids}"
+    return tops[0]
+
+
+def kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -27,7 +26,7 @@ import pandas as pd
 import pytest
 
 from tests.prefect_fixtures import (LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools, deploy_all,
-                                    descendants, start_worker)
+                                    descendants, kill, run_processes, start_worker, top_process)
 from tests.s3_fixtures import aws_client, aws_env
 
 pytestmark = pytest.mark.slow
@@ -166,19 +165,6 @@ def epochs_logged(env: dict, flow_run_ids: list, variant: str, after_resume: boo
     return [int(m.group(1)) for msg in messages if (m := re.match(rf"{variant} epoch (\d+)/", msg))]
 
 
-def run_processes(flow_run_id: uuid.UUID) -> list[int]:
-    """The processes running this flow run: those whose environment names it."""
-    needle = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
-    pids = []
-    for env in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in env.read_bytes().split(b"\0"):
-                pids.append(int(env.parent.name))
-        except OSError:
-            continue
-    return sorted(pids)
-
-
 WORKER_DONE = "prefect.flow_runs.worker - Check whether the flow run exceeded its memory allocation"
 
 
@@ -194,23 +180,6 @@ def kill_and_wait(cluster: Cluster, worker: str, run_id: uuid.UUID) -> None:
              lambda: cluster.logs[worker].read_text().count(WORKER_DONE) > done_before, 120, cluster)
 
 
-def top_process(flow_run_id: uuid.UUID) -> int:
-    """The flow run's own process (`prefect flow-run execute`, a pod's main process), not
-    the engine it started."""
-    pids = run_processes(flow_run_id)
-    tops = [p for p in pids if not any(p in descendants(q) for q in pids if q != p)]
-    assert len(tops) == 1, f"expected one top process for {flow_run_id}, found {tops} of {pids}"
-    return tops[0]
-
-
-def kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 def run_id_of(kids: dict, variants: list[str]) -> str:
     """The run id in the children's names, `<run-id>-<variant>-a<attempt>`."""
     for name in kids:
@@ -218,6 +187,19 @@ def run_id_of(kids: dict, variants: list[str]) -> str:
             if m := re.fullmatch(rf"(.+)-{re.escape(v)}-a\d+", name):
                 return m.group(1)
     raise AssertionError(f"no child named <run-id>-<variant>-a<n> among {sorted(kids)}")
+
+
+def one_child_two_epochs_in(cluster: Cluster, bucket: str) -> tuple[uuid.UUID, object, str]:
+    """A fanned-out run of one variant (6 epochs), once its child has two epochs in the
+    store: (parent flow run id, the child flow run, the run id)."""
+    cluster.ensure_nodes()
+    parent = start_run(cluster.env, *SYNTHETIC, "epochs=6", "patience=6", *fanout(bucket, "flip"))
+    kid = wait_for("the child to start", lambda: next(iter(children(cluster.env, parent).values()), None),
+                   120, cluster)
+    run_id = run_id_of({kid.name: kid}, ["flip"])
+    wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
+             240, cluster)
+    return parent, kid, run_id
 
 
 # ---------------------------------------------------------------- the tests
@@ -276,13 +258,7 @@ def test_fan_out_trains_each_variant_as_its_own_flow_run(cluster, bucket):
 def test_sigterm_reschedules_the_same_child_which_resumes(cluster, bucket):
     """A graceful eviction: the pod gets SIGTERM. The same child flow run goes
     AwaitingRetry, is picked up again and resumes at the next epoch."""
-    cluster.ensure_nodes()
-    parent = start_run(cluster.env, *SYNTHETIC, "epochs=6", "patience=6", *fanout(bucket, "flip"))
-    kid = wait_for("the child to start", lambda: next(iter(children(cluster.env, parent).values()), None),
-                   120, cluster)
-    run_id = run_id_of({kid.name: kid}, ["flip"])
-    wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
-             240, cluster)
+    parent, kid, run_id = one_child_two_epochs_in(cluster, bucket)
     kill([top_process(kid.id)], signal.SIGTERM)  # as the kubelet signals a pod's main process
 
     parent_run = wait_final(cluster, parent)
@@ -306,13 +282,7 @@ def test_sigkill_of_a_child_and_its_worker_starts_a_new_attempt_that_resumes(clu
     """A node lost without a word: the child and its worker are SIGKILLed. The zombie
     automation marks attempt 1 Crashed; the parent starts attempt 2 on the other node,
     which takes over the lease and resumes from the checkpoint."""
-    cluster.ensure_nodes()
-    parent = start_run(cluster.env, *SYNTHETIC, "epochs=6", "patience=6", *fanout(bucket, "flip"))
-    kid = wait_for("the child to start", lambda: next(iter(children(cluster.env, parent).values()), None),
-                   120, cluster)
-    run_id = run_id_of({kid.name: kid}, ["flip"])
-    wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
-             240, cluster)
+    parent, kid, run_id = one_child_two_epochs_in(cluster, bucket)
     node = next(n for n in NODES if set(run_processes(kid.id)) & set(descendants(cluster.workers[n].pid)))
     kill([cluster.workers[node].pid, *descendants(cluster.workers[node].pid)], signal.SIGKILL)
     cluster.workers[node].wait(timeout=10)
