@@ -8,12 +8,13 @@ ARGS   ?=
 
 setup: $(VENV)/.installed
 
-# torch and torchvision first, pinned to the pair that ships together
-$(VENV)/.installed: pyproject.toml
+# torch and torchvision first, pinned to the pair that ships together; everything else
+# at the versions CI tested (constraints.txt, which the image uses too)
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 run: setup
