@@ -11,6 +11,7 @@ Tensors (all on the CPU in the file):
     optimizer/<i>/<name>  the optimizer's state of parameter i (SGD: momentum_buffer)
     lookahead/<name>      the lookahead average, once it exists
     best/<name>           the best epoch's weights, once there is a best epoch
+    best/val_predictions  the best epoch's predicted class per validation image, (N,) uint8
     rng                   the shuffling and augmentation generator's state, (S,) uint8
 
 Metadata: "format" (FORMAT) and "document", JSON with
@@ -42,6 +43,7 @@ from cnn.fast import Lookahead
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "train-cifar-checkpoint-1"
+BEST_PREDICTIONS = "val_predictions"  # under best/; no model's state_dict has a key without a dot
 STATUSES = ("running", "completed", "early_stopped", "diverged")
 
 
@@ -55,6 +57,7 @@ class LoopState:
     best_val_loss: float = math.inf
     bad_epochs: int = 0  # epochs since the best one
     best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights, on the CPU
+    best_predictions: torch.Tensor | None = None  # (N_val,) uint8: the best epoch's predicted classes
     seconds: float = 0.0  # training and validation time, summed over epochs
     status: str = "running"  # or completed, early_stopped, diverged
     error: str | None = None  # why it diverged
@@ -82,6 +85,8 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
         tensors.update({f"lookahead/{k}": v for k, v in lookahead.average.items()})
     if state.best_state is not None:
         tensors.update({f"best/{k}": v for k, v in state.best_state.items()})
+    if state.best_predictions is not None:
+        tensors[f"best/{BEST_PREDICTIONS}"] = state.best_predictions
     tensors["rng"] = gen.get_state()
     document = {
         "config": dataclasses.asdict(cfg),
@@ -129,6 +134,11 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     live = model.state_dict()
     _check_like(path, "model", groups["model"], live)
     state = LoopState(**document["loop"])
+    predictions = groups["best"].pop(BEST_PREDICTIONS, None)  # absent in checkpoints written before it was kept
+    if predictions is not None and (predictions.dtype != torch.uint8 or predictions.ndim != 1 or not state.best_epoch):
+        raise ValueError(f"{path}: tensor 'best/{BEST_PREDICTIONS}': expected (N,) uint8 beside a best epoch, "
+                         f"found {predictions.dtype} {tuple(predictions.shape)} (best epoch {state.best_epoch})")
+    state.best_predictions = predictions
     if state.best_epoch:
         _check_like(path, "best", groups["best"], live)
         state.best_state = groups["best"]

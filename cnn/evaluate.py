@@ -59,7 +59,8 @@ def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta
 
 def evaluate(model, x_u8: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512,
              tta: int = 0, amp: bool = False, num_classes: int | None = None, pad_last: bool = False) -> dict:
-    """Metrics on one split. `confusion[i][j]` counts true class i predicted as j."""
+    """Metrics on one split. `confusion[i][j]` counts true class i predicted as j;
+    `predicted` (N,) uint8 is each image's predicted class, in the split's order."""
     logits = predict_logits(model, x_u8, device, batch_size, tta, amp, pad_last)
     y = y.cpu()
     k = num_classes or logits.shape[1]
@@ -72,4 +73,5 @@ def evaluate(model, x_u8: torch.Tensor, y: torch.Tensor, device, batch_size: int
         "per_class": per_class,
         "confusion": confusion.tolist(),
         "n": len(y),
+        "predicted": pred.to(torch.uint8),
     }

@@ -218,7 +218,8 @@ def train(
     steps, images_per_second)` within an epoch, about every 15 s (train_one_epoch).
     Returns the result:
     status, epochs_run, best_epoch, val_loss, val_accuracy, seconds, history,
-    and `best_state` (the best epoch's weights, on the CPU)."""
+    `best_state` (the best epoch's weights, on the CPU) and `best_predictions` (its
+    predicted class per validation image, (N_val,) uint8)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # on CUDA each call has its own stream, so variants sharing a GPU in threads overlap
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -239,6 +240,8 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
 
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg)
+        if state.best_state is not None and state.best_predictions is None:  # a checkpoint from before they were kept
+            state.best_predictions = _predictions_of(state.best_state, model, data, device, cfg, amp)
         if state.status != "running":  # already finished: nothing to redo
             return _result(state)
     elif hasattr(model, "init_from_data"):
@@ -274,6 +277,7 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
         if val["loss"] < state.best_val_loss:
             state.best_epoch, state.best_val_loss, state.bad_epochs = epoch, val["loss"], 0
             state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            state.best_predictions = val["predicted"]  # (N_val,) uint8: comparisons pair on these images
         else:
             state.bad_epochs += 1
         if state.bad_epochs >= cfg.patience:
@@ -290,6 +294,13 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     return _result(state)
 
 
+def _predictions_of(weights: dict, like: nn.Module, data: Splits, device, cfg: TrainConfig, amp: bool) -> torch.Tensor:
+    """(N_val,) uint8 predicted classes of `weights` (a model like `like`) on the validation split."""
+    twin = copy.deepcopy(like)
+    twin.load_state_dict(weights)
+    return evaluate(twin, data.val_x, data.val_y, device, batch_size=EVAL_BATCH, tta=cfg.tta, amp=amp)["predicted"]
+
+
 def _result(state: LoopState) -> dict:
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
     return {
@@ -301,5 +312,6 @@ def _result(state: LoopState) -> dict:
         "seconds": round(state.seconds, 3),
         "history": state.history,
         "best_state": state.best_state,
+        "best_predictions": state.best_predictions,
         "error": state.error,
     }

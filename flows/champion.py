@@ -30,7 +30,8 @@ def show(docs: dict) -> list[str]:
 
 
 def history(docs: dict) -> list[str]:
-    rows = sorted((e["at"], ident, e) for ident, d in docs.items() for e in d["history"])
+    # by time, then identity; entries of one identity in the same millisecond keep their history order
+    rows = sorted(((e["at"], ident, e) for ident, d in docs.items() for e in d["history"]), key=lambda r: r[:2])
     return [f"{at}\t{ident}\t{e['action']}\t{(e['previous'] or {}).get('run_id', '-')} ({_score(e['previous'])}) -> "
             f"{e['champion']['run_id']} ({_score(e['champion'])})\t{e['reason']}\t"
             f"{e.get('flow_run_id') or e.get('by') or '-'}" for at, ident, e in rows]

@@ -44,6 +44,8 @@ class RunParams(BaseModel):
     lr: float | None = Field(None, gt=0, description="peak learning rate (default: the model's recipe)")
     subset: int | None = Field(None, ge=1, description="cap on training images, for quick runs")
     seed: int = Field(0, description="seed for initialisation, shuffling and augmentation")
+    repeats: int = Field(1, ge=1, le=20, description="times each variant is trained, with seeds seed, seed+1, ...; "
+                         "variants are chosen by their mean, each shown with its 95% interval")
     split_seed: int = Field(0, description="seed of the validation/test split of the hold-out")
     select_metric: Literal["val_accuracy", "val_loss"] = Field(
         "val_accuracy", description="how the variant is chosen (ties go to the lower validation loss)")
@@ -58,6 +60,9 @@ class RunParams(BaseModel):
         "(on a CPU, fast only with native bf16: AVX512-BF16 or AMX); fp32: no autocast")
     variants_per_gpu: int = Field(1, ge=1, description="variants trained at once on one GPU")
     promote_margin: float = Field(0.0, ge=0, description="test accuracy by which a new model must beat the champion")
+    promote_confidence: float = Field(0.95, ge=0, lt=1, description="confidence of the paired interval of (new minus "
+                                      "champion) test accuracy whose lower bound must exceed promote_margin; 0: any "
+                                      "improvement of the point estimate")
     link_expiry_hours: int = Field(168, ge=1, le=168, description="hours the Prefect UI's links to an S3 "
                                    "store's files work (presigned at publish; 168, a week, is S3's maximum)")
     variant_deployment: str | None = Field(

@@ -2,9 +2,10 @@
 
     python -m flows.train_cifar --dataset synthetic --variants none,flip,flip-crop --epochs 5
 
-fetch -> train every variant (parallel tasks, one lane per device slot; or, with
---variant-deployment, one flow run per variant on that deployment's work pool) ->
-select by validation -> test the selected model once -> publish -> show it in the UI.
+fetch -> train every variant, `repeats` times each (parallel tasks, one lane per device
+slot; or, with --variant-deployment, one flow run per repeat on that deployment's work
+pool) -> score each variant with its interval -> select by validation, compare with the
+runner-up -> test the selected model (and the champion) once -> publish -> show it in the UI.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ def train_cifar(
     lr: form("lr") = D.lr,
     subset: form("subset") = D.subset,
     seed: form("seed") = D.seed,
+    repeats: form("repeats") = D.repeats,
     split_seed: form("split_seed") = D.split_seed,
     select_metric: form("select_metric") = D.select_metric,
     store: form("store") = D.store,
@@ -79,6 +81,7 @@ def train_cifar(
     precision: form("precision") = D.precision,
     variants_per_gpu: form("variants_per_gpu") = D.variants_per_gpu,
     promote_margin: form("promote_margin") = D.promote_margin,
+    promote_confidence: form("promote_confidence") = D.promote_confidence,
     link_expiry_hours: form("link_expiry_hours") = D.link_expiry_hours,
     variant_deployment: form("variant_deployment") = D.variant_deployment,
     variant_attempts: form("variant_attempts") = D.variant_attempts,
@@ -93,6 +96,7 @@ def train_cifar(
     from tasks.data import fetch_dataset
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
+    from tasks.scoring import compare_variants, score_variants
     from tasks.selection import select_variant
     from tasks.testing import test_model
 
@@ -111,13 +115,16 @@ def train_cifar(
     ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
                        p.synthetic_test, store_uri, p.store_outage_minutes)
     try:
-        results = train_variants(p, run["run_id"], store_uri, ds)
+        units = train_variants(p, run["run_id"], store_uri, ds)  # one per repeat of each variant
     except RunCancelled as e:
         return Cancelled(message=str(e))
+    results = score_variants(units, p.select_metric, ds, p.split_seed, store_uri, p.store_outage_minutes)
     selected = select_variant(results, p.select_metric)
+    comparison = compare_variants(units, results, selected, p.select_metric, ds, p.split_seed, store_uri,
+                                  p.store_outage_minutes)
     test = test_model(TrainConfig(**selected.config), selected.weights_key, ds, p.split_seed, run["run_id"],
-                      store_uri, test_device, p.store_outage_minutes)
-    out = publish_run(run, p.model_dump(), ds, results, selected, test, store_uri)
+                      store_uri, test_device, p.store_outage_minutes, p.promote_confidence, p.promote_margin)
+    out = publish_run(run, p.model_dump(), ds, results, selected, test, store_uri, comparison)
     drop_local_copies(open_store(store_uri), run["run_id"])  # the manifest is stored: the run is safe there
     create_run_artifacts(run["run_id"], store_uri, p.link_expiry_hours)  # best-effort: never fails the run
     _summary(results, selected.name, out)
@@ -125,12 +132,15 @@ def train_cifar(
 
 
 def _summary(results: list, selected: str, out: dict) -> None:
-    print("variant              status         epochs  best  val_loss  val_acc  seconds  attempts")
+    print("variant              status         epochs  best  val_loss  val_acc  seconds  attempts  "
+          "mean val_acc (95% interval)")
     for r in results:
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
+        ci = r.val_accuracy_ci
+        mean = "-" if ci is None else f"{r.val_accuracy_mean:.4f} ({ci[0]:.4f}-{ci[1]:.4f}) x{len(r.repeats or [])}"
         print(f"{r.name:<20} {r.status:<14} {fmt(r.epochs_run, 'd'):>6}  {fmt(r.best_epoch, 'd'):>4}  "
               f"{fmt(r.val_loss, '.4f'):>8}  {fmt(r.val_accuracy, '.4f'):>7}  {fmt(r.seconds, '.1f'):>7}  "
-              f"{r.attempts:>8}" + ("  <- selected" if r.name == selected else ""))
+              f"{r.attempts:>8}  {mean}" + ("  <- selected" if r.name == selected else ""))
     print(f"test accuracy {out['test_accuracy']:.4f}; promoted: {out['promoted']}")
 
 

@@ -1,6 +1,6 @@
-"""The train-variant flow: one variant of one run, on whatever machine runs it.
+"""The train-variant flow: one repeat (seed) of one variant of one run, on whatever machine runs it.
 
-The train-cifar flow starts one flow run of this per variant when it is given a
+The train-cifar flow starts one flow run of this per unit when it is given a
 `variant_deployment` (e.g. train-variant/gpu: one pod and one GPU each). All it needs
 is in its parameters (JSON values only) and the store; what it leaves is in the
 store: checkpoint and history after every epoch, the best weights, and the result
@@ -21,7 +21,8 @@ D = RunParams()  # the defaults, from the one place they are written
 
 
 # form(name): RunParams' type, description, bounds and choices, for the UI's form (flows/params.py)
-@flow(name="train-variant", log_prints=True)  # the parent names each run <run-id>-<variant>-a<attempt>
+# the parent names each run <run-id>-<variant>-a<attempt> (with repeats <run-id>-<variant>-s<seed>-a<attempt>)
+@flow(name="train-variant", log_prints=True)
 def train_variant(
     run_id: described(str, "the run this variant belongs to (the parent's run id)"),
     variant: described(str, "the augmentation variant to train", enum=list(VARIANTS)),
@@ -34,6 +35,7 @@ def train_variant(
     batch_size: form("batch_size") = D.batch_size,
     lr: form("lr") = D.lr,
     seed: form("seed") = D.seed,
+    repeats: form("repeats") = D.repeats,
     compile: form("compile") = D.compile,
     precision: form("precision") = D.precision,
     split_seed: form("split_seed") = D.split_seed,
@@ -41,15 +43,16 @@ def train_variant(
     device: form("device") = D.device,
     store_outage_minutes: form("store_outage_minutes") = D.store_outage_minutes,
 ) -> dict:
-    """Train one variant of one run; its checkpoint, history, weights and result go to the store."""
+    """Train one variant of one run with `seed` (with repeats above 1, into variants/<variant>/seed-<seed>/);
+    its checkpoint, history, weights, validation predictions and result go to the store."""
     from cnn.train import make_config, pick_device, resolve_precision
     from tasks.training import train_unit
 
     # the same checks as the run's own parameters (names, ranges, the store), before any work
     try:
         p = RunParams(model=model, variants=[variant], epochs=epochs, patience=patience, batch_size=batch_size,
-                      lr=lr, seed=seed, compile=compile, precision=precision, split_seed=split_seed, subset=subset,
-                      store=store, device=device, run_id=run_id, store_outage_minutes=store_outage_minutes)
+                      lr=lr, seed=seed, repeats=repeats, compile=compile, precision=precision, split_seed=split_seed,
+                      subset=subset, store=store, device=device, run_id=run_id, store_outage_minutes=store_outage_minutes)
         join_key(dataset_key)
     except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
@@ -60,7 +63,7 @@ def train_variant(
                       lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, dev))
     store_uri = open_store(p.store).uri
     result = train_unit(cfg, dataset_key, dataset_md5, p.split_seed, p.subset, run_id, store_uri, str(dev),
-                        p.store_outage_minutes)
+                        p.store_outage_minutes, repeated=p.repeats > 1)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "
           f"(val_acc {result.val_accuracy})")
     return result.summary()

@@ -1,6 +1,7 @@
-"""Training every variant of a run: in lanes in this process, or as flow runs of their
-own on the variant deployment's work pool (flows/fanout.py). Either way the result is
-one `VariantResult` per variant, in the order asked for."""
+"""Training every unit of a run (each repeat of each variant): in lanes in this process,
+or as flow runs of their own on the variant deployment's work pool (flows/fanout.py).
+Either way the result is one `VariantResult` per unit, in the order of `units_of`;
+tasks/scoring.py combines each variant's repeats."""
 from __future__ import annotations
 
 from prefect import allow_failure
@@ -8,13 +9,15 @@ from prefect.artifacts import create_table_artifact
 
 from flows.params import RunParams
 from store import open_store
+from tasks.common import Unit, units_of
 from tasks.report import variants_table
 from tasks.results import VariantResult
 
 
 class Board:
     """The run's variant table in the UI (artifact `variant-comparison`), from the start:
-    every variant pending, then its state and attempts as they change, then its result."""
+    every unit (a variant, or with repeats `<variant>-s<seed>`) pending, then its state
+    and attempts as they change, then its result."""
 
     def __init__(self, run_id: str, names: list[str]):
         self.run_id = run_id
@@ -23,7 +26,7 @@ class Board:
         self.show()
 
     def update(self, name: str, row: dict) -> None:
-        self.rows[name] = {**self.rows[name], **row}
+        self.rows[name] = {**self.rows[name], **row, "name": name}  # a repeat's row keeps its label
         self.show()
 
     def show(self) -> None:
@@ -56,36 +59,41 @@ def devices_for(device: str) -> list[str]:
 
 
 def train_variants(p: RunParams, run_id: str, store_uri: str, dataset: dict) -> list[VariantResult]:
-    """Every variant's result: in this process's lanes, or, with `variant_deployment`,
+    """Every unit's result: in this process's lanes, or, with `variant_deployment`,
     each as its own flow run of that deployment."""
-    board = Board(run_id, p.variants)
+    units = units_of(p.variants, p.seed, p.repeats)
+    board = Board(run_id, [u.label for u in units])
     if p.variant_deployment:
         from flows.fanout import fan_out
 
-        children = {v: child_parameters(p, v, run_id, store_uri, dataset) for v in p.variants}
+        children = {u: child_parameters(p, u, run_id, store_uri, dataset) for u in units}
         return fan_out(p.variant_deployment, run_id, children,
                        open_store(store_uri, outage_minutes=p.store_outage_minutes), p.variant_attempts,
                        p.fanout_deadline_hours * 3600, on_change=board.update)
-    return _in_lanes(p, run_id, store_uri, dataset, board)
+    return _in_lanes(p, units, run_id, store_uri, dataset, board)
 
 
-def child_parameters(p: RunParams, variant: str, run_id: str, store_uri: str, dataset: dict) -> dict:
-    """The train-variant flow's parameters for one variant: JSON values only."""
-    return {"run_id": run_id, "variant": variant, "model": p.model, "epochs": p.epochs, "patience": p.patience,
-            "batch_size": p.batch_size, "lr": p.lr, "seed": p.seed, "compile": p.compile, "precision": p.precision,
-            "dataset_key": dataset["key"], "dataset_md5": dataset["md5"], "split_seed": p.split_seed,
-            "subset": p.subset, "store": store_uri, "device": p.device,
-            "store_outage_minutes": p.store_outage_minutes}
+def child_parameters(p: RunParams, unit: Unit, run_id: str, store_uri: str, dataset: dict) -> dict:
+    """The train-variant flow's parameters for one unit: JSON values only. `repeats` only
+    when above 1, so a run of one repeat starts its children exactly as before."""
+    return {"run_id": run_id, "variant": unit.variant, "model": p.model, "epochs": p.epochs, "patience": p.patience,
+            "batch_size": p.batch_size, "lr": p.lr, "seed": unit.seed, "compile": p.compile,
+            "precision": p.precision, "dataset_key": dataset["key"], "dataset_md5": dataset["md5"],
+            "split_seed": p.split_seed, "subset": p.subset, "store": store_uri, "device": p.device,
+            "store_outage_minutes": p.store_outage_minutes, **({"repeats": p.repeats} if unit.repeated else {})}
 
 
-def _in_lanes(p: RunParams, run_id: str, store_uri: str, dataset: dict, board: Board) -> list[VariantResult]:
+def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, dataset: dict,
+              board: Board) -> list[VariantResult]:
     from cnn.train import make_config, resolve_precision
     from tasks.training import train_variant
 
     devices = devices_for(p.device)
-    cfgs = {v: make_config(p.model, v, epochs=p.epochs, patience=p.patience, seed=p.seed, batch_size=p.batch_size,
-                           lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, devices[0]))
-            for v in p.variants}
+    cfgs = {u.label: make_config(p.model, u.variant, epochs=p.epochs, patience=p.patience, seed=u.seed,
+                                 batch_size=p.batch_size, lr=p.lr, compile=p.compile,
+                                 precision=resolve_precision(p.precision, devices[0]))
+            for u in units}
+    by_label = {u.label: u for u in units}
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
     # The CPU gets one lane: each variant already uses every core, and training several
     # at once in threads measured 1-9% slower (benchmarks/README.md, cpu_lanes)
@@ -96,11 +104,12 @@ def _in_lanes(p: RunParams, run_id: str, store_uri: str, dataset: dict, board: B
         from cnn.train import variants_that_fit
 
         train_size = min(dataset["train"], p.subset or dataset["train"])
-        per_device = variants_that_fit(cfgs[p.variants[0]], torch.device(devices[0]), train_size, p.variants_per_gpu)
+        per_device = variants_that_fit(cfgs[units[0].label], torch.device(devices[0]), train_size, p.variants_per_gpu)
         if per_device < p.variants_per_gpu:
             print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
-    lanes = plan_lanes(p.variants, devices, per_device)
-    print(f"run {run_id}: {len(p.variants)} variant(s) of {p.model} in {len(lanes)} lane(s) on {', '.join(devices)}")
+    lanes = plan_lanes(list(by_label), devices, per_device)
+    print(f"run {run_id}: {len(p.variants)} variant(s) x {p.repeats} repeat(s) of {p.model} in {len(lanes)} lane(s) "
+          f"on {', '.join(devices)}")
     # a single CPU lane trains in this, the flow's own thread: up to 10% faster than in
     # a task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
     here = len(lanes) == 1 and not devices[0].startswith("cuda")
@@ -109,28 +118,29 @@ def _in_lanes(p: RunParams, run_id: str, store_uri: str, dataset: dict, board: B
     for dev, names in lanes:
         previous = None
         for v in names:
-            args = (cfgs[v], dataset, p.split_seed, p.subset, run_id, store_uri, dev, p.store_outage_minutes)
+            args = (cfgs[v], dataset, p.split_seed, p.subset, run_id, store_uri, dev, p.store_outage_minutes,
+                    by_label[v].repeated, v)
             if here:
                 board.update(v, {"status": "running", "attempts": 1})
-                results[v] = _result(v, train_variant(*args, return_state=True))
+                results[v] = _result(by_label[v], train_variant(*args, return_state=True))
                 board.update(v, results[v].summary())
             else:
                 wait = [allow_failure(previous)] if previous else None
                 previous = futures[v] = train_variant.submit(*args, wait_for=wait)
     for v, future in futures.items():
-        results[v] = _result(v, future.wait() or future.state)
+        results[v] = _result(by_label[v], future.wait() or future.state)
         board.update(v, results[v].summary())
-    return [results[v] for v in p.variants]
+    return [results[u.label] for u in units]
 
 
-def _result(name: str, state) -> VariantResult:
+def _result(unit: Unit, state) -> VariantResult:
     """A finished train-variant task's result, or a failed one saying why (the others go on)."""
     if state.is_completed():
         return state.result()
     try:
         state.result()
         err = f"ended {state.type.value}"
-    except Exception as e:  # noqa: BLE001 - any failure of one variant is reported, not raised
+    except Exception as e:  # noqa: BLE001 - any failure of one unit is reported, not raised
         err = f"{type(e).__name__}: {e}"
-    print(f"{name}: failed: {err}")
-    return VariantResult.failed(name, err)
+    print(f"{unit.label}: failed: {err}")
+    return VariantResult.failed(unit.variant, err, seed=unit.seed)

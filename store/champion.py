@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from store.base import PreconditionFailed, Store, StoreError, join_key, safe_name
 
@@ -45,8 +45,14 @@ def key_for(ident: str) -> str:
     return join_key(FOLDER, safe_name(ident, "dataset identity") + ".json")
 
 
-def decide(current: dict | None, candidate: dict, margin: float) -> tuple[bool, str]:
-    """(promote?, why) for `candidate` against `current`, the champion of its identity."""
+# judge(current) -> (promote?, why): how a candidate is compared with the champion `current`
+# of its identity (the run's paired comparison on the test images, tasks/testing.py)
+Judge = Callable[[dict], tuple[bool, str]]
+
+
+def decide(current: dict | None, candidate: dict, margin: float, judge: Judge | None = None) -> tuple[bool, str]:
+    """(promote?, why) for `candidate` against `current`, the champion of its identity:
+    `judge(current)` when given, else by test accuracy with `margin`."""
     if current is None:
         return True, f"no champion yet for dataset {identity(candidate)}"
     if current["run_id"] == candidate["run_id"]:  # a retried publish finds its own promotion
@@ -55,6 +61,8 @@ def decide(current: dict | None, candidate: dict, margin: float) -> tuple[bool, 
     if any(current.get(k) != candidate.get(k) for k in same):
         raise ValueError(f"champion {current['run_id']} is of another dataset identity than "
                          f"{identity(candidate)}; refusing to compare")
+    if judge is not None:
+        return judge(current)
     old, new = current["test"]["accuracy"], candidate["test"]["accuracy"]
     if new > old and new - old >= margin:
         return True, f"test accuracy {new:.4f} beats champion {current['run_id']} ({old:.4f}) by >= {margin}"
@@ -146,16 +154,18 @@ def _already(doc: dict, candidate: dict) -> Decision:
     return Decision(True, made["reason"], None if made["previous"] is None else made["previous"]["run_id"])
 
 
-def promote(store: Store, candidate: dict, margin: float, flow_run_id: str | None = None) -> Decision:
-    """Make `candidate` the champion of its identity if it wins; safe against concurrent
-    runs and against the retry of a publish that already promoted it."""
+def promote(store: Store, candidate: dict, margin: float, flow_run_id: str | None = None,
+            judge: Judge | None = None) -> Decision:
+    """Make `candidate` the champion of its identity if it wins (decide, with `judge`); safe
+    against concurrent runs, each of which decides again against the champion it finds, and
+    against the retry of a publish that already promoted it."""
     ident = identity(candidate)
 
     def plan(doc):
         current = None if doc is None else doc["champion"]
         if current is not None and current["run_id"] == candidate["run_id"]:
             return None, _already(doc, candidate)
-        ok, reason = decide(current, candidate, margin)
+        ok, reason = decide(current, candidate, margin, judge)
         against = None if current is None else current["run_id"]
         if not ok:
             return None, Decision(False, reason, against)

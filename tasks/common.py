@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from store import Store, StoreError, StoreUnavailable, join_key, open_store, safe_name
@@ -22,6 +23,36 @@ def run_key(run_id: str, *parts: str) -> str:
 
 def variant_key(run_id: str, variant: str, filename: str) -> str:
     return run_key(run_id, "variants", safe_name(variant, "variant"), filename)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One repeat (seed) of one variant: the unit of work. In a run of one repeat its
+    files sit in variants/<variant>/, as they always have; with repeats, each in
+    variants/<variant>/seed-<seed>/ (`repeated`)."""
+
+    variant: str
+    seed: int
+    repeated: bool = False
+
+    @property
+    def folder(self) -> str:
+        """Its folder under variants/, also the prefix of its artifacts' names: `flip`, `flip/seed-1`."""
+        name = safe_name(self.variant, "variant")
+        return f"{name}/seed-{self.seed}" if self.repeated else name
+
+    @property
+    def label(self) -> str:
+        """How logs, task runs and child flow runs name it: `flip`, `flip-s1`."""
+        return f"{self.variant}-s{self.seed}" if self.repeated else self.variant
+
+    def key(self, run_id: str, filename: str) -> str:
+        return run_key(run_id, "variants", *self.folder.split("/"), filename)
+
+
+def units_of(variants: list[str], seed: int, repeats: int) -> list[Unit]:
+    """Every variant's repeats, seeds seed, seed + 1, ...: the run's units of work, variant by variant."""
+    return [Unit(v, seed + r, repeats > 1) for v in variants for r in range(repeats)]
 
 
 def inside(root: Path, path: Path, param: str) -> Path:
@@ -96,4 +127,4 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
 
 
 __all__ = ["cache_dir", "current_owner", "flow_run_is_over", "inside", "is_io_error", "local_run_dir",
-           "materialize", "open_store", "run_key", "variant_key"]
+           "materialize", "open_store", "run_key", "units_of", "variant_key", "Unit"]

@@ -14,9 +14,10 @@ from prefect.events import emit_event
 
 from store import champion, open_store
 from cnn.data import split_sizes
-from tasks.common import is_io_error, local_run_dir, run_key, variant_key
+from tasks.common import Unit, is_io_error, local_run_dir, run_key
 from tasks.report import plot_curves, render_markdown
 from tasks.results import VariantResult
+from tasks.testing import face_champion_again
 
 NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
 
@@ -40,8 +41,11 @@ def versions() -> dict:
             "torchvision": torchvision.__version__, "prefect": prefect.__version__}
 
 
+TEST_FIELDS = ("loss", "accuracy", "per_class", "champion_comparison")  # the last only when there was a champion
+
+
 def build_manifest(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
-                   test: dict) -> dict:
+                   test: dict, comparison: dict | None = None) -> dict:
     """The run's manifest (design.md), less the promotion and the artifacts, which publish adds."""
     train_size = min(dataset["train"], params.get("subset") or dataset["train"])
     n_val, n_test = split_sizes(dataset["holdout"])
@@ -56,7 +60,8 @@ def build_manifest(run: dict, params: dict, dataset: dict, results: list[Variant
                     "split_seed": params["split_seed"], "classes": dataset["classes"]},
         "variants": [r.summary() for r in results],
         "selected": selected.name,
-        "test": {"loss": test["loss"], "accuracy": test["accuracy"], "per_class": test["per_class"]},
+        "comparison": comparison,
+        "test": {k: test[k] for k in TEST_FIELDS if k in test},
         "versions": versions(),
         "device": selected.device,
         "flow_run_id": run["flow_run_id"],
@@ -85,7 +90,7 @@ REPORT_FILES = ["manifest.json", "report.md", "model/weights.safetensors", "mode
 @task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=is_io_error)
 def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
-                test: dict, store_uri: str) -> dict:
+                test: dict, store_uri: str, comparison: dict | None = None) -> dict:
     """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins.
 
     Safe to retry: every write replaces itself, and a champion that already names
@@ -95,17 +100,18 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     run_id = run["run_id"]
     out = local_run_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(run, params, dataset, results, selected, test)
+    manifest = build_manifest(run, params, dataset, results, selected, test, comparison)
     artifacts: dict[str, dict] = {}
     for r in results:
         artifacts.update(r.artifacts)
     artifacts.update(test["artifacts"])
 
     histories = {}
-    for r in results:  # each variant's history, from the store (it may have trained on another machine)
-        key = variant_key(run_id, r.name, "history.csv")
+    for r in results:  # each variant's (best repeat's) history, from the store (it may have trained elsewhere)
+        unit = Unit(r.name, r.seed if r.seed is not None else params["seed"], params["repeats"] > 1)
+        key = unit.key(run_id, "history.csv")
         if store.exists(key):
-            local = store.get_file(key, out / "variants" / r.name / "history.csv")
+            local = store.get_file(key, out / "variants" / unit.folder / "history.csv")
             if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
                 histories[r.name] = pd.read_csv(local)
     plot_curves(histories, out / "curves.png")
@@ -115,16 +121,30 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     ident = champion.identity(candidate)
     manifest["dataset"]["identity"] = ident
     margin = params["promote_margin"]
+    faced = {"test": test.get("champion_comparison")}  # the champion comparison the decision rests on
+
+    def judge(current: dict) -> tuple[bool, str]:
+        """The test's paired comparison with `current`; a champion that changed since the
+        test (another run won meanwhile) is faced now, on the same test images."""
+        c = faced["test"]
+        if c is None or c["champion_run_id"] != current["run_id"]:
+            c = face_champion_again(store, current, run_id, dataset, params["split_seed"],
+                                    params["promote_confidence"], margin)
+        faced["final"] = c
+        return c["promote"], c["reason"]
+
     # every file of the run is stored, the manifest included, before the champion is
     # touched; the manifest claims a promotion only once the champion names this run
     current = champion.read(store, ident)
-    promoted, reason = champion.decide(current, candidate, margin)
+    promoted, reason = champion.decide(current, candidate, margin, judge)
     # report.md stays in the store for good: relative links, never presigned ones (they
     # carry credentials and expire); the UI gets presigned links in tasks/artifacts.py
     folder = store.uri_for(run_key(run_id))
 
     def seal(promoted: bool, reason: str, compared_with: str | None) -> dict:
         m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with}
+        if faced.get("final") is not None and faced["final"]["champion_run_id"] == compared_with:
+            m["test"] = {**m["test"], "champion_comparison": faced["final"]}
         (out / "report.md").write_text(render_markdown(m, {name: name for name in REPORT_FILES}, folder))
         arts = {**artifacts, "report.md": store.put_file(run_key(run_id, "report.md"), out / "report.md")}
         m["artifacts"] = arts
@@ -136,7 +156,7 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
                                  None if current is None else current["run_id"])
     final = seal(*decision)
     if promoted:  # decided again inside promote(): another run may have won meanwhile
-        decision = champion.promote(store, candidate, margin, flow_run_id=run["flow_run_id"])
+        decision = champion.promote(store, candidate, margin, flow_run_id=run["flow_run_id"], judge=judge)
         final = seal(*decision)
     print(f"promoted: {final['promoted']} ({final['promotion_reason']})")
     if decision.compared_with is None:

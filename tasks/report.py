@@ -45,11 +45,18 @@ def plot_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
 
 def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
     """One row per variant (the manifest's variant entries) for the UI's table artifact
-    and the report; `attempts` counts the flow or task runs a variant took."""
+    and the report; `attempts` counts the flow or task runs a variant took. The mean
+    validation accuracy over its repeats and its 95% interval decide; the other numbers
+    are its best repeat's."""
     def r(x, n=4):
         return None if x is None else round(x, n)
 
+    def interval(ci):
+        return "" if not ci else f"{ci[0]:.4f} to {ci[1]:.4f}"
+
     return [{"variant": v["name"], "selected": v["name"] == selected, "status": v["status"],
+             "repeats": len(v.get("repeats") or [None]), "val_accuracy_mean": r(v.get("val_accuracy_mean")),
+             "val_accuracy_95": interval(v.get("val_accuracy_ci")),
              "attempts": v.get("attempts", 1), "epochs_run": v.get("epochs_run"), "best_epoch": v.get("best_epoch"),
              "val_loss": r(v.get("val_loss")), "val_accuracy": r(v.get("val_accuracy")),
              "seconds": r(v.get("seconds"), 1), "note": v.get("error") or ""} for v in variants]
@@ -62,6 +69,8 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
     not_compared = ("" if manifest.get("compared_with") or "identity" not in d else
                     f"**Not compared** with any champion: dataset `{d['identity']}` had none.")
     rows = variants_table(manifest["variants"], manifest["selected"])
+    comparison = manifest.get("comparison")
+    versus = t.get("champion_comparison")
     lines = [
         f"# train-cifar run `{manifest['run_id']}`",
         "",
@@ -72,10 +81,14 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
         f"**Test accuracy {t['accuracy']:.4f}**, test loss {t['loss']:.4f}. "
         f"Promoted to champion: **{'yes' if manifest['promoted'] else 'no'}** ({manifest['promotion_reason']}).",
         *([not_compared, ""] if not_compared else [""]),
+        *([f"Against champion `{versus['champion_run_id']}` on the same test images: {versus['reason']}.", ""]
+          if versus else []),
         "## Variants (validation)",
         "",
         pd.DataFrame(rows).to_markdown(index=False) if rows else "",
         "",
+        *([f"Selected against the runner-up on the same validation images: {comparison['sentence']}.", ""]
+          if comparison else []),
         "## Per-class test accuracy",
         "",
         pd.DataFrame({"class": list(t["per_class"]), "accuracy": [round(a, 4) for a in t["per_class"].values()]}

@@ -1,5 +1,6 @@
-"""A variant's result: the one record that training writes (as the variant's
-`metrics.json` in the store) and that the parent, selection and the report read."""
+"""A variant's result: the one record that training writes for each repeat (as the
+repeat's `metrics.json` in the store), that scoring combines into the variant's
+(tasks/scoring.py), and that the parent, selection and the report read."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from store import Store
-from tasks.common import variant_key
+from tasks.common import Unit
 
 METRICS = "metrics.json"
 STATUSES = ("completed", "early_stopped", "diverged", "failed")
@@ -30,6 +31,13 @@ class VariantResult:
     artifacts: dict[str, dict] = field(default_factory=dict)  # name -> {uri, sha256, bytes}
     attempts: int = 1  # flow runs (or task runs) it took
     flow_run_id: str | None = None  # the flow run that trained it
+    seed: int | None = None  # the repeat's seed (a variant's record: its best repeat's)
+    predictions_key: str | None = None  # store key of the best epoch's val predictions, (N_val,) uint8
+    # a variant's record only (tasks/scoring.py), None in a repeat's metrics.json:
+    repeats: list[dict] | None = None  # each repeat: seed, status, best_epoch, val_loss, val_accuracy, seconds
+    val_accuracy_mean: float | None = None  # over the selectable repeats
+    val_loss_mean: float | None = None  # over the selectable repeats: breaks ties of the mean accuracy
+    val_accuracy_ci: list[float] | None = None  # [low, high], 95%, over seeds and images
 
     @classmethod
     def failed(cls, name: str, error: str, **known) -> VariantResult:
@@ -49,12 +57,17 @@ class VariantResult:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def read(cls, store: Store, run_id: str, variant: str) -> VariantResult | None:
-        """The variant's record in the store, or None if it has not finished."""
-        d = store.read_json(variant_key(run_id, variant, METRICS))
+    def read(cls, store: Store, run_id: str, unit: Unit) -> VariantResult | None:
+        """The unit's record in the store, or None if it has not finished."""
+        d = store.read_json(unit.key(run_id, METRICS))
         return None if d is None else cls.from_dict(d)
 
     def summary(self) -> dict:
         """The manifest's per-variant fields."""
         return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
-                                               "val_accuracy", "seconds", "attempts", "error")}
+                                               "val_accuracy", "seconds", "attempts", "error", "repeats",
+                                               "val_accuracy_mean", "val_accuracy_ci", "val_loss_mean")}
+
+    def repeat_summary(self) -> dict:
+        """This repeat's entry in its variant's `repeats`."""
+        return {k: getattr(self, k) for k in ("seed", "status", "best_epoch", "val_loss", "val_accuracy", "seconds")}

@@ -1,4 +1,7 @@
-"""select_variant: choose by validation only; the test split is not looked at here."""
+"""select_variant: choose by validation only; the test split is not looked at here.
+
+A variant trained several times (repeats) is ranked by its mean over them; its model
+is its best repeat's (tasks/scoring.py)."""
 from __future__ import annotations
 
 from prefect import task
@@ -7,21 +10,27 @@ from tasks.results import VariantResult
 
 
 def rank_key(result: VariantResult, metric: str) -> tuple[float, float]:
-    """Smaller is better: validation accuracy (higher first) or loss, ties by lower loss."""
+    """Smaller is better: validation accuracy (higher first) or loss, ties by lower loss;
+    a variant's means over its repeats where it has them, else its own values (one repeat's)."""
+    acc = result.val_accuracy if result.val_accuracy_mean is None else result.val_accuracy_mean
+    loss = result.val_loss if result.val_loss_mean is None else result.val_loss_mean
     if metric == "val_accuracy":
-        return (-result.val_accuracy, result.val_loss)
+        return (-acc, loss)
     if metric == "val_loss":
-        return (result.val_loss, -result.val_accuracy)
+        return (loss, -acc)
     raise ValueError(f"Invalid select_metric {metric!r}. Only val_accuracy and val_loss are supported.")
 
 
 @task(name="select-variant")
 def select_variant(results: list[VariantResult], metric: str) -> VariantResult:
-    """The best variant by `metric`; diverged or failed variants are never chosen."""
+    """The best variant by `metric` (its mean over repeats); diverged or failed variants are never chosen."""
     ok = [r for r in results if r.selectable]
     if not ok:
         why = "; ".join(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else "") for r in results)
         raise RuntimeError(f"no variant finished training, nothing to select: {why}")
     best = min(ok, key=lambda r: rank_key(r, metric))
-    print(f"selected {best.name} by {metric}: val_acc {best.val_accuracy:.4f} val_loss {best.val_loss:.4f}")
+    acc, loss = rank_key(best, "val_accuracy")
+    print(f"selected {best.name} by {metric}: val_acc {-acc:.4f} val_loss {loss:.4f}"
+          + (f" (means over {len(best.repeats)} repeats; tested: seed {best.seed}'s model)"
+             if best.repeats and len(best.repeats) > 1 else ""))
     return best

@@ -1,4 +1,4 @@
-"""Training one variant of one run: the unit of work, checkpointed to the store every epoch.
+"""Training one repeat of one variant of a run: the unit of work, checkpointed to the store every epoch.
 
 `train_unit` is the same whether it runs in a lane of the train-cifar flow (the
 `train_variant` task below) or in a flow run of its own on another machine
@@ -33,11 +33,12 @@ from store import open_store
 from store.lease import Lease
 from store.uploader import Uploader
 from tasks.cache import drop_local_copies
-from tasks.common import current_owner, flow_run_is_over, local_run_dir, materialize, variant_key
+from tasks.common import Unit, current_owner, flow_run_is_over, local_run_dir, materialize
 from tasks.data import PREPARED_FILES
 from tasks.results import METRICS, VariantResult
 
 LEASE = "lease.json"
+PREDICTIONS = "val_predictions.safetensors"  # tensor "predicted": (N_val,) uint8, the best epoch's classes
 
 
 def _fmt(row: dict, variant: str, epochs: int, images: int) -> str:
@@ -71,33 +72,36 @@ def device_name(device: str) -> str:
 
 
 def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed: int, subset: int | None,
-               run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None) -> VariantResult:
-    """Train `cfg.variant` of run `run_id` (or return its stored result); resume from
-    its checkpoint in the store if there is one. Store outages up to `store_outage_minutes`
-    are waited out (None: none is)."""
+               run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
+               repeated: bool = False) -> VariantResult:
+    """Train `cfg.variant` with `cfg.seed` in run `run_id` (or return its stored result);
+    resume from its checkpoint in the store if there is one. `repeated`: the run trains
+    several seeds of each variant, so this one's files go to variants/<variant>/seed-<seed>/.
+    Store outages up to `store_outage_minutes` are waited out (None: none is)."""
     store = open_store(store_uri, outage_minutes=store_outage_minutes or 0)  # a PatientStore
-    v = cfg.variant
-    done = VariantResult.read(store, run_id, v)
+    unit = Unit(cfg.variant, cfg.seed, repeated)
+    done = VariantResult.read(store, run_id, unit)
     if done is not None:
-        print(f"{v}: already trained ({done.status}, {store.uri_for(variant_key(run_id, v, METRICS))}); not again")
+        print(f"{unit.label}: already trained ({done.status}, {store.uri_for(unit.key(run_id, METRICS))}); not again")
         return done
     owner = current_owner()
     # the lease renews itself (and is renewed before each upload) on the store that fails
     # fast: its callers try again; only the claim waits out an outage
-    with Lease(store.inner, variant_key(run_id, v, LEASE), owner, owner_is_gone=flow_run_is_over,
+    with Lease(store.inner, unit.key(run_id, LEASE), owner, owner_is_gone=flow_run_is_over,
                outage=store.outage) as lease:
-        out = _train_leased(cfg, store, lease, dataset_key, dataset_md5, split_seed, subset, run_id, device, owner)
+        out = _train_leased(cfg, unit, store, lease, dataset_key, dataset_md5, split_seed, subset, run_id, device,
+                            owner)
     # everything it wrote is in the store now, its SHA-256 checked there
-    drop_local_copies(store, run_id, "variants", v)
+    drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
     return out
 
 
-def _train_leased(cfg, store, lease: Lease, dataset_key, dataset_md5, split_seed, subset, run_id, device,
-                  owner) -> VariantResult:
-    v = cfg.variant
-    workdir = local_run_dir(run_id) / "variants" / v
+def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5, split_seed, subset, run_id,
+                  device, owner) -> VariantResult:
+    v = unit.label
+    workdir = local_run_dir(run_id) / "variants" / unit.folder
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_key = variant_key(run_id, v, CHECKPOINT)
+    ckpt_key = unit.key(run_id, CHECKPOINT)
     if store.exists(ckpt_key):
         # the store's checkpoint wins over a local one: another machine may have gone on since
         store.get_file(ckpt_key, workdir / CHECKPOINT)
@@ -110,34 +114,38 @@ def _train_leased(cfg, store, lease: Lease, dataset_key, dataset_md5, split_seed
     data = load_splits(prepared, split_seed, subset)
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
     history_csv = workdir / "history.csv"
-    history_key = variant_key(run_id, v, "history.csv")
+    history_key = unit.key(run_id, "history.csv")
     # uploads go to the store that fails fast: the uploader does its own waiting, in the
     # background; the lease is renewed before each (LeaseLost: this writer stops)
     with Uploader(store.inner, store.outage, workdir / ".uploading", before=lease.renew) as uploader:
-        result, artifacts = _train_epochs(cfg, data, device, workdir, uploader, progress_id, history_csv,
+        result, artifacts = _train_epochs(cfg, unit, data, device, workdir, uploader, progress_id, history_csv,
                                           # the checkpoint first: the history never claims an epoch it lacks
                                           {ckpt_key: workdir / CHECKPOINT, history_key: history_csv})
-    weights_key = None
+    weights_key = predictions_key = None
     if result["best_state"] is not None:
         save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(workdir / "best.safetensors"))
-        weights_key = variant_key(run_id, v, "best.safetensors")
-        artifacts[f"{v}/best.safetensors"] = store.put_file(weights_key, workdir / "best.safetensors")
+        weights_key = unit.key(run_id, "best.safetensors")
+        artifacts[f"{unit.folder}/best.safetensors"] = store.put_file(weights_key, workdir / "best.safetensors")
+    if result["best_predictions"] is not None:
+        save_file({"predicted": result["best_predictions"].contiguous()}, str(workdir / PREDICTIONS))
+        predictions_key = unit.key(run_id, PREDICTIONS)
+        artifacts[f"{unit.folder}/{PREDICTIONS}"] = store.put_file(predictions_key, workdir / PREDICTIONS)
     out = VariantResult(
-        name=v, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
+        name=cfg.variant, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
         error=result["error"], weights_key=weights_key, config=cfg.__dict__, artifacts=artifacts,
-        flow_run_id=owner)
+        flow_run_id=owner, seed=cfg.seed, predictions_key=predictions_key)
     (workdir / METRICS).write_text(out.to_json())
     store.outage.call(lease.renew)  # LeaseLost if another writer took over meanwhile
-    out.artifacts[f"{v}/{METRICS}"] = store.put_file(variant_key(run_id, v, METRICS), workdir / METRICS)
+    out.artifacts[f"{unit.folder}/{METRICS}"] = store.put_file(unit.key(run_id, METRICS), workdir / METRICS)
     return out
 
 
-def _train_epochs(cfg, data, device, workdir, uploader: Uploader, progress_id, history_csv,
+def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, progress_id, history_csv,
                   files: dict) -> tuple[dict, dict[str, dict]]:
     """Train, handing each epoch's checkpoint and history (`files`: key -> local path) to
     the uploader; (the training result, the stored files' records once all have landed)."""
-    v = cfg.variant
+    v = unit.label
     earlier: list[dict] = []  # epochs trained before a resume, so the CSV stays whole
     if (workdir / CHECKPOINT).exists():
         earlier = read_history(workdir / CHECKPOINT)  # the JSON part alone: nothing unpickled
@@ -161,14 +169,15 @@ def _train_epochs(cfg, data, device, workdir, uploader: Uploader, progress_id, h
     if (result["status"] == "diverged" or not trained) and (workdir / CHECKPOINT).exists():
         upload(result["history"])
     uploader.flush()  # within the outage window, before anything claims the variant is done
-    names = {key: f"{v}/{path.name}" for key, path in files.items()}
+    names = {key: f"{unit.folder}/{path.name}" for key, path in files.items()}
     return result, {names[key]: rec for key, rec in uploader.uploaded.items()}
 
 
 # never served from cache: a run always trains; resuming is the checkpoint's job
-@task(name="train-variant", cache_policy=NO_CACHE, task_run_name="train-{cfg.variant}")
+@task(name="train-variant", cache_policy=NO_CACHE, task_run_name="train-{label}")
 def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
-                  run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None) -> VariantResult:
-    """Train one variant in this process; resume from its checkpoint in the store if one exists."""
+                  run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
+                  repeated: bool = False, label: str = "") -> VariantResult:
+    """Train one repeat of one variant in this process; resume from its checkpoint in the store if one exists."""
     return train_unit(cfg, dataset["key"], dataset["md5"], split_seed, subset, run_id, store_uri, device,
-                      store_outage_minutes)
+                      store_outage_minutes, repeated)

@@ -164,7 +164,10 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
     other = train_cifar(run_id="run-b", **kw)
     assert other["promoted"] is False and other["compared_with"] == "run-a"
     m = json.loads((store / "runs/run-b/manifest.json").read_text())
-    assert "does not beat champion run-a" in m["promotion_reason"]
+    # the champion's model was tested on the same images: (nearly) the same predictions
+    faced = m["test"]["champion_comparison"]
+    assert faced["champion_run_id"] == "run-a" and abs(faced["difference"]) < 0.05 and faced["ci"][0] <= 0
+    assert "champion run-a" in m["promotion_reason"] and "not enough to promote" in m["promotion_reason"]
 
 
 @pytest.mark.parametrize("variants,devices,per_device", [

@@ -200,12 +200,12 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
     cfg = make_config("seed", "flip", epochs=2, patience=5, seed=0)
     real_train = tasks.training.train
 
-    def dies_after_epoch_1(cfg, data, device, workdir, on_epoch):
+    def dies_after_epoch_1(cfg, data, device, workdir, on_epoch, **kw):
         def upload_then_die(row, ckpt):
             on_epoch(row, ckpt)  # epoch 1's checkpoint reaches the store...
             raise MachineLost("after epoch 1")  # ...then the machine goes away
 
-        return real_train(cfg, data, device, workdir, on_epoch=upload_then_die)
+        return real_train(cfg, data, device, workdir, on_epoch=upload_then_die, **kw)
 
     monkeypatch.setattr(tasks.training, "train", dies_after_epoch_1)
     with pytest.raises(MachineLost):

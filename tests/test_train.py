@@ -47,7 +47,11 @@ def test_loss_falls(tiny, data, tmp_path):
     assert result["val_loss"] == min(r["val_loss"] for r in h)
     assert result["val_accuracy"] > 0.2  # ten classes: chance is 0.1
     assert set(result) == {"status", "epochs_run", "best_epoch", "val_loss", "val_accuracy", "seconds",
-                           "history", "best_state", "error"}
+                           "history", "best_state", "best_predictions", "error"}
+    # the best epoch's predicted classes, one per validation image, agree with its accuracy
+    pred = result["best_predictions"]
+    assert pred.dtype == torch.uint8 and pred.shape == data.val_y.shape
+    assert (pred.long() == data.val_y).float().mean().item() == pytest.approx(result["val_accuracy"])
 
 
 def test_early_stopping_stops(tiny, data, tmp_path, monkeypatch):
@@ -79,6 +83,7 @@ def test_resume_continues_with_the_same_history(tiny, data, tmp_path):
     assert resumed["status"] == whole["status"] == "completed"
     for k, v in whole["best_state"].items():
         assert torch.equal(resumed["best_state"][k], v), k
+    assert torch.equal(resumed["best_predictions"], whole["best_predictions"])  # kept in the checkpoint
     # a finished variant is not trained again
     again = train(cfg, data, CPU, tmp_path / "cut", on_epoch=lambda row, ckpt: seen.append(-1))
     assert -1 not in seen and no_seconds(again["history"]) == no_seconds(whole["history"])
