@@ -15,7 +15,7 @@ from prefect.events import emit_event
 from store import champion, open_store
 from cnn.data import split_sizes
 from tasks.common import is_io_error, local_run_dir, run_key, variant_key
-from tasks.report import plot_curves, render_markdown
+from tasks.report import VARIANTS, plot_curves, plot_variants, render_markdown
 from tasks.results import VariantResult
 
 NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
@@ -110,6 +110,8 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
                 histories[r.name] = pd.read_csv(local)
     plot_curves(histories, out / "curves.png")
     artifacts["curves.png"] = store.put_file(run_key(run_id, "curves.png"), out / "curves.png")
+    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS)  # dots and intervals, the report's
+    artifacts[VARIANTS] = store.put_file(run_key(run_id, VARIANTS), out / VARIANTS)
 
     candidate = champion_record(manifest, store)
     ident = champion.identity(candidate)
