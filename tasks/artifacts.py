@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from store import open_store
 from tasks.common import run_key
 from tasks.publish import REPORT_FILES
-from tasks.report import render_markdown, variants_table
+from tasks.report import REPORT_IMAGES, data_uri, render_markdown, variants_table
 
 
 @task(name="create-run-artifacts", cache_policy=NO_CACHE)
@@ -37,8 +37,17 @@ def _create(run_id: str, store_uri: str, link_expiry_hours: int) -> None:
              for name in REPORT_FILES}
     create_table_artifact(variants_table(manifest["variants"], manifest["selected"]), key="variant-comparison",
                           description=f"Run {run_id}: augmentation variants on validation (final)")
-    create_markdown_artifact(render_markdown(manifest, links), key="report", description=f"Run {run_id}: test report")
+    create_markdown_artifact(render_markdown(manifest, links, images=_inline_images(store, run_id)), key="report",
+                             description=f"Run {run_id}: test report")
     create_link_artifact(links["manifest.json"], "manifest.json", key="manifest", description=f"Run {run_id} manifest")
     create_link_artifact(links["model/model.pt2"], "portable model", key="model",
                          description=f"Run {run_id}: torch.export program, loads with torch alone")
     create_link_artifact(links["report.md"], "report.md", key="report-file", description=f"Run {run_id} report")
+
+
+def _inline_images(store, run_id: str) -> dict[str, str]:
+    """The report's figures as data URIs: the UI shows them with nothing to serve them
+    (a local store's file:// link is one a browser will not open from a web page, and a
+    presigned one expires); a figure the run lacks is left out."""
+    found = {name: store.read_versioned(run_key(run_id, *name.split("/")))[0] for name in REPORT_IMAGES}
+    return {name: data_uri(png) for name, png in found.items() if png is not None}

@@ -14,8 +14,8 @@ from prefect.events import emit_event
 
 from store import champion, open_store
 from cnn.data import split_sizes
-from tasks.common import Unit, is_io_error, local_run_dir, run_key
-from tasks.report import plot_curves, render_markdown
+from tasks.common import is_io_error, local_run_dir, run_key, units_of
+from tasks.report import VARIANTS, plot_curves, plot_variants, render_markdown
 from tasks.results import VariantResult
 from tasks.testing import face_champion_again
 
@@ -106,16 +106,17 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
         artifacts.update(r.artifacts)
     artifacts.update(test["artifacts"])
 
-    histories = {}
-    for r in results:  # each variant's (best repeat's) history, from the store (it may have trained elsewhere)
-        unit = Unit(r.name, r.seed if r.seed is not None else params["seed"], params["repeats"] > 1)
-        key = unit.key(run_id, "history.csv")
+    histories: dict[str, list[pd.DataFrame]] = {}  # every repeat's, drawn as their mean and band
+    for unit in units_of([r.name for r in results], params["seed"], params["repeats"]):
+        key = unit.key(run_id, "history.csv")  # from the store: it may have trained elsewhere
         if store.exists(key):
             local = store.get_file(key, out / "variants" / unit.folder / "history.csv")
             if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
-                histories[r.name] = pd.read_csv(local)
+                histories.setdefault(unit.variant, []).append(pd.read_csv(local))
     plot_curves(histories, out / "curves.png")
     artifacts["curves.png"] = store.put_file(run_key(run_id, "curves.png"), out / "curves.png")
+    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS)  # dots and intervals, the report's
+    artifacts[VARIANTS] = store.put_file(run_key(run_id, VARIANTS), out / VARIANTS)
 
     candidate = champion_record(manifest, store)
     ident = champion.identity(candidate)

@@ -1,45 +1,122 @@
-"""The run's human-readable report: markdown tables and matplotlib figures."""
+"""The run's human-readable report: markdown tables and matplotlib figures.
+
+The figures go into the store beside report.md (linked relatively) and, inlined as
+data URIs, into the Prefect UI's markdown artifacts; so they are drawn small: few
+pixels (DPI) and a palette of few colours, a few tens of KB each.
+"""
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: its global state is not thread-safe, and lanes are threads
+from PIL import Image
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+DPI = 80
+COLOURS = 64  # plots are a few flat colours and their antialiased edges
+
+# the run's figures, relative to its folder, and the title each has in the report
+CURVES, VARIANTS, CONFUSION = "curves.png", "variants.png", "model/confusion_matrix.png"
+REPORT_IMAGES = {CURVES: "Validation curves", VARIANTS: "Validation accuracy by variant",
+                 CONFUSION: "Confusion matrix (test)"}
+
+
+def save_png(fig: Figure, path: Path | None = None) -> bytes:
+    """`fig` as a small palette PNG: written to `path` if given, and returned."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    img = Image.open(buf).convert("RGB").quantize(colors=COLOURS, method=Image.Quantize.FASTOCTREE)
+    out = io.BytesIO()
+    img.save(out, format="png", optimize=True)
+    if path is not None:
+        path.write_bytes(out.getvalue())
+    return out.getvalue()
+
+
+def data_uri(png: bytes) -> str:
+    """A PNG as a `data:` URI: an image the UI shows with no file server behind it."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    fig = Figure(figsize=(6.5, 5.5))
+    ax = fig.subplots()
     im = ax.imshow(confusion, cmap="Blues")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    dark = 0.6 * max(max(row) for row in confusion)  # where Blues is too dark for black digits
     for i, row in enumerate(confusion):
         for j, n in enumerate(row):
-            ax.text(j, i, n, ha="center", va="center", fontsize=7)
+            ax.text(j, i, n, ha="center", va="center", fontsize=7, color="white" if n > dark else "black")
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
-def plot_curves(histories: dict[str, pd.DataFrame], path: Path) -> Path:
-    """Validation loss and accuracy per epoch, one line per variant."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+def _repeats(h: pd.DataFrame | list[pd.DataFrame]) -> list[pd.DataFrame]:
+    """A variant's histories (one per repeat); a single frame is one repeat."""
+    return [f for f in ([h] if isinstance(h, pd.DataFrame) else list(h)) if len(f)]
+
+
+def draw_curves(histories: dict[str, pd.DataFrame | list[pd.DataFrame]], figsize=(11, 4)) -> Figure:
+    """Validation loss and accuracy per epoch, one line per variant: with several
+    repeats, their mean per epoch and a band from the lowest to the highest repeat
+    (a repeat that stopped early counts up to its last epoch)."""
+    fig = Figure(figsize=figsize)
+    a, b = fig.subplots(1, 2)
     for name, h in histories.items():
-        if len(h):
-            a.plot(h["epoch"], h["val_loss"], marker=".", label=name)
-            b.plot(h["epoch"], h["val_accuracy"], marker=".", label=name)
+        frames = _repeats(h)
+        if not frames:
+            continue
+        per_epoch = pd.concat(frames).groupby("epoch")[["val_loss", "val_accuracy"]]
+        mean = per_epoch.mean()
+        label = name if len(frames) == 1 else f"{name} (mean of {len(frames)})"
+        for ax, col in ((a, "val_loss"), (b, "val_accuracy")):
+            line, = ax.plot(mean.index, mean[col], marker=".", label=label)
+            if len(frames) > 1:
+                ax.fill_between(mean.index, per_epoch.min()[col], per_epoch.max()[col],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
     a.set(xlabel="epoch", ylabel="validation loss")
     b.set(xlabel="epoch", ylabel="validation accuracy")
-    b.legend(fontsize=8)
+    if b.lines:
+        b.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def plot_curves(histories: dict[str, pd.DataFrame | list[pd.DataFrame]], path: Path) -> Path:
+    """Validation loss and accuracy per epoch, one line (or mean and band) per variant."""
+    save_png(draw_curves(histories), path)
+    return path
+
+
+def plot_variants(variants: list[dict], selected: str | None, path: Path) -> Path:
+    """Each variant's validation accuracy as a dot with its 95% interval (the manifest's
+    `val_accuracy_mean` and `val_accuracy_ci` [low, high] where repeats gave them, else
+    the plain `val_accuracy`, a dot alone); the selected variant in red, named so."""
+    shown = [v for v in variants if v.get("val_accuracy_mean", v.get("val_accuracy")) is not None]
+    fig = Figure(figsize=(6.5, 1.0 + 0.35 * max(1, len(shown))))
+    ax = fig.subplots()
+    for y, v in enumerate(reversed(shown)):  # the first variant on top
+        x = v.get("val_accuracy_mean", v.get("val_accuracy"))
+        ci = v.get("val_accuracy_ci")
+        colour = "tab:red" if v["name"] == selected else "tab:blue"
+        xerr = None if not ci else [[x - ci[0]], [ci[1] - x]]
+        ax.errorbar([x], [y], xerr=xerr, fmt="o", color=colour, capsize=4,
+                    markersize=8 if v["name"] == selected else 6)
+    ax.set_yticks(range(len(shown)), [v["name"] + (" (selected)" if v["name"] == selected else "")
+                                      for v in reversed(shown)])
+    ax.set_ylim(-0.7, len(shown) - 0.3)
+    missing = [v["name"] for v in variants if v not in shown]
+    ax.set_xlabel("validation accuracy" + ("  (no model: " + ", ".join(missing) + ")" if missing else ""))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path)
     return path
 
 
@@ -62,9 +139,18 @@ def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
              "seconds": r(v.get("seconds"), 1), "note": v.get("error") or ""} for v in variants]
 
 
-def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = None) -> str:
-    """The report shown in the Prefect UI (presigned `links`) and stored as report.md
-    (`links` relative to the run's `folder`, a store URI: nothing that expires or signs)."""
+def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = None,
+                    images: dict[str, str] | None = None) -> str:
+    """The report shown in the Prefect UI (presigned `links`, `images` inlined as data
+    URIs) and stored as report.md (`links` and `images` relative to the run's `folder`, a
+    store URI: nothing that expires or signs). `images` maps REPORT_IMAGES' names to
+    where each is shown from (default: the names themselves, relative); one left out is
+    not shown."""
+    images = {name: name for name in REPORT_IMAGES} if images is None else images
+
+    def image(name: str) -> list[str]:
+        return [f"![{REPORT_IMAGES[name]}]({images[name]})", ""] if name in images else []
+
     t, d = manifest["test"], manifest["dataset"]
     not_compared = ("" if manifest.get("compared_with") or "identity" not in d else
                     f"**Not compared** with any champion: dataset `{d['identity']}` had none.")
@@ -85,6 +171,8 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
           if versus else []),
         "## Variants (validation)",
         "",
+        *image(CURVES),
+        *image(VARIANTS),
         pd.DataFrame(rows).to_markdown(index=False) if rows else "",
         "",
         *([f"Selected against the runner-up on the same validation images: {comparison['sentence']}.", ""]
@@ -94,6 +182,7 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
         pd.DataFrame({"class": list(t["per_class"]), "accuracy": [round(a, 4) for a in t["per_class"].values()]}
                      ).to_markdown(index=False),
         "",
+        *image(CONFUSION),
         f"Dataset `{d['source']}` md5 `{d['md5']}`, split seed {d['split_seed']}, sizes {d['sizes']}. "
         f"Device {manifest['device']}; git {manifest['git_sha']}.",
         "",

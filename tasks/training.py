@@ -35,6 +35,7 @@ from store.uploader import Uploader
 from tasks.cache import drop_local_copies
 from tasks.common import Unit, current_owner, flow_run_is_over, local_run_dir, materialize
 from tasks.data import PREPARED_FILES
+from tasks.live import show_curves
 from tasks.results import METRICS, VariantResult
 
 LEASE = "lease.json"
@@ -160,10 +161,12 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
         trained.append(row)
         upload(earlier + trained)
         update_progress_artifact(progress_id, 100.0 * row["epoch"] / cfg.epochs)
+        show_curves(v, earlier + trained, cfg.epochs)  # the UI's picture, redrawn every 30 s at most
 
     result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch,
                    on_progress=terminal_progress(v, cfg.epochs, cfg.batch_size, len(data.train_y)))
     update_progress_artifact(progress_id, 100.0, description=f"{v}: {result['status']} after {result['epochs_run']} epochs")
+    show_curves(v, result["history"], cfg.epochs, status=result["status"])
     # every epoch uploaded itself; only a divergence (its checkpoint is saved after the
     # last good epoch) or a resume with nothing left to train leaves the store behind
     if (result["status"] == "diverged" or not trained) and (workdir / CHECKPOINT).exists():
