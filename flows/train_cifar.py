@@ -144,6 +144,10 @@ def _summary(results: list, selected: str, out: dict) -> None:
     print(f"test accuracy {out['test_accuracy']:.4f}; promoted: {out['promoted']}")
 
 
+def _help(field) -> str:
+    return field.description.replace("%", "%%")  # argparse %-formats help: "95%" would break it
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Flags mirror RunParams: names, help and defaults come from its fields."""
     ap = argparse.ArgumentParser(prog="python -m flows.train_cifar", description=__doc__.split("\n")[0],
@@ -152,13 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         default = field.get_default(call_default_factory=True)
         if field.annotation is bool:
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=field.description)
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_help(field))
         elif name == "variants":
-            ap.add_argument(flag, default=",".join(default), metavar="A,B,...", help=field.description + " (comma-separated)")
+            ap.add_argument(flag, default=",".join(default), metavar="A,B,...", help=_help(field) + " (comma-separated)")
         elif typing.get_origin(field.annotation) is typing.Literal:
-            ap.add_argument(flag, choices=typing.get_args(field.annotation), default=default, help=field.description)
+            ap.add_argument(flag, choices=typing.get_args(field.annotation), default=default, help=_help(field))
         else:
-            ap.add_argument(flag, default=default, help=field.description, metavar=name.upper())
+            ap.add_argument(flag, default=default, help=_help(field), metavar=name.upper())
     return ap
 
 

@@ -380,7 +380,7 @@ def _outage_after_epoch(monkeypatch, epoch: int, proxy, back_after_s: float | No
     real_train = tasks.training.train
     ended: list[tuple[int, float]] = []
 
-    def train_with_outage(cfg, data, device, workdir, on_epoch):
+    def train_with_outage(cfg, data, device, workdir, on_epoch, **kwargs):
         def hook(row, ckpt):
             on_epoch(row, ckpt)
             ended.append((row["epoch"], time.monotonic()))
@@ -391,7 +391,7 @@ def _outage_after_epoch(monkeypatch, epoch: int, proxy, back_after_s: float | No
                     timer.daemon = True
                     timer.start()
 
-        return real_train(cfg, data, device, workdir, on_epoch=hook)
+        return real_train(cfg, data, device, workdir, on_epoch=hook, **kwargs)
 
     monkeypatch.setattr(tasks.training, "train", train_with_outage)
     return ended
