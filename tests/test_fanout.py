@@ -234,6 +234,24 @@ def test_fan_out_trains_each_variant_as_its_own_flow_run(cluster, bucket):
     spans = sorted((k.start_time, k.end_time) for k in kids.values())
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:])), spans
 
+    # the UI: every variant in the run's table from the start (pending), attempts in the
+    # last version, and each child with a progress artifact of its own
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    def artifacts(run, key=None):
+        f = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run]),
+                           key=ArtifactFilterKey(any_=[key]) if key else None)
+        return c.read_artifacts(artifact_filter=f, sort=ArtifactSort.CREATED_DESC)
+
+    with client(cluster.env) as c:
+        tables = [json.loads(a.data) if isinstance(a.data, str) else a.data
+                  for a in artifacts(parent.id, "variant-comparison")]
+        progress = {k.name: [a.key for a in artifacts(k.id)] for k in kids.values()}
+    assert [(r["variant"], r["status"]) for r in tables[-1]] == [(v, "pending") for v in variants]  # the first
+    assert [(r["variant"], r["attempts"]) for r in tables[0]] == [(v, 1) for v in variants]  # the last
+    assert all(f"progress-{v}" in progress[f"{run_id}-{v}-a1"] for v in variants), progress
+
     # the manifest is complete, and selection is what the in-process path chose on the same seeds
     m = manifest(bucket, run_id)
     assert m["flow_run_id"] == str(parent.id) and m["variant_deployment"] == "train-variant/local"
@@ -372,3 +390,32 @@ def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster
     assert done.state.is_completed(), f"{done.state!r}\n{cluster.tail()}"
     assert list(history(bucket, "dup-1", "flip")["epoch"]) == [1, 2, 3, 4]
     assert manifest(bucket, "dup-1")["flow_run_id"] == str(first)
+
+
+def test_children_unfinished_at_the_deadline_are_cancelled_and_reported(cluster, bucket):
+    cluster.ensure_nodes()
+    parent = start_run(cluster.env, *SYNTHETIC, "epochs=60", "patience=60", "fanout_deadline_hours=0.01",
+                       *fanout(bucket, "none", "flip"))
+    run = wait_final(cluster, parent, timeout=300)
+    assert run.state.is_failed(), run.state  # nothing left to select
+    assert "not finished within the fan-out deadline (0.01 h); cancelled" in run.state.message, run.state.message
+    kids = children(cluster.env, parent)
+    assert len(kids) == 2
+    wait_for("the children to be cancelled", lambda: all(
+        flow_run(cluster.env, k.id).state.is_cancelled() for k in kids.values()), 120, cluster)
+
+
+def test_a_cancelled_child_cancels_the_run(cluster, bucket):
+    """Someone cancels one child (in the UI, or `prefect flow-run cancel`): the run is
+    cancelled, and so are its other children."""
+    cluster.ensure_nodes()
+    parent = start_run(cluster.env, *SYNTHETIC, "epochs=60", "patience=60", *fanout(bucket, "none", "flip"))
+    kids = wait_for("both children running", lambda: (k := children(cluster.env, parent)) and len(k) == 2
+                    and all(r.state.is_running() for r in k.values()) and k, 180, cluster)
+    run_id = run_id_of(kids, ["none", "flip"])
+    cli(cluster.env, "flow-run", "cancel", str(kids[f"{run_id}-none-a1"].id))
+    run = wait_final(cluster, parent, timeout=180)
+    assert run.state.is_cancelled(), run.state
+    assert f"none: flow run {run_id}-none-a1" in run.state.message and "was cancelled" in run.state.message
+    wait_for("the other child to be cancelled",
+             lambda: flow_run(cluster.env, kids[f"{run_id}-flip-a1"].id).state.is_cancelled(), 120, cluster)
