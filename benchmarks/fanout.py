@@ -165,12 +165,15 @@ def fault(b: Bench, name: str, params: list[str], store: Path, epochs: int) -> d
     lines = [e for e in b.epochs(ids) if e["variant"] == "flip"]
     before = [e for e in lines if e["end"] <= killed_at]
     after = [e for e in lines if e["end"] > killed_at]
-    in_flight = (killed_at - before[-1]["end"]).total_seconds() / before[-1]["seconds"] if before else 0.0
     resumed = (after[0]["end"] - killed_at).total_seconds() - after[0]["seconds"] if after else None
+    stopped = resumed is not None and resumed > 0  # a child the fault did not touch trained on
+    # the part of the epoch in flight at the kill: an upper bound, as the killed process's
+    # last log lines may not have reached the server (then it counts a whole epoch)
+    in_flight = (killed_at - before[-1]["end"]).total_seconds() / before[-1]["seconds"] if before and stopped else 0.0
     retrained = len(lines) - len({e["epoch"] for e in lines})
     return {"fault": name, "epochs_retrained": retrained, "epoch_in_flight_lost": round(min(in_flight, 1.0), 2),
             "epochs_lost": round(retrained + min(in_flight, 1.0), 2), "resumed_at_epoch": after[0]["epoch"] if after else None,
-            "seconds_until_training_again": resumed, "attempts": len(ids) - 1 if fanned else done.run_count}
+            "seconds_until_training_again": resumed if stopped else 0.0, "training_stopped": stopped, "attempts": len(ids) - 1 if fanned else done.run_count}
 
 
 def main() -> None:
