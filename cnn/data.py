@@ -15,6 +15,7 @@ import io
 import json
 import pickle
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,7 +303,7 @@ def prepare(path: Path, md5: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     decoded = decode(path, md5)
     tensors = {k: v.contiguous() for k, v in decoded.items() if isinstance(v, torch.Tensor)}
-    tmp = out_dir / (PREPARED_FILE + ".tmp")
+    tmp = out_dir / f".{PREPARED_FILE}.{uuid.uuid4().hex}.tmp"  # unique per writer: two runs may prepare at once
     save_file(tensors, str(tmp))
     tmp.replace(out_dir / PREPARED_FILE)
     meta = {"md5": md5, "classes": decoded["classes"], "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"])}

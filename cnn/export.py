@@ -7,6 +7,7 @@ It loads with torch alone, no project code:
 """
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ def export_portable(model: nn.Module, path: Path, tta: int = 0) -> Path:
     example = torch.rand(4, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(portable, (example,), dynamic_shapes={"x": {0: batch}})
-    tmp = Path(path).with_name(Path(path).stem + ".tmp.pt2")  # torch.export wants the .pt2 suffix
+    # unique per writer (two runs may export into one folder); torch.export wants the .pt2 suffix
+    tmp = Path(path).with_name(f".{Path(path).stem}.{uuid.uuid4().hex}.tmp.pt2")
     torch.export.save(program, tmp)
     reloaded = torch.export.load(tmp).module()
     with torch.no_grad():

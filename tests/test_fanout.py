@@ -380,7 +380,9 @@ def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
 
 def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster, bucket):
     """Two parents with the same run id: the second stops instead of training alongside."""
-    params = [*SYNTHETIC, "epochs=4", "patience=4", f"store=s3://{bucket}/store", 'variants=["flip"]', "run_id=dup-1"]
+    # long enough that the second parent comes while the first still trains
+    params = [*SYNTHETIC, "epochs=12", "patience=12", f"store=s3://{bucket}/store", 'variants=["flip"]',
+              "run_id=dup-1"]
     first = start_run(cluster.env, *params)
     wait_for("an epoch in the store", lambda: history(bucket, "dup-1", "flip") is not None, 180, cluster)
     second = wait_final(cluster, start_run(cluster.env, *params), timeout=180)
@@ -388,7 +390,7 @@ def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster
     assert "LeaseHeld" in second.state.message and f"being trained by flow run {first}" in second.state.message
     done = wait_final(cluster, first)
     assert done.state.is_completed(), f"{done.state!r}\n{cluster.tail()}"
-    assert list(history(bucket, "dup-1", "flip")["epoch"]) == [1, 2, 3, 4]
+    assert list(history(bucket, "dup-1", "flip")["epoch"]) == list(range(1, 13))
     assert manifest(bucket, "dup-1")["flow_run_id"] == str(first)
 
 
