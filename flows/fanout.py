@@ -18,6 +18,7 @@ The results are one per unit; tasks/scoring.py combines each variant's repeats.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: S
                 message = state.message or state.name
                 if state.is_completed():
                     got = VariantResult.read(store, run_id, u)
-                    finish(u, _with_attempts(got, child.attempt) if got else failed(
+                    finish(u, dataclasses.replace(got, attempts=child.attempt) if got else failed(
                         u, f"{child.label} completed but left no result record in {store.uri}", child.attempt))
                 elif state.is_crashed() and child.attempt < attempts:
                     print(f"{u.label}: {child.label} crashed ({message}); starting attempt {child.attempt + 1} "
@@ -127,11 +128,6 @@ def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: S
             if live:
                 time.sleep(POLL_S)
     return [results[u] for u in parameters]
-
-
-def _with_attempts(result: VariantResult, attempts: int) -> VariantResult:
-    result.attempts = attempts
-    return result
 
 
 def _cancel(client, children: list[Child], why: str) -> None:

@@ -14,7 +14,7 @@ from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from cnn.augment import VARIANTS
 from cnn.models import MODELS
-from store import is_shared, join_key, normalize_uri, safe_name
+from store import is_shared, normalize_uri, parse_uri, safe_name
 
 DEFAULT_VARIANTS = ["none", "flip", "crop", "flip-crop", "flip-crop-cutout", "flip-crop-jitter"]
 
@@ -118,10 +118,10 @@ class RunParams(BaseModel):
     def _source_form(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        if not re.fullmatch(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/.+", v):
+        if not v.startswith("s3://") or not v.removeprefix("s3://").partition("/")[2].strip("/"):
             raise ValueError(f"expected s3://bucket/key/cifar-10-python.tar.gz, found {v!r}")
-        try:  # the key becomes a path in the download cache: the store's name rules keep it there
-            join_key(v.removeprefix("s3://").partition("/")[2])
+        try:  # the store's rules: the key becomes a path in the download cache and must stay there
+            parse_uri(v)
         except ValueError:
             raise ValueError(f"expected s3://bucket/key with no '.', '..' or empty parts in the key, "
                              f"found {v!r}") from None
