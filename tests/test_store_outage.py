@@ -67,17 +67,22 @@ def test_a_hung_endpoint_is_covered_by_the_same_window(s3_server, s3_bucket, mon
     read timeout; the window counts from the first request that hung."""
     monkeypatch.setattr(s3mod, "READ_TIMEOUT_S", 1)
     monkeypatch.setattr(s3mod, "CONNECT_TIMEOUT_S", 1)
-    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=0.1)  # 6 s
-    st.exists("warm")  # the bucket check is done while the endpoint answers
+    # two writers, each with its own outage clock; the bucket is checked while the endpoint answers
+    gives_up, waits = (open_store(f"s3://{s3_bucket}/p", outage_minutes=0.1) for _ in range(2))  # 6 s
+    gives_up.exists("warm")
+    waits.exists("warm")
     s3_server.pause()
     try:
         t0 = time.monotonic()
         with pytest.raises(StoreOutage, match=f"{s3_server.endpoint} did not answer for"):
-            st.exists("runs/r/metrics.json")
+            gives_up.exists("runs/r/metrics.json")
         assert 6 <= time.monotonic() - t0 < 30
         # paused, then back within the window: the call just takes longer
         _back_after(3, s3_server.resume)
-        assert st.exists("runs/r/metrics.json") is False
+        t0 = time.monotonic()
+        assert waits.exists("runs/r/metrics.json") is False
+        assert 3 <= time.monotonic() - t0 < 15
+        assert waits.outage.unreachable_s() == 0
     finally:
         s3_server.resume()
 
@@ -131,3 +136,31 @@ def test_a_lost_lease_stops_the_writer(tmp_path):
         with pytest.raises(LeaseLost):
             up.submit({"runs/r/history.csv": tmp_path / "f"})
     assert not st.exists("runs/r/history.csv")
+
+
+def test_the_outage_clock_is_shared_and_stops_only_at_a_success():
+    """One clock per store: a caller that comes later in the same outage gives up at the
+    same moment as the first one; the first success starts a new outage from zero."""
+    from store.base import StoreUnavailable
+
+    down = {"on": True}
+
+    def call():
+        if down["on"]:
+            raise StoreUnavailable("endpoint refused")
+        return "ok"
+
+    outage = Outage(0.4, "the S3 endpoint x")
+    t0 = time.monotonic()
+    with pytest.raises(StoreOutage, match="did not answer for"):
+        outage.call(call)
+    assert time.monotonic() - t0 >= 0.4
+    t0 = time.monotonic()
+    with pytest.raises(StoreOutage):  # still the same outage: no second window
+        outage.call(call)
+    assert time.monotonic() - t0 < 0.3
+    down["on"] = False
+    assert outage.call(call) == "ok" and outage.unreachable_s() == 0
+    down["on"] = True
+    _back_after(0.2, lambda: down.update(on=False))
+    assert outage.call(call) == "ok"  # a new outage gets a whole window again
