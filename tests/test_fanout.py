@@ -273,6 +273,37 @@ def test_fan_out_trains_each_variant_as_its_own_flow_run(cluster, bucket):
         assert ours["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-4)
 
 
+def test_fan_out_with_repeats_runs_a_child_per_seed_and_combines_them(cluster, bucket):
+    """repeats=2: every (variant, seed) is its own child, named for its seed; the parent
+    combines each variant's repeats into a mean and interval, as the in-process path does."""
+    cluster.ensure_nodes()
+    variants = ["none", "flip"]
+    parent = wait_final(cluster, start_run(cluster.env, *SYNTHETIC, "epochs=2", "patience=2", "repeats=2", "seed=3",
+                                           *fanout(bucket, *variants)))
+    assert parent.state.is_completed(), f"{parent.state!r}\n{cluster.tail()}"
+    kids = children(cluster.env, parent.id)
+    run_id = next(m.group(1) for name in kids if (m := re.fullmatch(r"(.+)-none-s3-a1", name)))
+    assert sorted(kids) == sorted(f"{run_id}-{v}-s{s}-a1" for v in variants for s in (3, 4))
+    assert all(k.state.is_completed() and k.run_count == 1 for k in kids.values())
+    assert {k.parameters["seed"] for k in kids.values()} == {3, 4}
+
+    s3 = aws_client("s3")
+    for v in variants:
+        for s in (3, 4):
+            for f in ("metrics.json", "history.csv", "best.safetensors", "val_predictions.safetensors"):
+                s3.head_object(Bucket=bucket, Key=f"store/runs/{run_id}/variants/{v}/seed-{s}/{f}")
+    m = manifest(bucket, run_id)
+    assert m["params"]["repeats"] == 2
+    for v in m["variants"]:
+        assert [r["seed"] for r in v["repeats"]] == [3, 4] and v["attempts"] == 1
+        low, high = v["val_accuracy_ci"]
+        assert low <= v["val_accuracy_mean"] <= high
+        assert v["val_accuracy_mean"] == pytest.approx(sum(r["val_accuracy"] for r in v["repeats"]) / 2, abs=1e-6)
+    means = {v["name"]: v["val_accuracy_mean"] for v in m["variants"]}
+    assert means[m["selected"]] == max(means.values())  # by the mean (a tie goes to the lower mean loss)
+    assert m["comparison"]["runner_up"] == ({"none", "flip"} - {m["selected"]}).pop()
+
+
 def test_sigterm_reschedules_the_same_child_which_resumes(cluster, bucket):
     """A graceful eviction: the pod gets SIGTERM. The same child flow run goes
     AwaitingRetry, is picked up again and resumes at the next epoch."""
