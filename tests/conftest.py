@@ -1,4 +1,5 @@
-"""Shared fixtures: one Prefect test harness per session, a synthetic archive, a prepared dataset."""
+"""Shared fixtures: one Prefect test harness per session, a synthetic archive, a prepared dataset,
+and `tiny`, the seed network at small widths."""
 from __future__ import annotations
 
 import os
@@ -33,3 +34,18 @@ def prepared_dir(synthetic_archive, tmp_path_factory) -> Path:
 
     path, md5 = synthetic_archive
     return prepare(path, md5, tmp_path_factory.mktemp("prepared"))
+
+
+def register_tiny(mp: pytest.MonkeyPatch) -> str:
+    """Registers `tiny`: the seed network at small widths with the seed recipe (the same
+    training loop, a fraction of the compute); returns its name."""
+    from cnn.models import MODELS, RECIPES, SeedNet
+
+    mp.setitem(MODELS, "tiny", lambda num_classes=10: SeedNet((8, 8, 16, 16, 16, 16), 32, num_classes))
+    mp.setitem(RECIPES, "tiny", RECIPES["seed"])
+    return "tiny"
+
+
+@pytest.fixture
+def tiny(monkeypatch) -> str:
+    return register_tiny(monkeypatch)

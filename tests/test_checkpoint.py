@@ -20,21 +20,10 @@ from safetensors.torch import save_file
 from cnn.checkpoint import CHECKPOINT, LoopState, load_checkpoint, read_history, save_checkpoint
 from cnn.data import Splits, load_splits
 from cnn.fast import Lookahead
-from cnn.models import MODELS, RECIPES, SeedNet
 from cnn.train import init_model, make_config, make_optimizer, make_scheduler, train
+from tests.conftest import register_tiny
 
 CPU = torch.device("cpu")
-
-
-def _tiny_net(num_classes=10):
-    return SeedNet((8, 8, 16, 16, 16, 16), 32, num_classes)
-
-
-@pytest.fixture
-def tiny(monkeypatch) -> str:
-    monkeypatch.setitem(MODELS, "tiny", _tiny_net)
-    monkeypatch.setitem(RECIPES, "tiny", RECIPES["seed"])
-    return "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +37,7 @@ def trained(data, tmp_path_factory) -> Path:
     """A real checkpoint: `tiny` trained for one of two epochs."""
     workdir = tmp_path_factory.mktemp("trained")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(MODELS, "tiny", _tiny_net)
-        mp.setitem(RECIPES, "tiny", RECIPES["seed"])
+        register_tiny(mp)
 
         def stop(row, ckpt):
             raise KeyboardInterrupt("stopped after epoch 1")

@@ -11,9 +11,9 @@ from torch import nn
 
 from cnn import train as train_module
 from cnn.data import Splits
-from cnn.models import MODELS, RECIPES, SeedNet
 from cnn.train import make_config, train, train_one_epoch
 from tasks.training import terminal_progress
+from tests.conftest import register_tiny
 
 CPU = torch.device("cpu")
 
@@ -67,8 +67,7 @@ def test_no_progress_within_a_fast_epoch_or_when_not_asked():
 
 
 def test_train_passes_the_epoch_to_the_progress_callback(monkeypatch, tmp_path):
-    monkeypatch.setitem(MODELS, "tiny", lambda num_classes=10: SeedNet((8, 8, 16, 16, 16, 16), 32, num_classes))
-    monkeypatch.setitem(RECIPES, "tiny", RECIPES["seed"])
+    register_tiny(monkeypatch)
     monkeypatch.setattr(train_module, "train_one_epoch", functools.partial(train_one_epoch, progress_every=0))
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g)

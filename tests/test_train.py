@@ -14,18 +14,11 @@ from safetensors import safe_open
 from cnn import augment
 from cnn import train as train_module
 from cnn.data import Splits, load_splits
-from cnn.models import MODELS, RECIPES, SeedNet, build_model
+from cnn.models import build_model
 from cnn.train import (CHECKPOINT, make_config, make_optimizer, make_scheduler, resolve_precision, train,
                        variants_that_fit)
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture
-def tiny(monkeypatch) -> str:
-    monkeypatch.setitem(MODELS, "tiny", lambda num_classes=10: SeedNet((8, 8, 16, 16, 16, 16), 32, num_classes))
-    monkeypatch.setitem(RECIPES, "tiny", RECIPES["seed"])
-    return "tiny"
 
 
 @pytest.fixture(scope="module")
