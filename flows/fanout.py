@@ -10,6 +10,10 @@ records, reschedules and shows it; this module only starts the children and wait
 - Cancelled: somebody cancelled a child, so the whole run is cancelled.
 - Past the deadline: unfinished children are cancelled and reported as failed.
 
+A child that an earlier execution of the run left Failed or Cancelled (the run is
+retried after those) is not re-attached: the next attempt is started, which resumes
+from the checkpoint. `attempts` bounds the crashes within one execution.
+
 Children are named `<run-id>-<variant>-a<attempt>` and carry the idempotency key
 `<run-id>:<variant>:<attempt>` (with repeats, `<run-id>-<variant>-s<seed>-a<attempt>` and
 `<run-id>:<variant>:s<seed>:<attempt>`): a parent that is retried or restarted asks for
@@ -69,11 +73,21 @@ def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: S
     the unit's label and its row for the UI's table."""
     results: dict[Unit, VariantResult] = {}
     live: dict[Unit, Child] = {}
+    first: dict[Unit, int] = {}  # each unit's first attempt in this execution
 
     def start(u: Unit, attempt: int) -> None:
-        run = run_deployment(deployment, parameters=parameters[u], timeout=0, as_subflow=True,
-                             flow_run_name=child_name(run_id, u, attempt),
-                             idempotency_key=idempotency_key(run_id, u, attempt), tags=["train-cifar"])
+        while True:
+            run = run_deployment(deployment, parameters=parameters[u], timeout=0, as_subflow=True,
+                                 flow_run_name=child_name(run_id, u, attempt),
+                                 idempotency_key=idempotency_key(run_id, u, attempt), tags=["train-cifar"])
+            if not (run.state and (run.state.is_failed() or run.state.is_cancelled())):
+                break
+            # an earlier execution of this run (a Retry, or its run_id given again) ended this
+            # attempt: retrying the run means training the unit again, from its checkpoint
+            print(f"{u.label}: {child_name(run_id, u, attempt)} {run.state.name.lower()} in an earlier execution "
+                  f"of this run; starting attempt {attempt + 1}")
+            attempt += 1
+        first.setdefault(u, attempt)
         live[u] = Child(u, attempt, run)
         on_change(u.label, {"status": f"{run.state.name.lower() if run.state else 'scheduled'}", "attempts": attempt})
 
@@ -108,9 +122,9 @@ def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: S
                     got = VariantResult.read(store, run_id, u)
                     finish(u, dataclasses.replace(got, attempts=child.attempt) if got else failed(
                         u, f"{child.label} completed but left no result record in {store.uri}", child.attempt))
-                elif state.is_crashed() and child.attempt < attempts:
+                elif state.is_crashed() and child.attempt - first[u] + 1 < attempts:
                     print(f"{u.label}: {child.label} crashed ({message}); starting attempt {child.attempt + 1} "
-                          f"of {attempts}, which resumes from the checkpoint")
+                          f"({attempts} allowed), which resumes from the checkpoint")
                     start(u, child.attempt + 1)
                 elif state.is_crashed():
                     finish(u, failed(u, f"crashed in all {attempts} attempts; the last, {child.label}: {message}",

@@ -437,6 +437,16 @@ def test_children_unfinished_at_the_deadline_are_cancelled_and_reported(cluster,
     wait_for("the children to be cancelled", lambda: all(
         flow_run(cluster.env, k.id).state.is_cancelled() for k in kids.values()), 120, cluster)
 
+    # Retry: the cancelled children are not re-attached (that would cancel the run): each
+    # unit gets its next attempt, which meets the same deadline
+    run_id = run_id_of(kids, ["none", "flip"])
+    cli(cluster.env, "flow-run", "retry", str(parent))
+    run = wait_final(cluster, parent, timeout=300)
+    assert run.state.is_failed(), f"{run.state!r}\n{cluster.tail()}"
+    assert "not finished within the fan-out deadline" in run.state.message, run.state.message
+    assert sorted(children(cluster.env, parent)) == sorted(f"{run_id}-{v}-a{n}" for v in ("none", "flip")
+                                                            for n in (1, 2))
+
 
 def test_a_cancelled_child_cancels_the_run(cluster, bucket):
     """Someone cancels one child (in the UI, or `prefect flow-run cancel`): the run is
