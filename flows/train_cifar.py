@@ -35,7 +35,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 from flows.params import RunParams, describe_errors, form
-from store import open_store
+from store import normalize_uri, open_store
 
 D = RunParams()  # the defaults, from the one place they are written
 
@@ -107,7 +107,7 @@ def train_cifar(
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
     run = {"run_id": p.run_id or stable_run_id(), "flow_run_id": flow_run.get_id(),
            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    store_uri = open_store(p.store).uri
+    store_uri = normalize_uri(p.store)
     # the test runs here: with fan-out that is the parent's machine (a CPU pod), whatever `device` says
     test_device = devices_for("auto" if p.variant_deployment else p.device)[0]
     print(f"run {run['run_id']}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")

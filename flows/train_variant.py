@@ -10,12 +10,14 @@ variant already trained is not trained again.
 """
 from __future__ import annotations
 
+import re
+
 from prefect import flow
 from pydantic import ValidationError
 
 from cnn.augment import VARIANTS
 from flows.params import RunParams, describe_errors, described, form
-from store import join_key, open_store
+from store import join_key, normalize_uri
 
 D = RunParams()  # the defaults, from the one place they are written
 
@@ -50,18 +52,19 @@ def train_variant(
 
     # the same checks as the run's own parameters (names, ranges, the store), before any work
     try:
-        p = RunParams(model=model, variants=[variant], epochs=epochs, patience=patience, batch_size=batch_size,
-                      lr=lr, seed=seed, repeats=repeats, compile=compile, precision=precision, split_seed=split_seed,
-                      subset=subset, store=store, device=device, run_id=run_id, store_outage_minutes=store_outage_minutes)
-        join_key(dataset_key)
+        p = RunParams(**{k: v for k, v in locals().items() if k in RunParams.model_fields}, variants=[variant])
     except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
+    try:
+        join_key(dataset_key)
     except ValueError as e:
         raise ValueError(f"dataset_key: {e}") from None
+    if not re.fullmatch(r"[0-9a-f]{32}", dataset_md5):
+        raise ValueError(f"dataset_md5: expected 32 lowercase hex digits, found {dataset_md5!r}")
     dev = pick_device(p.device)
     cfg = make_config(p.model, variant, epochs=p.epochs, patience=p.patience, seed=p.seed, batch_size=p.batch_size,
                       lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, dev))
-    store_uri = open_store(p.store).uri
+    store_uri = normalize_uri(p.store)
     result = train_unit(cfg, dataset_key, dataset_md5, p.split_seed, p.subset, run_id, store_uri, str(dev),
                         p.store_outage_minutes, repeated=p.repeats > 1)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "

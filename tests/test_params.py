@@ -84,3 +84,20 @@ def test_a_direct_call_is_still_checked_by_run_params_naming_what_was_found():
     assert train_cifar.validate_parameters({"epochs": 0})["epochs"] == 0  # Prefect checks types only
     with pytest.raises(ValueError, match="epochs: Input should be greater than or equal to 1, found 0"):
         train_cifar.fn(epochs=0)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"epochs": 0}, "epochs: Input should be greater than or equal to 1, found 0"),
+    ({"variant": "mixup"}, "variants: unknown variant(s) 'mixup'"),
+    ({"dataset_key": "datasets/../x"}, "dataset_key: "),
+    ({"dataset_md5": "not-an-md5"}, "dataset_md5: expected 32 lowercase hex digits, found 'not-an-md5'"),
+])
+def test_train_variant_refuses_bad_parameters_before_any_work(override, message, tmp_path):
+    """A child started by hand (or by a parent of another version) with a bad value stops
+    at once, naming it; nothing is written to the store."""
+    params = dict(run_id="r1", variant="flip", dataset_key="datasets/abc", dataset_md5="a" * 32,
+                  store=str(tmp_path / "store"), epochs=2)
+    with pytest.raises(ValueError) as err:
+        train_variant.fn(**{**params, **override})
+    assert message in str(err.value), err.value
+    assert not (tmp_path / "store").exists()
