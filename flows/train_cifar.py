@@ -123,7 +123,8 @@ def train_cifar(
     comparison = compare_variants(units, results, selected, p.select_metric, ds, p.split_seed, store_uri,
                                   p.store_outage_minutes)
     test = test_model(TrainConfig(**selected.config), selected.weights_key, ds, p.split_seed, run["run_id"],
-                      store_uri, test_device, p.store_outage_minutes, p.promote_confidence, p.promote_margin)
+                      store_uri, test_device, p.store_outage_minutes, p.promote_confidence, p.promote_margin,
+                      p.precision)
     out = publish_run(run, p.model_dump(), ds, results, selected, test, store_uri, comparison)
     drop_local_copies(open_store(store_uri), run["run_id"])  # the manifest is stored: the run is safe there
     create_run_artifacts(run["run_id"], store_uri, p.link_expiry_hours)  # best-effort: never fails the run

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 from prefect import task
@@ -46,7 +47,7 @@ TEST_FIELDS = ("loss", "accuracy", "per_class", "champion_comparison")  # the la
 
 def build_manifest(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
                    test: dict, comparison: dict | None = None) -> dict:
-    """The run's manifest (design.md), less the promotion and the artifacts, which publish adds."""
+    """The run's manifest (README, "What a run writes"), less the promotion and the artifacts, which publish adds."""
     train_size = min(dataset["train"], params.get("subset") or dataset["train"])
     n_val, n_test = split_sizes(dataset["holdout"])
     return {
@@ -87,6 +88,23 @@ def champion_record(manifest: dict, store) -> dict:
 REPORT_FILES = ["manifest.json", "report.md", "model/weights.safetensors", "model/model.pt2", "curves.png"]
 
 
+class ChampionJudge:
+    """champion.Judge for publish: the test's paired comparison with the champion it faced
+    (`tested`); a champion that changed since the test (another run won meanwhile) is faced
+    now, with `face_again(current)`, once: the decision and each try of promote()'s
+    conditional write ask again. `final` is the comparison the last answer rests on."""
+
+    def __init__(self, tested: dict | None, face_again: Callable[[dict], dict]):
+        self.tested, self.face_again = tested, face_again
+        self.final: dict | None = None
+
+    def __call__(self, current: dict) -> tuple[bool, str]:
+        c = next((c for c in (self.final, self.tested)
+                  if c is not None and c["champion_run_id"] == current["run_id"]), None)
+        self.final = c if c is not None else self.face_again(current)
+        return self.final["promote"], self.final["reason"]
+
+
 @task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=is_io_error)
 def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
@@ -122,17 +140,8 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     ident = champion.identity(candidate)
     manifest["dataset"]["identity"] = ident
     margin = params["promote_margin"]
-    faced = {"test": test.get("champion_comparison")}  # the champion comparison the decision rests on
-
-    def judge(current: dict) -> tuple[bool, str]:
-        """The test's paired comparison with `current`; a champion that changed since the
-        test (another run won meanwhile) is faced now, on the same test images."""
-        c = faced["test"]
-        if c is None or c["champion_run_id"] != current["run_id"]:
-            c = face_champion_again(store, current, run_id, dataset, params["split_seed"],
-                                    params["promote_confidence"], margin)
-        faced["final"] = c
-        return c["promote"], c["reason"]
+    judge = ChampionJudge(test.get("champion_comparison"), lambda current: face_champion_again(
+        store, current, run_id, dataset, params["split_seed"], params["promote_confidence"], margin))
 
     # every file of the run is stored, the manifest included, before the champion is
     # touched; the manifest claims a promotion only once the champion names this run
@@ -144,8 +153,8 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
 
     def seal(promoted: bool, reason: str, compared_with: str | None) -> dict:
         m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with}
-        if faced.get("final") is not None and faced["final"]["champion_run_id"] == compared_with:
-            m["test"] = {**m["test"], "champion_comparison": faced["final"]}
+        if judge.final is not None and judge.final["champion_run_id"] == compared_with:
+            m["test"] = {**m["test"], "champion_comparison": judge.final}
         (out / "report.md").write_text(render_markdown(m, {name: name for name in REPORT_FILES}, folder))
         arts = {**artifacts, "report.md": store.put_file(run_key(run_id, "report.md"), out / "report.md")}
         m["artifacts"] = arts

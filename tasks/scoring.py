@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 
 from cnn.data import load_splits
@@ -33,13 +34,22 @@ def outcomes(store: Store, repeats: list[VariantResult], labels: np.ndarray) -> 
             raise LookupError(f"{r.name} seed {r.seed}: expected its validation predictions "
                               f"({r.predictions_key or 'no predictions_key in its metrics.json'}), found none; "
                               "delete its metrics.json to have it resumed, which writes them")
-        predicted = load_tensors(raw).get("predicted")
-        if predicted is None or predicted.dtype != np.uint8 or predicted.shape != labels.shape:
-            found = "no tensor 'predicted'" if predicted is None else f"{predicted.dtype} {predicted.shape}"
-            raise ValueError(f"{store.uri_for(r.predictions_key)}: expected 'predicted', uint8 {labels.shape}, "
-                             f"found {found}")
-        rows.append(predicted.astype(np.int64) == labels)
+        rows.append(right(raw, store.uri_for(r.predictions_key), labels))
     return np.stack(rows)
+
+
+def right(raw: bytes, where: str, labels: np.ndarray) -> np.ndarray:
+    """(N,) bool from a stored predictions file (`where` names it in errors): whether each
+    image's predicted class is its label."""
+    try:
+        predicted = load_tensors(raw).get("predicted")
+    except SafetensorError as e:
+        raise ValueError(f"{where}: expected a safetensors file with tensor 'predicted', found an unreadable "
+                         f"file ({e})") from None
+    if predicted is None or predicted.dtype != np.uint8 or predicted.shape != labels.shape:
+        found = "no tensor 'predicted'" if predicted is None else f"{predicted.dtype} {predicted.shape}"
+        raise ValueError(f"{where}: expected 'predicted', uint8 {labels.shape}, found {found}")
+    return predicted.astype(np.int64) == labels
 
 
 def combine(name: str, repeats: list[VariantResult], correct: np.ndarray | None, metric: str) -> VariantResult:

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors import SafetensorError
-from safetensors.numpy import load as load_tensors
 from safetensors.torch import load_file, save_file
 
 from cnn.data import Splits, load_splits
@@ -20,45 +20,45 @@ from cnn.evaluate import evaluate
 from cnn.export import export_portable
 from cnn.models import build_model
 from cnn.stats import promotion
-from cnn.train import TrainConfig
+from cnn.config import TrainConfig, resolve_precision
 from store import Store, StoreError, champion, open_store, safe_name
 from tasks.common import local_run_dir, materialize, run_key
 from tasks.data import PREPARED_FILES
 from tasks.report import plot_confusion
+from tasks.scoring import right
 
 PORTABLE = "model.pt2"  # torch.export program: torch.export.load(path).module()
 PREDICTIONS = "test_predictions.safetensors"  # tensor "predicted": (N_test,) uint8, the selected model's classes
 
 
-def champion_outcomes(store: Store, record: dict, data: Splits, device: str, workdir: Path) -> np.ndarray:
-    """(N_test,) bool: whether the champion's model classified each test image right. Rebuilt
-    from its run's model/config.json and weights.safetensors (nothing unpickled), and
-    evaluated as the selected model is: same normalisation, TTA and batches."""
+def champion_model(store: Store, record: dict, num_classes: int, device: str, workdir: Path) -> tuple[nn.Module, TrainConfig]:
+    """The champion's model, rebuilt from its run's model/config.json and weights.safetensors
+    (nothing unpickled), on `device`; and its config."""
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = TrainConfig(**json.loads(store.get_file(run_key(record["run_id"], "model", "config.json"),
                                                   workdir / "config.json").read_text()))
-    model = build_model(cfg.model, num_classes=len(data.classes))
+    model = build_model(cfg.model, num_classes=num_classes)
     model.load_state_dict(load_file(str(store.get_file(run_key(record["run_id"], "model", "weights.safetensors"),
                                                        workdir / "weights.safetensors"))))
-    model = model.to(torch.device(device), memory_format=torch.channels_last)
-    m = evaluate(model, data.test_x, data.test_y, torch.device(device), tta=cfg.tta, amp=cfg.precision == "bf16")
-    return (m["predicted"].long() == data.test_y).numpy()
+    return model.to(torch.device(device), memory_format=torch.channels_last), cfg
 
 
 def face_champion(store: Store, current: dict, correct_new: np.ndarray, data: Splits, device: str, workdir: Path,
-                  confidence: float, margin: float) -> dict:
+                  confidence: float, margin: float, amp: bool = False) -> dict:
     """The manifest's `test.champion_comparison`: the new model minus the champion `current`
-    on the same test images, and whether that promotes it (`promote`, `reason`)."""
+    on the same test images, evaluated as the new model was (same device, precision,
+    normalisation and batches), and whether that promotes it (`promote`, `reason`)."""
     who = safe_name(current["run_id"], "champion run id")  # read from the store: it names a local folder
     try:
-        old = champion_outcomes(store, current, data, device, workdir / "champion" / who)
+        model, cfg = champion_model(store, current, len(data.classes), device, workdir / "champion" / who)
     except (FileNotFoundError, LookupError, ValueError, TypeError, RuntimeError, SafetensorError) as e:
         if isinstance(e, StoreError):
             raise  # the store, not the champion: Prefect's retry or the outage window decides
         return {"champion_run_id": who, "difference": None, "ci": None, "method": None, "promote": False,
-                "reason": f"champion {who}'s model could not be evaluated on the test split "
-                          f"({type(e).__name__}: {e}); not promoted"}
-    d = promotion(correct_new, old, confidence, margin, champion_run=who)
+                "reason": f"champion {who}'s model could not be loaded ({type(e).__name__}: {e}); not promoted"}
+    # outside the try: a device fault (out of memory, a CUDA error) fails the task, not the champion
+    old = evaluate(model, data.test_x, data.test_y, torch.device(device), tta=cfg.tta, amp=amp)["predicted"]
+    d = promotion(correct_new, (old.long() == data.test_y).numpy(), confidence, margin, champion_run=who)
     print(f"against champion {who}: {d.reason}")
     return {"champion_run_id": who, "difference": d.difference, "ci": list(d.ci), "method": d.method,
             "promote": d.promote, "reason": d.reason}
@@ -74,16 +74,18 @@ def face_champion_again(store: Store, current: dict, run_id: str, dataset: dict,
         return {"champion_run_id": current["run_id"], "difference": None, "ci": None, "method": None,
                 "promote": False, "reason": f"champion {current['run_id']} appeared after the test and "
                 f"{store.uri_for(run_key(run_id, 'model', PREDICTIONS))} is missing; not promoted"}
-    correct = load_tensors(raw)["predicted"].astype(np.int64) == data.test_y.numpy()
+    correct = right(raw, store.uri_for(run_key(run_id, "model", PREDICTIONS)), data.test_y.numpy())
     return face_champion(store, current, correct, data, "cpu", local_run_dir(run_id), confidence, margin)
 
 
 @task(name="test-model", cache_policy=NO_CACHE)
 def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: int,
                run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
-               promote_confidence: float = 0.95, promote_margin: float = 0.0) -> dict:
+               promote_confidence: float = 0.95, promote_margin: float = 0.0, precision: str = "auto") -> dict:
     """Test the selected variant's best weights, and the champion of the same test images if
-    there is one; write the model folder to the store."""
+    there is one; write the model folder to the store. `precision` is the run's, resolved
+    for `device`: with fan-out the variants trained in bf16 on GPUs and the test runs here."""
+    amp = resolve_precision(precision, device) == "bf16"
     store = open_store(store_uri, outage_minutes=store_outage_minutes)
     out = local_run_dir(run_id) / "model"
     out.mkdir(parents=True, exist_ok=True)
@@ -94,8 +96,7 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
     model = model.to(torch.device(device), memory_format=torch.channels_last)
 
     data = load_splits(materialize(store, dataset["key"], PREPARED_FILES), split_seed)
-    m = evaluate(model, data.test_x, data.test_y, torch.device(device), tta=cfg.tta,
-                 amp=cfg.precision == "bf16")
+    m = evaluate(model, data.test_x, data.test_y, torch.device(device), tta=cfg.tta, amp=amp)
     metrics = {
         "variant": cfg.variant, "model": cfg.model, "n": m["n"], "loss": m["loss"], "accuracy": m["accuracy"],
         "per_class": dict(zip(classes, m["per_class"])),
@@ -108,7 +109,7 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
     if current is not None and current["run_id"] != run_id:  # a retried run is not compared with itself
         correct = (m["predicted"].long() == data.test_y).numpy()
         metrics["champion_comparison"] = face_champion(store, current, correct, data, device, out, promote_confidence,
-                                                       promote_margin)
+                                                       promote_margin, amp)
 
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     pd.DataFrame(m["confusion"], index=classes, columns=classes).rename_axis("true\\predicted").to_csv(

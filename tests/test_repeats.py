@@ -123,6 +123,32 @@ def test_publish_decides_on_the_paired_comparison_and_faces_a_champion_that_chan
     assert champion.read(st, champion.identity(rec("x", 0)))["run_id"] == "old"
 
 
+def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
+    """publish's judge: the champion the test faced is answered from the test; one that
+    won meanwhile is evaluated once, though decide() and promote() both ask."""
+    from store import champion, open_store
+    from tasks.publish import ChampionJudge
+
+    st = open_store(str(tmp_path / "store"))
+    rec = lambda run, acc: {"run_id": run, "test": {"accuracy": acc}, "dataset_name": "cifar10",  # noqa: E731
+                            "dataset_md5": "a" * 32, "split_seed": 0, "test_size": 3500}
+    champion.promote(st, rec("meanwhile", 0.80), 0.0)
+    evaluated = []
+
+    def face_again(current):
+        evaluated.append(current["run_id"])
+        return {"champion_run_id": current["run_id"], "promote": True, "reason": "beats it", "difference": 0.05}
+
+    tested = {"champion_run_id": "old", "promote": False, "reason": "the test's", "difference": 0.0}
+    judge = ChampionJudge(tested, face_again)
+    assert judge(rec("old", 0.8)) == (False, "the test's") and evaluated == []
+    current = champion.read(st, champion.identity(rec("x", 0)))
+    assert champion.decide(current, rec("new", 0.9), 0.0, judge) == (True, "beats it")
+    d = champion.promote(st, rec("new", 0.9), 0.0, judge=judge)
+    assert d.promoted and d.compared_with == "meanwhile" and evaluated == ["meanwhile"]
+    assert judge.final["champion_run_id"] == "meanwhile"
+
+
 # ------------------------------------------------------------------------------------------
 @pytest.fixture
 def run_env(tmp_path, monkeypatch, prefect_harness):
@@ -201,3 +227,21 @@ def test_two_variants_two_repeats_resume_per_repeat_and_face_the_champion(run_en
     assert isinstance(faced["difference"], float) and len(faced["ci"]) == 2 and faced["method"]
     assert m1["promoted"] == (faced["ci"][0] > 0) and "champion rep" in m1["promotion_reason"]
     assert m1["variants"][0]["repeats"][0]["seed"] == 0 and len(m1["variants"][0]["repeats"]) == 1
+
+
+def test_a_bad_predictions_file_is_refused_naming_it():
+    from safetensors.numpy import save
+
+    from tasks.scoring import right
+
+    labels = np.array([0, 1, 2, 3], dtype=np.int64)
+    where = "s3://b/p/runs/r/model/test_predictions.safetensors"
+    good = save({"predicted": np.array([0, 1, 0, 3], dtype=np.uint8)})
+    assert right(good, where, labels).tolist() == [True, True, False, True]
+    for raw, found in [(b"not a safetensors file", "unreadable"),
+                       (save({"other": np.zeros(4, dtype=np.uint8)}), "no tensor 'predicted'"),
+                       (save({"predicted": np.zeros(3, dtype=np.uint8)}), "uint8 (3,)"),
+                       (save({"predicted": np.zeros(4, dtype=np.int64)}), "int64 (4,)")]:
+        with pytest.raises(ValueError, match="expected") as err:
+            right(raw, where, labels)
+        assert str(err.value).startswith(where) and found in str(err.value), err.value
