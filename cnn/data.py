@@ -251,10 +251,15 @@ def _tar_members(raw: bytes, path: Path) -> dict[str, bytes]:
 def _decode_batch(name: str, raw: bytes, source: Path) -> tuple[torch.Tensor, torch.Tensor]:
     batch = load_cifar_pickle(raw, name, source)
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
-        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        keys = sorted(map(str, batch)) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(f"{source}: {name}: expected a dict with 'data' and 'labels', found {keys}")
-    data = torch.as_tensor(np.asarray(batch["data"]))
-    labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
+    try:
+        data = torch.as_tensor(np.asarray(batch["data"]))
+        labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
+    except (TypeError, ValueError) as e:  # strings, objects, a number instead of a list
+        raise DataError(f"{source}: {name}: expected 'data' a uint8 array (N, 3072) and 'labels' a list of "
+                        f"ints, found {type(batch['data']).__name__} and {type(batch['labels']).__name__} "
+                        f"({e})") from None
     if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(
             f"{source}: {name}: expected uint8 data of shape (N, 3072), found {data.dtype} {tuple(data.shape)}"

@@ -97,6 +97,20 @@ def test_bad_pickle_and_wrong_shapes(tmp_path):
         cd.decode(shaped)
 
 
+
+@pytest.mark.parametrize("batch, found", [
+    ({"data": ["a"] * 10, "labels": list(range(10))}, "list and list"),
+    ({"data": np.zeros((10, 3072), np.uint8), "labels": ["cat"] * 10}, "ndarray and list"),
+    ({"data": np.zeros((10, 3072), np.uint8), "labels": 5}, "ndarray and int"),
+    ({b"data": np.zeros((10, 3072), np.uint8), "labels": [0] * 10}, "found [\"b'data'\", 'labels']"),
+])
+def test_a_batch_of_the_wrong_types_is_refused_naming_it(batch, found, tmp_path):
+    good = {n: _batch(10) for n in cd.TRAIN_FILES + [cd.HOLDOUT_FILE]}
+    bad = _archive_with(tmp_path, {**good, "data_batch_2": pickle.dumps(batch)})
+    with pytest.raises(cd.DataError, match="data_batch_2: expected") as e:
+        cd.decode(bad)
+    assert found in str(e.value), e.value
+
 def test_missing_batch_file(tmp_path):
     members = {n: _batch(5) for n in cd.TRAIN_FILES[:-1] + [cd.HOLDOUT_FILE]}
     with pytest.raises(cd.DataError, match="missing data_batch_5"):
