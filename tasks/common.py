@@ -21,10 +21,6 @@ def run_key(run_id: str, *parts: str) -> str:
     return join_key("runs", safe_name(run_id, "run id"), *parts)
 
 
-def variant_key(run_id: str, variant: str, filename: str) -> str:
-    return run_key(run_id, "variants", safe_name(variant, "variant"), filename)
-
-
 @dataclass(frozen=True)
 class Unit:
     """One repeat (seed) of one variant: the unit of work. In a run of one repeat its
@@ -127,4 +123,4 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
 
 
 __all__ = ["cache_dir", "current_owner", "flow_run_is_over", "inside", "is_io_error", "local_run_dir",
-           "materialize", "open_store", "run_key", "units_of", "variant_key", "Unit"]
+           "materialize", "open_store", "run_key", "units_of", "Unit"]

@@ -110,12 +110,12 @@ def test_a_key_cannot_escape_the_prefix(s3_bucket, tmp_path, key):
 
 @pytest.mark.parametrize("name", ["../other", "flip/../../x", "a/b", ""])
 def test_run_and_variant_names_are_validated(name):
-    from tasks.common import run_key, variant_key
+    from tasks.common import Unit, run_key
 
     with pytest.raises(ValueError, match="not a valid name"):
         run_key(name, "manifest.json")
     with pytest.raises(ValueError, match="not a valid name"):
-        variant_key("r1", name, "history.csv")
+        Unit(name, 0).key("r1", "history.csv")
 
 
 @pytest.mark.parametrize("uri", ["s3://Bad_Bucket/p", "s3://b/p", "s3://bucket/../p", "s3://bucket/a//b"])
