@@ -4,8 +4,8 @@ one H200.
 
     python -m benchmarks.gpu [--images 50000] [--fast-epochs 10] [--seed-epochs 2] [--compile]
 
-On 50,000 synthetic training images (cnn.synthetic; CIFAR-10 itself cannot be
-downloaded where GPUs are lent) and 6,500 validation images:
+On 50,000 synthetic training images (cnn.synthetic; the script needs no
+download) and 6,500 validation images:
 
 1. per model, the recipe's batch size, variant flip-crop: one warm-up epoch, then
    the training pass and the validation pass (with the recipe's TTA) timed with
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU and none is visible here "
-                         "(torch.cuda.is_available() is False). Run it where a GPU is lent; "
+                         "(torch.cuda.is_available() is False). Run it on a GPU node; "
                          "CPU figures come from benchmarks.train and benchmarks.loader.")
     if device.type != "cuda" and not args.allow_cpu:
         raise SystemExit(f"--device {args.device}: this benchmark is for CUDA; add --allow-cpu to check the "

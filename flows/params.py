@@ -54,7 +54,7 @@ class RunParams(BaseModel):
         10.0, ge=0, description="how long a store that stopped answering is waited for (training goes on, its "
         "uploads retried in the background) before the variant or run fails")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    compile: bool = Field(False, description="torch.compile the model (warmed once per variant)")
+    compile: bool = Field(False, description="torch.compile the model (compiled and warmed once per process, model and input shape)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 autocast on CUDA, fp32 on the CPU; bf16: bf16 autocast on either "
         "(on a CPU, fast only with native bf16: AVX512-BF16 or AMX); fp32: no autocast")

@@ -36,7 +36,7 @@ MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 
 def load_image(p: Path) -> torch.Tensor:
-    """(3, 32, 32) uint8 RGB of one PNG or JPEG, whatever its size, or a ValueError naming it."""
+    """(3, 32, 32) uint8 RGB of one PNG or JPEG of at most MAX_PIXELS, or a ValueError naming it."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from ~89 M pixels; the lower MAX_PIXELS is checked below instead

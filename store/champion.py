@@ -4,7 +4,7 @@ A dataset identity is (name, archive MD5, split seed, test size): two runs are
 compared only when their test accuracies were measured on the same images. Each
 identity has one object, `champions/<identity>.json`:
 
-    {"identity": {name, md5, split_seed, test_size}, "champion": <record>,
+    {"identity": "<name>-<md5>-split<seed>-test<size>", "champion": <record>,
      "history": [{id, at, action, champion, previous, reason, flow_run_id, by}, ...]}
 
 The champion and its history live in one object so a change and its history entry

@@ -317,7 +317,7 @@ def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
     import shutil
 
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "the UI test needs Chromium: apt-get install chromium (.ci/run installs it)"
+    assert exe, "the UI test needs Chromium: apt-get install chromium (make test installs it: make browser)"
     args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
     if screenshot:
         subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
