@@ -80,12 +80,27 @@ def _legacy(store: Store) -> tuple[str, dict] | None:
     return identity(rec), rec
 
 
+def _parse(raw: bytes, where: str) -> dict:
+    """A champion document, or a ValueError naming the object and what it holds instead."""
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{where}: expected a champion document (JSON), found unreadable content ({e}); "
+                         "restore an earlier version of it") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("champion"), dict) or not isinstance(doc.get("history"),
+                                                                                                   list):
+        found = sorted(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
+        raise ValueError(f"{where}: expected a champion document with 'champion' and 'history', found {found}; "
+                         "restore an earlier version of it")
+    return doc
+
+
 def _load(store: Store, ident: str) -> tuple[dict | None, str | None]:
     """(document, version) of an identity; a matching legacy champion.json counts as one
     with no history (version None: the first write here creates the object)."""
     raw, version = store.read_versioned(key_for(ident))
     if raw is not None:
-        return json.loads(raw), version
+        return _parse(raw, store.uri_for(key_for(ident))), version
     legacy = _legacy(store)
     if legacy is not None and legacy[0] == ident:
         return {"identity": ident, "champion": legacy[1], "history": []}, None
@@ -104,7 +119,9 @@ def documents(store: Store) -> dict[str, dict]:
     for key in store.list(FOLDER):
         name = key.removeprefix(FOLDER + "/")
         if "/" not in name and name.endswith(".json"):
-            docs[name.removesuffix(".json")] = store.read_json(key)
+            raw = store.read_versioned(key)[0]
+            if raw is not None:  # removed since it was listed
+                docs[name.removesuffix(".json")] = _parse(raw, store.uri_for(key))
     legacy = _legacy(store)
     if legacy is not None and legacy[0] not in docs:
         docs[legacy[0]] = {"identity": legacy[0], "champion": legacy[1], "history": []}

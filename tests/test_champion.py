@@ -247,3 +247,20 @@ def test_a_legacy_champion_json_stays_the_champion_of_its_identity(tmp_path):
     assert doc["champion"]["run_id"] == "better" and doc["history"][0]["previous"]["run_id"] == "old"
     champion.rollback(st, NIGHTLY, "old", "back to the legacy champion")
     assert champion.read(st, NIGHTLY)["run_id"] == "old"
+
+
+@pytest.mark.parametrize("body, found", [(b"{not json", "unreadable content"),
+                                         (b'{"champion": {"run_id": "a"}}', "found ['champion']"),
+                                         (b"[]", "found list")])
+def test_a_damaged_champion_document_is_refused_naming_it(tmp_path, body, found):
+    """Nothing is promoted over a champion document that cannot be read, and it is left as it is."""
+    st = LocalStore(tmp_path)
+    key = champion.key_for(NIGHTLY)
+    st.write_if(key, body, None)
+    where = st.uri_for(key)
+    for call in (lambda: champion.read(st, NIGHTLY), lambda: champion.documents(st),
+                 lambda: champion.promote(st, _record("new", 0.9), 0.0)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value).startswith(f"{where}: expected a champion document") and found in str(err.value)
+    assert (tmp_path / key).read_bytes() == body
