@@ -123,6 +123,28 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
     assert f"Selected variant **{manifest['selected']}**" in arts["report"].data
 
 
+def test_the_test_runs_at_the_precision_of_its_own_device(run_env, synthetic_archive, monkeypatch):
+    """Variants trained in bf16 (as 'auto' resolves on a GPU, where fan-out's children
+    run) are tested here on the CPU, where 'auto' is fp32: no bf16 autocast on the CPU."""
+    from flows.train_cifar import train_cifar
+
+    path, md5 = synthetic_archive
+    monkeypatch.setattr(cnn.train, "resolve_precision", lambda precision, device: "bf16")  # the trainer's view
+    amps = []
+    real_test_eval = tasks.testing.evaluate
+
+    def test_eval(model, x, *a, **k):
+        amps.append(k["amp"])
+        return real_test_eval(model, x, *a, **k)
+
+    monkeypatch.setattr(tasks.testing, "evaluate", test_eval)
+    out = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=1, subset=300,
+                      store=str(run_env / "store"), device="cpu", precision="auto")
+    manifest = json.loads(Path(out["manifest"]).read_text())
+    assert manifest["configs"]["none"]["precision"] == "bf16"
+    assert amps == [False]
+
+
 def test_flow_fails_clearly_when_no_variant_succeeds(run_env, synthetic_archive):
     from flows.train_cifar import train_cifar
 

@@ -102,15 +102,19 @@ def test_a_handful_of_images_is_not_enough_to_promote_unless_confidence_is_zero(
     assert d.promote and d.ci[0] > 0.04 and "champion old" in d.reason
 
 
+def _rec(run: str, acc: float) -> dict:
+    """A champion record of one dataset identity."""
+    return {"run_id": run, "test": {"accuracy": acc}, "dataset_name": "cifar10", "dataset_md5": "a" * 32,
+            "split_seed": 0, "test_size": 3500}
+
+
 def test_publish_decides_on_the_paired_comparison_and_faces_a_champion_that_changed(tmp_path, monkeypatch):
     """promote() decides again, with the judge, against whatever champion it finds: the test's
     comparison for the champion the test faced, a fresh one for a champion that won meanwhile."""
     from store import champion, open_store
 
     st = open_store(str(tmp_path / "store"))
-    rec = lambda run, acc: {"run_id": run, "test": {"accuracy": acc}, "dataset_name": "cifar10",  # noqa: E731
-                            "dataset_md5": "a" * 32, "split_seed": 0, "test_size": 3500}
-    champion.promote(st, rec("old", 0.80), 0.0)
+    champion.promote(st, _rec("old", 0.80), 0.0)
     faced = []
 
     def judge(current):
@@ -118,9 +122,9 @@ def test_publish_decides_on_the_paired_comparison_and_faces_a_champion_that_chan
         d = promotion(np.arange(3500) < 3004, np.arange(3500) < 3000, 0.95, 0.0, champion_run=current["run_id"])
         return d.promote, d.reason
 
-    d = champion.promote(st, rec("new", 0.86), 0.0, judge=judge)  # higher accuracy, but only 4 images decide
+    d = champion.promote(st, _rec("new", 0.86), 0.0, judge=judge)  # higher accuracy, but only 4 images decide
     assert not d.promoted and faced == ["old"] and "not enough to promote" in d.reason and d.compared_with == "old"
-    assert champion.read(st, champion.identity(rec("x", 0)))["run_id"] == "old"
+    assert champion.read(st, champion.identity(_rec("x", 0)))["run_id"] == "old"
 
 
 def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
@@ -130,9 +134,7 @@ def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
     from tasks.publish import ChampionJudge
 
     st = open_store(str(tmp_path / "store"))
-    rec = lambda run, acc: {"run_id": run, "test": {"accuracy": acc}, "dataset_name": "cifar10",  # noqa: E731
-                            "dataset_md5": "a" * 32, "split_seed": 0, "test_size": 3500}
-    champion.promote(st, rec("meanwhile", 0.80), 0.0)
+    champion.promote(st, _rec("meanwhile", 0.80), 0.0)
     evaluated = []
 
     def face_again(current):
@@ -141,10 +143,10 @@ def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
 
     tested = {"champion_run_id": "old", "promote": False, "reason": "the test's", "difference": 0.0}
     judge = ChampionJudge(tested, face_again)
-    assert judge(rec("old", 0.8)) == (False, "the test's") and evaluated == []
-    current = champion.read(st, champion.identity(rec("x", 0)))
-    assert champion.decide(current, rec("new", 0.9), 0.0, judge) == (True, "beats it")
-    d = champion.promote(st, rec("new", 0.9), 0.0, judge=judge)
+    assert judge(_rec("old", 0.8)) == (False, "the test's") and evaluated == []
+    current = champion.read(st, champion.identity(_rec("x", 0)))
+    assert champion.decide(current, _rec("new", 0.9), 0.0, judge) == (True, "beats it")
+    d = champion.promote(st, _rec("new", 0.9), 0.0, judge=judge)
     assert d.promoted and d.compared_with == "meanwhile" and evaluated == ["meanwhile"]
     assert judge.final["champion_run_id"] == "meanwhile"
 
