@@ -4,10 +4,20 @@ It loads with torch alone, no project code:
 
     m = torch.export.load("model.pt2").module()
     logits = m(images)  # images: float (B, 3, 32, 32), RGB in 0..1
+
+but torch's loader unpickles parts of the archive, falling back to a full unpickle
+(arbitrary globals: code) when the safe one fails. An archive from anywhere else goes
+through `load_portable`, which refuses any archive whose loading could unpickle
+more than tensors before torch opens it.
 """
 from __future__ import annotations
 
+import io
+import json
+import os
+import re
 import uuid
+import zipfile
 from pathlib import Path
 
 import torch
@@ -43,9 +53,112 @@ def export_portable(model: nn.Module, path: Path, tta: int = 0) -> Path:
     # unique per writer (two runs may export into one folder); torch.export wants the .pt2 suffix
     tmp = Path(path).with_name(f".{Path(path).stem}.{uuid.uuid4().hex}.tmp.pt2")
     torch.export.save(program, tmp)
-    reloaded = torch.export.load(tmp).module()
+    try:
+        reloaded = load_portable(tmp)  # what we write must pass the check that reading it will face
+    except ValueError as e:
+        raise RuntimeError(f"{path}: the exported archive fails the load check: {e}") from None
     with torch.no_grad():
         if not torch.allclose(reloaded(example), portable(example), atol=1e-4):
             raise RuntimeError(f"{path}: the exported model does not reproduce the original's outputs")
     tmp.replace(path)
     return Path(path)
+
+
+# The members torch.export.save writes for one plain program named "model" (below the
+# archive's top folder). Everything else torch's loader would act on is refused: legacy
+# pickled state (data/weights/model.pt, serialized_*.pt), opaque and custom-object
+# constants (pickle.loads and TorchScript's unpickler), AOTInductor libraries, extras.
+SAMPLE_INPUTS = "data/sample_inputs/model.pt"
+PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": "data/weights/",
+                   "data/constants/model_constants_config.json": "data/constants/"}
+MEMBERS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
+           "models/model.json", SAMPLE_INPUTS, *PAYLOAD_CONFIGS}
+TENSOR_MEMBER = re.compile(r"data/weights/weight_\d+|data/constants/tensor_\d+")
+# torch's own switch: every torch.load runs weights_only, whatever its caller asked for
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+
+
+def load_portable(path: Path) -> nn.Module:
+    """The program in a .pt2 that `check_archive` accepts, in eval mode (fixed at export),
+    loaded with torch.load pinned to weights_only: the sample inputs' fallback to a full
+    unpickle fails instead of running. ValueError (naming what, not the file) otherwise."""
+    check_archive(path)
+    saved = {k: os.environ.pop(k, None) for k in (FORCE_WEIGHTS_ONLY, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ[FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as e:  # torch's loader raises many kinds for an archive it cannot use
+        raise ValueError(f"not a program torch can load: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
+    finally:
+        os.environ.pop(FORCE_WEIGHTS_ONLY)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
+def check_archive(path: Path) -> None:
+    """Refuse, without executing anything, a .pt2 whose loading could unpickle more than
+    tensors: ValueError naming the member and what it holds (the caller names the file).
+
+    Accepted: only MEMBERS and tensor members, each once, under one top folder, stored
+    (as torch.export.save writes them; nothing to inflate); payload configs naming tensor
+    members only; and every member torch would torch.load (the sample inputs, any payload
+    marked `use_pickle`) a torch.save checkpoint whose pickle names no global beyond what
+    torch's weights_only unpickler allows (tensors, storages, dtypes, OrderedDict...)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = _members(z)
+            pickled = [SAMPLE_INPUTS] if SAMPLE_INPUTS in members else []
+            for config, folder in PAYLOAD_CONFIGS.items():
+                if config in members:
+                    pickled += _pickled_payloads(config, z.read(members[config]), folder)
+            for name in pickled:
+                if name in members:  # torch fails on a missing one, unpickling nothing
+                    _check_checkpoint(name, z.read(members[name]))
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"not a .pt2 (zip) archive: {e}") from None
+
+
+def _members(z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """{name below the top folder: its entry}, or a ValueError naming the first odd one."""
+    tops = sorted({i.filename.split("/", 1)[0] for i in z.infolist()})
+    if len(tops) != 1:
+        raise ValueError(f"members under {len(tops)} top folders ({', '.join(tops[:5])}); one expected")
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in z.infolist():
+        name = info.filename.partition("/")[2]
+        if name not in MEMBERS and not TENSOR_MEMBER.fullmatch(name):
+            raise ValueError(f"member {name or info.filename}: not a member torch.export.save writes for a "
+                             f"plain program")
+        if name in members:
+            raise ValueError(f"member {name}: present twice")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"member {name}: compressed; torch.export.save stores every member as is")
+        members[name] = info
+    return members
+
+
+def _pickled_payloads(config: str, raw: bytes, folder: str) -> list[str]:
+    """The members `config` asks torch to torch.load; a ValueError if it names anything
+    but a tensor member (its name decides how torch reads it)."""
+    try:
+        entries = list(json.loads(raw)["config"].values())
+        paths = [(folder + e["path_name"], bool(e.get("use_pickle"))) for e in entries]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not its shape
+        raise ValueError(f"member {config}: not a payload config ({type(e).__name__}: {e})") from None
+    for member, _ in paths:
+        if not TENSOR_MEMBER.fullmatch(member):
+            raise ValueError(f"member {config}: names {member}, not a tensor member")
+    return [member for member, pickled in paths if pickled]
+
+
+def _check_checkpoint(name: str, data: bytes) -> None:
+    """`data` is a torch.save checkpoint whose pickle torch's weights_only unpickler
+    would load: its globals read statically (torch's own scan), nothing executed."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+    except Exception as e:  # not a torch.save zip, a TorchScript archive, an opcode the scan refuses
+        raise ValueError(f"member {name}: not a checkpoint torch can load without a full unpickle "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if unsafe:
+        raise ValueError(f"member {name}: a pickle naming {', '.join(sorted(unsafe))}, beyond the tensors and "
+                         f"storages torch's weights_only unpickler allows")

@@ -4,7 +4,8 @@
 
 Rebuilds the run's model from `runs/<run-id>/model/weights.safetensors` and
 `config.json` (nothing unpickled; `--portable` loads the `.pt2` instead, once its
-SHA-256 matches the manifest: flows/run_model.py), resizes each PNG or JPEG (at
+SHA-256 matches the manifest and its archive holds nothing that could unpickle more
+than tensors: flows/run_model.py), resizes each PNG or JPEG (at
 most 4096x4096 pixels) to 32x32 RGB and prints one line per image:
 `IMAGE<TAB>CLASS<TAB>PROBABILITY`.
 
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     pick.add_argument("--dataset", default=None, metavar="IDENTITY",
                       help="the champion of this dataset identity (python -m flows.champion --store S lists them)")
     ap.add_argument("--portable", action="store_true",
-                    help="load the portable model.pt2 (after checking its SHA-256 against the run's manifest) "
+                    help="load the portable model.pt2 (after checking its SHA-256 against the run's manifest and "
+                         "refusing any archive that could unpickle more than tensors) "
                          "instead of rebuilding the model from weights.safetensors")
     ap.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help=f"PNG or JPEG files, up to {MAX_SIDE}x{MAX_SIDE} pixels")
     args = ap.parse_args(argv)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         run_id, why = model_run(store, args.run, args.dataset)
         with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
             module, classes = load_model(store, run_id, Path(tmp), portable=args.portable)
-            what = "model.pt2, SHA-256 verified" if args.portable else "weights.safetensors"
+            what = "model.pt2, SHA-256 and contents checked" if args.portable else "weights.safetensors"
             print(f"model: run {run_id} ({why}) from {store.uri_for(join_key('runs', run_id, 'model'))} ({what})",
                   file=sys.stderr)
             probs = predict(module, images)

@@ -4,22 +4,23 @@ By default the model is rebuilt from `runs/<id>/model/weights.safetensors` (tens
 only) and `config.json` (JSON naming the registry model and its test-time
 augmentation), wrapped with the same normalisation and TTA as the portable file
 (cnn.export.Portable), so both give the same predictions. The portable `model.pt2`
-is a torch.export archive, which may ask torch to unpickle its weights with
-arbitrary globals: it is loaded only on request, and only once its SHA-256 matches
-the one the run's manifest recorded.
+is a torch.export archive, whose loader unpickles parts of it: it is loaded only on
+request, once its SHA-256 matches the one the run's manifest recorded (which catches
+corruption; whoever can write the store can rewrite both) and once
+cnn.export.check_archive finds nothing in it that could unpickle more than tensors
+(which is what stops a planted archive).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from cnn.config import TrainConfig
-from cnn.export import Portable
+from cnn.export import Portable, load_portable
 from cnn.models import build_model
 from store import Store, join_key, sha256_of
 
@@ -65,7 +66,8 @@ def from_weights(store: Store, folder: str, workdir: Path, num_classes: int) -> 
 
 
 def verified_portable(store: Store, run_id: str, workdir: Path) -> nn.Module:
-    """The run's model.pt2, loaded only if its SHA-256 is the one its manifest recorded."""
+    """The run's model.pt2, loaded only if its SHA-256 is the one its manifest recorded
+    (corruption) and cnn.export.check_archive accepts it (tampering)."""
     name = f"model/{PORTABLE}"
     manifest_key = join_key("runs", run_id, "manifest.json")
     key = join_key("runs", run_id, name)
@@ -80,4 +82,8 @@ def verified_portable(store: Store, run_id: str, workdir: Path) -> nn.Module:
         path.unlink()  # what is not verified is not kept
         raise ValueError(f"{store.uri_for(key)}: refusing to load it: its SHA-256 is {found}, but "
                          f"{store.uri_for(manifest_key)} records {expected}")
-    return torch.export.load(str(path)).module()  # eval mode was fixed at export
+    try:
+        return load_portable(path)
+    except ValueError as e:
+        path.unlink()
+        raise ValueError(f"{store.uri_for(key)}: refusing to load it: {e}") from None
