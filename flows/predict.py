@@ -50,6 +50,8 @@ def load_image(p: Path) -> torch.Tensor:
     except Image.DecompressionBombError:  # Pillow's own limit, twice its warning size
         raise ValueError(f"IMAGE {p}: too large: over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
                          f"at most {MAX_PIXELS:,} ({MAX_SIDE}x{MAX_SIDE}) are accepted") from None
+    except ValueError as e:  # e.g. a PNG text chunk that inflates past Pillow's limit (a bomb of its own)
+        raise ValueError(f"IMAGE {p}: refused while reading its header: {e}") from None
     with im:
         if im.format not in FORMATS:  # what Pillow found in the file, not its extension
             raise ValueError(f"IMAGE {p}: a {im.format} image; PNG or JPEG expected")
@@ -59,7 +61,8 @@ def load_image(p: Path) -> torch.Tensor:
                              f"({MAX_SIDE}x{MAX_SIDE}) are accepted")
         try:
             rgb = im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-        except (OSError, SyntaxError) as e:  # truncated or damaged after a valid header
+        except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged after a valid header, or a
+            # text chunk after the pixels that inflates past Pillow's limit
             raise ValueError(f"IMAGE {p}: a damaged {im.format} file: {e}") from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 

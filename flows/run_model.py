@@ -25,6 +25,8 @@ from cnn.models import build_model
 from store import Store, join_key, sha256_of
 
 WEIGHTS, CONFIG, CLASSES, PORTABLE = "weights.safetensors", "config.json", "classes.json", "model.pt2"
+# classes.json and config.json are a few kB; a larger one is not the run's, and is not read
+MAX_DOCUMENT_BYTES = 4 * 2**20
 
 
 def runs_hint(store: Store) -> str:
@@ -42,20 +44,56 @@ def load_model(store: Store, run_id: str, workdir: Path, portable: bool = False)
             raise LookupError(f"--run {run_id}: no such run in {store.uri} ({runs_hint(store)})")
         raise LookupError(f"{store.uri_for(folder)}: expected {', '.join(sorted(wanted))}, found "
                           f"{', '.join(sorted(files)) or 'nothing'}; did the run finish?")
-    classes = json.loads(store.get_file(join_key(folder, CLASSES), workdir / CLASSES).read_text())
+    classes = read_classes(store, folder, workdir)
     model = verified_portable(store, run_id, workdir) if portable else from_weights(store, folder, workdir, len(classes))
     return model, classes
 
 
+def read_document(store: Store, key: str, workdir: Path, expected: str):
+    """The JSON in `key`, or a ValueError naming it if it is over MAX_DOCUMENT_BYTES (checked
+    before it is read into memory) or not JSON."""
+    path = store.get_file(key, workdir / Path(key).name)
+    if (size := path.stat().st_size) > MAX_DOCUMENT_BYTES:
+        raise ValueError(f"{store.uri_for(key)}: expected {expected}, found {size:,} bytes; at most "
+                         f"{MAX_DOCUMENT_BYTES:,} are read")
+    try:
+        return json.loads(path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ValueError(f"{store.uri_for(key)}: expected {expected}, found text that is not JSON ({e})") from None
+
+
+def read_classes(store: Store, folder: str, workdir: Path) -> list[str]:
+    """The run's class names, in the order of the model's outputs."""
+    key, expected = join_key(folder, CLASSES), "a JSON list of class-name strings, one per output of the model"
+    classes = read_document(store, key, workdir, expected)
+    if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
+        return classes
+    if not isinstance(classes, list):
+        found = f"{_json_kind(classes)} ({json.dumps(classes)[:80]})"
+    elif not classes:
+        found = "an empty list"
+    else:
+        odd = next(c for c in classes if not isinstance(c, str))
+        found = f"a list holding {_json_kind(odd)} ({json.dumps(odd)[:80]})"
+    raise ValueError(f"{store.uri_for(key)}: expected {expected}, found {found}")
+
+
+def _json_kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"
+            }.get(type(value), "a number")
+
+
 def from_weights(store: Store, folder: str, workdir: Path, num_classes: int) -> nn.Module:
     """The registry's model named by config.json, with the safetensors weights, in eval mode."""
-    cfg_file = store.get_file(join_key(folder, CONFIG), workdir / CONFIG)
+    expected = "a training config naming a known model"
+    raw = read_document(store, join_key(folder, CONFIG), workdir, expected)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{store.uri_for(join_key(folder, CONFIG))}: expected {expected}, found {_json_kind(raw)}")
     try:
-        cfg = TrainConfig(**json.loads(cfg_file.read_text()))
+        cfg = TrainConfig(**raw)
         model = build_model(cfg.model, num_classes=num_classes)
-    except (TypeError, ValueError) as e:  # unknown or missing fields, unknown model, not JSON
-        raise ValueError(f"{store.uri_for(join_key(folder, CONFIG))}: expected a training config naming a "
-                         f"known model: {e}") from None
+    except (TypeError, ValueError) as e:  # unknown or missing fields, unknown model
+        raise ValueError(f"{store.uri_for(join_key(folder, CONFIG))}: expected {expected}: {e}") from None
     weights = store.get_file(join_key(folder, WEIGHTS), workdir / WEIGHTS)
     try:
         model.load_state_dict(load_file(str(weights)))

@@ -321,3 +321,68 @@ def test_portable_needs_the_manifests_record(tmp_path, images, capsys):
     _publish_model(st, "r1", tmp_path)
     assert predict.main(["--store", uri, "--run", "r1", "--portable", str(images["red"])]) == 0
     assert _lines(capsys.readouterr().out) == {"red.png": "red"}
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_damaged_classes_and_config_are_refused_naming_them(where, tmp_path, images, request, capsys):
+    """classes.json and config.json come from the store: anything but what the run wrote
+    is refused naming the file, what was expected and what was found; nothing huge is read."""
+    from flows.run_model import MAX_DOCUMENT_BYTES
+
+    uri = str(tmp_path / "store") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/p"
+    st = open_store(uri)
+    _publish_model(st, "r1", tmp_path)
+    red = str(images["red"])
+    expected = "expected a JSON list of class-name strings, one per output of the model, found"
+    for content, found in [(b"3", "a number (3)"), (b'{"red": 0}', 'an object ({"red": 0})'),
+                           (b"red, green, blue", "text that is not JSON"), (b"[]", "an empty list"),
+                           (b'["red", 1, "blue"]', "a list holding a number (1)"),
+                           (b"\xff\xfe", "text that is not JSON")]:
+        st.put_bytes("runs/r1/model/classes.json", content, tmp_path)
+        for portable in ([], ["--portable"]):
+            assert predict.main(["--store", uri, "--run", "r1", *portable, red]) == 1
+            assert f"error: {uri}/runs/r1/model/classes.json: {expected} {found}" in capsys.readouterr().err
+
+    st.put_bytes("runs/r1/model/classes.json", b'["' + b"x" * MAX_DOCUMENT_BYTES + b'"]', tmp_path)
+    assert predict.main(["--store", uri, "--run", "r1", red]) == 1
+    assert (f"error: {uri}/runs/r1/model/classes.json: {expected} 4,194,308 bytes; at most 4,194,304 are read"
+            in capsys.readouterr().err)
+
+    st.put_bytes("runs/r1/model/classes.json", b'["red", "green", "blue"]', tmp_path)
+    for content, found in [(b"[1, 2]", "found a list"), (b"{not json", "found text that is not JSON"),
+                           (b" " * (MAX_DOCUMENT_BYTES + 1), "found 4,194,305 bytes; at most 4,194,304 are read")]:
+        st.put_bytes("runs/r1/model/config.json", content, tmp_path)
+        assert predict.main(["--store", uri, "--run", "r1", red]) == 1
+        err = capsys.readouterr().err
+        assert f"error: {uri}/runs/r1/model/config.json: expected a training config naming a known model" in err
+        assert found in err and "Traceback" not in err
+
+
+def _png_with_text(path: Path, before_pixels: bool) -> Path:
+    """An 8x8 PNG with an iTXt/zTXt chunk of 2 kB that inflates to 2 MiB, past Pillow's
+    MAX_TEXT_CHUNK (1 MiB): before the pixels Pillow meets it opening the file, after them
+    decoding it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    text = zlib.compress(b"A" * 2 * 2**20, 9)
+    bomb = chunk(b"zTXt", b"comment\x00\x00" + text) if before_pixels else \
+        chunk(b"iTXt", b"comment\x00\x01\x00\x00\x00" + text)
+    pixels = chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + b"\x00" * 24 for _ in range(8))))
+    ihdr = chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))  # 8-bit RGB
+    body = bomb + pixels if before_pixels else pixels + bomb
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + ihdr + body + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_png_text_chunk_bomb_is_refused_naming_the_image(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    (tmp_path / "store").mkdir()
+    for before_pixels in (True, False):
+        png = _png_with_text(tmp_path / f"text-{before_pixels}.png", before_pixels)
+        assert png.stat().st_size < 10_000
+        with pytest.raises(ValueError, match="Decompressed data too large"):  # plain Pillow: names nothing
+            Image.open(png).convert("RGB")
+        assert predict.main(["--store", store, str(png)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: IMAGE {png}: ") and "Decompressed data too large" in err
