@@ -111,7 +111,7 @@ def red(tmp_path) -> str:
     return str(p)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case,plant,member,named", PLANTS, ids=[p[0] for p in PLANTS])
 def test_a_planted_pickle_never_runs_even_with_a_matching_manifest(where, case, plant, member, named,
                                                                    tmp_path, red, request, capsys):

@@ -323,7 +323,7 @@ def test_portable_needs_the_manifests_record(tmp_path, images, capsys):
     assert _lines(capsys.readouterr().out) == {"red.png": "red"}
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_damaged_classes_and_config_are_refused_naming_them(where, tmp_path, images, request, capsys):
     """classes.json and config.json come from the store: anything but what the run wrote
     is refused naming the file, what was expected and what was found; nothing huge is read."""
