@@ -52,15 +52,17 @@ STORE       ?= $(CURDIR)/artifacts
 server: setup
 	$(PREFECT) server start --host $(SERVER_HOST) --port $(SERVER_PORT)
 
-# a process worker: runs train-cifar/local flow runs on this machine; Ctrl-C stops it
+# a process worker: runs train-cifar/local flow runs on this machine; Ctrl-C stops it.
+# deployments/worker.py is Prefect's process worker with one change: a killed run's
+# crash is reported once, so that a run retried at once is not marked Crashed again
 worker: setup
-	PREFECT_API_URL=$(PREFECT_API_URL) $(PREFECT) worker start --pool $(LOCAL_POOL) --type process
+	PREFECT_API_URL=$(PREFECT_API_URL) $(VENV)/bin/python deployments/worker.py --pool $(LOCAL_POOL)
 
 # a process worker for train-variant/local: one variant at a time, like one GPU node.
 # Start several (each in its own terminal) to train variants side by side.
 variant-worker: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH PREFECT_API_URL=$(PREFECT_API_URL) \
-	  $(PREFECT) worker start --pool $(VARIANT_POOL) --type process --limit 1
+	  $(VENV)/bin/python deployments/worker.py --pool $(VARIANT_POOL) --limit 1
 
 # pools, then deployments. `make deploy DEPLOY_ARGS=--all` also builds and pushes
 # the image and applies train-cifar/nightly and train-variant/gpu (needs Docker and

@@ -193,10 +193,12 @@ def deploy_all(env: dict, tmp: Path) -> None:
 
 
 def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
-    """`prefect worker start --pool <pool> --name <name> [extra]`, once it has registered."""
+    """The project's process worker as `make worker` starts it (`deployments/worker.py --pool
+    <pool> --name <name> [extra]`), once it has registered."""
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.environ['PATH'])}",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
-    proc, log = procs.start(name, [PREFECT, "worker", "start", "--pool", pool, "--name", name, *extra], env)
+    cmd = [sys.executable, str(REPO / "deployments" / "worker.py"), "--pool", pool, "--name", name, *extra]
+    proc, log = procs.start(name, cmd, env)
     deadline = time.monotonic() + 90
     with client(env) as c:
         while not any(w.name == name for w in c.read_workers_for_work_pool(pool)):

@@ -165,19 +165,12 @@ def epochs_logged(env: dict, flow_run_ids: list, variant: str, after_resume: boo
     return [int(m.group(1)) for msg in messages if (m := re.match(rf"{variant} epoch (\d+)/", msg))]
 
 
-WORKER_DONE = "prefect.flow_runs.worker - Check whether the flow run exceeded its memory allocation"
-
-
-def kill_and_wait(cluster: Cluster, worker: str, run_id: uuid.UUID) -> None:
-    """SIGKILL the run's processes, then wait for it to be Crashed and for its worker to
-    be done with the dead process. The process worker reports such a crash twice (its
-    runner at once, its own watch up to half a minute later, then logs WORKER_DONE), and
-    a retry started between the two would be marked Crashed by the second report."""
-    done_before = cluster.logs[worker].read_text().count(WORKER_DONE)
+def kill_and_wait(cluster: Cluster, run_id: uuid.UUID) -> None:
+    """SIGKILL the run's processes and wait only until it shows Crashed, as a person who
+    then clicks Retry does (the project's worker reports the crash once: tests/test_retry.py)."""
     kill(run_processes(run_id), signal.SIGKILL)
-    wait_for("the run to be marked Crashed", lambda: flow_run(cluster.env, run_id).state.is_crashed(), 60, cluster)
-    wait_for(f"worker {worker} to be done with the killed process",
-             lambda: cluster.logs[worker].read_text().count(WORKER_DONE) > done_before, 120, cluster)
+    wait_for("the run to be marked Crashed", lambda: flow_run(cluster.env, run_id).state.is_crashed(), 60, cluster,
+             every=0.2)
 
 
 def run_id_of(kids: dict, variants: list[str]) -> str:
@@ -362,7 +355,7 @@ def test_a_retried_parent_reattaches_to_its_children(cluster, bucket):
                     and all(r.state.is_running() for r in k.values()) and k, 180, cluster)
     run_id = run_id_of(kids, variants)
     wait_for("an epoch in the store", lambda: history(bucket, run_id, "none") is not None, 240, cluster)
-    kill_and_wait(cluster, "parent", parent)
+    kill_and_wait(cluster, parent)
 
     cli(cluster.env, "flow-run", "retry", str(parent))
     parent_run = wait_final(cluster, parent)
@@ -392,7 +385,7 @@ def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
     run_id = wait_for("the run in the store", lambda: next(iter(run_ids()), None), 180, cluster)
     wait_for("two epochs in the store", lambda: (h := history(bucket, run_id, "flip")) is not None and len(h) >= 2,
              240, cluster)
-    kill_and_wait(cluster, "parent", parent)
+    kill_and_wait(cluster, parent)
     stored_at_kill = len(history(bucket, run_id, "flip"))
 
     cli(cluster.env, "flow-run", "retry", str(parent))

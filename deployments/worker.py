@@ -1,0 +1,90 @@
+"""The process worker for the project's local pools: Prefect's, reporting a crash once.
+
+It reports the crash of a flow-run process it watched only when nothing has reported
+it yet.
+
+    .venv/bin/python deployments/worker.py --pool train-cifar-local            # make worker
+    .venv/bin/python deployments/worker.py --pool train-cifar-local-variants --limit 1
+
+Why: Prefect's process worker reports a killed flow-run process twice. The runner in
+the worker marks the run Crashed as soon as the process exits; the worker itself,
+once it is done with the process (crash hooks, cleanup: up to half a minute later),
+reports the same crash again without looking at what the run has done since. A run
+retried in between (the UI's Retry, `prefect flow-run retry`) has left Crashed, so
+the server accepts that late report and the new execution is marked Crashed. Here
+the worker first reads the run's states: if a final state has been recorded since
+it picked the run up, the end of its execution is known, and whatever the run does
+now (a retry) is not this worker's to judge.
+
+Kubernetes pools are not affected: their worker watches a pod, and the pod's own
+`prefect flow-run execute` reports only what the worker cannot see.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import FlowRun
+from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS
+from prefect.utilities.processutils import setup_signal_handlers_worker
+from prefect.workers import process
+
+
+class ProcessWorker(process.ProcessWorker):
+    """Pools of type `process`, as Prefect's worker; one report per execution's end."""
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        return "train-cifar-process"  # leaves Prefect's `process` worker registered as itself
+
+    async def _propose_crashed_state(self, flow_run: FlowRun, message: str,
+                                     client: PrefectClient | None = None) -> None:
+        ended = await self._ended_since_picked_up(flow_run, client or self.client)
+        if ended is not None:
+            self.get_flow_run_logger(flow_run).info(
+                f"Not reporting flow run '{flow_run.id}' as crashed again: its end was recorded "
+                f"({ended.type.value} at {ended.timestamp:%H:%M:%S}) and it may have been retried since")
+            return
+        await super()._propose_crashed_state(flow_run, message, client=client)
+
+    @staticmethod
+    async def _ended_since_picked_up(flow_run: FlowRun, client: PrefectClient):
+        """The first final state recorded after the state this worker picked the run up in
+        (the server stamps every state, so the times are one clock's), or None."""
+        if flow_run.state is None:
+            return None
+        picked_up = flow_run.state.timestamp
+        states = await client.read_flow_run_states(flow_run.id)
+        return next((s for s in sorted(states, key=lambda s: s.timestamp)
+                     if s.is_final() and s.timestamp > picked_up), None)
+
+
+async def serve(pool: str, name: str | None, limit: int | None) -> None:
+    # what `prefect worker start` does for a process pool, with this worker class
+    worker = ProcessWorker(work_pool_name=pool, name=name, limit=limit,
+                           heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()))
+    await worker.start(printer=print)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pool", required=True, help="the process work pool to poll, e.g. train-cifar-local")
+    ap.add_argument("--name", help="the worker's name (default: Prefect's)")
+    ap.add_argument("--limit", type=int, help="at most this many flow runs at a time (default: no limit)")
+    args = ap.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        ap.error(f"--limit: expected at least 1, found {args.limit}")
+    # as `prefect worker start`: a first Ctrl-C or SIGTERM stops polling and lets runs finish
+    setup_signal_handlers_worker(os.getpid(), "the process worker", print)
+    try:
+        asyncio.run(serve(args.pool, args.name, args.limit))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("worker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
