@@ -126,6 +126,22 @@ def test_the_store_cache_does_not_write_a_prepared_dataset_through_a_symlink(s3_
     assert _everything_in(outside) == []
 
 
+@pytest.mark.parametrize("folder", ["prepared/cifar10", "synthetic/train100-test50"])
+def test_the_cache_does_not_prepare_or_generate_data_through_a_symlink(folder, tmp_path, monkeypatch, synthetic_archive):
+    from tasks.data import fetch_dataset
+
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    (cache / folder).parent.mkdir(parents=True)
+    (cache / folder).symlink_to(outside)
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(cache))
+    path, md5 = synthetic_archive
+    source = ("synthetic", None, None, None) if folder.startswith("synthetic") else ("cifar10", str(path.parent), None, md5)
+    with pytest.raises(ValueError, match=f"dataset: .* resolves to {outside}/.*, outside {cache / folder.split('/')[0]}"):
+        fetch_dataset.fn(*source, 100, 50, str(tmp_path / "store"))
+    assert _everything_in(outside) == []
+
+
 def test_a_run_folder_in_the_cache_is_checked_to_the_file(tmp_path, monkeypatch):
     from tasks.common import local_run_dir
 
