@@ -214,3 +214,23 @@ def test_prepare_and_the_synthetic_archive_are_fsynced(tmp_path, fsyncs):
     cd.prepare(path, md5, tmp_path / "prepared")
     assert fsyncs == ["file", "folder"] * 3  # the archive, the tensors, meta.json
     assert json.loads((tmp_path / "prepared" / cd.PREPARED_META).read_text())["md5"] == md5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("link, target", [("runs/run-a/report.md", "report.md"), ("champions", "champions")])
+def test_a_run_writes_neither_its_report_nor_the_champion_through_a_symlink(link, target, tmp_path, monkeypatch,
+                                                                            prefect_harness, synthetic_archive):
+    """A whole run, as the nightly makes it, into a store where someone planted a link."""
+    from flows.train_cifar import train_cifar
+
+    store, outside = tmp_path / "store", tmp_path / "outside"
+    outside.mkdir()
+    (store / link).parent.mkdir(parents=True)
+    (store / link).symlink_to(outside / target)
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    with pytest.raises(ValueError, match=f"{link}.*: .*{store / link} is a symlink to {outside / target}"):
+        train_cifar(run_id="run-a", data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=1,
+                    subset=300, store=str(store), device="cpu")
+    assert _everything_in(outside) == []
+    assert not (store / "runs" / "run-a" / "manifest.json").exists()
