@@ -12,7 +12,10 @@ cnn/ publishes, so that:
   rename is only durable once the folder is).
 
 Folders are opened one at a time, each relative to the one above and with
-O_NOFOLLOW, so a symlink swapped in after a check is not followed either.
+O_NOFOLLOW; the local store works through the descriptors it opened, so a symlink
+swapped in after the check is not followed either. `beneath` checks a path that is
+handed on to other code (torch, safetensors, pandas): a folder swapped for a link
+between that check and the use is still followed. No Store here: cnn/ uses it too.
 """
 from __future__ import annotations
 

@@ -40,6 +40,8 @@ class LocalStore(Store):
         try:
             fd = open_dir(self.root, parts[:-1], key, create, whole=parts)
         except NotADirectoryError:
+            if create:  # a file where a folder must go: nothing to write into
+                raise
             raise FileNotFoundError(f"{self._path(key)}: not in the store") from None
         try:
             no_link(fd, self.root, parts, key)
