@@ -7,6 +7,8 @@ import platform
 import time
 from pathlib import Path
 
+from store.files import write_durably
+
 # torch and numpy are imported where used, so that importing this module (for
 # add_run_args) does not count in flow_profile's import timings
 
@@ -76,13 +78,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 def write_result(name: str, payload: dict) -> Path:
     """benchmarks/results/<name>.json, written then renamed."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload},
-                              indent=2))
-    tmp.replace(path)
-    return path
+    return write_durably(RESULTS / f"{name}.json", json.dumps(
+        {"benchmark": name, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **payload}, indent=2).encode())
 
 
 def add_run_args(ap) -> None:

@@ -29,7 +29,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from cnn.config import TrainConfig
 from cnn.fast import Lookahead
+from store.files import publishing
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "train-cifar-checkpoint-1"
@@ -96,14 +96,10 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     }
     # json writes an infinite best_val_loss (no best epoch yet) as Infinity; Python reads it back
     metadata = {"format": FORMAT, "document": json.dumps(document)}
-    # unique per writer: two writers of one path never write into each other's file; the
-    # leading dot keeps it out of `checkpoint*` globs while it is incomplete
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    # a temporary file per writer (its leading dot keeps it out of `checkpoint*` globs
+    # while it is incomplete), fsynced and renamed
+    with publishing(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched, gen: torch.Generator,

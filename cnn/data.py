@@ -15,7 +15,6 @@ import io
 import json
 import pickle
 import tarfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_url
+from store.files import publishing, write_durably
 
 ARCHIVE_NAME = CIFAR10.filename  # cifar-10-python.tar.gz
 ARCHIVE_MD5 = CIFAR10.tgz_md5
@@ -303,16 +303,16 @@ def _class_names(meta, source: Path) -> list[str]:
 
 
 def prepare(path: Path, md5: str, out_dir: Path) -> Path:
-    """Decode `path` into `out_dir` (tensors + meta), written then renamed; the bytes
-    decoded must have the verified `md5`."""
+    """Decode `path` into `out_dir` (tensors, then meta), each written whole and durably
+    or not at all (two runs may prepare at once); the bytes decoded must have the
+    verified `md5`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     decoded = decode(path, md5)
     tensors = {k: v.contiguous() for k, v in decoded.items() if isinstance(v, torch.Tensor)}
-    tmp = out_dir / f".{PREPARED_FILE}.{uuid.uuid4().hex}.tmp"  # unique per writer: two runs may prepare at once
-    save_file(tensors, str(tmp))
-    tmp.replace(out_dir / PREPARED_FILE)
+    with publishing(out_dir / PREPARED_FILE) as tmp:
+        save_file(tensors, str(tmp))
     meta = {"md5": md5, "classes": decoded["classes"], "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"])}
-    (out_dir / PREPARED_META).write_text(json.dumps(meta, indent=2))
+    write_durably(out_dir / PREPARED_META, json.dumps(meta, indent=2).encode())
     return out_dir
 
 

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import re
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from cnn.augment import MEAN, STD
 from cnn.evaluate import tta_views
+from store.files import publishing
 
 
 class Portable(nn.Module):
@@ -50,17 +50,15 @@ def export_portable(model: nn.Module, path: Path, tta: int = 0) -> Path:
     example = torch.rand(4, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(portable, (example,), dynamic_shapes={"x": {0: batch}})
-    # unique per writer (two runs may export into one folder); torch.export wants the .pt2 suffix
-    tmp = Path(path).with_name(f".{Path(path).stem}.{uuid.uuid4().hex}.tmp.pt2")
-    torch.export.save(program, tmp)
-    try:
-        reloaded = load_portable(tmp)  # what we write must pass the check that reading it will face
-    except ValueError as e:
-        raise RuntimeError(f"{path}: the exported archive fails the load check: {e}") from None
-    with torch.no_grad():
-        if not torch.allclose(reloaded(example), portable(example), atol=1e-4):
-            raise RuntimeError(f"{path}: the exported model does not reproduce the original's outputs")
-    tmp.replace(path)
+    with publishing(path, suffix=".pt2") as tmp:  # torch.export wants the .pt2 suffix
+        torch.export.save(program, tmp)
+        try:
+            reloaded = load_portable(tmp)  # what we write must pass the check that reading it will face
+        except ValueError as e:
+            raise RuntimeError(f"{path}: the exported archive fails the load check: {e}") from None
+        with torch.no_grad():
+            if not torch.allclose(reloaded(example), portable(example), atol=1e-4):
+                raise RuntimeError(f"{path}: the exported model does not reproduce the original's outputs")
     return Path(path)
 
 

@@ -14,12 +14,12 @@ import hashlib
 import io
 import pickle
 import tarfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from cnn.data import ARCHIVE_NAME, BATCH_DIR, CLASSES, HOLDOUT_FILE, META_FILE, TRAIN_FILES
+from store.files import write_durably
 
 # one (shape, RGB colour) per class; pairs share colour or shape so neither alone suffices
 _CLASS_STYLE = [
@@ -101,9 +101,7 @@ def write_archive(out_dir: Path, n_train: int = 5000, n_test: int = 1000, seed: 
         data, labels = make_images(n_test, rng)
         _add(tar, HOLDOUT_FILE, pickle.dumps({"batch_label": HOLDOUT_FILE, "data": data, "labels": labels}, protocol=2))
         _add(tar, META_FILE, pickle.dumps({"label_names": CLASSES, "num_cases_per_batch": n_train // 5}, protocol=2))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    write_durably(path, buf.getvalue())
     return path, hashlib.md5(buf.getvalue()).hexdigest()
 
 

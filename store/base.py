@@ -13,9 +13,11 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 # a key part: a name made only of safe characters, so no run or variant name can
-# climb out of its prefix ('..', '/', '\\' and empty parts are rejected)
-_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# climb out of its prefix ('..', '/', '\\' and empty parts are rejected). Names are
+# checked with fullmatch: `$` with match would let a trailing newline through.
+_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # newline, tab, ...: never part of a key
 
 
 class StoreError(RuntimeError):
@@ -38,7 +40,7 @@ class StoreOutage(StoreError):
 
 def safe_name(value: str, what: str) -> str:
     """`value` if it is a safe single key part, else a ValueError naming `what`."""
-    if not isinstance(value, str) or not _PART.match(value) or ".." in value:
+    if not isinstance(value, str) or not _PART.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{what} {value!r} is not a valid name: expected letters, digits, '.', '_' or '-' "
             "(starting with a letter or digit, at most 128 characters, no '..')"
@@ -50,7 +52,7 @@ def join_key(*parts: str) -> str:
     """Join already-validated key parts; refuses anything that could escape."""
     for p in parts:
         for piece in p.split("/"):
-            if piece in ("", ".", "..") or "\\" in piece:
+            if piece in ("", ".", "..") or "\\" in piece or _CONTROL.search(piece):
                 raise ValueError(f"invalid store key part {piece!r} in {'/'.join(parts)!r}")
     return "/".join(parts)
 
@@ -60,7 +62,7 @@ def parse_uri(uri: str) -> tuple[str, str]:
     if not uri.startswith("s3://"):
         raise ValueError(f"{uri!r}: expected s3://bucket/prefix")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not _BUCKET.match(bucket) or ".." in bucket:
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise ValueError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name "
                          "(3-63 lowercase letters, digits, '.' or '-')")
     prefix = prefix.strip("/")

@@ -1,15 +1,23 @@
-"""A store in a local folder: every write goes to a temporary file, then is renamed."""
+"""A store in a local folder: every write goes to a temporary file, then is renamed.
+
+Every key is reached through store/files.py: no symlink below the root is followed
+(one met is refused, naming the key, the link and where it points), and every file is
+published durably (fsynced before and after its rename)."""
 from __future__ import annotations
 
 import fcntl
 import hashlib
 import os
 import shutil
-import uuid
+import stat
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from store.base import PreconditionFailed, Store, join_key, sha256_of
+from store.base import PreconditionFailed, Store, join_key
+from store.files import beneath, no_link, open_dir, open_file, publish, publishing
+
+_CHUNK = 1 << 20
 
 
 class LocalStore(Store):
@@ -20,46 +28,123 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / join_key(key)
 
+    def path_of(self, key: str) -> Path:
+        """The local path of `key` (a file or a folder), for code that reads by path;
+        refused if a symlink below the root is on its way."""
+        return beneath(self.root, join_key(key), key)
+
+    @contextmanager
+    def _folder(self, key: str, create: bool = False) -> Iterator[tuple[int, list[str]]]:
+        """(descriptor of the key's folder, the key's parts); FileNotFoundError if absent."""
+        parts = join_key(key).split("/")
+        try:
+            fd = open_dir(self.root, parts[:-1], key, create, whole=parts)
+        except NotADirectoryError:
+            if create:  # a file where a folder must go: nothing to write into
+                raise
+            raise FileNotFoundError(f"{self._path(key)}: not in the store") from None
+        try:
+            no_link(fd, self.root, parts, key)
+            yield fd, parts
+        finally:
+            os.close(fd)
+
+    def _open(self, fd: int, parts: list[str], key: str):
+        """The file `key` opened for reading, or None if it is not a file in the store."""
+        try:
+            f = os.fdopen(open_file(fd, self.root, parts, key), "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            f.close()
+            return None
+        return f
+
     def put_file(self, key: str, path: Path) -> dict:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)  # atomic: readers see the old file or the new one
-        return {"uri": self.uri_for(key), "sha256": sha256_of(dest), "bytes": dest.stat().st_size}
+        sha, size = hashlib.sha256(), 0
+
+        def copy(out) -> None:  # hashed as written: the digest is of the bytes stored
+            nonlocal size
+            with open(path, "rb") as src:
+                while chunk := src.read(_CHUNK):
+                    sha.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+
+        with self._folder(key, create=True) as (fd, parts):
+            publish(fd, parts[-1], copy)  # atomic: readers see the old file or the new one
+        return {"uri": self.uri_for(key), "sha256": sha.hexdigest(), "bytes": size}
+
+    def put_bytes(self, key: str, data: bytes, tmp_dir: Path) -> dict:
+        with self._folder(key, create=True) as (fd, parts):
+            publish(fd, parts[-1], lambda out: out.write(data))
+        return {"uri": self.uri_for(key), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     def get_file(self, key: str, path: Path) -> Path:
-        src = self._path(key)
-        if not src.is_file():
-            raise FileNotFoundError(f"{src}: not in the store")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if src.resolve() != Path(path).resolve():
-            shutil.copyfile(src, path)
+        try:
+            with self._folder(key) as (fd, parts):
+                src = self._open(fd, parts, key)
+        except FileNotFoundError:
+            src = None
+        if src is None:
+            raise FileNotFoundError(f"{self._path(key)}: not in the store")
+        with src:
+            try:
+                if os.path.samestat(os.fstat(src.fileno()), os.stat(path)):
+                    return path  # already there: the store's own file
+            except FileNotFoundError:
+                pass
+            with publishing(path) as tmp, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
         return path
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
+        try:
+            with self._folder(key) as (fd, parts):
+                return stat.S_ISREG(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix) if prefix else self.root
-        if not base.is_dir():
+        parts = join_key(prefix).split("/") if prefix else []
+        try:
+            fd = open_dir(self.root, parts, prefix)
+        except (FileNotFoundError, NotADirectoryError):
             return []
-        return sorted(
-            str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
-        )
+        keys = []
+        try:
+            # fwalk follows no symlink: a linked folder is not entered, a linked file not listed
+            for folder, _, files, dir_fd in os.fwalk(".", dir_fd=fd):
+                for name in files:
+                    try:
+                        regular = stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+                    except FileNotFoundError:  # deleted meanwhile
+                        continue
+                    if regular and not name.startswith("."):
+                        keys.append("/".join([*parts, *Path(folder).parts, name]))
+        finally:
+            os.close(fd)
+        return sorted(keys)
 
     def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
-        p = self._path(key)
-        if not p.is_file():
+        try:
+            with self._folder(key) as (fd, parts):
+                return self._read(fd, parts, key)
+        except FileNotFoundError:
             return None, None
-        data = p.read_bytes()
+
+    def _read(self, fd: int, parts: list[str], key: str) -> tuple[bytes | None, str | None]:
+        f = self._open(fd, parts, key)
+        if f is None:
+            return None, None
+        with f:
+            data = f.read()
         return data, hashlib.md5(data).hexdigest()
 
     @contextmanager
-    def _lock(self, key: str):
-        lock = self._path(key).with_name(f".{Path(key).name}.lock")
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock, "w") as f:
+    def _lock(self, fd: int, parts: list[str], key: str):
+        lock = [*parts[:-1], f".{parts[-1]}.lock"]
+        with os.fdopen(open_file(fd, self.root, lock, key, os.O_RDWR | os.O_CREAT), "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -67,14 +152,12 @@ class LocalStore(Store):
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
-        with self._lock(key):  # compare-and-swap across processes on this machine
-            _, current = self.read_versioned(key)
+        with self._folder(key, create=True) as (fd, parts), self._lock(fd, parts, key):
+            # compare-and-swap across processes on this machine
+            _, current = self._read(fd, parts, key)
             if current != version:
                 raise PreconditionFailed(f"{self.uri_for(key)} changed since it was read")
-            dest = self._path(key)
-            tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")  # unique per writer
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
+            publish(fd, parts[-1], lambda out: out.write(data))
 
     def uri_for(self, key: str) -> str:
         return str(self._path(key))

@@ -28,6 +28,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
 from s3transfer.utils import ChunksizeAdjuster
 
 from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, parse_uri
+from store.files import publishing
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +200,11 @@ class S3Store(Store):
     # download and read ------------------------------------------------------------------
     def get_file(self, key: str, path: Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # the transfer manager writes a temporary file and renames it when complete
-            self.client.download_file(self.bucket, self._key(key), str(path))
+            # the transfer manager renames its own temporary file, without fsync: into ours,
+            # which `publishing` makes `path` durably
+            with publishing(path) as tmp:
+                self.client.download_file(self.bucket, self._key(key), str(tmp))
         except ClientError as e:
             if self._is_missing(e):
                 raise FileNotFoundError(f"{self.uri_for(key)}: not in the store") from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from store import Store, StoreError, StoreUnavailable, join_key, open_store, safe_name
+from store.files import beneath
 
 
 def cache_dir() -> Path:
@@ -52,19 +53,17 @@ def units_of(variants: list[str], seed: int, repeats: int) -> list[Unit]:
 
 
 def inside(root: Path, path: Path, param: str) -> Path:
-    """`path` resolved (symlinks followed), if it stays inside `root`; else a ValueError
-    naming `param`, the parameter it was derived from. Checked before anything is written
-    or deleted there: a name check alone misses a symlink planted in a shared folder."""
-    root, resolved = Path(root).resolve(), Path(path).resolve()
-    if not resolved.is_relative_to(root):
-        raise ValueError(f"{param}: {path} resolves to {resolved}, outside {root}")
-    return resolved
+    """`path` (under `root`) as an absolute path, if no symlink below `root` is on its
+    way; else a ValueError naming `param`, the parameter it was derived from, the link and
+    where it points. Checked before anything is written or deleted there: a name check
+    alone misses a symlink planted in a shared folder. The store's own rule (store/files.py)."""
+    return beneath(root, path, param)
 
 
-def local_run_dir(run_id: str) -> Path:
-    """Where a run's files are written before (and kept after) upload."""
+def local_run_dir(run_id: str, *parts: str) -> Path:
+    """Where a run's files (`parts` below it) are written before (and kept after) upload."""
     root = cache_dir() / "runs"
-    return inside(root, root / safe_name(run_id, "run id"), "run_id")
+    return inside(root, root.joinpath(safe_name(run_id, "run id"), *parts), "run_id")
 
 
 def current_owner() -> str:
@@ -112,14 +111,17 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
 
     inner = getattr(store, "inner", store)  # a PatientStore's own store (store/outage.py)
     if isinstance(inner, LocalStore):
-        return inner.root / key
-    local = cache_dir() / "store-cache" / key
+        for name in filenames:
+            inner.path_of(f"{key}/{name}")  # no symlink on the way to a file read by path
+        return inner.path_of(key)
+    root = cache_dir() / "store-cache"
     for name in filenames:
-        if (local / name).is_file():
-            os.utime(local / name)  # used now: the cache's age rule (tasks/cache.py) counts from here
+        path = inside(root, root / join_key(key, name), key)
+        if path.is_file():
+            os.utime(path)  # used now: the cache's age rule (tasks/cache.py) counts from here
         else:
-            store.get_file(f"{key}/{name}", local / name)
-    return local
+            store.get_file(f"{key}/{name}", path)
+    return inside(root, root / key, key)
 
 
 __all__ = ["cache_dir", "current_owner", "flow_run_is_over", "inside", "is_io_error", "local_run_dir",

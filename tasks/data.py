@@ -35,7 +35,8 @@ def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md
             synthetic_train: int, synthetic_test: int) -> tuple[str, str, Path | None, str | None]:
     """(name, source, local archive or None if not fetched yet, expected md5 or None)."""
     if dataset == "synthetic":
-        out = cache_dir() / "synthetic" / f"train{synthetic_train}-test{synthetic_test}"
+        root = cache_dir() / "synthetic"
+        out = inside(root, root / f"train{synthetic_train}-test{synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
         path, md5 = (out / cd.ARCHIVE_NAME, None)
         if path.is_file():
             mark_used(out)
@@ -86,7 +87,8 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
         raise cd.DataError(f"--data-source {data_source}: {e}") from None
     key = join_key("datasets", name, md5)
     if not all(store.exists(f"{key}/{f}") for f in PREPARED_FILES):
-        local = cd.prepare(path, md5, cache_dir() / "prepared" / name / md5)
+        root = cache_dir() / "prepared"
+        local = cd.prepare(path, md5, inside(root, root / name / md5 / cd.PREPARED_FILE, "dataset").parent)
         for f in PREPARED_FILES:
             store.put_file(f"{key}/{f}", local / f)
         print(f"dataset {name} {md5}: decoded and stored at {store.uri_for(key)}")

@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from store import champion, open_store
+from store.files import write_durably
 from cnn.data import split_sizes
 from tasks.common import is_io_error, local_run_dir, run_key, units_of
 from tasks.report import VARIANTS, plot_curves, plot_variants, render_markdown
@@ -128,7 +129,7 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     for unit in units_of([r.name for r in results], params["seed"], params["repeats"]):
         key = unit.key(run_id, "history.csv")  # from the store: it may have trained elsewhere
         if store.exists(key):
-            local = store.get_file(key, out / "variants" / unit.folder / "history.csv")
+            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), "history.csv"))
             if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
                 histories.setdefault(unit.variant, []).append(pd.read_csv(local))
     plot_curves(histories, out / "curves.png")
@@ -155,10 +156,10 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
         m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with}
         if judge.final is not None and judge.final["champion_run_id"] == compared_with:
             m["test"] = {**m["test"], "champion_comparison": judge.final}
-        (out / "report.md").write_text(render_markdown(m, {name: name for name in REPORT_FILES}, folder))
+        write_durably(out / "report.md", render_markdown(m, {name: name for name in REPORT_FILES}, folder).encode())
         arts = {**artifacts, "report.md": store.put_file(run_key(run_id, "report.md"), out / "report.md")}
         m["artifacts"] = arts
-        (out / "manifest.json").write_text(json.dumps(m, indent=2))
+        write_durably(out / "manifest.json", json.dumps(m, indent=2).encode())
         store.put_file(run_key(run_id, "manifest.json"), out / "manifest.json")
         return m
 

@@ -14,6 +14,8 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: its global state is not thread-safe, and lanes are threads
 from PIL import Image
 
+from store.files import write_durably
+
 DPI = 80
 COLOURS = 64  # plots are a few flat colours and their antialiased edges
 
@@ -31,7 +33,7 @@ def save_png(fig: Figure, path: Path | None = None) -> bytes:
     out = io.BytesIO()
     img.save(out, format="png", optimize=True)
     if path is not None:
-        path.write_bytes(out.getvalue())
+        write_durably(path, out.getvalue())
     return out.getvalue()
 
 

@@ -22,6 +22,7 @@ from cnn.models import build_model
 from cnn.stats import promotion
 from cnn.config import TrainConfig, resolve_precision
 from store import Store, StoreError, champion, open_store, safe_name
+from store.files import publishing, write_durably
 from tasks.common import local_run_dir, materialize, run_key
 from tasks.data import PREPARED_FILES
 from tasks.report import plot_confusion
@@ -87,7 +88,7 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
     for `device`: with fan-out the variants trained in bf16 on GPUs and the test runs here."""
     amp = resolve_precision(precision, device) == "bf16"
     store = open_store(store_uri, outage_minutes=store_outage_minutes)
-    out = local_run_dir(run_id) / "model"
+    out = local_run_dir(run_id, "model")
     out.mkdir(parents=True, exist_ok=True)
     store.get_file(weights_key, out / "weights.safetensors")
     classes = dataset["classes"]
@@ -102,7 +103,8 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
         "per_class": dict(zip(classes, m["per_class"])),
     }
     print(f"test ({m['n']} images, {cfg.variant}): loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
-    save_file({"predicted": m["predicted"].contiguous()}, str(out / PREDICTIONS))
+    with publishing(out / PREDICTIONS) as tmp:
+        save_file({"predicted": m["predicted"].contiguous()}, str(tmp))
     ident = champion.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
                                "split_seed": split_seed, "test_size": m["n"]})
     current = champion.read(store, ident)
@@ -111,12 +113,12 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
         metrics["champion_comparison"] = face_champion(store, current, correct, data, device, out, promote_confidence,
                                                        promote_margin, amp)
 
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    pd.DataFrame(m["confusion"], index=classes, columns=classes).rename_axis("true\\predicted").to_csv(
-        out / "confusion_matrix.csv")
+    write_durably(out / "metrics.json", json.dumps(metrics, indent=2).encode())
+    with publishing(out / "confusion_matrix.csv") as tmp:
+        pd.DataFrame(m["confusion"], index=classes, columns=classes).rename_axis("true\\predicted").to_csv(tmp)
     plot_confusion(m["confusion"], classes, out / "confusion_matrix.png")
-    (out / "classes.json").write_text(json.dumps(classes))
-    (out / "config.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    write_durably(out / "classes.json", json.dumps(classes).encode())
+    write_durably(out / "config.json", json.dumps(cfg.__dict__, indent=2).encode())
     export_portable(model, out / PORTABLE, tta=cfg.tta)
 
     artifacts = {}

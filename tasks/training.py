@@ -30,6 +30,7 @@ from cnn.checkpoint import read_history
 from cnn.data import DataError, load_splits
 from cnn.train import CHECKPOINT, TrainConfig, train
 from store import open_store
+from store.files import publishing, write_durably
 from store.lease import Lease
 from store.uploader import Uploader
 from tasks.cache import drop_local_copies
@@ -100,7 +101,7 @@ def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed:
 def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5, split_seed, subset, run_id,
                   device, owner) -> VariantResult:
     v = unit.label
-    workdir = local_run_dir(run_id) / "variants" / unit.folder
+    workdir = local_run_dir(run_id, "variants", *unit.folder.split("/"))
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt_key = unit.key(run_id, CHECKPOINT)
     if store.exists(ckpt_key):
@@ -124,11 +125,13 @@ def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5
                                           {ckpt_key: workdir / CHECKPOINT, history_key: history_csv})
     weights_key = predictions_key = None
     if result["best_state"] is not None:
-        save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(workdir / "best.safetensors"))
+        with publishing(workdir / "best.safetensors") as tmp:
+            save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(tmp))
         weights_key = unit.key(run_id, "best.safetensors")
         artifacts[f"{unit.folder}/best.safetensors"] = store.put_file(weights_key, workdir / "best.safetensors")
     if result["best_predictions"] is not None:
-        save_file({"predicted": result["best_predictions"].contiguous()}, str(workdir / PREDICTIONS))
+        with publishing(workdir / PREDICTIONS) as tmp:
+            save_file({"predicted": result["best_predictions"].contiguous()}, str(tmp))
         predictions_key = unit.key(run_id, PREDICTIONS)
         artifacts[f"{unit.folder}/{PREDICTIONS}"] = store.put_file(predictions_key, workdir / PREDICTIONS)
     out = VariantResult(
@@ -136,7 +139,7 @@ def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
         error=result["error"], weights_key=weights_key, config=cfg.__dict__, artifacts=artifacts,
         flow_run_id=owner, seed=cfg.seed, predictions_key=predictions_key)
-    (workdir / METRICS).write_text(out.to_json())
+    write_durably(workdir / METRICS, out.to_json().encode())
     store.outage.call(lease.renew)  # LeaseLost if another writer took over meanwhile
     out.artifacts[f"{unit.folder}/{METRICS}"] = store.put_file(unit.key(run_id, METRICS), workdir / METRICS)
     return out

@@ -29,6 +29,12 @@ from flows.train_cifar import build_parser, main
     (["--run-id", "../escape"], "--run-id: run_id '../escape' is not a valid name: expected letters, digits"),
     (["--data-source", "s3://bucket/../../x"], "--data-source: expected s3://bucket/key with no '.', '..' or empty"),
     (["--data-source", "s3://bucket/a//b.tar.gz"], "--data-source: expected s3://bucket/key with no '.', '..' or"),
+    # a trailing newline, carriage return, tab or space: names match whole strings
+    *[(["--run-id", f"r1{end}"], f"--run-id: run_id {'r1' + end!r} is not a valid name")
+      for end in ["\n", "\r", "\t", " "]],
+    *[(["--store", f"s3://bucket{end}/runs"], f"--store: {f's3://bucket{end}/runs'!r}: {'bucket' + end!r} is not a valid")
+      for end in ["\n", "\r", "\t", " "]],
+    (["--data-source", "s3://bucket\n/k.tar.gz", "--data-md5", "0" * 32], "--data-source: expected s3://bucket/key"),
 ])
 def test_invalid_values_named_before_any_work(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))

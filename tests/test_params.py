@@ -91,6 +91,9 @@ def test_a_direct_call_is_still_checked_by_run_params_naming_what_was_found():
     ({"variant": "mixup"}, "variants: unknown variant(s) 'mixup'"),
     ({"dataset_key": "datasets/../x"}, "dataset_key: "),
     ({"dataset_md5": "not-an-md5"}, "dataset_md5: expected 32 lowercase hex digits, found 'not-an-md5'"),
+    ({"run_id": "r1\n"}, "run_id: run_id 'r1\\n' is not a valid name"),
+    ({"store": "s3://bucket\n/runs"}, "store: 's3://bucket\\n/runs': 'bucket\\n' is not a valid S3 bucket name"),
+    ({"dataset_key": "datasets/abc\n"}, "dataset_key: invalid store key part 'abc\\n'"),
 ])
 def test_train_variant_refuses_bad_parameters_before_any_work(override, message, tmp_path):
     """A child started by hand (or by a parent of another version) with a bad value stops

@@ -1,6 +1,7 @@
 """The local store and the champion rule (the S3 store has its own tests)."""
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -108,3 +109,18 @@ def test_racing_runs_have_one_consistent_winner(tmp_path):
     chain = [e["champion"]["run_id"] for e in doc["history"]]
     assert chain[0] == "base" and chain[-1] == "r7" and len(chain) == 1 + sum(r.promoted for r in results)
     assert all(e["previous"]["run_id"] == p for e, p in zip(doc["history"][1:], chain))
+
+
+@pytest.mark.parametrize("end", ["\n", "\r", "\t", " "])
+def test_a_name_with_a_trailing_newline_or_space_is_refused(end):
+    """Names match whole strings: a `$` anchor with `match` let 'r1\\n' through."""
+    with pytest.raises(ValueError, match=re.escape(f"run id {'r1' + end!r} is not a valid name")):
+        safe_name("r1" + end, "run id")
+    for uri in [f"s3://bucket{end}", f"s3://bucket{end}/prefix"]:
+        with pytest.raises(ValueError, match=re.escape(f"{'bucket' + end!r} is not a valid S3 bucket name")):
+            open_store(uri)
+    if end != " ":  # a space is a valid S3 key character; control characters are in no key
+        with pytest.raises(ValueError, match="invalid store key part"):
+            join_key("runs", "r1" + end, "report.md")
+        with pytest.raises(ValueError, match="invalid store key part"):
+            open_store(f"s3://bucket/prefix{end}")
