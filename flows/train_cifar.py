@@ -234,14 +234,18 @@ def _last_word(state, error: Exception | None, signum: int | None, debug: bool) 
 @contextlib.contextmanager
 def _console_tracebacks(shown: bool):
     """Unless `shown`, the console drops the traceback of a record about a user's mistake
-    (tasks.common.is_user_error; Prefect logs one for a failed task and again for the flow):
+    (tasks.common.is_user_error; Prefect logs one for a failed task and again for the flow),
+    or about no variant having trained (each unit's own error was logged with its task run):
     its message says what to do, and main ends with it. Only the console's copy: the run's
     logger hands the record to the API's handler first (a logger's own handlers come before
     its parents'; the console is the root's), so the UI's log keeps the traceback."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
+    from tasks.selection import NoVariantTrained
+
     def quiet(record: logging.LogRecord) -> bool:
-        if record.exc_info and is_user_error(record.exc_info[1]):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (is_user_error(error) or isinstance(error, NoVariantTrained)):
             record.exc_info = record.exc_text = None
         return True
 

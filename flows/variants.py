@@ -138,8 +138,8 @@ def _result(unit: Unit, state) -> VariantResult:
     if state.is_completed():
         return state.result()
     if state.is_cancelled():  # the run is stopping (flows/interrupt.py)
-        print(f"{unit.label}: stopped: {state.message}")
-        return VariantResult.failed(unit.variant, f"stopped: {state.message}", seed=unit.seed)
+        print(f"{unit.label}: {state.message}")
+        return VariantResult.failed(unit.variant, state.message, seed=unit.seed)
     try:
         state.result()
         err = f"ended {state.type.value}"

@@ -72,8 +72,9 @@ def test_help_and_exit_code_from_a_real_process():
 def new_user_env(tmp_path: Path) -> dict[str, str]:
     """`make run`'s environment for a new user: no Prefect settings (so no API: the CLI
     starts its temporary server), a Prefect home and work folder of their own."""
+    # a slow machine's startup timeout is kept
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PREFECT_") or k == "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}  # a slow machine's
+           if not k.startswith("PREFECT_") or k == "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_LOGGING_LEVEL="INFO",
                TRAIN_CIFAR_CACHE=str(tmp_path / "cache"))
     return env
@@ -214,6 +215,7 @@ def test_debug_shows_the_traceback_of_a_users_mistake(tmp_path):
     ("LeaseHeld('runs/r/variants/none/lease.json is held by another writer')", True),
     ("StoreUnavailable('the store did not answer')", False),
     ("StoreOutage('the store was away for longer than 10 minutes')", False),
+    ("NoVariantTrained('no variant finished training, nothing to select: none: failed (LeaseHeld: ...)')", True),
     ("RuntimeError('a fault in the code')", False),
 ])
 def test_the_console_drops_the_traceback_of_a_users_mistake_only(error, quiet):
@@ -228,6 +230,7 @@ def test_the_console_drops_the_traceback_of_a_users_mistake_only(error, quiet):
     from flows.train_cifar import _console_tracebacks
     from store import StoreError, StoreOutage, StoreUnavailable  # noqa: F401
     from store.lease import LeaseHeld  # noqa: F401
+    from tasks.selection import NoVariantTrained  # noqa: F401
 
     logger = logging.getLogger("test-cli.flow-run")  # propagates to the root, where the console is
     api_copy = logging.StreamHandler(io.StringIO())  # the API's handler formats the record as it gets it
