@@ -5,7 +5,8 @@ a LoopState. After every epoch a full checkpoint (cnn.checkpoint: model,
 optimizer, scheduler, lookahead average, RNG state, loop state, config, best
 weights) is written, so a restarted variant resumes at the next epoch with the
 same history and the same random streams. A non-finite loss ends the
-variant as `diverged`.
+variant as `diverged`; STOP set (Ctrl-C at the command line) ends it at the
+next batch with `Stopped`, the last finished epoch's checkpoint in place.
 
 `train()` is re-entrant: several variants may train at once in threads of one
 process (several on one GPU, each on its own CUDA stream). All randomness comes
@@ -37,15 +38,25 @@ from cnn.fast import Lookahead
 from cnn.models import build_model
 
 # names other modules import from here, from before config, device and checkpoint had modules of their own
-__all__ = ["CHECKPOINT", "EVAL_BATCH", "PRECISIONS", "Diverged", "TrainConfig", "compile_model", "init_model",
-           "keep_freed_memory", "make_config", "make_optimizer", "make_scheduler", "pick_device", "prepare_device",
-           "resolve_precision", "train", "train_one_epoch", "variants_that_fit"]
+__all__ = ["CHECKPOINT", "EVAL_BATCH", "PRECISIONS", "STOP", "Diverged", "Stopped", "TrainConfig", "compile_model",
+           "init_model", "keep_freed_memory", "make_config", "make_optimizer", "make_scheduler", "pick_device",
+           "prepare_device", "resolve_precision", "train", "train_one_epoch", "variants_that_fit"]
 
 EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
 
 
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+class Stopped(Exception):
+    """Training was asked to stop (STOP): the epoch in progress is dropped; the last
+    finished epoch's checkpoint, written when it finished, is where a resume starts."""
+
+
+# Set by whoever owns the process (the command line, on Ctrl-C or SIGTERM: flows/interrupt.py)
+# to stop every training loop in it at its next batch. Process-wide, like the signal.
+STOP = threading.Event()
 
 
 def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int, wanted: int,
@@ -137,6 +148,8 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
     total = torch.zeros((), device=device)
     start = last_report = time.perf_counter()
     for i in range(steps):
+        if STOP.is_set():
+            raise Stopped(f"stopped at step {i} of {steps} of epoch {epoch}")
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         flip_mask = None if flip_bits is None else flip_bits[idx] ^ (epoch % 2 == 0)
         xb = make_batch(x_u8, idx, cfg.variant, gen, flip_mask=flip_mask)  # (B, 3, 32, 32) float

@@ -12,8 +12,9 @@ meanwhile; `ready()` waits for its health check just before the flow runs, and
 
 The server keeps its database in the Prefect home, as Prefect's own temporary
 server does, and is stopped when this process exits, after Prefect has flushed
-its logs and events to it. With PREFECT_API_URL set (a deployment, `make
-server`), nothing is started.
+its logs and events to it; it runs in a session of its own, so that Ctrl-C at
+the terminal stops the run, not the server the run reports its end to. With
+PREFECT_API_URL set (a deployment, `make server`), nothing is started.
 """
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def start() -> TemporaryAPI | None:
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        env=server_env(settings))
+        # a session of its own: a terminal's Ctrl-C (SIGINT to its whole foreground process
+        # group) reaches this process only, which then records the run as cancelled on this
+        # server before it stops it (flows/interrupt.py)
+        env=server_env(settings), start_new_session=True)
     api = TemporaryAPI(process, f"http://127.0.0.1:{port}/api")
     # registered before Prefect's log and event workers register theirs: atexit runs
     # handlers last-in first-out, so those flush to the server before it stops

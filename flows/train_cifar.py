@@ -24,7 +24,11 @@ if __name__ == "__main__":
 _API = api.start() if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]) else None
 
 import argparse  # noqa: E402 - after the server start, on purpose
+import contextlib
+import logging
 import os
+import signal
+import traceback
 import typing
 from datetime import datetime, timezone
 
@@ -34,8 +38,10 @@ from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
+from flows import interrupt
 from flows.params import RunParams, describe_errors, form
 from store import normalize_uri, open_store
+from tasks.common import is_user_error
 
 D = RunParams()  # the defaults, from the one place they are written
 
@@ -89,7 +95,7 @@ def train_cifar(
     run_id: form("run_id") = D.run_id,
 ):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
-    from cnn.train import TrainConfig
+    from cnn.train import STOP, TrainConfig
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
     from tasks.cache import drop_local_copies
@@ -107,6 +113,7 @@ def train_cifar(
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
     run = {"run_id": p.run_id or stable_run_id(), "flow_run_id": flow_run.get_id(),
            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    interrupt.running(run["flow_run_id"], run["run_id"])  # what Ctrl-C at the command line cancels
     store_uri = normalize_uri(p.store)
     # the test runs here: with fan-out that is the parent's machine (a CPU pod), whatever `device` says
     test_device = devices_for("auto" if p.variant_deployment else p.device)[0]
@@ -118,6 +125,8 @@ def train_cifar(
         units = train_variants(p, run["run_id"], store_uri, ds)  # one per repeat of each variant
     except RunCancelled as e:
         return Cancelled(message=str(e))
+    if STOP.is_set():  # Ctrl-C or SIGTERM at the command line: every unit has stopped (flows/interrupt.py)
+        return Cancelled(message=interrupt.resume_hint(run["run_id"]))
     results = score_variants(units, p.select_metric, ds, p.split_seed, store_uri, p.store_outage_minutes)
     selected = select_variant(results, p.select_metric)
     comparison = compare_variants(units, results, selected, p.select_metric, ds, p.split_seed, store_uri,
@@ -168,33 +177,86 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error, a user's mistake's too (not a run parameter)")
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit:  # a refused flag: argparse has said which
         api.stop(_API, graceful=False)
         raise
-    raw = {k: v for k, v in vars(args).items()}
+    raw = {k: v for k, v in vars(args).items() if k != "debug"}
     try:
         params = RunParams.model_validate(raw, strict=False)
     except ValidationError as e:
         print(f"error: invalid parameter\n{describe_errors(e, flag_style=True)}", file=sys.stderr)
         api.stop(_API, graceful=False)  # it was never used
         return 2
-    state = None
-    try:
-        api.ready(_API)
-        with api.using(_API):
-            state = train_cifar(**params.model_dump(), return_state=True)
-            out = state.result()  # raises what the flow raised
-    except Exception as e:  # the flow already logged the traceback; end with the reason
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        code = 1
-    else:
-        print(out["manifest"])  # the last line on stdout, for scripts
-        code = 0
+    state = error = None
+    # Ctrl-C, SIGTERM: the run stops at the next batch, Cancelled and resumable (flows/interrupt.py)
+    with interrupt.Stopper() as stopper, _console_tracebacks(args.debug):
+        try:
+            api.ready(_API)
+            with api.using(_API):
+                state = stopper.run(lambda: train_cifar(**params.model_dump(), return_state=True), _API)
+        except Exception as e:  # the temporary server did not come up
+            error = e
+    # the last word on stderr says what to do: it comes after the link to the run
     if _API is not None and state is not None:  # its "View at" link dies with the temporary server
         print(api.see_later(state.state_details.flow_run_id), file=sys.stderr)
-    return code
+    return _last_word(state, error, stopper.signum, args.debug)
+
+
+def _last_word(state, error: Exception | None, signum: int | None, debug: bool) -> int:
+    """The run's end as the last line on stderr (what to do next), and the exit code: 0
+    done (the manifest's path on stdout), 1 failed or cancelled, 128 + the signal stopped."""
+    name = signal.Signals(signum).name if signum else None
+    if state is None and error is None:
+        print(f"{name}: stopped before the run began; nothing was trained", file=sys.stderr)
+        return interrupt.exit_code(signum)
+    if state is not None and state.is_cancelled():  # by a signal here, or a child cancelled (fan-out)
+        print(f"{name or 'cancelled'}: {state.message}", file=sys.stderr)
+        return interrupt.exit_code(signum) if signum else 1
+    try:
+        if error is not None:
+            raise error
+        out = state.result()  # raises what the flow raised
+    except Exception as e:
+        if debug and state is None:  # the flow's own errors have their traceback in its log
+            traceback.print_exc()
+        # a user's mistake: its message is the whole story; anything else is named by its type too
+        print(f"error: {e}" if is_user_error(e) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(out["manifest"])  # the last line on stdout, for scripts
+    return 0
+
+
+@contextlib.contextmanager
+def _console_tracebacks(shown: bool):
+    """Unless `shown`, the console drops the traceback of a record about a user's mistake
+    (tasks.common.is_user_error; Prefect logs one for a failed task and again for the flow),
+    or about no variant having trained (each unit's own error was logged with its task run):
+    its message says what to do, and main ends with it. Only the console's copy: the run's
+    logger hands the record to the API's handler first (a logger's own handlers come before
+    its parents'; the console is the root's), so the UI's log keeps the traceback."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from tasks.selection import NoVariantTrained
+
+    def quiet(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (is_user_error(error) or isinstance(error, NoVariantTrained)):
+            record.exc_info = record.exc_text = None
+        return True
+
+    consoles = [] if shown else [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    for h in consoles:
+        h.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for h in consoles:
+            h.removeFilter(quiet)
 
 
 if __name__ == "__main__":

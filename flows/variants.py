@@ -137,6 +137,9 @@ def _result(unit: Unit, state) -> VariantResult:
     """A finished train-variant task's result, or a failed one saying why (the others go on)."""
     if state.is_completed():
         return state.result()
+    if state.is_cancelled():  # the run is stopping (flows/interrupt.py)
+        print(f"{unit.label}: {state.message}")
+        return VariantResult.failed(unit.variant, state.message, seed=unit.seed)
     try:
         state.result()
         err = f"ended {state.type.value}"

@@ -6,7 +6,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from store import Store, StoreError, StoreUnavailable, join_key, open_store, safe_name
+from store import Store, StoreError, StoreOutage, StoreUnavailable, join_key, open_store, safe_name
 from store.files import beneath
 
 
@@ -90,17 +90,22 @@ def flow_run_is_over(owner: str) -> bool:
     return state is not None and state.is_final()
 
 
+def is_user_error(e: BaseException) -> bool:
+    """A mistake the user fixes, whose message says what to do: bad input (ValueError and
+    subclasses: a parameter, a data file) or a store that refuses (no such bucket, access
+    denied, a lease another writer holds). Not an outage: the store may come back. Such an
+    error is never retried, and the command line shows its message without a traceback."""
+    return isinstance(e, ValueError) or (isinstance(e, StoreError)
+                                         and not isinstance(e, (StoreUnavailable, StoreOutage)))
+
+
 def is_io_error(task, task_run, state) -> bool:
-    """Retry transient I/O only; bad input (ValueError and subclasses) and permanent store
-    errors (no such bucket, access denied) fail at once."""
+    """Retry transient I/O only; a user's error fails at once, and so does an outage that
+    outlasted its window (StoreOutage: the window was the retrying)."""
     try:
         state.result()
-    except ValueError:
-        return False
-    except StoreError as e:
-        return isinstance(e, StoreUnavailable)
-    except Exception:
-        return True
+    except Exception as e:
+        return not is_user_error(e) and not isinstance(e, StoreOutage)
     return False
 
 

@@ -21,13 +21,18 @@ def rank_key(result: VariantResult, metric: str) -> tuple[float, float]:
     raise ValueError(f"Invalid select_metric {metric!r}. Only val_accuracy and val_loss are supported.")
 
 
+class NoVariantTrained(RuntimeError):
+    """Every unit failed or diverged. Each one's error was logged with its own task run (a
+    fault's traceback with it); this names them all, so its own traceback adds nothing."""
+
+
 @task(name="select-variant")
 def select_variant(results: list[VariantResult], metric: str) -> VariantResult:
     """The best variant by `metric` (its mean over repeats); diverged or failed variants are never chosen."""
     ok = [r for r in results if r.selectable]
     if not ok:
         why = "; ".join(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else "") for r in results)
-        raise RuntimeError(f"no variant finished training, nothing to select: {why}")
+        raise NoVariantTrained(f"no variant finished training, nothing to select: {why}")
     best = min(ok, key=lambda r: rank_key(r, metric))
     acc, loss = rank_key(best, "val_accuracy")
     print(f"selected {best.name} by {metric}: val_acc {-acc:.4f} val_loss {loss:.4f}"

@@ -24,11 +24,12 @@ import torch
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled
 from safetensors.torch import save_file
 
 from cnn.checkpoint import read_history
 from cnn.data import DataError, load_splits
-from cnn.train import CHECKPOINT, TrainConfig, train
+from cnn.train import CHECKPOINT, STOP, Stopped, TrainConfig, train
 from store import open_store
 from store.files import publishing, write_durably
 from store.lease import Lease
@@ -185,5 +186,12 @@ def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int 
                   run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
                   repeated: bool = False, label: str = "") -> VariantResult:
     """Train one repeat of one variant in this process; resume from its checkpoint in the store if one exists."""
-    return train_unit(cfg, dataset["key"], dataset["md5"], split_seed, subset, run_id, store_uri, device,
-                      store_outage_minutes, repeated)
+    # the run is stopping (Ctrl-C at the command line): start nothing; stop what trains at
+    # its next batch, its last finished epoch stored for a resume. Cancelled, not failed.
+    if STOP.is_set():
+        return Cancelled(message="not started: the run is stopping")
+    try:
+        return train_unit(cfg, dataset["key"], dataset["md5"], split_seed, subset, run_id, store_uri, device,
+                          store_outage_minutes, repeated)
+    except Stopped as e:
+        return Cancelled(message=f"{e}; the last finished epoch is kept")
