@@ -9,7 +9,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from store.base import PreconditionFailed, Store, join_key, sha256_of
+from store.base import MAX_DOCUMENT_BYTES, PreconditionFailed, Store, check_size, join_key, read_at_most, sha256_of
 
 
 class LocalStore(Store):
@@ -28,10 +28,12 @@ class LocalStore(Store):
         os.replace(tmp, dest)  # atomic: readers see the old file or the new one
         return {"uri": self.uri_for(key), "sha256": sha256_of(dest), "bytes": dest.stat().st_size}
 
-    def get_file(self, key: str, path: Path) -> Path:
+    def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
         src = self._path(key)
         if not src.is_file():
             raise FileNotFoundError(f"{src}: not in the store")
+        if limit is not None:
+            check_size(str(src), src.stat().st_size, limit, "this download")
         path.parent.mkdir(parents=True, exist_ok=True)
         if src.resolve() != Path(path).resolve():
             shutil.copyfile(src, path)
@@ -48,11 +50,13 @@ class LocalStore(Store):
             str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith(".")
         )
 
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+    def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
         p = self._path(key)
         if not p.is_file():
             return None, None
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            check_size(str(p), os.fstat(f.fileno()).st_size, limit, "a store document")
+            data = read_at_most(f, limit, str(p), "a store document")
         return data, hashlib.md5(data).hexdigest()
 
     @contextmanager
