@@ -104,3 +104,16 @@ def test_train_variant_refuses_bad_parameters_before_any_work(override, message,
     assert message in str(err.value), err.value
     assert not (tmp_path / "store").exists()
 
+
+@pytest.mark.parametrize("flag, value, most", [("--synthetic-train", "100000000", 50_000),
+                                               ("--synthetic-test", "20000", 10_000)])
+def test_a_synthetic_set_that_cannot_fit_is_refused_before_any_work(flag, value, most, tmp_path, capsys,
+                                                                    monkeypatch):
+    """--synthetic-train 100000000 asked for 153 GiB after validation; now validation names
+    the flag, the range and the value, and nothing is generated."""
+    from flows.train_cifar import main
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    assert main(["--dataset", "synthetic", flag, value, "--store", str(tmp_path / "store")]) == 2
+    assert f"{flag}: Input should be less than or equal to {most}, found '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "synthetic").exists()
