@@ -100,7 +100,7 @@ def instrument() -> None:
     wrap(cnn.train, "save_checkpoint", "train: checkpoint save")
     wrap(cnn.train, "evaluate", "train: validation")
     wrap(cnn.train, "train_one_epoch", "train: training pass")
-    for name in ("load_splits", "train", "create_progress_artifact", "update_progress_artifact"):
+    for name in ("load_dataset", "train", "create_progress_artifact", "update_progress_artifact"):
         wrap(tasks.training, name, f"train-variant: {name}")
     real_train = tasks.training.train
 
@@ -114,7 +114,7 @@ def instrument() -> None:
         return real_train(cfg, data, device, workdir, on_epoch=on_epoch_timed if on_epoch else None)
 
     tasks.training.train = train_with_timed_on_epoch
-    for name in ("load_splits", "evaluate", "plot_confusion", "export_portable"):
+    for name in ("load_dataset", "evaluate", "plot_confusion", "export_portable"):
         wrap(tasks.testing, name, f"test-model: {name}")
     for name in ("plot_curves", "create_table_artifact", "create_markdown_artifact", "create_link_artifact"):
         wrap(tasks.publish, name, f"publish-run: {name}")

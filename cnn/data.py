@@ -5,14 +5,19 @@ The python-format archive (`cifar-10-python.tar.gz`, or its extracted
 torchvision's MD5s, anything else against an MD5 the user passes. Its pickles
 then go through `CifarUnpickler`, which rebuilds dicts, lists, strings, numbers
 and numpy arrays only: an archive from a mirror or a shared folder cannot run code.
+Every file and archive member is read through the bounded reader (store/base.py,
+stdlib only): one larger than a CIFAR file can be is refused unread, naming it.
 Prepared tensors are uint8 (N, 3, 32, 32) and saved with safetensors under
-`<cache>/<archive-md5>/`, so a second run never decodes again.
+`<cache>/<archive-md5>/`, so a second run never decodes again. Their SHA-256
+(`prepared_sha256`, of the tensors and class names, not of the file's layout) is
+computed from the verified archive and checked whenever a prepared copy is loaded.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import os
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -20,10 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors, save_file
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_url
 from store.files import publishing, write_durably
+
+from store.base import TooLarge, check_size, read_at_most  # the one bounded reader: stdlib only, no store
 
 ARCHIVE_NAME = CIFAR10.filename  # cifar-10-python.tar.gz
 ARCHIVE_MD5 = CIFAR10.tgz_md5
@@ -39,6 +47,19 @@ VAL_FRACTION = 0.65  # of the hold-out: 6,500 of the official 10,000
 
 PREPARED_FILE = "tensors.safetensors"
 PREPARED_META = "meta.json"
+# (N, 3, 32, 32) uint8 images and (N,) int64 labels of the training set and the hold-out
+PREPARED_MEMBERS = {"train_x": torch.uint8, "train_y": torch.int64, "holdout_x": torch.uint8,
+                    "holdout_y": torch.int64}
+
+# The most each file another party wrote can hold; anything larger is refused unread.
+# A batch of 10,000 images is 31 MB (RunParams keeps a synthetic set's batches to that);
+# the official archive is 170 MB; it holds 8 entries; decoded, six files at their limit.
+MAX_FILE_BYTES = 64 << 20
+OFFICIAL_ARCHIVE_BYTES = 170_498_071
+MAX_ARCHIVE_BYTES = 2 * OFFICIAL_ARCHIVE_BYTES
+MAX_ARCHIVE_ENTRIES = 64
+MAX_PREPARED_BYTES = 512 << 20
+MAX_PREPARED_META_BYTES = 1 << 20
 
 
 class DataError(ValueError):
@@ -102,6 +123,17 @@ def load_cifar_pickle(raw: bytes, member: str, source: Path):
         ) from None
     except Exception as e:
         raise DataError(f"{source}: {member} is not a valid CIFAR pickle: {e}") from e
+
+
+def read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of `path`, a file another party may have written; a DataError naming it
+    and `limit` (the most `what` can be) if it is larger, before it is read."""
+    try:
+        with open(path, "rb") as f:
+            check_size(str(path), os.fstat(f.fileno()).st_size, limit, what)
+            return read_at_most(f, limit, str(path), what)
+    except TooLarge as e:
+        raise DataError(str(e)) from None
 
 
 @dataclass
@@ -175,6 +207,10 @@ def dataset_md5(path: Path) -> str:
     its files concatenated in order (train batches, the hold-out, batches.meta if present)."""
     path = Path(path)
     if path.is_file():
+        try:  # before hashing it: a huge file is refused at once, not hashed for minutes
+            check_size(str(path), path.stat().st_size, MAX_ARCHIVE_BYTES, "a CIFAR-10 archive")
+        except TooLarge as e:
+            raise DataError(str(e)) from None
         return md5_of(path)
     for name in TRAIN_FILES + [HOLDOUT_FILE]:
         if not (path / name).is_file():
@@ -198,11 +234,12 @@ def verify(path: Path, expected_md5: str | None) -> str:
                 f"If this is your own CIFAR-format data, pass --data-md5 {found}"
             )
         return found
+    members = _folder_members(path)  # bounded: read once more rather than held from dataset_md5
     for name, official in OFFICIAL_FILE_MD5.items():
-        if not (path / name).is_file():
+        if name not in members:
             raise DataError(f"{path}: missing {name}, which the official CIFAR-10 folder holds "
                             f"(MD5 {official}). If this is your own CIFAR-format data, pass --data-md5 {found}")
-        got = md5_of(path / name)
+        got = hashlib.md5(members[name]).hexdigest()
         if got != official:
             raise DataError(
                 f"{path / name}: not the official CIFAR-10 file: expected MD5 {official}, found {got}. "
@@ -212,7 +249,8 @@ def verify(path: Path, expected_md5: str | None) -> str:
 
 
 def _folder_members(path: Path) -> dict[str, bytes]:
-    return {n: (path / n).read_bytes() for n in TRAIN_FILES + [HOLDOUT_FILE, META_FILE] if (path / n).is_file()}
+    return {n: read_bounded(path / n, MAX_FILE_BYTES, "a CIFAR file") for n in TRAIN_FILES + [HOLDOUT_FILE, META_FILE]
+            if (path / n).is_file()}
 
 
 def _read_members(path: Path, md5: str | None = None) -> dict[str, bytes]:
@@ -223,7 +261,7 @@ def _read_members(path: Path, md5: str | None = None) -> dict[str, bytes]:
         out = _folder_members(path)
         found = _members_md5(out)
     else:
-        raw = path.read_bytes()  # once: hashed and unpacked from the same bytes (~170 MB official)
+        raw = read_bounded(path, MAX_ARCHIVE_BYTES, "a CIFAR-10 archive")  # once: hashed and unpacked (170 MB)
         found = hashlib.md5(raw).hexdigest()
         out = _tar_members(raw, path)
     if md5 is not None and found != md5:
@@ -236,13 +274,22 @@ def _tar_members(raw: bytes, path: Path) -> dict[str, bytes]:
     out, where = {}, {}
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
-            for member in tar.getmembers():
-                name = Path(member.name).name
+            # member by member, each refused by the size in its header before it is read
+            # or skipped: a small gzip can inflate to a member of many GB (a gzip bomb)
+            for count, member in enumerate(tar, 1):
+                if count > MAX_ARCHIVE_ENTRIES:
+                    raise DataError(f"{path}: more than {MAX_ARCHIVE_ENTRIES} entries (limit); a CIFAR-10 "
+                                    "archive holds 8")
+                name, at = Path(member.name).name, f"{path}: {member.name}"
+                check_size(at, member.size, MAX_FILE_BYTES, "a CIFAR file")
                 if member.isfile() and name in wanted:
                     if name in out:  # two candidates: which one is the data would be a guess
                         raise DataError(f"{path}: holds {name} twice ({where[name]} and {member.name}); "
                                         "expected one of each CIFAR file")
-                    out[name], where[name] = tar.extractfile(member).read(), member.name
+                    out[name] = read_at_most(tar.extractfile(member), MAX_FILE_BYTES, at, "a CIFAR file")
+                    where[name] = member.name
+    except TooLarge as e:
+        raise DataError(str(e)) from None
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: not a readable .tar.gz archive (truncated or corrupt?): {e}") from e
     return out
@@ -302,18 +349,67 @@ def _class_names(meta, source: Path) -> list[str]:
     return names
 
 
+def prepared_sha256(tensors: dict[str, torch.Tensor], classes: list[str]) -> str:
+    """The prepared dataset's SHA-256: of its tensors' names, dtypes, shapes and bytes and of
+    its class names, not of the file (safetensors' layout may change between versions).
+    Decoding is deterministic, so the verified archive's MD5 fixes it."""
+    layout = {k: [str(t.dtype), list(t.shape)] for k, t in tensors.items()}
+    h = hashlib.sha256(json.dumps({"classes": classes, "tensors": layout}, sort_keys=True).encode())
+    for k in sorted(tensors):
+        h.update(tensors[k].contiguous().numpy())  # the buffer itself, not a copy
+    return h.hexdigest()
+
+
 def prepare(path: Path, md5: str, out_dir: Path) -> Path:
-    """Decode `path` into `out_dir` (tensors, then meta), each written whole and durably
-    or not at all (two runs may prepare at once); the bytes decoded must have the
-    verified `md5`."""
+    """Decode `path` into `out_dir` (tensors, then meta with their `prepared_sha256`), each
+    written whole and durably or not at all (two runs may prepare at once); the bytes
+    decoded must have the verified `md5`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     decoded = decode(path, md5)
     tensors = {k: v.contiguous() for k, v in decoded.items() if isinstance(v, torch.Tensor)}
     with publishing(out_dir / PREPARED_FILE) as tmp:
         save_file(tensors, str(tmp))
-    meta = {"md5": md5, "classes": decoded["classes"], "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"])}
+    meta = {"md5": md5, "sha256": prepared_sha256(tensors, decoded["classes"]), "classes": decoded["classes"],
+            "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"])}
     write_durably(out_dir / PREPARED_META, json.dumps(meta, indent=2).encode())
     return out_dir
+
+
+def read_prepared(prepared_dir: Path, sha256: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(tensors, class names) of a prepared copy, checked: every member with its dtype and
+    shape, and, given `sha256` (what the verified archive decodes to), their `prepared_sha256`.
+    A copy read back from a store is trusted by that hash only, never by its meta.json."""
+    path = Path(prepared_dir) / PREPARED_FILE
+    try:
+        tensors = load_safetensors(read_bounded(path, MAX_PREPARED_BYTES, "a prepared CIFAR dataset"))
+    except SafetensorError as e:
+        raise DataError(f"{path}: not a readable safetensors file: {e}") from None
+    meta_path = Path(prepared_dir) / PREPARED_META
+    raw = read_bounded(meta_path, MAX_PREPARED_META_BYTES, "a dataset's meta.json")
+    try:
+        classes = json.loads(raw).get("classes")
+    except (ValueError, AttributeError):  # not JSON, or not an object
+        classes = None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{meta_path}: expected a JSON object with 'classes', a list of class names")
+    for part, images in (("train", "train_x"), ("holdout", "holdout_x")):
+        labels = f"{part}_y"
+        for member in (images, labels):
+            t = tensors.get(member)
+            if t is None or t.dtype != PREPARED_MEMBERS[member]:
+                found = "nothing" if t is None else f"{t.dtype} {tuple(t.shape)}"
+                raise DataError(f"{path}: member {member!r}: expected {PREPARED_MEMBERS[member]}, found {found} "
+                                f"(members: {', '.join(sorted(tensors)) or 'none'})")
+        x, y = tensors[images], tensors[labels]
+        if x.shape[1:] != (3, 32, 32) or y.shape != (len(x),):
+            raise DataError(f"{path}: expected {images} (N, 3, 32, 32) and {labels} (N,), found "
+                            f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if sha256 is not None:
+        found = prepared_sha256(tensors, classes)
+        if found != sha256:
+            raise DataError(f"{path}: not what the verified archive decodes to: expected SHA-256 {sha256} (of the "
+                            f"tensors and class names), found {found}; refused")
+    return tensors, classes
 
 
 def split_sizes(n: int) -> tuple[int, int]:
@@ -330,10 +426,10 @@ def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return perm[:n_val].sort().values, perm[n_val:].sort().values
 
 
-def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None) -> Splits:
-    """Load prepared tensors and split the hold-out; `subset` caps training images."""
-    tensors = load_file(str(Path(prepared_dir) / PREPARED_FILE))
-    meta = json.loads((Path(prepared_dir) / PREPARED_META).read_text())
+def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None, sha256: str | None = None) -> Splits:
+    """Load prepared tensors (checked by `read_prepared`: against `sha256` when given, as it
+    must be for a copy from a store) and split the hold-out; `subset` caps training images."""
+    tensors, classes = read_prepared(prepared_dir, sha256)
     val_idx, test_idx = split_holdout(len(tensors["holdout_y"]), split_seed)
     train_x, train_y = tensors["train_x"], tensors["train_y"]
     if subset is not None and subset < len(train_y):
@@ -341,4 +437,4 @@ def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None) 
         keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(split_seed))[:subset]
         train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
     hx, hy = tensors["holdout_x"], tensors["holdout_y"]
-    return Splits(train_x, train_y, hx[val_idx], hy[val_idx], hx[test_idx], hy[test_idx], meta["classes"])
+    return Splits(train_x, train_y, hx[val_idx], hy[val_idx], hx[test_idx], hy[test_idx], classes)

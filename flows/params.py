@@ -28,8 +28,12 @@ class RunParams(BaseModel):
     data_dir: str | None = Field(None, description="local folder holding cifar-10-python.tar.gz or cifar-10-batches-py/")
     data_source: str | None = Field(None, description="s3://bucket/key of a mirrored cifar-10-python.tar.gz")
     data_md5: str | None = Field(None, description="MD5 of a non-official archive in CIFAR format (required for one)")
-    synthetic_train: int = Field(5000, ge=10, description="training images generated for --dataset synthetic")
-    synthetic_test: int = Field(1000, ge=10, description="hold-out images generated for --dataset synthetic")
+    # at most CIFAR-10's own sizes: the memory a run needs, and each batch file within the
+    # size a CIFAR file may have (cnn/data.py, MAX_FILE_BYTES)
+    synthetic_train: int = Field(5000, ge=10, le=50_000, description="training images generated for --dataset "
+                                 "synthetic (at most 50,000, as CIFAR-10)")
+    synthetic_test: int = Field(1000, ge=10, le=10_000, description="hold-out images generated for --dataset "
+                                "synthetic (at most 10,000, as CIFAR-10)")
     # the choices go to the UI's form (a select) as a JSON schema enum; the validators below
     # still give the message that lists them
     model: str = Field("seed", description="model name from the registry",

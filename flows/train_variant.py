@@ -29,7 +29,9 @@ def train_variant(
     run_id: described(str, "the run this variant belongs to (the parent's run id)"),
     variant: described(str, "the augmentation variant to train", enum=list(VARIANTS)),
     dataset_key: described(str, "store key of the prepared dataset (the parent's fetch-dataset result)"),
-    dataset_md5: described(str, "MD5 of the dataset's archive, which the prepared copy in the store must match"),
+    dataset_md5: described(str, "MD5 of the dataset's archive"),
+    dataset_sha256: described(str, "SHA-256 of the prepared tensors, derived by the parent from the verified "
+                              "archive; the prepared copy in the store must match it"),
     store: form("store"),
     model: form("model") = D.model,
     epochs: form("epochs") = D.epochs,
@@ -61,11 +63,14 @@ def train_variant(
         raise ValueError(f"dataset_key: {e}") from None
     if not re.fullmatch(r"[0-9a-f]{32}", dataset_md5):
         raise ValueError(f"dataset_md5: expected 32 lowercase hex digits, found {dataset_md5!r}")
+    if not re.fullmatch(r"[0-9a-f]{64}", dataset_sha256):
+        raise ValueError(f"dataset_sha256: expected 64 lowercase hex digits, found {dataset_sha256!r}")
     dev = pick_device(p.device)
     cfg = make_config(p.model, variant, epochs=p.epochs, patience=p.patience, seed=p.seed, batch_size=p.batch_size,
                       lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, dev))
     store_uri = normalize_uri(p.store)
-    result = train_unit(cfg, dataset_key, dataset_md5, p.split_seed, p.subset, run_id, store_uri, str(dev),
+    dataset = {"key": dataset_key, "md5": dataset_md5, "sha256": dataset_sha256}
+    result = train_unit(cfg, dataset, p.split_seed, p.subset, run_id, store_uri, str(dev),
                         p.store_outage_minutes, repeated=p.repeats > 1)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "
           f"(val_acc {result.val_accuracy})")

@@ -79,6 +79,7 @@ def child_parameters(p: RunParams, unit: Unit, run_id: str, store_uri: str, data
     return {"run_id": run_id, "variant": unit.variant, "model": p.model, "epochs": p.epochs, "patience": p.patience,
             "batch_size": p.batch_size, "lr": p.lr, "seed": unit.seed, "compile": p.compile,
             "precision": p.precision, "dataset_key": dataset["key"], "dataset_md5": dataset["md5"],
+            "dataset_sha256": dataset["sha256"],
             "split_seed": p.split_seed, "subset": p.subset, "store": store_uri, "device": p.device,
             "store_outage_minutes": p.store_outage_minutes, **({"repeats": p.repeats} if unit.repeated else {})}
 

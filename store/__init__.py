@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from store.base import (PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable, join_key, parse_uri,
-                        safe_name, sha256_of)
+from store.base import (MAX_DOCUMENT_BYTES, PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable,
+                        TooLarge, check_size, join_key, parse_uri, read_at_most, safe_name, sha256_of)
 from store.local import LocalStore
 
 
@@ -54,5 +54,6 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
     return PatientStore(store, Outage(outage_minutes * 60, where))
 
 
-__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreOutage", "StoreUnavailable", "is_shared",
-           "join_key", "normalize_uri", "open_store", "parse_uri", "safe_name", "sha256_of"]
+__all__ = ["LocalStore", "MAX_DOCUMENT_BYTES", "PreconditionFailed", "Store", "StoreError", "StoreOutage",
+           "StoreUnavailable", "TooLarge", "check_size", "is_shared", "join_key", "normalize_uri", "open_store",
+           "parse_uri", "read_at_most", "safe_name", "sha256_of"]

@@ -11,6 +11,7 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import BinaryIO
 
 # a key part: a name made only of safe characters, so no run or variant name can
 # climb out of its prefix ('..', '/', '\\' and empty parts are rejected). Names are
@@ -36,6 +37,33 @@ class StoreUnavailable(StoreError):
 class StoreOutage(StoreError):
     """The store stayed unavailable for longer than the outage window (store/outage.py):
     final, not retried again (the window was the retrying)."""
+
+
+class TooLarge(ValueError):
+    """Something another party wrote is larger than it can legitimately be: refused unread."""
+
+
+# what `read_versioned` returns at most: champion documents, leases, records, the report's
+# images and predictions, all well under a few MB (a champion document grows ~4 KB per change)
+MAX_DOCUMENT_BYTES = 16 << 20
+
+
+def check_size(where: str, size: int | None, limit: int, what: str) -> None:
+    """Refuse `where` (a file, object or archive member) before reading it when its known
+    `size` is above `limit`, the most `what` can be."""
+    if size is not None and size > limit:
+        raise TooLarge(f"{where}: {size:,} bytes, larger than {what} can be (limit {limit:,} bytes); refused")
+
+
+def read_at_most(f: BinaryIO, limit: int, where: str, what: str) -> bytes:
+    """The bounded reader: all of `f`, or a TooLarge naming `where` and `limit` once it
+    holds more than `limit` bytes. Every read of something another party wrote goes
+    through it, so a huge file, object or archive member is never held in memory: at most
+    `limit + 1` bytes are read (a size that lied, or changed since it was checked)."""
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"{where}: larger than {what} can be (limit {limit:,} bytes); refused")
+    return data
 
 
 def safe_name(value: str, what: str) -> str:
@@ -87,8 +115,9 @@ class Store(ABC):
         """Upload a local file; returns {"uri", "sha256", "bytes"}. Atomic per object."""
 
     @abstractmethod
-    def get_file(self, key: str, path: Path) -> Path:
-        """Download `key` to `path` (FileNotFoundError if absent)."""
+    def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
+        """Download `key` to `path` (FileNotFoundError if absent); with `limit`, an object
+        larger than `limit` bytes is refused (TooLarge) before it is downloaded."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -98,8 +127,9 @@ class Store(ABC):
         """Keys under `prefix`, relative to the store root, sorted."""
 
     @abstractmethod
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
-        """(content, version tag) of `key`, or (None, None) if absent."""
+    def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
+        """(content, version tag) of `key`, or (None, None) if absent; an object larger
+        than `limit` bytes is refused (TooLarge, naming it) without being read whole."""
 
     @abstractmethod
     def write_if(self, key: str, data: bytes, version: str | None) -> None:

@@ -69,11 +69,39 @@ def decide(current: dict | None, candidate: dict, margin: float, judge: Judge | 
     return False, f"test accuracy {new:.4f} does not beat champion {current['run_id']} ({old:.4f}) by more than {margin}"
 
 
+def _record_problem(rec) -> str | None:
+    """What a champion record lacks (the fields this module and flows.predict rely on), or None."""
+    if not isinstance(rec, dict):
+        return f"a record (a JSON object), found {type(rec).__name__}"
+    try:
+        safe_name(rec.get("run_id"), "run_id")
+    except ValueError:
+        return f"'run_id', a run id, found {rec.get('run_id')!r}"
+    test = rec.get("test")
+    accuracy = test.get("accuracy") if isinstance(test, dict) else None
+    if isinstance(accuracy, bool) or not isinstance(accuracy, (int, float)):
+        return f"'test' with 'accuracy', a number, found {test!r}"[:300]
+    return None
+
+
+def _check_record(rec, where: str, what: str = "the champion record"):
+    problem = _record_problem(rec)
+    if problem is not None:
+        raise ValueError(f"{where}: {what}: expected {problem}; restore an earlier version of it")
+    return rec
+
+
 def _legacy(store: Store) -> tuple[str, dict] | None:
     """(identity, record) of a root champion.json no per-identity object has replaced."""
-    rec = store.read_json(LEGACY_KEY)
-    if rec is None:
+    raw = store.read_versioned(LEGACY_KEY)[0]
+    if raw is None:
         return None
+    try:
+        rec = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{store.uri_for(LEGACY_KEY)}: expected a champion record (JSON), found unreadable content "
+                         f"({e}); restore an earlier version of it") from None
+    _check_record(rec, store.uri_for(LEGACY_KEY))
     if "dataset_name" not in rec:  # older records lack it; their run's manifest has it
         manifest = store.read_json(join_key("runs", safe_name(rec["run_id"], "run_id"), "manifest.json")) or {}
         rec = {**rec, "dataset_name": manifest.get("dataset", {}).get("name", "unknown")}
@@ -92,6 +120,14 @@ def _parse(raw: bytes, where: str) -> dict:
         found = sorted(map(str, doc)) if isinstance(doc, dict) else type(doc).__name__
         raise ValueError(f"{where}: expected a champion document with 'champion' and 'history', found {found}; "
                          "restore an earlier version of it")
+    _check_record(doc["champion"], where)
+    for i, e in enumerate(doc["history"]):  # every entry is read back: by a retry, by rollback
+        if not isinstance(e, dict) or not isinstance(e.get("id"), str):
+            raise ValueError(f"{where}: history entry {i}: expected an object with 'id', found {str(e)[:200]}; "
+                             "restore an earlier version of it")
+        _check_record(e.get("champion"), where, f"history entry {i}'s champion")
+        if e.get("previous") is not None:
+            _check_record(e["previous"], where, f"history entry {i}'s previous champion")
     return doc
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from store.base import PreconditionFailed, Store, join_key
+from store.base import MAX_DOCUMENT_BYTES, PreconditionFailed, Store, check_size, join_key, read_at_most
 from store.files import beneath, no_link, open_dir, open_file, publish, publishing
 
 _CHUNK = 1 << 20
@@ -80,7 +80,7 @@ class LocalStore(Store):
             publish(fd, parts[-1], lambda out: out.write(data))
         return {"uri": self.uri_for(key), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
-    def get_file(self, key: str, path: Path) -> Path:
+    def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
         try:
             with self._folder(key) as (fd, parts):
                 src = self._open(fd, parts, key)
@@ -89,6 +89,8 @@ class LocalStore(Store):
         if src is None:
             raise FileNotFoundError(f"{self._path(key)}: not in the store")
         with src:
+            if limit is not None:
+                check_size(str(self._path(key)), os.fstat(src.fileno()).st_size, limit, "this download")
             try:
                 if os.path.samestat(os.fstat(src.fileno()), os.stat(path)):
                     return path  # already there: the store's own file
@@ -126,19 +128,22 @@ class LocalStore(Store):
             os.close(fd)
         return sorted(keys)
 
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+    def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
         try:
             with self._folder(key) as (fd, parts):
-                return self._read(fd, parts, key)
+                return self._read(fd, parts, key, limit)
         except FileNotFoundError:
             return None, None
 
-    def _read(self, fd: int, parts: list[str], key: str) -> tuple[bytes | None, str | None]:
+    def _read(self, fd: int, parts: list[str], key: str, limit: int = MAX_DOCUMENT_BYTES
+              ) -> tuple[bytes | None, str | None]:
         f = self._open(fd, parts, key)
         if f is None:
             return None, None
         with f:
-            data = f.read()
+            where = str(self._path(key))
+            check_size(where, os.fstat(f.fileno()).st_size, limit, "a store document")
+            data = read_at_most(f, limit, where, "a store document")
         return data, hashlib.md5(data).hexdigest()
 
     @contextmanager

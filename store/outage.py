@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from store.base import Store, StoreOutage, StoreUnavailable
+from store.base import MAX_DOCUMENT_BYTES, Store, StoreOutage, StoreUnavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,8 +97,8 @@ class PatientStore(Store):
     def put_file(self, key: str, path: Path) -> dict:
         return self.outage.call(self.inner.put_file, key, path)
 
-    def get_file(self, key: str, path: Path) -> Path:
-        return self.outage.call(self.inner.get_file, key, path)
+    def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
+        return self.outage.call(self.inner.get_file, key, path, limit)
 
     def exists(self, key: str) -> bool:
         return self.outage.call(self.inner.exists, key)
@@ -106,8 +106,8 @@ class PatientStore(Store):
     def list(self, prefix: str) -> list[str]:
         return self.outage.call(self.inner.list, prefix)
 
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
-        return self.outage.call(self.inner.read_versioned, key)
+    def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
+        return self.outage.call(self.inner.read_versioned, key, limit)
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         # a retried conditional write whose first try was applied answers PreconditionFailed:

@@ -27,7 +27,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  NoCredentialsError, PartialCredentialsError)
 from s3transfer.utils import ChunksizeAdjuster
 
-from store.base import PreconditionFailed, Store, StoreError, StoreUnavailable, join_key, parse_uri
+from store.base import (MAX_DOCUMENT_BYTES, PreconditionFailed, Store, StoreError, StoreUnavailable, TooLarge, check_size,
+                        join_key, parse_uri, read_at_most)
 from store.files import publishing
 
 log = logging.getLogger(__name__)
@@ -198,13 +199,23 @@ class S3Store(Store):
         return {"uri": self.uri_for(key), "sha256": whole.hexdigest(), "bytes": size}
 
     # download and read ------------------------------------------------------------------
-    def get_file(self, key: str, path: Path) -> Path:
+    def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
         path = Path(path)
         try:
             # the transfer manager renames its own temporary file, without fsync: into ours,
             # which `publishing` makes `path` durably
-            with publishing(path) as tmp:
-                self.client.download_file(self.bucket, self._key(key), str(tmp))
+            if limit is None:
+                with publishing(path) as tmp:
+                    self.client.download_file(self.bucket, self._key(key), str(tmp))
+                return path
+            # its size first (HEAD), so a huge object is refused before a byte of it is
+            # downloaded; the bytes are counted too, should it be replaced meanwhile
+            size = self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
+            check_size(self.uri_for(key), size, limit, "this download")
+            with publishing(path) as tmp, open(tmp, "wb") as f:
+                self.client.download_fileobj(self.bucket, self._key(key), _Capped(f, limit, self.uri_for(key)))
+        except TooLarge:
+            raise
         except ClientError as e:
             if self._is_missing(e):
                 raise FileNotFoundError(f"{self.uri_for(key)}: not in the store") from None
@@ -236,10 +247,14 @@ class S3Store(Store):
             self._raise(e, "list", prefix or None)
         return sorted(keys)
 
-    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+    def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return obj["Body"].read(), obj["ETag"]
+            with obj["Body"] as body:  # closed unread when refused
+                check_size(self.uri_for(key), obj.get("ContentLength"), limit, "a store document")
+                return read_at_most(body, limit, self.uri_for(key), "a store document"), obj["ETag"]
+        except TooLarge:
+            raise
         except ClientError as e:
             if self._is_missing(e):
                 return None, None
@@ -276,6 +291,19 @@ class S3Store(Store):
                 "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s)
         except Exception as e:
             self._raise(e, "sign a link to", key)
+
+
+class _Capped:
+    """A file that refuses (TooLarge) a write past `limit` bytes in all: a download that
+    grew after its size was checked stops there instead of filling the disk."""
+
+    def __init__(self, f, limit: int, where: str):
+        self.f, self.limit, self.where, self.written = f, limit, where, 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        check_size(self.where, self.written, self.limit, "this download")
+        return self.f.write(data)
 
 
 def _hash_file(path: Path, part_size: int) -> tuple["hashlib._Hash", list[bytes]]:

@@ -1,6 +1,15 @@
-"""fetch_dataset: get the archive, verify it, prepare it once per MD5 in the store."""
+"""fetch_dataset: get the archive, verify it, prepare it once per MD5 in the store.
+
+The store's prepared copy (`datasets/<name>/<md5>/`) is trusted by one thing only:
+its SHA-256 (`cnn.data.prepared_sha256`) equals what this run derived from the
+verified archive, an expected hash that lives in the run's dataset reference (and
+so in Prefect: a child flow run gets it as a parameter), never in the store. Any
+store writer can rewrite the copy and its meta.json; a copy that does not match is
+prepared again over (fetch_dataset) or refused (`load_dataset`), naming both hashes.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import task
@@ -8,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cnn import data as cd
 from cnn.synthetic import write_archive
-from store import join_key, open_store, parse_uri
+from store import TooLarge, join_key, open_store, parse_uri
 from tasks.cache import cache_days, mark_used, prune_cache
 from tasks.common import cache_dir, inside, is_io_error, materialize
 
@@ -27,7 +36,11 @@ def _s3_archive(uri: str, md5: str, outage_minutes: float | None) -> tuple[Path,
     if local.is_file() and cd.md5_of(local) == md5:
         mark_used(local)
         return local, False
-    open_store(f"s3://{bucket}", outage_minutes=outage_minutes).get_file(key, local)
+    try:  # refused before download: a huge object would fill the disk before its MD5 is checked
+        open_store(f"s3://{bucket}", outage_minutes=outage_minutes).get_file(key, local, limit=cd.MAX_ARCHIVE_BYTES)
+    except TooLarge as e:
+        raise cd.DataError(f"--data-source {uri}: {e} (the official CIFAR-10 archive is "
+                           f"{cd.OFFICIAL_ARCHIVE_BYTES:,} bytes)") from None
     return local, True
 
 
@@ -66,10 +79,10 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
     store = open_store(store_uri, outage_minutes=store_outage_minutes)
     name, source, path, md5 = _locate(dataset, data_dir, data_source, data_md5, synthetic_train, synthetic_test)
     if md5 is not None:  # known before fetching: maybe nothing to do
-        key = join_key("datasets", name, md5)
-        if all(store.exists(f"{key}/{f}") for f in PREPARED_FILES):
-            print(f"dataset {name} {md5}: prepared copy found in the store, nothing to download")
-            return _info(store, name, source, md5, key)
+        found, _ = _stored(store, name, source, md5)
+        if found is not None:
+            print(f"dataset {name} {md5}: prepared copy found in the store and checked, nothing to download")
+            return found
     downloaded = False  # only a file this call downloaded is ever deleted
     if path is None and data_source:
         path, downloaded = _s3_archive(data_source, md5, store_outage_minutes)
@@ -85,19 +98,84 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
         if downloaded:
             path.unlink(missing_ok=True)  # a bad download is not kept: a fixed mirror is fetched again
         raise cd.DataError(f"--data-source {data_source}: {e}") from None
+    local, prepared = _prepared_dir(name, md5), False
+    if _expected_sha256(name, md5) is None:  # never decoded here: learn the SHA-256 the store's copy must have
+        cd.prepare(path, md5, local)
+        prepared = True
+    found, why = _stored(store, name, source, md5)
+    if found is not None:
+        print(f"dataset {name} {md5}: prepared copy found in the store and checked")
+        return found
+    if not prepared:
+        cd.prepare(path, md5, local)
     key = join_key("datasets", name, md5)
+    for f in PREPARED_FILES:
+        store.put_file(f"{key}/{f}", local / f)
+    print(f"dataset {name} {md5}: {why}: decoded and stored at {store.uri_for(key)}")
+    found, why = _stored(store, name, source, md5)
+    if found is None:
+        raise cd.DataError(f"{why} (replaced while this run stored it?); run again")
+    return found
+
+
+def _prepared_dir(name: str, md5: str) -> Path:
+    """This machine's own prepared copy of a verified archive: its meta.json's `sha256`
+    is the expected hash (the machine-local shortcut to decoding the archive again)."""
+    root = cache_dir() / "prepared"
+    return inside(root, root / name / md5, "dataset")
+
+
+def _expected_sha256(name: str, md5: str) -> str | None:
+    """What the archive with `md5` decodes to, if this machine has prepared it before."""
+    meta = _prepared_dir(name, md5) / cd.PREPARED_META
+    try:
+        return json.loads(cd.read_bounded(meta, cd.MAX_PREPARED_META_BYTES, "a dataset's meta.json"))["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or written by an older version
+        return None
+
+
+def _stored(store, name: str, source: str, md5: str) -> tuple[dict | None, str | None]:
+    """(the run's dataset reference, None) if the store holds a prepared copy of the archive
+    `md5` that matches the SHA-256 this machine derived from it; else (None, why): the
+    SHA-256 is not known here (the archive must be decoded), or the copy is absent or does
+    not match (it is prepared again over)."""
+    sha256 = _expected_sha256(name, md5)
+    key = join_key("datasets", name, md5)
+    if sha256 is None:
+        return None, "not decoded on this machine yet"
     if not all(store.exists(f"{key}/{f}") for f in PREPARED_FILES):
-        root = cache_dir() / "prepared"
-        local = cd.prepare(path, md5, inside(root, root / name / md5 / cd.PREPARED_FILE, "dataset").parent)
+        return None, "no prepared copy in the store"
+    try:  # the store's object, not a copy downloaded before: a poisoned one is repaired here
+        tensors, classes = _checked(store, key, lambda folder: cd.read_prepared(folder, sha256), fresh=True)
+    except cd.DataError as e:
+        return None, str(e)
+    return {"name": name, "source": source, "md5": md5, "key": key, "sha256": sha256,
+            "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"]), "classes": classes}, None
+
+
+def _checked(store, key: str, read, fresh: bool = False):
+    """`read(folder)` of the store's prepared copy at `key` (a cnn.data reader that checks
+    it); `fresh`: downloaded now, not a copy this machine downloaded before. A downloaded
+    copy that fails is dropped and downloaded once more: it may be older than a repair of
+    the store's copy."""
+    def download_again() -> None:  # materialize's cache (nothing there for a local store)
         for f in PREPARED_FILES:
-            store.put_file(f"{key}/{f}", local / f)
-        print(f"dataset {name} {md5}: decoded and stored at {store.uri_for(key)}")
-    return _info(store, name, source, md5, key)
+            (cache_dir() / "store-cache" / key / f).unlink(missing_ok=True)
+
+    if fresh:
+        download_again()
+    folder = materialize(store, key, PREPARED_FILES)
+    try:
+        return read(folder)
+    except cd.DataError:
+        if fresh or not folder.is_relative_to(cache_dir() / "store-cache"):
+            raise  # the store's own folder, or just downloaded: nothing newer to get
+        download_again()
+        return read(materialize(store, key, PREPARED_FILES))
 
 
-def _info(store, name: str, source: str, md5: str, key: str) -> dict:
-    import json
-
-    meta = json.loads((materialize(store, key, PREPARED_FILES) / cd.PREPARED_META).read_text())
-    return {"name": name, "source": source, "md5": md5, "key": key, "train": meta["train"],
-            "holdout": meta["holdout"], "classes": meta["classes"]}
+def load_dataset(store, dataset: dict, split_seed: int, subset: int | None = None) -> cd.Splits:
+    """The splits of the run's dataset (`fetch_dataset`'s reference) from the store's prepared
+    copy, refused unless it matches the reference's SHA-256 (naming the file and both hashes)."""
+    return _checked(store, dataset["key"], lambda folder: cd.load_splits(folder, split_seed, subset,
+                                                                         dataset["sha256"]))

@@ -11,18 +11,16 @@ from prefect.cache_policies import NO_CACHE
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 
-from cnn.data import load_splits
 from cnn.stats import paired_difference, sentence, variant_interval
 from store import Store, open_store
-from tasks.common import materialize
-from tasks.data import PREPARED_FILES
+from tasks.data import load_dataset
 from tasks.results import VariantResult
 from tasks.selection import rank_key
 
 
 def val_labels(store: Store, dataset: dict, split_seed: int) -> np.ndarray:
     """(N_val,) int64: the validation split's true classes, in the order predictions are kept."""
-    return load_splits(materialize(store, dataset["key"], PREPARED_FILES), split_seed).val_y.numpy()
+    return load_dataset(store, dataset, split_seed).val_y.numpy()
 
 
 def outcomes(store: Store, repeats: list[VariantResult], labels: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cnn.data import Splits, load_splits
+from cnn.data import Splits
 from cnn.evaluate import evaluate
 from cnn.export import export_portable
 from cnn.models import build_model
@@ -23,8 +23,8 @@ from cnn.stats import promotion
 from cnn.config import TrainConfig, resolve_precision
 from store import Store, StoreError, champion, open_store, safe_name
 from store.files import publishing, write_durably
-from tasks.common import local_run_dir, materialize, run_key
-from tasks.data import PREPARED_FILES
+from tasks.common import local_run_dir, run_key
+from tasks.data import load_dataset
 from tasks.report import plot_confusion
 from tasks.scoring import right
 
@@ -69,7 +69,7 @@ def face_champion_again(store: Store, current: dict, run_id: str, dataset: dict,
                         confidence: float, margin: float) -> dict:
     """face_champion for a champion that changed after the test (publish's race): the new
     model's stored test predictions against `current`'s model, on the CPU."""
-    data = load_splits(materialize(store, dataset["key"], PREPARED_FILES), split_seed)
+    data = load_dataset(store, dataset, split_seed)
     raw = store.read_versioned(run_key(run_id, "model", PREDICTIONS))[0]
     if raw is None:
         return {"champion_run_id": current["run_id"], "difference": None, "ci": None, "method": None,
@@ -96,7 +96,7 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
     model.load_state_dict(load_file(str(out / "weights.safetensors")))
     model = model.to(torch.device(device), memory_format=torch.channels_last)
 
-    data = load_splits(materialize(store, dataset["key"], PREPARED_FILES), split_seed)
+    data = load_dataset(store, dataset, split_seed)
     m = evaluate(model, data.test_x, data.test_y, torch.device(device), tta=cfg.tta, amp=amp)
     metrics = {
         "variant": cfg.variant, "model": cfg.model, "n": m["n"], "loss": m["loss"], "accuracy": m["accuracy"],

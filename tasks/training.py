@@ -15,7 +15,6 @@ it has landed, so a stored `metrics.json` never sits beside a stale checkpoint.
 """
 from __future__ import annotations
 
-import json
 import sys
 from typing import Callable
 
@@ -28,15 +27,14 @@ from prefect.states import Cancelled
 from safetensors.torch import save_file
 
 from cnn.checkpoint import read_history
-from cnn.data import DataError, load_splits
 from cnn.train import CHECKPOINT, STOP, Stopped, TrainConfig, train
 from store import open_store
 from store.files import publishing, write_durably
 from store.lease import Lease
 from store.uploader import Uploader
 from tasks.cache import drop_local_copies
-from tasks.common import Unit, current_owner, flow_run_is_over, local_run_dir, materialize
-from tasks.data import PREPARED_FILES
+from tasks.common import Unit, current_owner, flow_run_is_over, local_run_dir
+from tasks.data import load_dataset
 from tasks.live import show_curves
 from tasks.results import METRICS, VariantResult
 
@@ -74,10 +72,11 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed: int, subset: int | None,
+def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
                run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
                repeated: bool = False) -> VariantResult:
-    """Train `cfg.variant` with `cfg.seed` in run `run_id` (or return its stored result);
+    """Train `cfg.variant` with `cfg.seed` in run `run_id` (or return its stored result) on
+    `dataset` (fetch_dataset's reference: key, md5 and the prepared copy's sha256);
     resume from its checkpoint in the store if there is one. `repeated`: the run trains
     several seeds of each variant, so this one's files go to variants/<variant>/seed-<seed>/.
     Store outages up to `store_outage_minutes` are waited out (None: none is)."""
@@ -92,14 +91,14 @@ def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed:
     # fast: its callers try again; only the claim waits out an outage
     with Lease(store.inner, unit.key(run_id, LEASE), owner, owner_is_gone=flow_run_is_over,
                outage=store.outage) as lease:
-        out = _train_leased(cfg, unit, store, lease, dataset_key, dataset_md5, split_seed, subset, run_id, device,
+        out = _train_leased(cfg, unit, store, lease, dataset, split_seed, subset, run_id, device,
                             owner)
     # everything it wrote is in the store now, its SHA-256 checked there
     drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
     return out
 
 
-def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5, split_seed, subset, run_id,
+def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset, split_seed, subset, run_id,
                   device, owner) -> VariantResult:
     v = unit.label
     workdir = local_run_dir(run_id, "variants", *unit.folder.split("/"))
@@ -110,11 +109,7 @@ def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5
         store.get_file(ckpt_key, workdir / CHECKPOINT)
         print(f"{v}: resuming from {store.uri_for(ckpt_key)}")
 
-    prepared = materialize(store, dataset_key, PREPARED_FILES)
-    found = json.loads((prepared / "meta.json").read_text()).get("md5")
-    if found != dataset_md5:
-        raise DataError(f"{store.uri_for(dataset_key)}: expected the dataset with MD5 {dataset_md5}, found {found}")
-    data = load_splits(prepared, split_seed, subset)
+    data = load_dataset(store, dataset, split_seed, subset)  # checked against the run's SHA-256 of it
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
     history_csv = workdir / "history.csv"
     history_key = unit.key(run_id, "history.csv")
@@ -191,7 +186,7 @@ def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int 
     if STOP.is_set():
         return Cancelled(message="not started: the run is stopping")
     try:
-        return train_unit(cfg, dataset["key"], dataset["md5"], split_seed, subset, run_id, store_uri, device,
+        return train_unit(cfg, dataset, split_seed, subset, run_id, store_uri, device,
                           store_outage_minutes, repeated)
     except Stopped as e:
         return Cancelled(message=f"{e}; the last finished epoch is kept")

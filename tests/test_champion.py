@@ -6,6 +6,7 @@ a real local folder, and S3 through moto where marked.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 
 import pytest
@@ -264,3 +265,45 @@ def test_a_damaged_champion_document_is_refused_naming_it(tmp_path, body, found)
             call()
         assert str(err.value).startswith(f"{where}: expected a champion document") and found in str(err.value)
     assert (tmp_path / key).read_bytes() == body
+
+
+# --- what a store writer plants in a champion document is refused naming it (issue 16) ---
+
+def _plant(st, ident: str, doc_bytes: bytes) -> str:
+    path = Path(st.uri_for(champion.key_for(ident)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(doc_bytes)
+    return str(path)
+
+
+def test_an_oversized_champion_document_is_refused_naming_it_and_the_limit(tmp_path):
+    """A valid champion document padded past 16 MiB is refused unread, not held in memory."""
+    from store import MAX_DOCUMENT_BYTES
+
+    st = LocalStore(tmp_path / "store")
+    doc = {"identity": NIGHTLY, "champion": _record("old", 0.5), "history": [], "pad": "x" * MAX_DOCUMENT_BYTES}
+    where = _plant(st, NIGHTLY, json.dumps(doc).encode())
+    with pytest.raises(ValueError) as err:
+        champion.promote(st, _record("new", 0.9), 0.0)
+    assert str(err.value) == (f"{where}: {len(json.dumps(doc)):,} bytes, larger than a store document can be "
+                              f"(limit {MAX_DOCUMENT_BYTES:,} bytes); refused")
+
+
+@pytest.mark.parametrize("planted, expected", [
+    ({"test": {"accuracy": 0.5}}, "the champion record: expected 'run_id', a run id, found None"),
+    ({"run_id": "old", "test": {"accuracy": "high"}},
+     "the champion record: expected 'test' with 'accuracy', a number, found {'accuracy': 'high'}"),
+    ({"run_id": "../../etc", "test": {"accuracy": 0.5}},
+     "the champion record: expected 'run_id', a run id, found '../../etc'"),
+])
+def test_a_champion_record_missing_a_field_is_refused_naming_the_document(planted, expected, tmp_path):
+    st = LocalStore(tmp_path / "store")
+    where = _plant(st, NIGHTLY, json.dumps({"identity": NIGHTLY, "champion": planted, "history": []}).encode())
+    with pytest.raises(ValueError) as err:
+        champion.promote(st, _record("new", 0.9), 0.0)
+    assert str(err.value) == f"{where}: {expected}; restore an earlier version of it"
+    legacy = tmp_path / "legacy"
+    (legacy).mkdir()
+    (legacy / champion.LEGACY_KEY).write_text(json.dumps(planted))
+    with pytest.raises(ValueError, match=f"^{legacy / champion.LEGACY_KEY}: the champion record: expected"):
+        champion.documents(LocalStore(legacy))

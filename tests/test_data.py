@@ -368,3 +368,181 @@ def test_a_bad_download_is_deleted_and_fetched_again(s3_bucket, tmp_path, monkey
     mirror.put_file("m/a.tar.gz", path)  # the mirror is fixed; a stale copy in the cache is replaced
     local.write_bytes(b"stale")
     assert fetch_dataset.fn(*args)["md5"] == md5 and cd.md5_of(local) == md5
+
+
+# --- bounded reads: nothing another party wrote is read whole before its size is checked (issue 16) ---
+
+GiB = 1 << 30
+
+
+def _gzip_bomb(path: Path, member: str, size: int) -> Path:
+    """A .tar.gz whose `member` inflates to `size` zero bytes: the tar stream written as
+    concatenated gzip members, one compressed 64 MiB block of zeros repeated, so the bomb
+    is ~1/1000 of `size` on disk and never more than 64 MiB in this process's memory."""
+    block = 64 << 20
+    zeros = gzip.compress(bytes(block), compresslevel=9, mtime=0)
+    info = tarfile.TarInfo(f"{cd.BATCH_DIR}/{member}")
+    info.size = size
+    with open(path, "wb") as f:
+        f.write(gzip.compress(info.tobuf(format=tarfile.GNU_FORMAT), mtime=0))
+        for _ in range(size // block):
+            f.write(zeros)
+        f.write(gzip.compress(bytes(size % block + 2 * tarfile.BLOCKSIZE), mtime=0))  # rest, then end of archive
+    return path
+
+
+def _capped_memory(limit: int):
+    """For a child process: an address-space cap, so that an unbounded read there ends in
+    MemoryError instead of taking this machine's memory (imports alone reserve ~3.5 GB)."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def test_a_gzip_bomb_is_refused_by_the_mirror_naming_the_member_and_limit(tmp_path, s3_bucket):
+    """A 3 MB archive whose data_batch_1 inflates to 3 GiB: `python -m flows.mirror` refuses it
+    by the member's size before reading it, naming the member and the limit; nothing is uploaded."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.s3_fixtures import aws_client, aws_env
+
+    bomb = _gzip_bomb(tmp_path / cd.ARCHIVE_NAME, "data_batch_1", 3 * GiB)
+    assert bomb.stat().st_size < 4 << 20
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "flows.mirror", str(bomb), f"s3://{s3_bucket}/bomb/"],
+                          cwd=root, env={**os.environ, **aws_env(), "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=300, preexec_fn=_capped_memory(6 * GiB))
+    assert proc.returncode == 1, proc.stderr
+    assert (f"error: {bomb}: {cd.BATCH_DIR}/data_batch_1: 3,221,225,472 bytes, larger than a CIFAR file can be "
+            f"(limit {cd.MAX_FILE_BYTES:,} bytes); refused") in proc.stderr, proc.stderr
+    assert "MemoryError" not in proc.stderr and "Traceback" not in proc.stderr
+    assert "Contents" not in aws_client().list_objects_v2(Bucket=s3_bucket, Prefix="bomb/")
+
+
+def test_a_huge_batch_file_in_a_data_folder_is_refused_before_its_md5(tmp_path, monkeypatch, synthetic_archive):
+    """A data folder (--data-dir) whose data_batch_1 is 3 GiB (a sparse file: no disk used)
+    is refused naming the file and the limit, not read whole to check its MD5."""
+    from tasks.data import fetch_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    folder = _extract(synthetic_archive[0], tmp_path / "data")
+    with open(folder / "data_batch_1", "r+b") as f:
+        f.truncate(3 * GiB)
+    with pytest.raises(cd.DataError) as err:
+        fetch_dataset.fn("cifar10", str(folder), None, "0" * 32, 0, 0, str(tmp_path / "store"))
+    assert str(err.value) == (f"{folder / 'data_batch_1'}: 3,221,225,472 bytes, larger than a CIFAR file can be "
+                              f"(limit {cd.MAX_FILE_BYTES:,} bytes); refused")
+    assert not (tmp_path / "store" / "datasets").exists()
+
+
+def test_an_s3_mirror_object_larger_than_an_archive_is_refused_before_download(s3_bucket, tmp_path, monkeypatch,
+                                                                              synthetic_archive):
+    """--data-source naming an object larger than a CIFAR-10 archive can be is refused by
+    its size (HEAD), naming the URI, the size and the limit; nothing is downloaded."""
+    from store import open_store
+    from tasks.data import fetch_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cd, "MAX_ARCHIVE_BYTES", 1 << 20)  # the test's archive (a few MB) stands in for a huge one
+    path, md5 = synthetic_archive
+    open_store(f"s3://{s3_bucket}").put_file("big/a.tar.gz", path)
+    uri = f"s3://{s3_bucket}/big/a.tar.gz"
+    with pytest.raises(cd.DataError) as err:
+        fetch_dataset.fn("cifar10", None, uri, md5, 0, 0, str(tmp_path / "store"))
+    assert str(err.value) == (f"--data-source {uri}: {uri}: {path.stat().st_size:,} bytes, larger than this download "
+                              f"can be (limit {1 << 20:,} bytes); refused (the official CIFAR-10 archive is "
+                              f"{cd.OFFICIAL_ARCHIVE_BYTES:,} bytes)")
+    assert not any((tmp_path / "cache" / "downloads").rglob("*.gz*"))
+
+
+# --- the store's prepared copy is trusted by the SHA-256 the run derived from the verified archive ---
+
+def _poison(folder: Path, kind: str) -> None:
+    """Rewrite a prepared copy as a store writer could: labels shifted by one class, or a
+    member missing; meta.json rewritten to match (it is in the writer's reach too)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / cd.PREPARED_FILE))
+    if kind == "labels shifted":
+        tensors["train_y"] = (tensors["train_y"] + 1) % 10
+    else:
+        del tensors["train_x"]
+    save_file(tensors, str(folder / cd.PREPARED_FILE))
+    meta = json.loads((folder / cd.PREPARED_META).read_text())
+    if "train_x" in tensors:
+        meta["sha256"] = cd.prepared_sha256(tensors, meta["classes"])
+    (folder / cd.PREPARED_META).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind, refused", [
+    ("labels shifted", "not what the verified archive decodes to: expected SHA-256 {good} (of the tensors and "
+                       "class names), found {bad}; refused"),
+    ("train_x missing", "member 'train_x': expected torch.uint8, found nothing (members: holdout_x, holdout_y, "
+                        "train_y)"),
+])
+def test_a_poisoned_prepared_copy_is_refused_by_a_unit_and_prepared_again_by_the_run(
+        kind, refused, tmp_path, monkeypatch, synthetic_archive):
+    from store import open_store
+    from flows.train_variant import train_variant
+    from tasks.data import fetch_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    args = ("cifar10", str(path.parent), None, md5, 0, 0, str(tmp_path / "store"))
+    ds = fetch_dataset.fn(*args)
+    stored = tmp_path / "store" / ds["key"]
+    good_y = cd.read_prepared(stored, ds["sha256"])[0]["train_y"]
+    _poison(stored, kind)
+    bad = cd.prepared_sha256(*cd.read_prepared(stored, None)) if kind == "labels shifted" else None
+
+    # a unit of the run (a child flow run gets the SHA-256 as a parameter) refuses it before training
+    with pytest.raises(cd.DataError) as err:
+        train_variant.fn(run_id="r1", variant="none", dataset_key=ds["key"], dataset_md5=md5,
+                         dataset_sha256=ds["sha256"], store=str(tmp_path / "store"), epochs=1, device="cpu")
+    assert str(err.value) == f"{stored / cd.PREPARED_FILE}: " + refused.format(good=ds["sha256"], bad=bad)
+    assert not any((tmp_path / "store" / "runs").rglob("metrics.json"))
+
+    # the next run's fetch finds the mismatch and prepares the copy again from the archive
+    assert fetch_dataset.fn(*args) == ds
+    assert torch.equal(cd.read_prepared(stored, ds["sha256"])[0]["train_y"], good_y)
+    assert open_store(str(tmp_path / "store")).exists(f"{ds['key']}/{cd.PREPARED_FILE}")
+
+
+def test_a_poisoned_copy_in_s3_is_prepared_again_and_a_stale_download_dropped(s3_bucket, tmp_path, monkeypatch,
+                                                                             synthetic_archive):
+    """The same through the real S3 endpoint: the run checks the store's object, not a copy
+    this machine downloaded before; units then load the repaired copy."""
+    from store import open_store
+    from tasks.data import fetch_dataset, load_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    uri = f"s3://{s3_bucket}/poisoned"
+    args = ("cifar10", str(path.parent), None, md5, 0, 0, uri)
+    ds = fetch_dataset.fn(*args)
+    st = open_store(uri)
+    bad = tmp_path / "bad"
+    for f in (cd.PREPARED_FILE, cd.PREPARED_META):
+        st.get_file(f"{ds['key']}/{f}", bad / f)
+    _poison(bad, "labels shifted")
+    st.put_file(f"{ds['key']}/{cd.PREPARED_FILE}", bad / cd.PREPARED_FILE)
+    st.put_file(f"{ds['key']}/{cd.PREPARED_META}", bad / cd.PREPARED_META)
+
+    assert fetch_dataset.fn(*args) == ds
+    st.get_file(f"{ds['key']}/{cd.PREPARED_FILE}", tmp_path / "now" / cd.PREPARED_FILE)
+    st.get_file(f"{ds['key']}/{cd.PREPARED_META}", tmp_path / "now" / cd.PREPARED_META)
+    cd.read_prepared(tmp_path / "now", ds["sha256"])  # the store holds the right tensors again
+    assert load_dataset(st, ds, 0).sizes["train"] == ds["train"]
+
+
+def test_prepared_sha256_is_the_same_for_the_same_archive(tmp_path, synthetic_archive):
+    """Preparing is deterministic: two machines derive the same SHA-256 from one archive."""
+    import json
+
+    path, md5 = synthetic_archive
+    a, b = (json.loads((cd.prepare(path, md5, tmp_path / d) / cd.PREPARED_META).read_text()) for d in "ab")
+    assert a["sha256"] == b["sha256"] and len(a["sha256"]) == 64

@@ -142,7 +142,8 @@ def test_gpu_variant_deployment(deployed):
     assert d.global_concurrency_limit is None and d.concurrency_options is None
     assert d.schedules == [] and d.enforce_parameter_schema
     schema = d.parameter_openapi_schema
-    assert set(schema["required"]) == {"run_id", "variant", "dataset_key", "dataset_md5", "store"}
+    assert set(schema["required"]) == {"run_id", "variant", "dataset_key", "dataset_md5", "dataset_sha256",
+                                      "store"}
 
 
 def test_local_deployments(deployed):

@@ -55,13 +55,13 @@ def test_train_cifar_choices_and_ranges():
 def test_train_variant_shares_the_run_parameters_schema():
     """The parameters the child shares with the parent read the same in both forms."""
     strip = lambda prop: {k: v for k, v in prop.items() if k not in ("position", "default")}  # noqa: E731
-    own = {"run_id", "variant", "dataset_key", "dataset_md5"}  # run_id: required here, so described here
+    own = {"run_id", "variant", "dataset_key", "dataset_md5", "dataset_sha256"}  # run_id: required here, so described here
     shared = set(VARIANT["properties"]) - own
     assert shared <= set(RunParams.model_fields)
     for name in shared:
         assert strip(VARIANT["properties"][name]) == strip(CIFAR["properties"][name]), name
     assert VARIANT["properties"]["variant"]["enum"] == list(VARIANTS)
-    assert set(VARIANT["required"]) == {"run_id", "variant", "dataset_key", "dataset_md5", "store"}
+    assert set(VARIANT["required"]) == {"run_id", "variant", "dataset_key", "dataset_md5", "dataset_sha256", "store"}
 
 
 @pytest.mark.parametrize("params,field", [
@@ -94,13 +94,29 @@ def test_a_direct_call_is_still_checked_by_run_params_naming_what_was_found():
     ({"run_id": "r1\n"}, "run_id: run_id 'r1\\n' is not a valid name"),
     ({"store": "s3://bucket\n/runs"}, "store: 's3://bucket\\n/runs': 'bucket\\n' is not a valid S3 bucket name"),
     ({"dataset_key": "datasets/abc\n"}, "dataset_key: invalid store key part 'abc\\n'"),
+    ({"dataset_sha256": "a" * 32}, f"dataset_sha256: expected 64 lowercase hex digits, found '{'a' * 32}'"),
 ])
 def test_train_variant_refuses_bad_parameters_before_any_work(override, message, tmp_path):
     """A child started by hand (or by a parent of another version) with a bad value stops
     at once, naming it; nothing is written to the store."""
     params = dict(run_id="r1", variant="flip", dataset_key="datasets/abc", dataset_md5="a" * 32,
+                  dataset_sha256="b" * 64,
                   store=str(tmp_path / "store"), epochs=2)
     with pytest.raises(ValueError) as err:
         train_variant.fn(**{**params, **override})
     assert message in str(err.value), err.value
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("flag, value, most", [("--synthetic-train", "100000000", 50_000),
+                                               ("--synthetic-test", "20000", 10_000)])
+def test_a_synthetic_set_that_cannot_fit_is_refused_before_any_work(flag, value, most, tmp_path, capsys,
+                                                                    monkeypatch):
+    """--synthetic-train 100000000 asked for 153 GiB after validation; now validation names
+    the flag, the range and the value, and nothing is generated."""
+    from flows.train_cifar import main
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    assert main(["--dataset", "synthetic", flag, value, "--store", str(tmp_path / "store")]) == 2
+    assert f"{flag}: Input should be less than or equal to {most}, found '{value}'" in capsys.readouterr().err
+    assert not (tmp_path / "cache" / "synthetic").exists()

@@ -83,7 +83,7 @@ def test_child_parameters_carry_the_repeats_seed():
     from flows.variants import child_parameters
 
     p = RunParams(variants=["flip"], repeats=3, seed=10, store="/abs/store")
-    ds = {"key": "datasets/cifar10/x", "md5": "x"}
+    ds = {"key": "datasets/cifar10/x", "md5": "x", "sha256": "y"}
     got = [child_parameters(p, u, "run", "/abs/store", ds) for u in units_of(p.variants, p.seed, p.repeats)]
     assert [(c["seed"], c["repeats"]) for c in got] == [(10, 3), (11, 3), (12, 3)]
     single = child_parameters(RunParams(variants=["flip"], store="/abs/store"), Unit("flip", 0), "run", "/abs/store", ds)

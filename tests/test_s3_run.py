@@ -143,11 +143,18 @@ def test_dataset_from_an_s3_mirror(s3_bucket, synthetic_archive, cache, capsys, 
     assert info["md5"] == md5 and info["source"] == src and info["train"] == 2000 and info["holdout"] == 400
     assert open_store(store_uri).exists(f"datasets/cifar10/{md5}/{cd.PREPARED_FILE}")
 
-    # another machine: nothing local, the prepared tensors come from the store, no download
+    # another machine: it decodes the archive once, to learn the SHA-256 the store's copy
+    # must have (the store's copy and its meta.json are no proof), finds that copy right
+    # and stores nothing; from then on it neither downloads nor decodes
+    capsys.readouterr()
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "other-machine"))
-    fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri)
-    assert "prepared copy found in the store" in capsys.readouterr().out
-    assert not (tmp_path / "other-machine" / "downloads").exists()
+    assert fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri) == info
+    out = capsys.readouterr().out
+    assert "prepared copy found in the store and checked" in out and "decoded and stored" not in out
+    (tmp_path / "other-machine" / "downloads" / s3_bucket / "mirror" / cd.ARCHIVE_NAME).unlink()
+    assert fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri) == info
+    assert "nothing to download" in capsys.readouterr().out
+    assert not (tmp_path / "other-machine" / "downloads" / s3_bucket / "mirror" / cd.ARCHIVE_NAME).exists()
 
 
 def test_a_wrong_md5_from_the_mirror_is_refused(s3_bucket, synthetic_archive, cache):

@@ -97,6 +97,37 @@ def test_read_versioned_and_conditional_writes(s3_bucket):
         st.write_if("champion.json", b"gone", v2)  # deleted since it was read
 
 
+def test_an_oversized_champion_document_in_s3_is_refused_unread(s3_bucket):
+    """A champion document padded past the limit by a store writer: refused by its size,
+    naming the object and the limit, before its body is read (not a MemoryError)."""
+    from store import MAX_DOCUMENT_BYTES, TooLarge, champion
+
+    ident = champion.identity({"dataset_name": "cifar10", "dataset_md5": "a" * 32, "split_seed": 0,
+                               "test_size": 3500})
+    body = b'{"identity": "x", "champion": {}, "history": [], "pad": "' + b"x" * MAX_DOCUMENT_BYTES + b'"}'
+    aws_client().put_object(Bucket=s3_bucket, Key=f"p/{champion.key_for(ident)}", Body=body)
+    st = open_store(f"s3://{s3_bucket}/p")
+    with pytest.raises(TooLarge) as err:
+        champion.read(st, ident)
+    assert str(err.value) == (f"s3://{s3_bucket}/p/{champion.key_for(ident)}: {len(body):,} bytes, larger than a "
+                              f"store document can be (limit {MAX_DOCUMENT_BYTES:,} bytes); refused")
+
+
+def test_a_limited_download_counts_the_bytes_it_writes(s3_bucket, tmp_path, monkeypatch):
+    """An object that grew after its size was checked (HEAD) stops at the limit: the
+    partial download is removed and nothing is left at the destination."""
+    from store import TooLarge
+
+    st = S3Store(f"s3://{s3_bucket}/p")
+    st.put_file("a.bin", _write(tmp_path / "a.bin", 3 * MiB))
+    real_head = st.client.head_object
+    monkeypatch.setattr(st.client, "head_object", lambda **kw: {**real_head(**kw), "ContentLength": 10})
+    with pytest.raises(TooLarge, match=f"^s3://{s3_bucket}/p/a.bin: .* bytes, larger than this download can be "
+                                       r"\(limit 1,048,576 bytes\); refused"):
+        st.get_file("a.bin", tmp_path / "out" / "a.bin", limit=1 * MiB)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 @pytest.mark.parametrize("key", ["runs/../../escape.json", "../x", "runs//x", "runs/./x", "runs\\..\\x", "/abs"])
 def test_a_key_cannot_escape_the_prefix(s3_bucket, tmp_path, key):
     st = S3Store(f"s3://{s3_bucket}/team")
