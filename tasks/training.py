@@ -86,7 +86,7 @@ def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed:
     Store outages up to `store_outage_minutes` are waited out (None: none is)."""
     store = open_store(store_uri, outage_minutes=store_outage_minutes or 0)  # a PatientStore
     unit = Unit(cfg.variant, cfg.seed, repeated)
-    facts = {"config": dataclasses.asdict(cfg), "dataset_md5": dataset_md5, "split_seed": split_seed, "subset": subset}
+    facts = unit_facts(cfg, dataset_md5, split_seed, subset)
     refuse_other_parameters(store, run_id, unit, facts)
     done = VariantResult.read(store, run_id, unit)
     if done is not None:
@@ -106,6 +106,11 @@ def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed:
 
 # what a unit's facts may differ in without changing its model
 _NOT_THE_MODEL = {"compile"}
+
+
+def unit_facts(cfg: TrainConfig, dataset_md5: str, split_seed: int, subset: int | None) -> dict:
+    """What a unit's model depends on, recorded in its lease with its files."""
+    return {"config": dataclasses.asdict(cfg), "dataset_md5": dataset_md5, "split_seed": split_seed, "subset": subset}
 
 
 def refuse_other_parameters(store, run_id: str, unit: Unit, facts: dict) -> None:
