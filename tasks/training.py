@@ -90,7 +90,8 @@ def train_unit(cfg: TrainConfig, dataset_key: str, dataset_md5: str, split_seed:
     refuse_other_parameters(store, run_id, unit, facts)
     done = VariantResult.read(store, run_id, unit)
     if done is not None:
-        print(f"{unit.label}: already trained ({done.status}, {store.uri_for(unit.key(run_id, METRICS))}); not again")
+        where = store.uri_for(stored_key(store, run_id, unit, METRICS))
+        print(f"{unit.label}: already trained ({done.status}, {where}); not again")
         return done
     owner = current_owner()
     # the lease renews itself (and is renewed before each upload) on the store that fails
@@ -154,7 +155,8 @@ def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> N
     local = workdir / CHECKPOINT
     ours = _checkpoint_epochs(local, cfg) if local.exists() else None
     if local.exists() and ours is None:
-        local.replace(local.with_name(f"{CHECKPOINT}.ignored"))  # not resumed from, kept to look at
+        # not resumed from; kept to look at until the unit is done
+        local.replace(local.with_name(f"{CHECKPOINT}.ignored"))
     key = stored_key(store, run_id, unit, CHECKPOINT)
     theirs = None
     if key is not None:
@@ -210,18 +212,17 @@ def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset_key, dataset_md5
     if result["best_predictions"] is not None:
         save_file({"predicted": result["best_predictions"].contiguous()}, str(workdir / PREDICTIONS))
         final[PREDICTIONS] = workdir / PREDICTIONS
-    if final:
-        stored = store.outage.call(publish, final)
-        artifacts.update({f"{unit.folder}/{name}": _artifact(rec) for name, rec in stored.items()})
+    stored = store.outage.call(publish, final) if final else {}
+    artifacts.update({f"{unit.folder}/{name}": _artifact(rec) for name, rec in stored.items()})
     out = VariantResult(
         name=cfg.variant, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
-        error=result["error"], weights_key=stored["best.safetensors"]["key"] if "best.safetensors" in final else None,
-        config=cfg.__dict__, artifacts=artifacts, flow_run_id=owner, seed=cfg.seed,
-        predictions_key=stored[PREDICTIONS]["key"] if PREDICTIONS in final else None)
+        error=result["error"], weights_key=stored.get("best.safetensors", {}).get("key"), config=cfg.__dict__,
+        artifacts=artifacts, flow_run_id=owner, seed=cfg.seed, predictions_key=stored.get(PREDICTIONS, {}).get("key"))
     (workdir / METRICS).write_text(out.to_json())
     # the record last: once it is current, the unit is done
-    out.artifacts[f"{unit.folder}/{METRICS}"] = _artifact(store.outage.call(publish, {METRICS: workdir / METRICS})[METRICS])
+    record = store.outage.call(publish, {METRICS: workdir / METRICS})[METRICS]
+    out.artifacts[f"{unit.folder}/{METRICS}"] = _artifact(record)
     return out
 
 

@@ -183,7 +183,8 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
     again = train_cifar(run_id="run-a", **kw)
     assert history() == before
     # the same run id with another learning rate: refused before anything trains
-    with pytest.raises(ValueError, match=r"^run run-a: unit none in the store .* lr 0\.05 \(stored\) vs 0\.2 \(asked\)"):
+    with pytest.raises(ValueError, match=r"^run run-a: unit none in the store .* lr 0\.05 \(stored\) "
+                                         r"vs 0\.2 \(asked\)"):
         train_cifar(run_id="run-a", **{**kw, "lr": 0.2})
     assert history() == before
     assert again["test_accuracy"] == first["test_accuracy"]
