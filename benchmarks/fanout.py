@@ -143,8 +143,9 @@ def fault(b: Bench, name: str, params: list[str], store: Path, epochs: int) -> d
     b.ensure_nodes()
     fanned = any(p.startswith("variant_deployment=") for p in params)
     parent = b.run(*params, f"store={store / name}")
-    history = lambda: next(iter((store / name / "runs").glob("*/variants/flip/history.csv")), None)  # noqa: E731
-    b.wait(lambda: (h := history()) is not None and h.stat().st_size > 1 and len(pd.read_csv(h)) >= 2)
+    # every history a writer uploaded (the current one among them), under its generation's slots
+    histories = lambda: list((store / name / "runs").glob("*/variants/flip/gen-*/*/history.csv"))  # noqa: E731
+    b.wait(lambda: any(h.stat().st_size > 1 and len(pd.read_csv(h)) >= 2 for h in histories()))
     child = next(iter(b.children(parent).values()), None) if fanned else None
     target = child.id if child else parent
     killed_at = datetime.now().astimezone()

@@ -162,6 +162,14 @@ def read_history(path: Path) -> list[dict]:
         return _document(path, f.metadata())["loop"]["history"]
 
 
+def read_progress(path: Path) -> tuple[dict, int]:
+    """(config, epochs finished) of the checkpoint at `path`, from its JSON alone; a ValueError
+    naming it if it is not one."""
+    with _open(path) as f:
+        document = _document(path, f.metadata())
+    return document["config"], document["loop"]["epoch"]
+
+
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")

@@ -87,13 +87,18 @@ def child_parameters(p: RunParams, unit: Unit, run_id: str, store_uri: str, data
 def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, dataset: dict,
               board: Board) -> list[VariantResult]:
     from cnn.train import make_config, resolve_precision
-    from tasks.training import train_variant
+    from tasks.training import refuse_other_parameters, train_variant, unit_facts
 
     devices = devices_for(p.device)
     cfgs = {u.label: make_config(p.model, u.variant, epochs=p.epochs, patience=p.patience, seed=u.seed,
                                  batch_size=p.batch_size, lr=p.lr, compile=p.compile,
                                  precision=resolve_precision(p.precision, devices[0]))
             for u in units}
+    # a reused run id names the same parameters: every unit is checked before any trains
+    # (a child of a fan-out checks its own: its precision depends on its device)
+    store = open_store(store_uri, outage_minutes=p.store_outage_minutes)
+    for u in units:
+        refuse_other_parameters(store, run_id, u, unit_facts(cfgs[u.label], dataset["md5"], p.split_seed, p.subset))
     by_label = {u.label: u for u in units}
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
     # The CPU gets one lane: each variant already uses every core, and training several

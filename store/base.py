@@ -102,6 +102,10 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+def too_big(uri: str, max_bytes: int, found: int) -> StoreError:
+    return StoreError(f"{uri}: expected at most {max_bytes:,} bytes, found {found:,}; not read")
+
+
 def sha256_of(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -130,6 +134,12 @@ class Store(ABC):
     def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
         """(content, version tag) of `key`, or (None, None) if absent; an object larger
         than `limit` bytes is refused (TooLarge, naming it) without being read whole."""
+
+    @abstractmethod
+    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
+        """(content, version tag, age) of a small object another party may have written, or
+        (None, None, None) if absent. `age`: seconds since the store last wrote it, by the
+        store's own clock (never a writer's); a StoreError naming it if it is over `max_bytes`."""
 
     @abstractmethod
     def write_if(self, key: str, data: bytes, version: str | None) -> None:

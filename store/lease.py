@@ -1,11 +1,18 @@
-"""One writer per unit of work: a lease object in the store, claimed by conditional write.
+"""One writer per unit of work: a lease object in the store that fences every write it guards.
 
-The lease names its owner (the flow run that trains the unit) and a writer id unique
-to this claim, and expires unless renewed. A second writer takes over a lease that
-expired, that its own flow run held (a retried or rescheduled flow run is the same
-owner), or whose owner is known to be over (`owner_is_gone`, e.g. the flow run is
-Crashed); otherwise it stops with `LeaseHeld`, naming the owner. A writer whose lease
-was taken over learns it at its next renewal (`LeaseLost`) and stops writing.
+The lease names its owner (the flow run that trains the unit), a writer id unique to
+this claim and a generation (the fencing token: one more than the previous claim's),
+and expires unless renewed. A second writer takes over a lease that expired by the
+store's clock, that its own flow run held (a retried or rescheduled flow run is the
+same owner), or whose owner is known to be over (`owner_is_gone`, e.g. the flow run
+is Crashed); otherwise it stops with `LeaseHeld`, naming the owner.
+
+The lease is also the unit's pointer to its current files (`current`). A writer never
+overwrites them: `publish` uploads new objects under `gen-<generation>/` (two slots,
+`a` and `b`, so a file's committed copy is never the one being replaced), then makes
+them current with one conditional write of the lease, refused once another writer has
+claimed it. A writer that lost its lease therefore changes nothing that is current: its
+uploads land beside the current files, and its commit fails with `LeaseLost`.
 """
 from __future__ import annotations
 
@@ -17,12 +24,15 @@ import threading
 import time
 import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
-from store.base import PreconditionFailed, Store, StoreError
+from store.base import PreconditionFailed, Store, StoreError, join_key
 from store.outage import Outage
 
 log = logging.getLogger(__name__)
+
+MAX_BYTES = 64 * 1024  # a lease record is a few hundred bytes; a bigger one is not read
 
 
 class LeaseHeld(StoreError):
@@ -33,48 +43,118 @@ class LeaseLost(StoreError):
     """Our lease was taken over: this writer must stop writing."""
 
 
+class BadLease(StoreError):
+    """A lease record that is not one: refused, naming it."""
+
+
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+
+
+# the record's fields and their types; `generation`, `ttl_s` and `current` are absent in a
+# record written before writes were fenced (the unit's files then sit at their plain keys)
+_FIELDS = {"owner": str, "writer": str, "released": bool, "generation": int, "ttl_s": (int, float),
+           "expires_at": (int, float), "current": (dict, type(None))}
+_REQUIRED = ("owner", "writer")
+
+
+def _parse(raw: bytes, uri: str, folder: str) -> dict:
+    """The lease record in `raw`, checked field by field; BadLease naming `uri` otherwise."""
+    expected = ("expected a lease record: a JSON object with string owner and writer, boolean released, "
+                "integer generation, numeric ttl_s and expires_at, and current (null, or an object whose "
+                f"files name keys under {folder}/gen-<n>/)")
+    try:
+        rec = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadLease(f"{uri}: {expected}; found text that is not JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise BadLease(f"{uri}: {expected}; found a JSON {type(rec).__name__}")
+    for k, kind in _FIELDS.items():
+        if (k in _REQUIRED and k not in rec) or (k in rec and (not isinstance(rec[k], kind) or (
+                isinstance(rec[k], bool) and kind is not bool))):
+            raise BadLease(f"{uri}: {expected}; found {k} = {rec.get(k)!r:.100}")
+    current = rec.get("current")
+    if current is not None:
+        files = current.get("files")
+        ok = isinstance(current.get("generation"), int) and isinstance(files, dict) and all(
+            isinstance(f, dict) and isinstance(f.get("key"), str) and _inside(f["key"], folder)
+            for f in files.values())
+        if not ok or not isinstance(current.get("unit", {}), (dict, type(None))):
+            raise BadLease(f"{uri}: {expected}; found current = {json.dumps(current)[:200]}")
+    return rec
+
+
+def _inside(key: str, folder: str) -> bool:
+    try:
+        join_key(key)
+    except ValueError:
+        return False
+    return key.startswith(f"{folder}/gen-")
+
+
+def read_record(store: Store, key: str) -> tuple[dict | None, str | None, float | None]:
+    """(record, version, age by the store's clock) of the lease at `key`, or Nones if there is none."""
+    raw, version, age = store.read_stamped(key, MAX_BYTES)
+    if raw is None:
+        return None, None, None
+    return _parse(raw, store.uri_for(key), key.rpartition("/")[0]), version, age
+
+
+def committed(store: Store, key: str) -> dict | None:
+    """The unit's current files and facts, {"generation", "files": {name: {key, uri, sha256, bytes}},
+    "unit"}, as the lease at `key` names them; None where no fenced writer ever committed
+    (a unit not started, or one written before writes were fenced: its files sit at plain keys)."""
+    rec, _, _ = read_record(store, key)
+    return None if rec is None else rec.get("current")
 
 
 class Lease:
     def __init__(self, store: Store, key: str, owner: str, ttl_s: float = 300,
                  owner_is_gone: Callable[[str], bool] | None = None, outage: Outage | None = None):
         self.store, self.key, self.owner, self.ttl_s = store, key, owner, ttl_s
+        self.folder = key.rpartition("/")[0]  # the unit's folder: generations go below it
         # the claim waits out a store outage; renewals fail fast (their callers try again)
         self.outage = outage
         self.owner_is_gone = owner_is_gone or (lambda owner: False)
         self.writer = uuid.uuid4().hex  # this claim; a re-execution of the same owner gets a new one
+        self.generation = 0  # set by the claim
+        self.current: dict | None = None  # the files the store's record names, as last read or written
         self.lost: StoreError | None = None
+        self._writing = threading.RLock()  # the heartbeat and the uploads read-modify-write one record
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _record(self, released: bool = False) -> bytes:
         now = time.time()
-        return json.dumps({"owner": self.owner, "writer": self.writer, "host": socket.gethostname(),
-                           "pid": os.getpid(), "renewed_at": _iso(now),
-                           "expires_at": now if released else now + self.ttl_s, "released": released}).encode()
+        # expires_at and renewed_at are for people (this machine's clock); takers go by the store's
+        return json.dumps({"owner": self.owner, "writer": self.writer, "generation": self.generation,
+                           "host": socket.gethostname(), "pid": os.getpid(), "renewed_at": _iso(now),
+                           "expires_at": now if released else now + self.ttl_s, "ttl_s": self.ttl_s,
+                           "released": released, "current": self.current}).encode()
 
-    def _read(self) -> tuple[dict | None, str | None]:
-        raw, version = self.store.read_versioned(self.key)
-        return (None if raw is None else json.loads(raw)), version
+    def _read(self) -> tuple[dict | None, str | None, float | None]:
+        return read_record(self.store, self.key)
 
     def describe(self, cur: dict) -> str:
         return (f"flow run {cur.get('owner')} (on {cur.get('host')}, pid {cur.get('pid')}, "
                 f"lease until {_iso(float(cur.get('expires_at', 0)))})")
 
-    def _may_take(self, cur: dict) -> bool:
-        return (cur.get("released") or cur.get("owner") == self.owner or float(cur.get("expires_at", 0)) < time.time()
+    def _may_take(self, cur: dict, age: float) -> bool:
+        # expiry is the record's age by the store's clock against the holder's own ttl: a
+        # holder whose clock is wrong keeps a lease it renews
+        return (cur.get("released") or cur.get("owner") == self.owner or age > float(cur.get("ttl_s", self.ttl_s))
                 or self.owner_is_gone(str(cur.get("owner"))))
 
     def claim(self, attempts: int = 10) -> dict | None:
-        """Hold the lease, or raise LeaseHeld naming its holder; returns the previous holder's
-        record (None if there was none)."""
+        """Hold the lease with the next generation, or raise LeaseHeld naming its holder;
+        returns the previous holder's record (None if there was none)."""
         for _ in range(attempts):
-            cur, version = self._read()
-            if cur is not None and not self._may_take(cur):
+            cur, version, age = self._read()
+            if cur is not None and not self._may_take(cur, age):
                 raise LeaseHeld(f"{self.store.uri_for(self.key)}: this unit is being trained by {self.describe(cur)}; "
                                 "not training it twice. Wait for it, or cancel that flow run")
+            self.generation = (cur or {}).get("generation", 0) + 1
+            self.current = (cur or {}).get("current")  # still the previous writer's files
             try:
                 self.store.write_if(self.key, self._record(), version)
                 return cur
@@ -82,19 +162,60 @@ class Lease:
                 continue  # another writer moved first: look again
         raise StoreError(f"{self.store.uri_for(self.key)} kept changing during {attempts} attempts to claim it")
 
-    def renew(self, released: bool = False) -> None:
-        """Extend the lease (or give it up); LeaseLost if another writer holds it now."""
+    def _mine(self) -> tuple[dict, str]:
+        """The store's record and version, if this writer still holds it; else LeaseLost."""
         if self.lost is not None:
             raise self.lost
-        cur, version = self._read()
+        cur, version, _ = self._read()
         if cur is None or cur.get("writer") != self.writer:
             self.lost = LeaseLost(f"{self.store.uri_for(self.key)}: taken over by "
                                   f"{self.describe(cur) if cur else 'nobody (the lease is gone)'}; this writer stops")
             raise self.lost
-        try:
-            self.store.write_if(self.key, self._record(released), version)
-        except PreconditionFailed:
-            return self.renew(released)  # changed between read and write: read again
+        return cur, version
+
+    def renew(self, released: bool = False) -> None:
+        """Extend the lease (or give it up); LeaseLost if another writer holds it now."""
+        with self._writing:
+            while True:
+                cur, version = self._mine()
+                self.current = cur.get("current")
+                try:
+                    self.store.write_if(self.key, self._record(released), version)
+                    return
+                except PreconditionFailed:
+                    continue  # changed between read and write: read again
+
+    def publish(self, files: dict[str, Path], unit: dict | None = None) -> dict[str, dict]:
+        """Upload `files` (name -> local path) as new objects of this generation, then make them
+        current (with `unit`, the facts that identify what is trained) by one conditional write
+        of the lease; LeaseLost, nothing current changed, if another writer claimed it since.
+        Returns each name's {key, uri, sha256, bytes}."""
+        self.renew()  # LeaseLost before uploading, and the record as the store holds it now
+        stored = {}
+        for name, path in files.items():
+            key = self._next_key(name)  # only this writer changes its generation's files in the record
+            stored[name] = {"key": key, **self.store.put_file(key, path)}
+        self._commit(stored, unit)
+        return stored
+
+    def _next_key(self, name: str) -> str:
+        """Where this generation writes `name` next: the slot its committed copy is not in."""
+        a, b = (join_key(self.folder, f"gen-{self.generation}", slot, name) for slot in ("a", "b"))
+        now = ((self.current or {}).get("files") or {}).get(name, {}).get("key")
+        return b if now == a else a
+
+    def _commit(self, stored: dict[str, dict], unit: dict | None) -> None:
+        with self._writing:
+            while True:
+                cur, version = self._mine()  # LeaseLost once another writer claimed it
+                before = cur.get("current") or {}
+                self.current = {"generation": self.generation, "files": {**before.get("files", {}), **stored},
+                                "unit": unit if unit is not None else before.get("unit")}
+                try:
+                    self.store.write_if(self.key, self._record(), version)
+                    return
+                except PreconditionFailed:
+                    continue  # changed between read and write: read again
 
     def check(self) -> None:
         """Raise LeaseLost if the background renewal found the lease taken over."""

@@ -10,11 +10,12 @@ import hashlib
 import os
 import shutil
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from store.base import MAX_DOCUMENT_BYTES, PreconditionFailed, Store, check_size, join_key, read_at_most
+from store.base import MAX_DOCUMENT_BYTES, PreconditionFailed, Store, check_size, join_key, read_at_most, too_big
 from store.files import beneath, no_link, open_dir, open_file, publish, publishing
 
 _CHUNK = 1 << 20
@@ -145,6 +146,25 @@ class LocalStore(Store):
             check_size(where, os.fstat(f.fileno()).st_size, limit, "a store document")
             data = read_at_most(f, limit, where, "a store document")
         return data, hashlib.md5(data).hexdigest()
+
+    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
+        try:
+            with self._folder(key) as (fd, parts):
+                f = self._open(fd, parts, key)
+        except FileNotFoundError:
+            f = None
+        if f is None:
+            return None, None, None
+        with f:
+            st = os.fstat(f.fileno())
+            if st.st_size > max_bytes:
+                raise too_big(self.uri_for(key), max_bytes, st.st_size)
+            data = f.read(max_bytes + 1)
+        if len(data) > max_bytes:  # grew since the stat
+            raise too_big(self.uri_for(key), max_bytes, len(data))
+        # the file system stamped the mtime when the file was renamed into place; on a
+        # shared disk that is its server's clock, as it is for every reader
+        return data, hashlib.md5(data).hexdigest(), max(0.0, time.time() - st.st_mtime)
 
     @contextmanager
     def _lock(self, fd: int, parts: list[str], key: str):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import boto3
@@ -28,7 +30,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
 from s3transfer.utils import ChunksizeAdjuster
 
 from store.base import (MAX_DOCUMENT_BYTES, PreconditionFailed, Store, StoreError, StoreUnavailable, TooLarge, check_size,
-                        join_key, parse_uri, read_at_most)
+                        join_key, parse_uri, read_at_most, too_big)
 from store.files import publishing
 
 log = logging.getLogger(__name__)
@@ -261,6 +263,28 @@ class S3Store(Store):
             self._raise(e, "read", key)
         except Exception as e:
             self._raise(e, "read", key)
+
+    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            with obj["Body"] as body:
+                if obj["ContentLength"] > max_bytes:
+                    raise too_big(self.uri_for(key), max_bytes, obj["ContentLength"])
+                data = body.read(max_bytes + 1)
+        except ClientError as e:
+            if self._is_missing(e):
+                return None, None, None
+            self._raise(e, "read", key)
+        except StoreError:
+            raise
+        except Exception as e:
+            self._raise(e, "read", key)
+        if len(data) > max_bytes:
+            raise too_big(self.uri_for(key), max_bytes, len(data))
+        # both times are the endpoint's: its Date header (now) and the object's LastModified
+        date = obj.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else time.time()
+        return data, obj["ETag"], max(0.0, now - obj["LastModified"].timestamp())
 
     # conditional write ------------------------------------------------------------------
     def write_if(self, key: str, data: bytes, version: str | None) -> None:

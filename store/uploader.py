@@ -29,14 +29,18 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Snapshot:
     folder: Path  # private copies: training goes on rewriting the originals
-    files: dict[str, Path]  # store key -> local copy, uploaded in this order
+    files: dict[str, Path]  # store key (or name, for `send`) -> local copy, uploaded in this order
 
 
 class Uploader:
-    def __init__(self, store: Store, outage: Outage, staging: Path, before: Callable[[], None] = lambda: None):
+    def __init__(self, store: Store, outage: Outage, staging: Path, before: Callable[[], None] = lambda: None,
+                 send: Callable[[dict[str, Path]], dict[str, dict]] | None = None):
         """Upload to `store` (one that fails fast: the waiting is done here) from copies kept
-        in `staging`; `before()` runs before each upload (a lease renewal: LeaseLost stops it)."""
+        in `staging`; `before()` runs before each upload (a lease renewal: LeaseLost stops it).
+        `send(files)`, if given, stores a snapshot instead (a lease's fenced `publish`) and
+        returns each file's record; it must fail fast too."""
         self.store, self.outage, self.staging, self.before = store, outage, staging, before
+        self.send = send or (lambda files: {key: store.put_file(key, path) for key, path in files.items()})
         self.uploaded: dict[str, dict] = {}  # key -> {uri, sha256, bytes} of its newest stored version
         self._pending: _Snapshot | None = None  # the newest snapshot not yet being uploaded
         self._busy = False  # a snapshot is being uploaded now
@@ -116,7 +120,7 @@ class Uploader:
             started = time.monotonic()
             try:
                 self.before()
-                stored = {key: self.store.put_file(key, path) for key, path in snap.files.items()}
+                stored = self.send(snap.files)
             except StoreUnavailable as e:
                 down = self.outage.failed(started)
                 self._last = e

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from store import Store, StoreError, StoreOutage, StoreUnavailable, join_key, open_store, safe_name
 from store.files import beneath
+from store.lease import committed
+
+LEASE = "lease.json"  # a unit's writer, and the pointer to its current files (store/lease.py)
 
 
 def cache_dir() -> Path:
@@ -45,6 +48,17 @@ class Unit:
 
     def key(self, run_id: str, filename: str) -> str:
         return run_key(run_id, "variants", *self.folder.split("/"), filename)
+
+
+def stored_key(store: Store, run_id: str, unit: Unit, name: str) -> str | None:
+    """Store key of the unit's current `name` (checkpoint, history, metrics.json, ...): the
+    generation's object its lease names; for a unit written before writes were fenced, the
+    plain key under its folder. None if the store has none."""
+    current = committed(store, unit.key(run_id, LEASE))
+    if current is not None:
+        return current["files"].get(name, {}).get("key")
+    plain = unit.key(run_id, name)
+    return plain if store.exists(plain) else None
 
 
 def units_of(variants: list[str], seed: int, repeats: int) -> list[Unit]:
@@ -130,4 +144,4 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
 
 
 __all__ = ["cache_dir", "current_owner", "flow_run_is_over", "inside", "is_io_error", "local_run_dir",
-           "materialize", "open_store", "run_key", "units_of", "Unit"]
+           "materialize", "open_store", "run_key", "stored_key", "units_of", "Unit", "LEASE"]

@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from store import champion, open_store
 from store.files import write_durably
 from cnn.data import split_sizes
-from tasks.common import is_io_error, local_run_dir, run_key, units_of
+from tasks.common import is_io_error, local_run_dir, run_key, stored_key, units_of
 from tasks.report import VARIANTS, plot_curves, plot_variants, render_markdown
 from tasks.results import VariantResult
 from tasks.testing import face_champion_again
@@ -127,8 +127,8 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
 
     histories: dict[str, list[pd.DataFrame]] = {}  # every repeat's, drawn as their mean and band
     for unit in units_of([r.name for r in results], params["seed"], params["repeats"]):
-        key = unit.key(run_id, "history.csv")  # from the store: it may have trained elsewhere
-        if store.exists(key):
+        key = stored_key(store, run_id, unit, "history.csv")  # from the store: it may have trained elsewhere
+        if key is not None:
             local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), "history.csv"))
             if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
                 histories.setdefault(unit.variant, []).append(pd.read_csv(local))

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from store import Store
-from tasks.common import Unit
+from tasks.common import Unit, stored_key
 
 METRICS = "metrics.json"
 STATUSES = ("completed", "early_stopped", "diverged", "failed")
@@ -58,8 +58,9 @@ class VariantResult:
 
     @classmethod
     def read(cls, store: Store, run_id: str, unit: Unit) -> VariantResult | None:
-        """The unit's record in the store, or None if it has not finished."""
-        d = store.read_json(unit.key(run_id, METRICS))
+        """The unit's record in the store (the one its lease names current), or None if it has not finished."""
+        key = stored_key(store, run_id, unit, METRICS)
+        d = None if key is None else store.read_json(key)  # deleted by hand: the unit resumes
         return None if d is None else cls.from_dict(d)
 
     def summary(self) -> dict:

@@ -4,8 +4,12 @@
 `train_variant` task below) or in a flow run of its own on another machine
 (flows/train_variant.py). Everything it needs to restart is in the store, so any
 machine can pick it up: a unit whose result record (`metrics.json`) is stored is not
-trained again, an unfinished one resumes from its checkpoint, and a lease makes
-sure that one writer at a time trains it.
+trained again, an unfinished one resumes from its newest checkpoint (the store's, or
+this machine's if an outage kept the store behind), and a lease makes sure that one
+writer at a time trains it: every file goes up as an object of the writer's
+generation and becomes current only through the lease (store/lease.py), so a writer
+that lost its lease changes nothing current. A run id names one set of parameters: a
+unit stored with others is refused before anything trains.
 
 A store outage costs no work: each epoch's checkpoint and history go up in the
 background (store/uploader.py) and training goes on while the store is away; the
@@ -15,6 +19,8 @@ it has landed, so a stored `metrics.json` never sits beside a stale checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from typing import Callable
 
@@ -26,19 +32,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled
 from safetensors.torch import save_file
 
-from cnn.checkpoint import read_history
+from cnn.checkpoint import read_history, read_progress
 from cnn.train import CHECKPOINT, STOP, Stopped, TrainConfig, train
 from store import open_store
 from store.files import publishing, write_durably
-from store.lease import Lease
+from store.lease import Lease, committed
 from store.uploader import Uploader
 from tasks.cache import drop_local_copies
-from tasks.common import Unit, current_owner, flow_run_is_over, local_run_dir
+from tasks.common import LEASE, Unit, current_owner, flow_run_is_over, local_run_dir, stored_key
 from tasks.data import load_dataset
 from tasks.live import show_curves
 from tasks.results import METRICS, VariantResult
 
-LEASE = "lease.json"
 PREDICTIONS = "val_predictions.safetensors"  # tensor "predicted": (N_val,) uint8, the best epoch's classes
 
 
@@ -82,69 +87,152 @@ def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | N
     Store outages up to `store_outage_minutes` are waited out (None: none is)."""
     store = open_store(store_uri, outage_minutes=store_outage_minutes or 0)  # a PatientStore
     unit = Unit(cfg.variant, cfg.seed, repeated)
+    facts = unit_facts(cfg, dataset["md5"], split_seed, subset)
+    refuse_other_parameters(store, run_id, unit, facts)
     done = VariantResult.read(store, run_id, unit)
     if done is not None:
-        print(f"{unit.label}: already trained ({done.status}, {store.uri_for(unit.key(run_id, METRICS))}); not again")
+        where = store.uri_for(stored_key(store, run_id, unit, METRICS))
+        print(f"{unit.label}: already trained ({done.status}, {where}); not again")
         return done
     owner = current_owner()
     # the lease renews itself (and is renewed before each upload) on the store that fails
     # fast: its callers try again; only the claim waits out an outage
     with Lease(store.inner, unit.key(run_id, LEASE), owner, owner_is_gone=flow_run_is_over,
                outage=store.outage) as lease:
-        out = _train_leased(cfg, unit, store, lease, dataset, split_seed, subset, run_id, device,
-                            owner)
+        out = _train_leased(cfg, unit, store, lease, dataset, split_seed, subset, run_id, device, owner, facts)
     # everything it wrote is in the store now, its SHA-256 checked there
     drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
     return out
 
 
+# what a unit's facts may differ in without changing its model
+_NOT_THE_MODEL = {"compile"}
+
+
+def unit_facts(cfg: TrainConfig, dataset_md5: str, split_seed: int, subset: int | None) -> dict:
+    """What a unit's model depends on, recorded in its lease with its files."""
+    return {"config": dataclasses.asdict(cfg), "dataset_md5": dataset_md5, "split_seed": split_seed, "subset": subset}
+
+
+def refuse_other_parameters(store, run_id: str, unit: Unit, facts: dict) -> None:
+    """A ValueError naming the run, the unit and the fields if the store holds this unit
+    trained (or being trained) with other parameters: a reused run id would otherwise
+    return, or resume, another model."""
+    current = committed(store, unit.key(run_id, LEASE))
+    stored = (current or {}).get("unit")
+    if stored is None:  # a unit from before its facts were recorded: its result's config
+        done = VariantResult.read(store, run_id, unit)
+        stored = {"config": done.config} if done is not None and done.config is not None else None
+    if not isinstance(stored, dict):
+        return
+    diffs = [f"{k} {stored[k]!r} (stored) vs {facts[k]!r} (asked)" for k in facts
+             if k != "config" and k in stored and stored[k] != facts[k]]
+    config = stored.get("config") if isinstance(stored.get("config"), dict) else {}
+    diffs += [f"{k} {config.get(k)!r} (stored) vs {v!r} (asked)" for k, v in facts["config"].items()
+              if k not in _NOT_THE_MODEL and k in config and config[k] != v]
+    if diffs:
+        raise ValueError(f"run {run_id}: unit {unit.label} in the store ({store.uri_for(unit.key(run_id, LEASE))}) "
+                         f"was trained with other parameters: {'; '.join(diffs)}. A run id names one set of "
+                         "parameters: start a new run (another --run-id), or repeat the parameters it was started with")
+
+
+def _checkpoint_epochs(path, cfg: TrainConfig) -> int | None:
+    """Epochs finished in the checkpoint at `path` if it is a valid one of this config, else None."""
+    try:
+        config, epochs = read_progress(path)
+    except ValueError as e:
+        print(f"warning: ignoring {path}: {e}")
+        return None
+    if config != dataclasses.asdict(cfg):
+        print(f"warning: ignoring {path}: written with another config ({config}), not this unit's")
+        return None
+    return epochs
+
+
+def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> None:
+    """Leave in `workdir` the newest checkpoint of this unit, this machine's or the store's
+    (the store's on a tie: it is the one that is current), or none."""
+    local = workdir / CHECKPOINT
+    ours = _checkpoint_epochs(local, cfg) if local.exists() else None
+    if local.exists() and ours is None:
+        # not resumed from; kept to look at until the unit is done
+        local.replace(local.with_name(f"{CHECKPOINT}.ignored"))
+    key = stored_key(store, run_id, unit, CHECKPOINT)
+    theirs = None
+    if key is not None:
+        fetched = store.get_file(key, workdir / f".{CHECKPOINT}.store")
+        try:
+            config, theirs = read_progress(fetched)
+        except ValueError as e:
+            fetched.unlink()
+            raise ValueError(f"{store.uri_for(key)}: {e}") from None
+        if config != dataclasses.asdict(cfg):
+            fetched.unlink()
+            raise ValueError(f"{store.uri_for(key)}: checkpoint was written with a different config; "
+                             f"expected {dataclasses.asdict(cfg)}, found {config}")
+        if ours is None or theirs >= ours:
+            os.replace(fetched, local)
+            print(f"{unit.label}: resuming from {store.uri_for(key)} (epoch {theirs})")
+            return
+        fetched.unlink()
+    if ours is not None:
+        behind = "has none" if theirs is None else f"is at epoch {theirs}"
+        print(f"{unit.label}: resuming from {local} (epoch {ours}); the store {behind}")
+
+
 def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset, split_seed, subset, run_id,
-                  device, owner) -> VariantResult:
+                  device, owner, facts: dict) -> VariantResult:
     v = unit.label
     workdir = local_run_dir(run_id, "variants", *unit.folder.split("/"))
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_key = unit.key(run_id, CHECKPOINT)
-    if store.exists(ckpt_key):
-        # the store's checkpoint wins over a local one: another machine may have gone on since
-        store.get_file(ckpt_key, workdir / CHECKPOINT)
-        print(f"{v}: resuming from {store.uri_for(ckpt_key)}")
+    _resume_from(store, run_id, unit, cfg, workdir)
 
     data = load_dataset(store, dataset, split_seed, subset)  # checked against the run's SHA-256 of it
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
     history_csv = workdir / "history.csv"
-    history_key = unit.key(run_id, "history.csv")
-    # uploads go to the store that fails fast: the uploader does its own waiting, in the
-    # background; the lease is renewed before each (LeaseLost: this writer stops)
-    with Uploader(store.inner, store.outage, workdir / ".uploading", before=lease.renew) as uploader:
+
+    # every upload is fenced: new objects of this generation, made current by the lease
+    # (LeaseLost: another writer claimed the unit; this one stops, having changed nothing)
+    def publish(files: dict) -> dict[str, dict]:
+        return lease.publish(files, unit=facts)
+
+    # uploads go to the store that fails fast: the uploader does its own waiting, in the background
+    with Uploader(lease.store, store.outage, workdir / ".uploading", send=publish) as uploader:
         result, artifacts = _train_epochs(cfg, unit, data, device, workdir, uploader, progress_id, history_csv,
                                           # the checkpoint first: the history never claims an epoch it lacks
-                                          {ckpt_key: workdir / CHECKPOINT, history_key: history_csv})
-    weights_key = predictions_key = None
+                                          {CHECKPOINT: workdir / CHECKPOINT, "history.csv": history_csv})
+    final: dict = {}  # name -> local file: the best weights, predictions and, last, the result record
     if result["best_state"] is not None:
         with publishing(workdir / "best.safetensors") as tmp:
             save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(tmp))
-        weights_key = unit.key(run_id, "best.safetensors")
-        artifacts[f"{unit.folder}/best.safetensors"] = store.put_file(weights_key, workdir / "best.safetensors")
+        final["best.safetensors"] = workdir / "best.safetensors"
     if result["best_predictions"] is not None:
         with publishing(workdir / PREDICTIONS) as tmp:
             save_file({"predicted": result["best_predictions"].contiguous()}, str(tmp))
-        predictions_key = unit.key(run_id, PREDICTIONS)
-        artifacts[f"{unit.folder}/{PREDICTIONS}"] = store.put_file(predictions_key, workdir / PREDICTIONS)
+        final[PREDICTIONS] = workdir / PREDICTIONS
+    stored = store.outage.call(publish, final) if final else {}
+    artifacts.update({f"{unit.folder}/{name}": _artifact(rec) for name, rec in stored.items()})
     out = VariantResult(
         name=cfg.variant, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
-        error=result["error"], weights_key=weights_key, config=cfg.__dict__, artifacts=artifacts,
-        flow_run_id=owner, seed=cfg.seed, predictions_key=predictions_key)
+        error=result["error"], weights_key=stored.get("best.safetensors", {}).get("key"), config=cfg.__dict__,
+        artifacts=artifacts, flow_run_id=owner, seed=cfg.seed, predictions_key=stored.get(PREDICTIONS, {}).get("key"))
     write_durably(workdir / METRICS, out.to_json().encode())
-    store.outage.call(lease.renew)  # LeaseLost if another writer took over meanwhile
-    out.artifacts[f"{unit.folder}/{METRICS}"] = store.put_file(unit.key(run_id, METRICS), workdir / METRICS)
+    # the record last: once it is current, the unit is done
+    record = store.outage.call(publish, {METRICS: workdir / METRICS})[METRICS]
+    out.artifacts[f"{unit.folder}/{METRICS}"] = _artifact(record)
     return out
+
+
+def _artifact(rec: dict) -> dict:
+    """A manifest artifact entry, {uri, sha256, bytes}, of a stored file's record."""
+    return {k: rec[k] for k in ("uri", "sha256", "bytes")}
 
 
 def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, progress_id, history_csv,
                   files: dict) -> tuple[dict, dict[str, dict]]:
-    """Train, handing each epoch's checkpoint and history (`files`: key -> local path) to
-    the uploader; (the training result, the stored files' records once all have landed)."""
+    """Train, handing each epoch's checkpoint and history (`files`: name -> local path) to
+    the uploader; (the training result, the stored files' records by artifact name once all have landed)."""
     v = unit.label
     earlier: list[dict] = []  # epochs trained before a resume, so the CSV stays whole
     if (workdir / CHECKPOINT).exists():
@@ -171,8 +259,7 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
     if (result["status"] == "diverged" or not trained) and (workdir / CHECKPOINT).exists():
         upload(result["history"])
     uploader.flush()  # within the outage window, before anything claims the variant is done
-    names = {key: f"{unit.folder}/{path.name}" for key, path in files.items()}
-    return result, {names[key]: rec for key, rec in uploader.uploaded.items()}
+    return result, {f"{unit.folder}/{name}": _artifact(rec) for name, rec in uploader.uploaded.items()}
 
 
 # never served from cache: a run always trains; resuming is the checkpoint's job

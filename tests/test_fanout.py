@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from store import open_store
+from tasks.common import Unit, stored_key
 from tests.prefect_fixtures import (LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools, deploy_all,
                                     descendants, kill, run_processes, start_worker, top_process)
 from tests.s3_fixtures import aws_client, aws_env
@@ -136,7 +138,9 @@ def children(env: dict, parent: uuid.UUID) -> dict[str, object]:
 
 def history(bucket: str, run_id: str, variant: str) -> pd.DataFrame | None:
     try:
-        body = aws_client("s3").get_object(Bucket=bucket, Key=f"store/runs/{run_id}/variants/{variant}/history.csv")
+        # where the unit's lease names its current history
+        key = stored_key(open_store(f"s3://{bucket}/store"), run_id, Unit(variant, 0), "history.csv")
+        body = aws_client("s3").get_object(Bucket=bucket, Key=f"store/{key}")
     except Exception:  # noqa: BLE001 - not there yet
         return None
     return pd.read_csv(io.BytesIO(body["Body"].read()))
@@ -284,7 +288,9 @@ def test_fan_out_with_repeats_runs_a_child_per_seed_and_combines_them(cluster, b
     for v in variants:
         for s in (3, 4):
             for f in ("metrics.json", "history.csv", "best.safetensors", "val_predictions.safetensors"):
-                s3.head_object(Bucket=bucket, Key=f"store/runs/{run_id}/variants/{v}/seed-{s}/{f}")
+                key = stored_key(open_store(f"s3://{bucket}/store"), run_id, Unit(v, s, True), f)
+                assert key.startswith(f"runs/{run_id}/variants/{v}/seed-{s}/"), key
+                s3.head_object(Bucket=bucket, Key=f"store/{key}")
     m = manifest(bucket, run_id)
     assert m["params"]["repeats"] == 2
     for v in m["variants"]:

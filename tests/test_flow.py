@@ -12,6 +12,7 @@ import cnn.augment
 import cnn.train
 import tasks.testing
 from store import LocalStore, champion, sha256_of
+from tasks.common import Unit, stored_key
 
 pytestmark = pytest.mark.slow
 
@@ -99,9 +100,10 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
         assert sha256_of(p) == a["sha256"] and p.stat().st_size == a["bytes"], name
     run = store / "runs" / manifest["run_id"]
     for rel in ["report.md", "model/weights.safetensors", "model/model.pt2", "model/metrics.json",
-                "model/confusion_matrix.csv", "variants/none/history.csv", "variants/none/metrics.json",
-                "variants/none/checkpoint.safetensors"]:
+                "model/confusion_matrix.csv"]:
         assert (run / rel).is_file(), rel
+    for name in ["history.csv", "metrics.json", "checkpoint.safetensors"]:  # where the unit's lease names them
+        assert (store / stored_key(LocalStore(store), manifest["run_id"], Unit("none", 0), name)).is_file(), name
     assert champion.read(LocalStore(store), ident)["run_id"] == manifest["run_id"]
 
     # the portable model loads with plain torch and agrees with the reported accuracy
@@ -173,10 +175,18 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
     kw = dict(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=2, subset=300,
               store=str(store), device="cpu")
     first = train_cifar(run_id="run-a", **kw)
-    history = (store / "runs/run-a/variants/none/history.csv").read_text()
+    def history() -> str:
+        return (store / stored_key(LocalStore(store), "run-a", Unit("none", 0), "history.csv")).read_text()
+
+    before = history()
     # the same run id again: the finished variant is resumed from its checkpoint, not retrained
     again = train_cifar(run_id="run-a", **kw)
-    assert (store / "runs/run-a/variants/none/history.csv").read_text() == history
+    assert history() == before
+    # the same run id with another learning rate: refused before anything trains
+    with pytest.raises(ValueError, match=r"^run run-a: unit none in the store .* lr 0\.05 \(stored\) "
+                                         r"vs 0\.2 \(asked\)"):
+        train_cifar(run_id="run-a", **{**kw, "lr": 0.2})
+    assert history() == before
     assert again["test_accuracy"] == first["test_accuracy"]
     # it is still the champion: the rerun records the promotion it made, not a comparison with itself
     assert again["promoted"] is True

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from cnn.stats import promotion
-from tasks.common import Unit, units_of
+from store import LocalStore
+from tasks.common import Unit, stored_key, units_of
 from tasks.results import VariantResult
 from tasks.scoring import combine
 
@@ -182,7 +183,8 @@ def test_two_variants_two_repeats_resume_per_repeat_and_face_the_champion(run_en
         for s in (3, 4):
             for f in ("checkpoint.safetensors", "history.csv", "metrics.json", "best.safetensors",
                       "val_predictions.safetensors"):
-                assert (run / "variants" / v / f"seed-{s}" / f).is_file(), (v, s, f)
+                key = stored_key(LocalStore(store), "rep", Unit(v, s, True), f)  # where the unit's lease names it
+                assert key.startswith(f"runs/rep/variants/{v}/seed-{s}/") and (store / key).is_file(), (v, s, f)
         assert not (run / "variants" / v / "checkpoint.safetensors").exists()
 
     # the manifest's contract
@@ -209,7 +211,7 @@ def test_two_variants_two_repeats_resume_per_repeat_and_face_the_champion(run_en
 
     # an interrupted repeat (its checkpoint stored, its metrics.json not): only it trains again,
     # from its checkpoint; the others are read back
-    (run / "variants" / "flip" / "seed-4" / "metrics.json").unlink()
+    (store / stored_key(LocalStore(store), "rep", Unit("flip", 4, True), "metrics.json")).unlink()
     trained.clear()
     train_cifar(run_id="rep", variants=["none", "flip"], repeats=2, seed=3, **kw)
     assert trained == [("flip", 4, True)]
@@ -221,8 +223,10 @@ def test_two_variants_two_repeats_resume_per_repeat_and_face_the_champion(run_en
     second = train_cifar(run_id="one", variants=["none"], **kw)
     one = store / "runs" / "one"
     m1 = json.loads((one / "manifest.json").read_text())
-    assert (one / "variants/none/checkpoint.safetensors").is_file() and not (one / "variants/none/seed-0").exists()
-    assert (one / "variants/none/val_predictions.safetensors").is_file()
+    for f in ("checkpoint.safetensors", "val_predictions.safetensors"):
+        key = stored_key(LocalStore(store), "one", Unit("none", 0), f)
+        assert key.startswith("runs/one/variants/none/gen-") and (store / key).is_file(), f
+    assert not (one / "variants/none/seed-0").exists()
     assert m1["comparison"] is None  # one variant: nothing to compare it with
     faced = m1["test"]["champion_comparison"]
     assert faced["champion_run_id"] == "rep" and second["compared_with"] == "rep"

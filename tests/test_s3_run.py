@@ -20,6 +20,7 @@ from PIL import Image
 import store.s3 as s3mod
 from cnn import data as cd
 from store import PreconditionFailed, StoreError, champion, open_store
+from tasks.common import Unit, stored_key
 from tests.s3_fixtures import aws_client, use_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -217,15 +218,17 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
     monkeypatch.setattr(tasks.training, "train", dies_after_epoch_1)
     with pytest.raises(MachineLost):
         train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
-    first = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
+    unit = Unit("flip", 0)
+    first = st.read_versioned(stored_key(st, "resumed", unit, "history.csv"))[0].decode().splitlines()
     assert len(first) == 2  # header and epoch 1
 
     monkeypatch.setattr(tasks.training, "train", real_train)
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "another-machine"))
     result = train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
-    assert f"flip: resuming from {uri}/runs/resumed/variants/flip/checkpoint.safetensors" in capsys.readouterr().out
+    assert re.search(rf"flip: resuming from {re.escape(uri)}/runs/resumed/variants/flip/gen-1/./checkpoint.safetensors "
+                     r"\(epoch 1\)", capsys.readouterr().out)
     assert result.epochs_run == 2 and result.status == "completed"
-    history = st.read_versioned("runs/resumed/variants/flip/history.csv")[0].decode().splitlines()
+    history = st.read_versioned(stored_key(st, "resumed", unit, "history.csv"))[0].decode().splitlines()
     assert history[:2] == first and len(history) == 3  # epoch 1 kept as it was, epoch 2 added
 
 
@@ -359,7 +362,7 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
         assert (local / rel).is_file(), rel
     # the variant's checkpoint was removed locally once its result record was stored
     assert not (local / "variants" / "none" / "checkpoint.safetensors").exists()
-    assert st.exists("runs/interrupted/variants/none/checkpoint.safetensors")
+    assert st.exists(stored_key(st, "interrupted", Unit("none", 0), "checkpoint.safetensors"))
 
 
 @pytest.mark.slow
@@ -436,7 +439,8 @@ def test_a_store_outage_mid_run_costs_no_work(s3_bucket, proxy, cache, prefect_h
     for name, a in manifest["artifacts"].items():
         body = objects[a["uri"].removeprefix(f"s3://{s3_bucket}/")]
         assert hashlib.sha256(body).hexdigest() == a["sha256"] and len(body) == a["bytes"], name
-    history = objects["nightly/runs/outage/variants/none/history.csv"].decode().splitlines()
+    history_key = stored_key(open_store(f"s3://{s3_bucket}/nightly"), "outage", Unit("none", 0), "history.csv")
+    history = objects[f"nightly/{history_key}"].decode().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3", "4", "5"]  # each epoch once
     assert manifest["variants"][0]["epochs_run"] == 5
     assert not local_run_dir("outage").exists()  # safely in S3: the local copies are gone
@@ -473,3 +477,4 @@ def test_a_store_outage_past_the_window_fails_naming_the_endpoint(s3_bucket, pro
     proxy.accept()
     assert {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")} == champions
     assert not open_store(uri).exists("runs/gone/variants/none/metrics.json")
+    assert stored_key(open_store(uri), "gone", Unit("none", 0), "metrics.json") is None
