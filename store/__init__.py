@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from store.base import (PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable, join_key, parse_uri,
-                        safe_name, sha256_of)
+from store.base import (PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable, StoreUnreachable,
+                        join_key, parse_uri, safe_name, sha256_of)
 from store.local import LocalStore
+from store.scrub import scrub
 
 
 def normalize_uri(uri: str) -> str:
@@ -20,8 +21,8 @@ def normalize_uri(uri: str) -> str:
     if uri.startswith("s3://"):
         bucket, prefix = parse_uri(uri)
         return f"s3://{bucket}/{prefix}".rstrip("/")
-    if "://" in uri:
-        raise ValueError(f"expected a local folder or s3://bucket/prefix, found {uri!r}")
+    if "://" in uri:  # http://user:password@minio:9000 given as the store: shown scrubbed
+        raise ValueError(f"expected a local folder or s3://bucket/prefix, found {scrub(repr(uri))}")
     return str(Path(uri).expanduser().resolve())
 
 
@@ -35,8 +36,9 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
     """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`
     (a store to read from), a local folder that is not there is a FileNotFoundError
     (a bucket is checked at its first request). With `outage_minutes` (the run's
-    store_outage_minutes), every operation waits out an outage that
-    long before it fails (store/outage.py); without it, at boto3's last retry."""
+    store_outage_minutes), every operation waits out an outage that long before it
+    fails, once the store has answered in this process (store/outage.py); without
+    it, or for a store that never answered, at boto3's last retry."""
     uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used
@@ -54,5 +56,6 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
     return PatientStore(store, Outage(outage_minutes * 60, where))
 
 
-__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreOutage", "StoreUnavailable", "is_shared",
-           "join_key", "normalize_uri", "open_store", "parse_uri", "safe_name", "sha256_of"]
+__all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreOutage", "StoreUnavailable",
+           "StoreUnreachable", "is_shared", "join_key", "normalize_uri", "open_store", "parse_uri",
+           "safe_name", "scrub", "sha256_of"]
