@@ -10,6 +10,7 @@ from pathlib import Path
 from store.base import (PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable, StoreUnreachable,
                         join_key, parse_uri, safe_name, sha256_of)
 from store.local import LocalStore
+from store.probe import require_conditional_writes
 from store.scrub import scrub
 
 
@@ -58,4 +59,4 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
 
 __all__ = ["LocalStore", "PreconditionFailed", "Store", "StoreError", "StoreOutage", "StoreUnavailable",
            "StoreUnreachable", "is_shared", "join_key", "normalize_uri", "open_store", "parse_uri",
-           "safe_name", "scrub", "sha256_of"]
+           "require_conditional_writes", "safe_name", "scrub", "sha256_of"]

@@ -171,6 +171,26 @@ def s3_users(s3_server):
             s3_server.set_auth(False)
 
 
+@pytest.fixture
+def careless(s3_server, s3_bucket, monkeypatch):
+    """moto behind a proxy that drops the conditional headers a test names: an S3-compatible
+    endpoint that accepts conditional writes and overwrites anyway."""
+    from tests.tcp_proxy import TcpProxy
+
+    proxies = []
+
+    def endpoint(*strip: str) -> TcpProxy:
+        p = TcpProxy(s3_server.port, strip=set(strip))
+        p.accept()
+        proxies.append(p)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+        return p
+
+    yield endpoint
+    for p in proxies:
+        p.close()
+
+
 def within(seconds: float, fn):
     """`fn()`'s result or exception, or a failed test if it takes longer than `seconds`
     (in a daemon thread, so a call that would wait out a 10-minute window cannot hold pytest)."""

@@ -324,3 +324,33 @@ def test_scrub_hides_passwords_tokens_and_signatures():
         == "http://h:9000/b/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&max-keys=1"
     assert scrub("s3://bucket/a@b and http://h/x?email=a@b.c") == "s3://bucket/a@b and http://h/x?email=a@b.c"
     assert scrub("the key AKIAEXAMPLE echoed", "AKIAEXAMPLE", None) == "the key *** echoed"
+
+
+# a store that ignores conditional writes -------------------------------------------------
+def test_the_probe_passes_on_stores_that_honour_conditional_writes(s3_bucket, tmp_path):
+    from store import LocalStore, require_conditional_writes
+    from store.probe import PROBE_NOTE
+
+    for st in [open_store(f"s3://{s3_bucket}/p", outage_minutes=1), LocalStore(tmp_path / "store")]:
+        require_conditional_writes(st, "runs/r1/conditional-write-probe")
+        require_conditional_writes(st, "runs/r1/conditional-write-probe")  # once per store: nothing more
+        assert st.read_versioned("runs/r1/conditional-write-probe")[0] == PROBE_NOTE
+
+
+@pytest.mark.parametrize("ignored,named", [(("if-none-match", "if-match"), "If-None-Match: *"),
+                                           (("if-match",), "If-Match")], ids=["both", "if-match"])
+def test_a_store_that_ignores_conditional_writes_is_refused(careless, s3_bucket, ignored, named):
+    from store import require_conditional_writes
+
+    proxy = careless(*ignored)
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
+    with pytest.raises(StoreError) as err:
+        require_conditional_writes(st, "runs/r1/conditional-write-probe")
+    msg = str(err.value)
+    assert f"s3://{s3_bucket}/p (the S3 endpoint {proxy.endpoint}) does not honour conditional writes ({named})" \
+        in msg and f"s3://{s3_bucket}/p/runs/r1/conditional-write-probe" in msg
+    # what the probe found is real: through this endpoint a write that must lose lands
+    st.write_if("champion.json", b"first", None)
+    if "if-none-match" in ignored:
+        st.write_if("champion.json", b"second", None)
+        assert _object(s3_bucket, "p/champion.json") == b"second"
