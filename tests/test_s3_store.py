@@ -282,7 +282,8 @@ def test_a_password_in_the_endpoint_is_shown_nowhere(s3_server, s3_bucket, monke
 
 def _objects_in(bucket: str) -> dict[str, bytes]:
     s3 = aws_client()
-    keys = [o["Key"] for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in p.get("Contents", [])]
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
     return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
