@@ -15,7 +15,7 @@ import getpass
 import socket
 import sys
 
-from store import StoreError, champion, open_store
+from store import StoreError, champion, join_key, open_store, require_conditional_writes
 
 
 def _score(rec: dict | None) -> str:
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         store = open_store(args.store, must_exist=True)
+        if args.command == "rollback":  # a rollback is a compare-and-swap: only on a store that honours it
+            require_conditional_writes(store, join_key(champion.FOLDER, "probe", "conditional-writes"))
         docs = champion.documents(store)
         if args.command == "history":
             if args.dataset is not None:

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from flows import interrupt
 from flows.params import RunParams, describe_errors, form
-from store import normalize_uri, open_store
+from store import normalize_uri, open_store, require_conditional_writes
 from tasks.common import is_user_error
 
 D = RunParams()  # the defaults, from the one place they are written
@@ -99,6 +99,7 @@ def train_cifar(
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
     from tasks.cache import drop_local_copies
+    from tasks.common import probe_key
     from tasks.data import fetch_dataset
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
@@ -118,6 +119,9 @@ def train_cifar(
     # the test runs here: with fan-out that is the parent's machine (a CPU pod), whatever `device` says
     test_device = devices_for("auto" if p.variant_deployment else p.device)[0]
     print(f"run {run['run_id']}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")
+    # before any data is touched: a store that never answers (a typo in AWS_ENDPOINT_URL) or
+    # that ignores conditional writes (the champion's and the leases' safety) fails the run here
+    require_conditional_writes(open_store(store_uri, outage_minutes=p.store_outage_minutes), probe_key(run["run_id"]))
 
     ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
                        p.synthetic_test, store_uri, p.store_outage_minutes)

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cnn.augment import VARIANTS
 from flows.params import RunParams, describe_errors, described, form
-from store import join_key, normalize_uri
+from store import join_key, normalize_uri, open_store, require_conditional_writes
 
 D = RunParams()  # the defaults, from the one place they are written
 
@@ -50,6 +50,7 @@ def train_variant(
     """Train one variant of one run with `seed` (with repeats above 1, into variants/<variant>/seed-<seed>/);
     its checkpoint, history, weights, validation predictions and result go to the store."""
     from cnn.train import make_config, pick_device, resolve_precision
+    from tasks.common import probe_key
     from tasks.training import train_unit
 
     # the same checks as the run's own parameters (names, ranges, the store), before any work
@@ -70,6 +71,8 @@ def train_variant(
                       lr=p.lr, compile=p.compile, precision=resolve_precision(p.precision, dev))
     store_uri = normalize_uri(p.store)
     dataset = {"key": dataset_key, "md5": dataset_md5, "sha256": dataset_sha256}
+    # this machine's store settings are its own: reachable, and honouring conditional writes (the lease's)?
+    require_conditional_writes(open_store(store_uri, outage_minutes=p.store_outage_minutes), probe_key(run_id))
     result = train_unit(cfg, dataset, p.split_seed, p.subset, run_id, store_uri, str(dev),
                         p.store_outage_minutes, repeated=p.repeats > 1)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "

@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from store.base import (MAX_DOCUMENT_BYTES, PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable,
-                        TooLarge, check_size, join_key, parse_uri, read_at_most, safe_name, sha256_of)
+                        StoreUnreachable, TooLarge, check_size, join_key, parse_uri, read_at_most, safe_name, sha256_of)
 from store.local import LocalStore
+from store.probe import require_conditional_writes
+from store.scrub import scrub
 
 
 def normalize_uri(uri: str) -> str:
@@ -20,8 +22,8 @@ def normalize_uri(uri: str) -> str:
     if uri.startswith("s3://"):
         bucket, prefix = parse_uri(uri)
         return f"s3://{bucket}/{prefix}".rstrip("/")
-    if "://" in uri:
-        raise ValueError(f"expected a local folder or s3://bucket/prefix, found {uri!r}")
+    if "://" in uri:  # http://user:password@minio:9000 given as the store: shown scrubbed
+        raise ValueError(f"expected a local folder or s3://bucket/prefix, found {scrub(repr(uri))}")
     return str(Path(uri).expanduser().resolve())
 
 
@@ -35,8 +37,9 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
     """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`
     (a store to read from), a local folder that is not there is a FileNotFoundError
     (a bucket is checked at its first request). With `outage_minutes` (the run's
-    store_outage_minutes), every operation waits out an outage that
-    long before it fails (store/outage.py); without it, at boto3's last retry."""
+    store_outage_minutes), every operation waits out an outage that long before it
+    fails, once the store has answered in this process (store/outage.py); without
+    it, or for a store that never answered, at boto3's last retry."""
     uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used
@@ -55,5 +58,5 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
 
 
 __all__ = ["LocalStore", "MAX_DOCUMENT_BYTES", "PreconditionFailed", "Store", "StoreError", "StoreOutage",
-           "StoreUnavailable", "TooLarge", "check_size", "is_shared", "join_key", "normalize_uri", "open_store",
-           "parse_uri", "read_at_most", "safe_name", "sha256_of"]
+           "StoreUnavailable", "StoreUnreachable", "TooLarge", "check_size", "is_shared", "join_key", "normalize_uri",
+           "open_store", "parse_uri", "read_at_most", "require_conditional_writes", "safe_name", "scrub", "sha256_of"]

@@ -13,6 +13,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
 
+from store.scrub import scrub
+
 # a key part: a name made only of safe characters, so no run or variant name can
 # climb out of its prefix ('..', '/', '\\' and empty parts are rejected). Names are
 # checked with fullmatch: `$` with match would let a trailing newline through.
@@ -32,6 +34,11 @@ class PreconditionFailed(StoreError):
 class StoreUnavailable(StoreError):
     """The store did not answer, even after the client's retries: worth trying again later
     (unlike a missing bucket or bad credentials, which fail at once)."""
+
+
+class StoreUnreachable(StoreUnavailable):
+    """Nothing answered at all (connection refused or reset, a timeout, a name that does not
+    resolve), unlike a 5xx: from a store that never answered, a configuration error (store/outage.py)."""
 
 
 class StoreOutage(StoreError):
@@ -88,17 +95,17 @@ def join_key(*parts: str) -> str:
 def parse_uri(uri: str) -> tuple[str, str]:
     """('bucket', 'prefix') of 's3://bucket[/prefix]'; the prefix's parts must be safe."""
     if not uri.startswith("s3://"):
-        raise ValueError(f"{uri!r}: expected s3://bucket/prefix")
+        raise ValueError(f"{scrub(repr(uri))}: expected s3://bucket/prefix")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
-        raise ValueError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name "
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:  # s3://key:secret@bucket too: shown scrubbed
+        raise ValueError(f"{scrub(repr(uri))}: {scrub(repr(bucket))} is not a valid S3 bucket name "
                          "(3-63 lowercase letters, digits, '.' or '-')")
     prefix = prefix.strip("/")
     if prefix:
         try:  # no '..' or empty parts: the store cannot start outside its own prefix
             join_key(prefix)
         except ValueError as e:
-            raise ValueError(f"{uri!r}: {e}") from None
+            raise ValueError(f"{scrub(repr(uri))}: {e}") from None
     return bucket, prefix
 
 

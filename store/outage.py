@@ -11,6 +11,14 @@ One `Outage` per store is shared by every caller (the training thread, the
 background uploader, the lease): the clock starts when the first call that failed
 was started (a hung endpoint is noticed only when a request times out) and stops
 at the first call that succeeds.
+
+Only a store that has answered is waited for. One that has not answered once since
+this process started (a run, a train-variant child, a rollback) and cannot be
+reached is a configuration error (a typo in AWS_ENDPOINT_URL, a port where nothing
+listens), not an outage: it fails after the client's own retries, naming the
+endpoint, instead of costing the whole window. What answered is remembered per
+process and endpoint (not per store object: every task opens its own), so a store
+that answered at the start of a run and stops during training is waited for.
 """
 from __future__ import annotations
 
@@ -20,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from store.base import MAX_DOCUMENT_BYTES, Store, StoreOutage, StoreUnavailable
+from store.base import MAX_DOCUMENT_BYTES, Store, StoreError, StoreOutage, StoreUnavailable, StoreUnreachable
+from store.scrub import scrub
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,26 +38,54 @@ FIRST_DELAY_S = 0.5  # then doubled after each failure...
 MAX_DELAY_S = 10.0  # ...up to this: a store that is back is used again within seconds
 
 
+_answered: set[str] = set()  # every `where` that has answered in this process
+_answered_lock = threading.Lock()
+
+
 class Outage:
     """How long `where` has been unreachable, and the window after which to give up."""
 
     def __init__(self, window_s: float, where: str):
         if window_s < 0:
             raise ValueError(f"store_outage_minutes: expected 0 or more, found {window_s / 60:g}")
-        self.window_s, self.where = window_s, where
+        self.window_s, self.where = window_s, scrub(where)
         self._since: float | None = None  # monotonic start of the first failed call of this outage
         self._lock = threading.Lock()
 
+    def answered(self) -> None:
+        """The store answered (a success, a refusal, a 5xx): from now on it is waited for."""
+        with _answered_lock:
+            _answered.add(self.where)
+
+    def ever_answered(self) -> bool:
+        with _answered_lock:
+            return self.where in _answered
+
     def succeeded(self) -> None:
+        self.answered()
         with self._lock:
             self._since = None
 
-    def failed(self, started: float) -> float:
-        """Record a call started at `started` (time.monotonic()) that failed; seconds unreachable."""
+    def failed(self, started: float, err: StoreUnavailable | None = None) -> float:
+        """Record a call started at `started` (time.monotonic()) that failed with `err`; seconds
+        unreachable. A store that never answered and cannot be reached (StoreUnreachable) is
+        not waited for: the StoreError raised says to check its configuration. (Without `err`,
+        as from the background uploader, which starts only after the lease's claim has been
+        answered, the failure is just counted.)"""
+        if isinstance(err, StoreUnreachable) and not self.ever_answered():
+            raise self.misconfigured(err) from err
+        if err is not None and not isinstance(err, StoreUnreachable):
+            self.answered()  # a 5xx: something is there, and it is having a bad time
         with self._lock:
             if self._since is None or started < self._since:
                 self._since = started
             return time.monotonic() - self._since
+
+    def misconfigured(self, last: Exception) -> StoreError:
+        return StoreError(scrub(
+            f"{self.where} has not answered once since this process started, so this is taken for a "
+            "configuration error, not an outage (an outage is waited for only once the store has answered): "
+            f"check AWS_ENDPOINT_URL (or AWS_ENDPOINT_URL_S3) and that the store is running. Last error: {last}"))
 
     def unreachable_s(self) -> float:
         with self._lock:
@@ -60,8 +97,9 @@ class Outage:
             return self._since is not None and time.monotonic() - self._since >= self.window_s
 
     def give_up(self, last: Exception | str) -> StoreOutage:
-        return StoreOutage(f"{self.where} did not answer for {self.unreachable_s():.0f} s, longer than the "
-                           f"store_outage_minutes window ({self.window_s / 60:g} min); giving up. Last error: {last}")
+        return StoreOutage(scrub(f"{self.where} did not answer for {self.unreachable_s():.0f} s, longer than the "
+                                 f"store_outage_minutes window ({self.window_s / 60:g} min); giving up. "
+                                 f"Last error: {last}"))
 
     def call(self, fn: Callable[..., T], *args, **kw) -> T:
         """`fn(*args, **kw)`, tried again while it raises StoreUnavailable and the window lasts."""
@@ -71,15 +109,18 @@ class Outage:
             try:
                 out = fn(*args, **kw)
             except StoreUnavailable as e:
-                down = self.failed(started)
+                down = self.failed(started, e)
                 if down >= self.window_s:
                     raise self.give_up(e) from e
                 wait = min(delay, self.window_s - down)  # one last try at the end of the window
                 log.warning("%s; trying again in %.1f s (unreachable for %.0f s of at most %.0f s)",
-                            e, wait, down, self.window_s)
+                            scrub(str(e)), wait, down, self.window_s)
                 time.sleep(wait)
                 delay = min(2 * delay, MAX_DELAY_S)
                 continue
+            except StoreError:  # refused (a lost conditional write, access denied): it answered
+                self.answered()
+                raise
             self.succeeded()
             return out
 

@@ -3,7 +3,10 @@
 Configuration is the AWS way and nothing else: credentials come from boto3's
 standard chain (environment, profile, SSO, instance or task role) and the
 endpoint of an S3-compatible store from AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3,
-which boto3 reads itself. No credential is ever passed in, stored or printed.
+which boto3 reads itself. No credential is ever passed in, stored or printed: an
+endpoint's `user:password@` is dropped before boto3 uses it (S3 signs requests with
+the access key; the userinfo would only reach errors and presigned links), and every
+message shows the endpoint scrubbed (store/scrub.py).
 
 Uploads go through boto3's transfer manager (multipart above
 MULTIPART_THRESHOLD) with SHA-256 checksums that S3 verifies on arrival: the
@@ -17,6 +20,7 @@ import base64
 import hashlib
 import logging
 import time
+import traceback
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -29,9 +33,10 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  NoCredentialsError, PartialCredentialsError)
 from s3transfer.utils import ChunksizeAdjuster
 
-from store.base import (MAX_DOCUMENT_BYTES, PreconditionFailed, Store, StoreError, StoreUnavailable, TooLarge, check_size,
-                        join_key, parse_uri, read_at_most, too_big)
+from store.base import (MAX_DOCUMENT_BYTES, PreconditionFailed, Store, StoreError, StoreUnavailable, StoreUnreachable,
+                        TooLarge, check_size, join_key, parse_uri, read_at_most, too_big)
 from store.files import publishing
+from store.scrub import scrub, without_userinfo
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +91,16 @@ class S3Store(Store):
         self.max_attempts = int(core.get_config_variable("max_attempts") or DEFAULT_MAX_ATTEMPTS)
         mode = core.get_config_variable("retry_mode") or "standard"
         self._session = boto3.session.Session(botocore_session=core)
-        self.client = self._session.client("s3", config=Config(
+        config = Config(
             retries={"mode": mode, "total_max_attempts": self.max_attempts},  # exponential backoff with jitter
             connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
             signature_version="s3v4",  # presigned links too (SigV2 is retired)
-        ))
-        self.endpoint = self.client.meta.endpoint_url
+        )
+        self.client = self._session.client("s3", config=config)
+        configured = self.client.meta.endpoint_url  # wherever boto3 found it (AWS_ENDPOINT_URL_S3, a profile, ...)
+        if without_userinfo(configured) != configured:  # a password in it must not reach errors or links
+            self.client = self._session.client("s3", config=config, endpoint_url=without_userinfo(configured))
+        self.endpoint = scrub(configured)  # how every message names it: http://user:***@host:9000
         self._bucket_checked = False
 
     # keys -------------------------------------------------------------------------------
@@ -111,7 +120,7 @@ class S3Store(Store):
                 f"cannot {action} {where}: no AWS credentials found. boto3 looks in AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, AWS_PROFILE and ~/.aws/credentials, then an instance or task role")
         if isinstance(err, (BotoConnectionError, HTTPClientError)):
-            return StoreUnavailable(
+            return StoreUnreachable(
                 f"cannot {action} {where}: the S3 endpoint {self.endpoint} did not answer after "
                 f"{self.max_attempts} attempts ({type(err).__name__}). Check that it is running and reachable, "
                 "and that AWS_ENDPOINT_URL points to it")
@@ -137,17 +146,16 @@ class S3Store(Store):
         code = getattr(err, "response", {}).get("Error", {}).get("Code") if isinstance(err, ClientError) else None
         if code in _AUTH_CODES or isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             raise failure from None  # the raw error's response may echo the access key id
-        raise failure from err
+        # the raw error (and what it wraps) is kept for the traceback only if nothing in it needs scrubbing
+        raw = "".join(traceback.format_exception(err))
+        raise failure from (err if self._scrub(raw) == raw else None)
 
     def _scrub(self, text: str) -> str:
-        """`text` without the access key id or secret, should an endpoint echo them."""
+        """`text` scrubbed (store/scrub.py), the credentials boto3 found included, should an
+        endpoint or an error echo them."""
         creds = self._session.get_credentials()
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            for secret in (frozen.access_key, frozen.secret_key, frozen.token):
-                if secret:
-                    text = text.replace(secret, "***")
-        return text
+        frozen = creds.get_frozen_credentials() if creds is not None else None
+        return scrub(text, *((frozen.access_key, frozen.secret_key, frozen.token) if frozen else ()))
 
     def _check_bucket(self) -> None:
         """Once per store: is the bucket there and may we list it? (A HEAD's 403/404 says

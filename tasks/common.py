@@ -25,6 +25,12 @@ def run_key(run_id: str, *parts: str) -> str:
     return join_key("runs", safe_name(run_id, "run id"), *parts)
 
 
+def probe_key(run_id: str) -> str:
+    """The object the run's conditional-write probe uses (store/probe.py): created by the run's
+    first probe, refused ever after on a store that honours conditional writes; never read."""
+    return run_key(run_id, "conditional-write-probe")
+
+
 @dataclass(frozen=True)
 class Unit:
     """One repeat (seed) of one variant: the unit of work. In a run of one repeat its
@@ -144,4 +150,4 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
 
 
 __all__ = ["cache_dir", "current_owner", "flow_run_is_over", "inside", "is_io_error", "local_run_dir",
-           "materialize", "open_store", "run_key", "stored_key", "units_of", "Unit", "LEASE"]
+           "materialize", "open_store", "probe_key", "run_key", "stored_key", "units_of", "Unit", "LEASE"]

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -170,6 +171,46 @@ def s3_users(s3_server):
             s3_server.set_auth(False)
 
 
+@pytest.fixture
+def careless(s3_server, s3_bucket, monkeypatch):
+    """moto behind a proxy that drops the conditional headers a test names: an S3-compatible
+    endpoint that accepts conditional writes and overwrites anyway."""
+    from tests.tcp_proxy import TcpProxy
+
+    proxies = []
+
+    def endpoint(*strip: str) -> TcpProxy:
+        p = TcpProxy(s3_server.port, strip=set(strip))
+        p.accept()
+        proxies.append(p)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", p.endpoint)
+        return p
+
+    yield endpoint
+    for p in proxies:
+        p.close()
+
+
+def within(seconds: float, fn):
+    """`fn()`'s result or exception, or a failed test if it takes longer than `seconds`
+    (in a daemon thread, so a call that would wait out a 10-minute window cannot hold pytest)."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still waiting after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def use_credentials(monkeypatch, creds: dict) -> None:
     for name, value in creds.items():
         monkeypatch.setenv(name, value)
@@ -183,7 +224,7 @@ def aws_client(service: str = "s3"):
     return boto3.session.Session().client(service)
 
 
-__all__ = ["MotoServer", "aws_client", "aws_env", "free_port", "use_credentials"]
+__all__ = ["MotoServer", "aws_client", "aws_env", "free_port", "use_credentials", "within"]
 
 
 AWS_VARS = ["AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",

@@ -277,3 +277,112 @@ def test_endpoint_stopped_mid_upload_retries_then_fails_clearly(s3_server, s3_bu
     assert s3_server.endpoint in msg and "did not answer after 3 attempts" in msg
     assert attempts["UploadPart"] == 1 + 3  # part 1, then part 2 tried max_attempts times with backoff
     assert (tmp_path / "ckpt").stat().st_size == 16 * MiB  # the local file is untouched
+
+
+# a password in AWS_ENDPOINT_URL ---------------------------------------------------------
+def _traceback(err: BaseException) -> str:
+    return "".join(traceback.format_exception(err))
+
+
+def test_a_password_in_the_endpoint_is_shown_nowhere(s3_server, s3_bucket, monkeypatch, caplog, capsys, tmp_path):
+    """`http://user:password@host:9000` (a common MinIO setup): the store works, and the
+    password is in no error (its traceback included), log line, link or stored object."""
+    import logging
+
+    password = f"pw-{os.urandom(6).hex()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://minio:{password}@127.0.0.1:{s3_server.port}")
+    shown = f"http://minio:***@127.0.0.1:{s3_server.port}"
+    caplog.set_level(logging.DEBUG)  # boto3's own debug lines too
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
+    assert st.endpoint == shown
+    st.put_file("runs/r1/report.md", _write(tmp_path / "r", 100))
+    link = st.link_for("runs/r1/report.md", expires_s=600)
+    assert password not in link and urllib.request.urlopen(link, timeout=10).read() == (tmp_path / "r").read_bytes()
+
+    with pytest.raises(StoreError) as err:  # an error that names the endpoint
+        open_store("s3://no-such-bucket-here/p", outage_minutes=1).exists("a.json")
+    assert "NoSuchBucket" in str(err.value) and shown in str(err.value)
+    with pytest.raises(ValueError) as bad:  # the endpoint given as the store by mistake
+        open_store(f"http://minio:{password}@127.0.0.1:{s3_server.port}/bucket")
+
+    printed = capsys.readouterr()
+    for text in [_traceback(err.value), _traceback(bad.value), caplog.text, printed.out + printed.err]:
+        assert password not in text
+    assert all(password.encode() not in body for body in _objects_in(s3_bucket).values())
+
+
+def _objects_in(bucket: str) -> dict[str, bytes]:
+    s3 = aws_client()
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [o["Key"] for p in pages for o in p.get("Contents", [])]
+    return {k: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_a_password_in_the_endpoint_is_scrubbed_from_outage_messages(s3_server, s3_bucket, monkeypatch, caplog, capsys):
+    """The endpoint answers, then refuses: the warnings while it is waited for and the final
+    StoreOutage name it as http://minio:***@host."""
+    import logging
+
+    from store import StoreOutage
+    from tests.tcp_proxy import TcpProxy
+
+    password = f"pw-{os.urandom(6).hex()}"
+    proxy = TcpProxy(s3_server.port)
+    proxy.accept()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://minio:{password}@127.0.0.1:{proxy.port}")
+        caplog.set_level(logging.DEBUG)
+        st = open_store(f"s3://{s3_bucket}/p", outage_minutes=0.05)  # 3 s
+        st.exists("warm")  # it answered
+        proxy.refuse()
+        with pytest.raises(StoreOutage) as err:
+            st.read_versioned("champion.json")
+    finally:
+        proxy.close()
+    assert f"the S3 endpoint http://minio:***@127.0.0.1:{proxy.port} did not answer for" in str(err.value)
+    assert "trying again in" in caplog.text  # the outage's warnings were logged...
+    printed = capsys.readouterr()
+    for text in [_traceback(err.value), caplog.text, printed.out + printed.err]:
+        assert password not in text  # ...without the password
+
+
+def test_scrub_hides_passwords_tokens_and_signatures():
+    from store import scrub
+
+    assert scrub("http://minio:s3cr3t@minio.internal:9000/b") == "http://minio:***@minio.internal:9000/b"
+    assert scrub('Could not connect to the endpoint URL: "https://tok3n@h/b/k"') == \
+        'Could not connect to the endpoint URL: "https://***@h/b/k"'
+    assert scrub("http://h:9000/b/k?X-Amz-Credential=AKIA1&X-Amz-Signature=abc&X-Amz-Security-Token=t&max-keys=1") \
+        == "http://h:9000/b/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Security-Token=***&max-keys=1"
+    assert scrub("s3://bucket/a@b and http://h/x?email=a@b.c") == "s3://bucket/a@b and http://h/x?email=a@b.c"
+    assert scrub("the key AKIAEXAMPLE echoed", "AKIAEXAMPLE", None) == "the key *** echoed"
+
+
+# a store that ignores conditional writes -------------------------------------------------
+def test_the_probe_passes_on_stores_that_honour_conditional_writes(s3_bucket, tmp_path):
+    from store import LocalStore, require_conditional_writes
+    from store.probe import PROBE_NOTE
+
+    for st in [open_store(f"s3://{s3_bucket}/p", outage_minutes=1), LocalStore(tmp_path / "store")]:
+        require_conditional_writes(st, "runs/r1/conditional-write-probe")
+        require_conditional_writes(st, "runs/r1/conditional-write-probe")  # once per store: nothing more
+        assert st.read_versioned("runs/r1/conditional-write-probe")[0] == PROBE_NOTE
+
+
+@pytest.mark.parametrize("ignored,named", [(("if-none-match", "if-match"), "If-None-Match: *"),
+                                           (("if-match",), "If-Match")], ids=["both", "if-match"])
+def test_a_store_that_ignores_conditional_writes_is_refused(careless, s3_bucket, ignored, named):
+    from store import require_conditional_writes
+
+    proxy = careless(*ignored)
+    st = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
+    with pytest.raises(StoreError) as err:
+        require_conditional_writes(st, "runs/r1/conditional-write-probe")
+    msg = str(err.value)
+    assert f"s3://{s3_bucket}/p (the S3 endpoint {proxy.endpoint}) does not honour conditional writes ({named})" \
+        in msg and f"s3://{s3_bucket}/p/runs/r1/conditional-write-probe" in msg
+    # what the probe found is real: through this endpoint a write that must lose lands
+    st.write_if("champion.json", b"first", None)
+    if "if-none-match" in ignored:
+        st.write_if("champion.json", b"second", None)
+        assert _object(s3_bucket, "p/champion.json") == b"second"

@@ -10,11 +10,11 @@ import time
 import pytest
 
 import store.s3 as s3mod
-from store import StoreOutage, open_store
+from store import StoreError, StoreOutage, open_store
 from store.lease import LeaseLost
 from store.outage import Outage
 from store.uploader import Uploader
-from tests.s3_fixtures import aws_client
+from tests.s3_fixtures import aws_client, free_port, within
 from tests.tcp_proxy import TcpProxy
 
 
@@ -38,6 +38,7 @@ def _back_after(seconds: float, action) -> threading.Timer:
 def test_a_refused_endpoint_is_waited_for_within_the_window(proxy, s3_bucket, tmp_path):
     st = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
     (tmp_path / "f").write_bytes(b"x" * 1000)
+    st.exists("warm")  # it answered: from now on a refusal is an outage
     proxy.refuse()
     _back_after(4, proxy.accept)
     t0 = time.monotonic()
@@ -49,6 +50,7 @@ def test_a_refused_endpoint_is_waited_for_within_the_window(proxy, s3_bucket, tm
 
 def test_a_refused_endpoint_fails_after_the_window_naming_it(proxy, s3_bucket, tmp_path):
     st = open_store(f"s3://{s3_bucket}/p", outage_minutes=0.05)  # 3 s
+    st.exists("warm")  # it answered: from now on a refusal is an outage
     proxy.refuse()
     t0 = time.monotonic()
     with pytest.raises(StoreOutage) as err:
@@ -164,3 +166,35 @@ def test_the_outage_clock_is_shared_and_stops_only_at_a_success():
     down["on"] = True
     _back_after(0.2, lambda: down.update(on=False))
     assert outage.call(call) == "ok"  # a new outage gets a whole window again
+
+
+@pytest.mark.parametrize("op", ["read_versioned", "put_file", "write_if"])
+def test_an_endpoint_that_never_answered_is_a_configuration_error(s3_server, monkeypatch, tmp_path, op):
+    """AWS_ENDPOINT_URL with a typo in its port: nothing listens there. With a 10-minute
+    window the store still fails after boto3's own retries, naming the endpoint and what to
+    check, instead of waiting the window out."""
+    port = free_port()  # bound, then closed: nothing listens on it
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    st = open_store("s3://bucket-name/p", outage_minutes=10)
+    (tmp_path / "f").write_bytes(b"x")
+    calls = {"read_versioned": lambda: st.read_versioned("champion.json"),
+             "put_file": lambda: st.put_file("runs/r/f", tmp_path / "f"),
+             "write_if": lambda: st.write_if("runs/r/probe", b"x", None)}
+    with pytest.raises(StoreError) as err:
+        within(60, calls[op])
+    msg = str(err.value)
+    assert not isinstance(err.value, StoreOutage)
+    assert msg.startswith(f"the S3 endpoint http://127.0.0.1:{port} has not answered once since this process "
+                          "started") and "check AWS_ENDPOINT_URL" in msg, msg
+    assert "did not answer after 3 attempts" in msg  # boto3's own retries were made (AWS_MAX_ATTEMPTS=3)
+
+
+def test_an_endpoint_that_answered_once_is_still_waited_for_in_a_later_task(proxy, s3_bucket):
+    """Every task opens its own store: what answered is remembered for the process, so an
+    endpoint that stops between two tasks is an outage, not a configuration error."""
+    open_store(f"s3://{s3_bucket}/p", outage_minutes=1).exists("warm")  # an earlier task's store
+    later = open_store(f"s3://{s3_bucket}/p", outage_minutes=1)
+    proxy.refuse()
+    _back_after(3, proxy.accept)
+    assert within(60, lambda: later.exists("runs/r/metrics.json")) is False
+    assert later.outage.unreachable_s() == 0
