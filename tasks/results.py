@@ -60,8 +60,8 @@ class VariantResult:
     def read(cls, store: Store, run_id: str, unit: Unit) -> VariantResult | None:
         """The unit's record in the store (the one its lease names current), or None if it has not finished."""
         key = stored_key(store, run_id, unit, METRICS)
-        d = None if key is None else store.read_json(key)  # deleted by hand: the unit resumes
-        return None if d is None else cls.from_dict(d)
+        raw = None if key is None else store.read_versioned(key)[0]  # deleted by hand: the unit resumes
+        return None if raw is None else cls.from_dict(_checked(raw, store.uri_for(key)))
 
     def summary(self) -> dict:
         """The manifest's per-variant fields."""
@@ -72,3 +72,28 @@ class VariantResult:
     def repeat_summary(self) -> dict:
         """This repeat's entry in its variant's `repeats`."""
         return {k: getattr(self, k) for k in ("seed", "status", "best_epoch", "val_loss", "val_accuracy", "seconds")}
+
+
+# a stored record's fields that the parent, scoring and selection compute with or read by
+_NUMBERS = ("epochs_run", "best_epoch", "val_loss", "val_accuracy", "seconds")
+_KEYS = ("weights_key", "predictions_key")
+
+
+def _checked(raw: bytes, uri: str) -> dict:
+    """The result record in `raw`, or a ValueError naming `uri`, what was expected and what
+    was found: a record is read from the store, where anyone with write access can plant one."""
+    expected = (f"expected a result record: a JSON object with a string name, a status among {', '.join(STATUSES)}, "
+                f"numbers or null for {', '.join(_NUMBERS)} and strings or null for {', '.join(_KEYS)}")
+    try:
+        d = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{uri}: {expected}; found text that is not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{uri}: {expected}; found a JSON {type(d).__name__}")
+    bad = [k for k, ok in [("name", isinstance(d.get("name"), str)), ("status", d.get("status") in STATUSES),
+                           *((k, d.get(k) is None or (isinstance(d[k], (int, float)) and not isinstance(d[k], bool)))
+                             for k in _NUMBERS),
+                           *((k, d.get(k) is None or isinstance(d[k], str)) for k in _KEYS)] if not ok]
+    if bad:
+        raise ValueError(f"{uri}: {expected}; found {bad[0]} = {d.get(bad[0])!r:.100}")
+    return d

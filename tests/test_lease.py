@@ -192,3 +192,28 @@ def test_a_malformed_lease_is_refused_naming_it(tmp_path, planted, found):
     with pytest.raises(StoreError, match=f"^{where}: "):  # and every reader of the unit's files
         VariantResult.read(store, "r1", Unit("flip", 0))
     assert (tmp_path / KEY).read_bytes() == planted  # untouched
+
+
+# a unit's result record is read from the store too: a planted one is refused naming it
+@pytest.mark.parametrize("planted, found", [
+    (b"not json {", "found text that is not JSON"),
+    (b"[1, 2]", "found a JSON list"),
+    (b'{"name": "flip"}', "found status = None"),
+    (b'{"name": "flip", "status": "completed", "val_loss": "low"}', "found val_loss = 'low'"),
+    (b'{"name": "flip", "status": "completed", "weights_key": 5}', "found weights_key = 5"),
+])
+@pytest.mark.parametrize("fenced", [False, True])
+def test_a_malformed_result_record_is_refused_naming_it(tmp_path, planted, found, fenced):
+    store = LocalStore(tmp_path)
+    if fenced:  # the record the lease names current
+        with Lease(store, KEY, owner="A") as lease:
+            (tmp_path / "metrics.json").write_bytes(planted)
+            key = lease.publish({"metrics.json": tmp_path / "metrics.json"})["metrics.json"]["key"]
+    else:  # a unit written before writes were fenced: its plain key
+        key = "runs/r1/variants/flip/metrics.json"
+        (tmp_path / key).parent.mkdir(parents=True)
+        (tmp_path / key).write_bytes(planted)
+    where = re.escape(str(tmp_path / key))
+    with pytest.raises(ValueError, match=f"^{where}: expected a result record: .*; {re.escape(found)}"):
+        VariantResult.read(store, "r1", Unit("flip", 0))
+    assert (tmp_path / key).read_bytes() == planted  # untouched
