@@ -22,7 +22,7 @@ from torch import nn
 from cnn.config import TrainConfig
 from cnn.export import Portable, load_portable
 from cnn.models import build_model
-from store import Store, join_key, sha256_of
+from store import Store, TooLarge, join_key, sha256_of
 
 WEIGHTS, CONFIG, CLASSES, PORTABLE = "weights.safetensors", "config.json", "classes.json", "model.pt2"
 # classes.json and config.json are a few kB; a larger one is not the run's, and is not read
@@ -51,11 +51,13 @@ def load_model(store: Store, run_id: str, workdir: Path, portable: bool = False)
 
 def read_document(store: Store, key: str, workdir: Path, expected: str):
     """The JSON in `key`, or a ValueError naming it if it is over MAX_DOCUMENT_BYTES (checked
-    before it is read into memory) or not JSON."""
-    path = store.get_file(key, workdir / Path(key).name)
-    if (size := path.stat().st_size) > MAX_DOCUMENT_BYTES:
-        raise ValueError(f"{store.uri_for(key)}: expected {expected}, found {size:,} bytes; at most "
-                         f"{MAX_DOCUMENT_BYTES:,} are read")
+    before it is downloaded) or not JSON."""
+    try:
+        path = store.get_file(key, workdir / Path(key).name, limit=MAX_DOCUMENT_BYTES)
+    except TooLarge as e:
+        found = "more" if e.size is None else f"{e.size:,} bytes"
+        raise ValueError(f"{store.uri_for(key)}: expected {expected}, found {found}; at most "
+                         f"{MAX_DOCUMENT_BYTES:,} are read") from None
     try:
         return json.loads(path.read_bytes())
     except ValueError as e:  # not JSON, or not UTF-8

@@ -47,7 +47,12 @@ class StoreOutage(StoreError):
 
 
 class TooLarge(ValueError):
-    """Something another party wrote is larger than it can legitimately be: refused unread."""
+    """Something another party wrote is larger than it can legitimately be: refused unread.
+    `size`: its size in bytes where it was known before reading, else None."""
+
+    def __init__(self, message: str, size: int | None = None):
+        super().__init__(message)
+        self.size = size
 
 
 # what `read_versioned` returns at most: champion documents, leases, records, the report's
@@ -59,7 +64,7 @@ def check_size(where: str, size: int | None, limit: int, what: str) -> None:
     """Refuse `where` (a file, object or archive member) before reading it when its known
     `size` is above `limit`, the most `what` can be."""
     if size is not None and size > limit:
-        raise TooLarge(f"{where}: {size:,} bytes, larger than {what} can be (limit {limit:,} bytes); refused")
+        raise TooLarge(f"{where}: {size:,} bytes, larger than {what} can be (limit {limit:,} bytes); refused", size)
 
 
 def read_at_most(f: BinaryIO, limit: int, where: str, what: str) -> bytes:

@@ -21,7 +21,7 @@ from cnn.export import export_portable
 from cnn.models import build_model
 from cnn.stats import promotion
 from cnn.config import TrainConfig, resolve_precision
-from store import Store, StoreError, champion, open_store, safe_name
+from store import MAX_DOCUMENT_BYTES, Store, StoreError, champion, open_store, safe_name
 from store.files import publishing, write_durably
 from tasks.common import local_run_dir, run_key
 from tasks.data import load_dataset
@@ -36,8 +36,9 @@ def champion_model(store: Store, record: dict, num_classes: int, device: str, wo
     """The champion's model, rebuilt from its run's model/config.json and weights.safetensors
     (nothing unpickled), on `device`; and its config."""
     workdir.mkdir(parents=True, exist_ok=True)
+    # a few kB; bounded before it is downloaded (TooLarge: the champion is not loaded, naming it)
     cfg = TrainConfig(**json.loads(store.get_file(run_key(record["run_id"], "model", "config.json"),
-                                                  workdir / "config.json").read_text()))
+                                                  workdir / "config.json", limit=MAX_DOCUMENT_BYTES).read_bytes()))
     model = build_model(cfg.model, num_classes=num_classes)
     model.load_state_dict(load_file(str(store.get_file(run_key(record["run_id"], "model", "weights.safetensors"),
                                                        workdir / "weights.safetensors"))))

@@ -386,3 +386,35 @@ def test_a_png_text_chunk_bomb_is_refused_naming_the_image(tmp_path, capsys):
         assert predict.main(["--store", store, str(png)]) == 1
         err = capsys.readouterr().err
         assert err.startswith(f"error: IMAGE {png}: ") and "Decompressed data too large" in err
+
+
+@pytest.mark.parametrize("name", ["classes.json", "config.json"])
+def test_an_oversized_document_is_refused_before_it_is_downloaded(tmp_path, name):
+    """A planted huge classes.json or config.json (sparse here) never reaches the predicting
+    machine's disk: its size is checked in the store, then it is refused naming it."""
+    from flows.run_model import MAX_DOCUMENT_BYTES as LIMIT, read_document
+
+    store = open_store(str(tmp_path / "store"))
+    planted = tmp_path / "store" / "runs" / "r1" / "model" / name
+    planted.parent.mkdir(parents=True)
+    with open(planted, "wb") as f:
+        f.truncate(16 * LIMIT)
+    work = tmp_path / "work"
+    with pytest.raises(ValueError, match=f"^{planted}: expected a document, found {16 * LIMIT:,} bytes; "
+                                         f"at most {LIMIT:,} are read$"):
+        read_document(store, f"runs/r1/model/{name}", work, "a document")
+    assert not (work / name).exists()
+
+
+def test_an_oversized_champion_config_is_refused_naming_it(tmp_path):
+    """The champion's config.json is read when a new model is compared with it: bounded too."""
+    from store import MAX_DOCUMENT_BYTES, TooLarge
+    from tasks.testing import champion_model
+
+    planted = tmp_path / "store" / "runs" / "old" / "model" / "config.json"
+    planted.parent.mkdir(parents=True)
+    with open(planted, "wb") as f:
+        f.truncate(4 * MAX_DOCUMENT_BYTES)
+    with pytest.raises(TooLarge, match=f"^{planted}: {4 * MAX_DOCUMENT_BYTES:,} bytes, .*limit {MAX_DOCUMENT_BYTES:,}"):
+        champion_model(open_store(str(tmp_path / "store")), {"run_id": "old"}, 10, "cpu", tmp_path / "work")
+    assert not (tmp_path / "work" / "config.json").exists()
