@@ -129,9 +129,11 @@ def is_io_error(task, task_run, state) -> bool:
     return False
 
 
-def materialize(store: Store, key: str, filenames: list[str]) -> Path:
+def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, int] | None = None) -> Path:
     """A local folder holding `key/<filename>` for each file: the store's own folder for
-    a local store, else a download cache reused across runs on this machine."""
+    a local store, else a download cache reused across runs on this machine. `limits`:
+    the most bytes a file may have (name -> bytes); a larger one is refused (TooLarge)
+    before it is downloaded, as the local store's file is by its reader."""
     from store.local import LocalStore
 
     inner = getattr(store, "inner", store)  # a PatientStore's own store (store/outage.py)
@@ -145,7 +147,7 @@ def materialize(store: Store, key: str, filenames: list[str]) -> Path:
         if path.is_file():
             os.utime(path)  # used now: the cache's age rule (tasks/cache.py) counts from here
         else:
-            store.get_file(f"{key}/{name}", path)
+            store.get_file(f"{key}/{name}", path, limit=(limits or {}).get(name))
     return inside(root, root / key, key)
 
 

@@ -162,16 +162,23 @@ def _checked(store, key: str, read, fresh: bool = False):
         for f in PREPARED_FILES:
             (cache_dir() / "store-cache" / key / f).unlink(missing_ok=True)
 
+    def fetched() -> Path:  # what cnn.data's readers would refuse is not downloaded either
+        limits = {cd.PREPARED_FILE: cd.MAX_PREPARED_BYTES, cd.PREPARED_META: cd.MAX_PREPARED_META_BYTES}
+        try:
+            return materialize(store, key, PREPARED_FILES, limits)
+        except TooLarge as e:
+            raise cd.DataError(str(e)) from None
+
     if fresh:
         download_again()
-    folder = materialize(store, key, PREPARED_FILES)
+    folder = fetched()
     try:
         return read(folder)
     except cd.DataError:
         if fresh or not folder.is_relative_to(cache_dir() / "store-cache"):
             raise  # the store's own folder, or just downloaded: nothing newer to get
         download_again()
-        return read(materialize(store, key, PREPARED_FILES))
+        return read(fetched())
 
 
 def load_dataset(store, dataset: dict, split_seed: int, subset: int | None = None) -> cd.Splits:

@@ -5,6 +5,7 @@ import gzip
 import io
 import pickle
 import pickletools
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -536,6 +537,35 @@ def test_a_poisoned_copy_in_s3_is_prepared_again_and_a_stale_download_dropped(s3
     st.get_file(f"{ds['key']}/{cd.PREPARED_FILE}", tmp_path / "now" / cd.PREPARED_FILE)
     st.get_file(f"{ds['key']}/{cd.PREPARED_META}", tmp_path / "now" / cd.PREPARED_META)
     cd.read_prepared(tmp_path / "now", ds["sha256"])  # the store holds the right tensors again
+    assert load_dataset(st, ds, 0).sizes["train"] == ds["train"]
+
+
+def test_an_oversized_prepared_copy_in_s3_is_refused_before_it_is_downloaded(s3_bucket, tmp_path, monkeypatch,
+                                                                            synthetic_archive):
+    """A planted prepared copy larger than prepared tensors can be never reaches this
+    machine's disk: refused by a unit naming the object and the limit, prepared again by the run."""
+    from store import open_store
+    from tasks.data import fetch_dataset, load_dataset
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    uri = f"s3://{s3_bucket}/oversized"
+    args = ("cifar10", str(path.parent), None, md5, 0, 0, uri)
+    ds = fetch_dataset.fn(*args)
+    st = open_store(uri)
+    limit, real = 64 << 10, cd.MAX_PREPARED_BYTES  # 512 MiB scaled down, so the planted object stays small
+    monkeypatch.setattr(cd, "MAX_PREPARED_BYTES", limit)
+    (tmp_path / "big").write_bytes(b"\0" * (limit + 1))
+    st.put_file(f"{ds['key']}/{cd.PREPARED_FILE}", tmp_path / "big")
+    cached = tmp_path / "cache" / "store-cache" / ds["key"] / cd.PREPARED_FILE
+    cached.unlink(missing_ok=True)
+
+    with pytest.raises(cd.DataError, match=f"^{re.escape(st.uri_for(ds['key']))}/{cd.PREPARED_FILE}: "
+                                           f"{limit + 1:,} bytes, .*limit {limit:,} bytes"):
+        load_dataset(st, ds, 0)
+    assert not cached.exists()
+    monkeypatch.setattr(cd, "MAX_PREPARED_BYTES", real)  # the run's fetch repairs the copy
+    assert fetch_dataset.fn(*args) == ds
     assert load_dataset(st, ds, 0).sizes["train"] == ds["train"]
 
 
