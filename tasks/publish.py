@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from store import champion, open_store
+from store import MAX_DOCUMENT_BYTES, champion, open_store
 from store.files import write_durably
 from cnn.data import split_sizes
 from tasks.common import is_io_error, local_run_dir, run_key, stored_key, units_of
@@ -129,7 +129,9 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     for unit in units_of([r.name for r in results], params["seed"], params["repeats"]):
         key = stored_key(store, run_id, unit, "history.csv")  # from the store: it may have trained elsewhere
         if key is not None:
-            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), "history.csv"))
+            # one row per epoch: a few kB; a planted huge one is refused (TooLarge) before it is downloaded
+            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), "history.csv"),
+                                   limit=MAX_DOCUMENT_BYTES)
             if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
                 histories.setdefault(unit.variant, []).append(pd.read_csv(local))
     plot_curves(histories, out / "curves.png")

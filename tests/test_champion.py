@@ -307,3 +307,19 @@ def test_a_champion_record_missing_a_field_is_refused_naming_the_document(plante
     (legacy / champion.LEGACY_KEY).write_text(json.dumps(planted))
     with pytest.raises(ValueError, match=f"^{legacy / champion.LEGACY_KEY}: the champion record: expected"):
         champion.documents(LocalStore(legacy))
+
+
+def test_a_planted_huge_history_is_refused_naming_it(tmp_path, cache, events):
+    """publish-run draws every unit's history.csv from the store: a planted huge one (sparse
+    here) is refused naming it and the limit, before it is downloaded, and nothing is sealed."""
+    from store import MAX_DOCUMENT_BYTES, TooLarge
+
+    uri = str(tmp_path / "store")
+    planted = tmp_path / "store" / "runs" / "r1" / "variants" / "none" / "history.csv"
+    planted.parent.mkdir(parents=True)
+    with open(planted, "wb") as f:
+        f.truncate(4 * MAX_DOCUMENT_BYTES)
+    with pytest.raises(TooLarge, match=f"^{planted}: {4 * MAX_DOCUMENT_BYTES:,} bytes, .*limit {MAX_DOCUMENT_BYTES:,}"):
+        _publish(uri, "r1", 0.9, CIFAR)
+    assert not (tmp_path / "cache" / "runs" / "r1" / "variants" / "none" / "history.csv").exists()
+    assert not (tmp_path / "store" / "runs" / "r1" / "manifest.json").exists()
