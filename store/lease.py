@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -48,7 +49,10 @@ class BadLease(StoreError):
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, ValueError, OSError):  # a planted time no calendar holds: shown as it is
+        return f"{t!r} (not a date)"
 
 
 # the record's fields and their types; `generation`, `ttl_s` and `current` are absent in a
@@ -61,7 +65,7 @@ _REQUIRED = ("owner", "writer")
 def _parse(raw: bytes, uri: str, folder: str) -> dict:
     """The lease record in `raw`, checked field by field; BadLease naming `uri` otherwise."""
     expected = ("expected a lease record: a JSON object with string owner and writer, boolean released, "
-                "integer generation, numeric ttl_s and expires_at, and current (null, or an object whose "
+                "integer generation, finite numbers ttl_s and expires_at, and current (null, or an object whose "
                 f"files name keys under {folder}/gen-<n>/)")
     try:
         rec = json.loads(raw)
@@ -71,7 +75,8 @@ def _parse(raw: bytes, uri: str, folder: str) -> dict:
         raise BadLease(f"{uri}: {expected}; found a JSON {type(rec).__name__}")
     for k, kind in _FIELDS.items():
         if (k in _REQUIRED and k not in rec) or (k in rec and (not isinstance(rec[k], kind) or (
-                isinstance(rec[k], bool) and kind is not bool))):
+                isinstance(rec[k], bool) and kind is not bool) or (
+                kind == (int, float) and not _finite(rec[k])))):
             raise BadLease(f"{uri}: {expected}; found {k} = {rec.get(k)!r:.100}")
     current = rec.get("current")
     if current is not None:
@@ -82,6 +87,14 @@ def _parse(raw: bytes, uri: str, folder: str) -> dict:
         if not ok or not isinstance(current.get("unit", {}), (dict, type(None))):
             raise BadLease(f"{uri}: {expected}; found current = {json.dumps(current)[:200]}")
     return rec
+
+
+def _finite(x: int | float) -> bool:
+    """Usable as seconds: json reads NaN, Infinity and integers of any length as numbers."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _inside(key: str, folder: str) -> bool:

@@ -217,3 +217,32 @@ def test_a_malformed_result_record_is_refused_naming_it(tmp_path, planted, found
     with pytest.raises(ValueError, match=f"^{where}: expected a result record: .*; {re.escape(found)}"):
         VariantResult.read(store, "r1", Unit("flip", 0))
     assert (tmp_path / key).read_bytes() == planted  # untouched
+
+
+@pytest.mark.parametrize("expires_at", ["1e300", "1e15", "-1e300"])
+def test_a_lease_with_an_absurd_expiry_still_names_its_holder(tmp_path, expires_at):
+    """expires_at is for people: a planted one no clock can show still ends in LeaseHeld
+    naming the holder (not an OverflowError), and LeaseLost for the writer it displaced."""
+    store = LocalStore(tmp_path)
+    lease = Lease(store, KEY, owner="A")
+    lease.claim()
+    (tmp_path / KEY).write_text('{"owner": "planted", "writer": "w", "generation": 9, "ttl_s": 300, '
+                                f'"expires_at": {expires_at}}}')
+    shown = re.escape(f"lease until {float(expires_at)!r} (not a date)")
+    with pytest.raises(LeaseHeld, match=f"being trained by flow run planted .*{shown}"):
+        Lease(store, KEY, owner="B").claim()
+    with pytest.raises(LeaseLost, match="taken over by flow run planted"):
+        lease.renew()
+
+
+@pytest.mark.parametrize("field", ["ttl_s", "expires_at"])
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1" + "0" * 400])
+def test_a_lease_with_a_number_that_is_not_finite_is_refused_naming_it(tmp_path, field, value):
+    """json reads NaN, Infinity and an int of any length as numbers; a ttl_s of NaN would never
+    expire, one of 400 digits would end in an OverflowError naming nothing."""
+    store = LocalStore(tmp_path)
+    (tmp_path / KEY).parent.mkdir(parents=True)
+    (tmp_path / KEY).write_text(f'{{"owner": "o", "writer": "w", "{field}": {value}}}')
+    where = re.escape(str(tmp_path / KEY))
+    with pytest.raises(StoreError, match=f"^{where}: expected a lease record: .*; found {field} = "):
+        Lease(store, KEY, owner="B").claim()
