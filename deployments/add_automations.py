@@ -22,6 +22,8 @@ from prefect import get_client
 from prefect.events.schemas.automations import AutomationCore
 from prefect.exceptions import ObjectNotFound
 
+from store.scrub import scrub
+
 HERE = Path(__file__).parent
 NOTIFY, ZOMBIES = HERE / "notify-on-failure.yaml", HERE / "crash-zombie-runs.yaml"
 
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 block = client.read_block_document_by_name(block_name, block_type)
             except ObjectNotFound:
-                print(f"--block: no block {args.block!r} on {client.api_url}; `prefect block ls` lists them",
+                print(f"--block: no block {args.block!r} on {scrub(str(client.api_url))}; `prefect block ls` lists them",
                       file=sys.stderr)
                 return 1
             notify = yaml.safe_load(NOTIFY.read_text())

@@ -22,7 +22,7 @@ from torch import nn
 from cnn.config import TrainConfig
 from cnn.export import Portable, load_portable
 from cnn.models import build_model
-from store import Store, TooLarge, join_key, sha256_of
+from store import MAX_MODEL_BYTES, Store, TooLarge, join_key, sha256_of
 
 WEIGHTS, CONFIG, CLASSES, PORTABLE = "weights.safetensors", "config.json", "classes.json", "model.pt2"
 # classes.json and config.json are a few kB; a larger one is not the run's, and is not read
@@ -96,7 +96,7 @@ def from_weights(store: Store, folder: str, workdir: Path, num_classes: int) -> 
         model = build_model(cfg.model, num_classes=num_classes)
     except (TypeError, ValueError) as e:  # unknown or missing fields, unknown model
         raise ValueError(f"{store.uri_for(join_key(folder, CONFIG))}: expected {expected}: {e}") from None
-    weights = store.get_file(join_key(folder, WEIGHTS), workdir / WEIGHTS)
+    weights = store.get_file(join_key(folder, WEIGHTS), workdir / WEIGHTS, limit=MAX_MODEL_BYTES)
     try:
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError) as e:  # damaged file, or weights of another shape
@@ -116,7 +116,7 @@ def verified_portable(store: Store, run_id: str, workdir: Path) -> nn.Module:
     if expected is None:
         raise ValueError(f"{store.uri_for(key)}: refusing to load it: {store.uri_for(manifest_key)} records "
                          f"no SHA-256 for {name}")
-    path = store.get_file(key, workdir / PORTABLE)
+    path = store.get_file(key, workdir / PORTABLE, limit=MAX_MODEL_BYTES)
     found = sha256_of(path)
     if found != expected:
         path.unlink()  # what is not verified is not kept

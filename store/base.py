@@ -58,6 +58,9 @@ class TooLarge(ValueError):
 # what `read_versioned` returns at most: champion documents, leases, records, the report's
 # images and predictions, all well under a few MB (a champion document grows ~4 KB per change)
 MAX_DOCUMENT_BYTES = 16 << 20
+# what a model file (weights, a checkpoint with its optimizer state, a portable model.pt2)
+# may be at most: the registry's largest model's checkpoint is tens of MB
+MAX_MODEL_BYTES = 1 << 30
 
 
 def check_size(where: str, size: int | None, limit: int, what: str) -> None:

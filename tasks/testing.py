@@ -21,7 +21,7 @@ from cnn.export import export_portable
 from cnn.models import build_model
 from cnn.stats import promotion
 from cnn.config import TrainConfig, resolve_precision
-from store import MAX_DOCUMENT_BYTES, Store, StoreError, champion, open_store, safe_name
+from store import MAX_DOCUMENT_BYTES, MAX_MODEL_BYTES, Store, StoreError, champion, open_store, safe_name
 from store.files import publishing, write_durably
 from tasks.common import local_run_dir, run_key
 from tasks.data import load_dataset
@@ -41,7 +41,8 @@ def champion_model(store: Store, record: dict, num_classes: int, device: str, wo
                                                   workdir / "config.json", limit=MAX_DOCUMENT_BYTES).read_bytes()))
     model = build_model(cfg.model, num_classes=num_classes)
     model.load_state_dict(load_file(str(store.get_file(run_key(record["run_id"], "model", "weights.safetensors"),
-                                                       workdir / "weights.safetensors"))))
+                                                       workdir / "weights.safetensors",
+                                                       limit=MAX_MODEL_BYTES))))
     return model.to(torch.device(device), memory_format=torch.channels_last), cfg
 
 
@@ -91,7 +92,7 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
     store = open_store(store_uri, outage_minutes=store_outage_minutes)
     out = local_run_dir(run_id, "model")
     out.mkdir(parents=True, exist_ok=True)
-    store.get_file(weights_key, out / "weights.safetensors")
+    store.get_file(weights_key, out / "weights.safetensors", limit=MAX_MODEL_BYTES)
     classes = dataset["classes"]
     model = build_model(cfg.model, num_classes=len(classes))
     model.load_state_dict(load_file(str(out / "weights.safetensors")))

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from cnn.checkpoint import read_history, read_progress
 from cnn.train import CHECKPOINT, STOP, Stopped, TrainConfig, train
-from store import open_store
+from store import MAX_MODEL_BYTES, open_store
 from store.files import publishing, write_durably
 from store.lease import Lease, committed
 from store.uploader import Uploader
@@ -160,7 +160,7 @@ def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> N
     key = stored_key(store, run_id, unit, CHECKPOINT)
     theirs = None
     if key is not None:
-        fetched = store.get_file(key, workdir / f".{CHECKPOINT}.store")
+        fetched = store.get_file(key, workdir / f".{CHECKPOINT}.store", limit=MAX_MODEL_BYTES)
         try:
             config, theirs = read_progress(fetched)
         except ValueError as e:

@@ -418,3 +418,20 @@ def test_an_oversized_champion_config_is_refused_naming_it(tmp_path):
     with pytest.raises(TooLarge, match=f"^{planted}: {4 * MAX_DOCUMENT_BYTES:,} bytes, .*limit {MAX_DOCUMENT_BYTES:,}"):
         champion_model(open_store(str(tmp_path / "store")), {"run_id": "old"}, 10, "cpu", tmp_path / "work")
     assert not (tmp_path / "work" / "config.json").exists()
+
+
+@pytest.mark.parametrize("name, flags", [("weights.safetensors", []), ("model.pt2", ["--portable"])])
+def test_an_oversized_model_file_is_refused_before_it_is_downloaded(name, flags, tmp_path, images, capsys):
+    """A planted model file larger than any model can be (sparse here) is refused naming it
+    and the limit, before a byte of it reaches the predicting machine's disk."""
+    from store import MAX_MODEL_BYTES
+
+    uri = str(tmp_path / "store")
+    _publish_model(open_store(uri), "r1", tmp_path)
+    planted = tmp_path / "store" / "runs" / "r1" / "model" / name
+    with open(planted, "wb") as f:
+        f.truncate(2 * MAX_MODEL_BYTES)
+    assert predict.main(["--store", uri, "--run", "r1", *flags, str(images["red"])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {planted}: {2 * MAX_MODEL_BYTES:,} bytes, larger than this download can be "
+                          f"(limit {MAX_MODEL_BYTES:,} bytes)"), err
