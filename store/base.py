@@ -63,6 +63,18 @@ MAX_DOCUMENT_BYTES = 16 << 20
 MAX_MODEL_BYTES = 1 << 30
 
 
+def json_object(raw: bytes, where: str, expected: str, error: type[Exception] = ValueError) -> dict:
+    """The JSON object in `raw` (a document another party may have written), or `error`
+    naming `where`, what was `expected` and what was found."""
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{where}: {expected}; found text that is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{where}: {expected}; found a JSON {type(value).__name__}")
+    return value
+
+
 def check_size(where: str, size: int | None, limit: int, what: str) -> None:
     """Refuse `where` (a file, object or archive member) before reading it when its known
     `size` is above `limit`, the most `what` can be."""

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from store.base import PreconditionFailed, Store, StoreError, join_key
+from store.base import PreconditionFailed, Store, StoreError, join_key, json_object
 from store.outage import Outage
 
 log = logging.getLogger(__name__)
@@ -67,12 +67,7 @@ def _parse(raw: bytes, uri: str, folder: str) -> dict:
     expected = ("expected a lease record: a JSON object with string owner and writer, boolean released, "
                 "integer generation, finite numbers ttl_s and expires_at, and current (null, or an object whose "
                 f"files name keys under {folder}/gen-<n>/)")
-    try:
-        rec = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadLease(f"{uri}: {expected}; found text that is not JSON ({e})") from None
-    if not isinstance(rec, dict):
-        raise BadLease(f"{uri}: {expected}; found a JSON {type(rec).__name__}")
+    rec = json_object(raw, uri, expected, BadLease)
     for k, kind in _FIELDS.items():
         if (k in _REQUIRED and k not in rec) or (k in rec and (not isinstance(rec[k], kind) or (
                 isinstance(rec[k], bool) and kind is not bool) or (

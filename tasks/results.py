@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 
 from store import Store
+from store.base import json_object
 from tasks.common import Unit, stored_key
 
 METRICS = "metrics.json"
@@ -84,12 +85,7 @@ def _checked(raw: bytes, uri: str) -> dict:
     was found: a record is read from the store, where anyone with write access can plant one."""
     expected = (f"expected a result record: a JSON object with a string name, a status among {', '.join(STATUSES)}, "
                 f"numbers or null for {', '.join(_NUMBERS)} and strings or null for {', '.join(_KEYS)}")
-    try:
-        d = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{uri}: {expected}; found text that is not JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"{uri}: {expected}; found a JSON {type(d).__name__}")
+    d = json_object(raw, uri, expected)
     bad = [k for k, ok in [("name", isinstance(d.get("name"), str)), ("status", d.get("status") in STATUSES),
                            *((k, d.get(k) is None or (isinstance(d[k], (int, float)) and not isinstance(d[k], bool)))
                              for k in _NUMBERS),
