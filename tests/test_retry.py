@@ -62,14 +62,27 @@ def logged(env: dict, run_id: uuid.UUID) -> list[str]:
                                                    sort=LogSort.TIMESTAMP_ASC)]
 
 
+def _current_history(store: Path) -> Path | None:
+    """The flip unit's current history.csv, as its lease names it (files go up under gen-<g>/)."""
+    from store import LocalStore
+    from store.lease import committed
+
+    lease = next(store.glob("runs/*/variants/flip/lease.json"), None)
+    if lease is None:
+        return None
+    current = committed(LocalStore(store), str(lease.relative_to(store)))
+    key = ((current or {}).get("files") or {}).get("history.csv", {}).get("key")
+    return store / key if key else None
+
+
 def test_a_run_killed_and_retried_at_once_completes_from_its_checkpoint(worker):
     store = Path(worker["store"])
     out = cli(worker, "deployment", "run", "train-cifar/local", *[a for p in PARAMS for a in ("-p", p)],
               "-p", f"store={store}").stdout
     run = uuid.UUID(re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1))
-    history = lambda: next(store.glob("runs/*/variants/flip/history.csv"), None)  # noqa: E731
+    history = lambda: _current_history(store)  # noqa: E731
     wait_for("two epochs in the store", lambda: (h := history()) and len(pd.read_csv(h)) >= 2, 300, worker)
-    run_id = history().parents[2].name
+    run_id = next((store / "runs").iterdir()).name
 
     kill(run_processes(run), signal.SIGKILL)
     wait_for("the run to show Crashed", lambda: flow_run(worker, run).state.is_crashed(), 60, worker, every=0.2)

@@ -75,7 +75,7 @@ def test_a_train_variant_child_refuses_such_a_store_before_training(careless, s3
     careless("if-match")
     with pytest.raises(StoreError, match=r"does not honour conditional writes \(If-Match\)"):
         train_variant(run_id="r1", variant="none", dataset_key="datasets/synthetic/" + "0" * 32,
-                      dataset_md5="0" * 32, store=f"s3://{s3_bucket}/nightly", epochs=1, device="cpu")
+                      dataset_md5="0" * 32, dataset_sha256="0" * 64, store=f"s3://{s3_bucket}/nightly", epochs=1, device="cpu")
     assert _keys(s3_bucket) == {"nightly/runs/r1/conditional-write-probe"}
 
 
