@@ -61,6 +61,14 @@ class LocalStore(Store):
             return None
         return f
 
+    def _open_key(self, key: str):
+        """The file `key` opened for reading (no link followed on the way), or None if absent."""
+        try:
+            with self._folder(key) as (fd, parts):
+                return self._open(fd, parts, key)
+        except FileNotFoundError:
+            return None
+
     def put_file(self, key: str, path: Path) -> dict:
         sha, size = hashlib.sha256(), 0
 
@@ -82,11 +90,7 @@ class LocalStore(Store):
         return {"uri": self.uri_for(key), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
     def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
-        try:
-            with self._folder(key) as (fd, parts):
-                src = self._open(fd, parts, key)
-        except FileNotFoundError:
-            src = None
+        src = self._open_key(key)
         if src is None:
             raise FileNotFoundError(f"{self._path(key)}: not in the store")
         with src:
@@ -148,11 +152,7 @@ class LocalStore(Store):
         return data, hashlib.md5(data).hexdigest()
 
     def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
-        try:
-            with self._folder(key) as (fd, parts):
-                f = self._open(fd, parts, key)
-        except FileNotFoundError:
-            f = None
+        f = self._open_key(key)
         if f is None:
             return None, None, None
         with f:
