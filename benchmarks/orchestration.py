@@ -19,7 +19,7 @@ machine's speed hits all of them.
   plot, report and manifest), timed apart.
 - flow, embedded: `python -m flows.train_cifar --dataset synthetic --store <folder>
   --device cpu ...` with no API URL: the run starts a temporary API server itself
-  (flows/api.py; the Prefect home reused: its database already exists). This is
+  (cli/api.py; the Prefect home reused: its database already exists). This is
   `make run`.
 - flow, server: the same command with PREFECT_API_URL pointing at a `prefect
   server start` this benchmark started beforehand on a free loopback port, with its
@@ -120,7 +120,7 @@ def direct(args) -> None:
     test = evaluate(model, data.test_x, data.test_y, cpu, tta=cfgs[best].tta)
     with outputs():  # what test-model and publish-run write, less Prefect's artifacts
         from cnn.export import export_portable
-        from tasks.report import plot_confusion, plot_curves
+        from run.report import plot_confusion, plot_curves
 
         out = work / "run" / "model"
         out.mkdir(parents=True)

@@ -54,7 +54,7 @@ class Stopped(Exception):
     finished epoch's checkpoint, written when it finished, is where a resume starts."""
 
 
-# Set by whoever owns the process (the command line, on Ctrl-C or SIGTERM: flows/interrupt.py)
+# Set by whoever owns the process (the command line, on Ctrl-C or SIGTERM: cli/interrupt.py)
 # to stop every training loop in it at its next batch. Process-wide, like the signal.
 STOP = threading.Event()
 

@@ -34,8 +34,8 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling
 
 from store import Store
-from tasks.common import Unit
-from tasks.results import VariantResult
+from run.layout import Unit
+from run.records import VariantResult
 
 POLL_S = 5.0  # how often the parent looks at its children; each look is one API call per child
 

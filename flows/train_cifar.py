@@ -13,14 +13,14 @@ import atexit
 import gc
 import sys
 
-from flows import api
+from cli import api
 
 if __name__ == "__main__":
     # registered first, so it runs after every other exit handler: shutdown then skips
     # collecting cycles among the objects of torch, Prefect and pandas (1.1 s here)
     atexit.register(gc.freeze)
 # Run as the CLI with no Prefect API configured: the temporary API server boots in
-# its own process while this one imports Prefect, torch and the project below (flows/api.py)
+# its own process while this one imports Prefect, torch and the project below (cli/api.py)
 _API = api.start() if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]) else None
 
 import argparse  # noqa: E402 - after the server start, on purpose
@@ -38,10 +38,10 @@ from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
-from flows import interrupt
-from flows.params import RunParams, describe_errors, form
+from cli import interrupt
+from run.params import RunParams, describe_errors, form
 from store import normalize_uri, open_store, require_conditional_writes
-from tasks.common import is_user_error
+from run.errors import is_user_error
 
 D = RunParams()  # the defaults, from the one place they are written
 
@@ -60,7 +60,7 @@ def stable_run_id() -> str:
 
 
 # form(name): RunParams' type for the parameter, with its description, bounds and choices
-# for the UI's run form (flows/params.py)
+# for the UI's run form (run/params.py)
 @flow(name="train-cifar", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
 def train_cifar(
     dataset: form("dataset") = D.dataset,
@@ -98,8 +98,8 @@ def train_cifar(
     from cnn.train import STOP, TrainConfig
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
-    from tasks.cache import drop_local_copies
-    from tasks.common import probe_key
+    from run.cache import drop_local_copies
+    from run.layout import probe_key
     from tasks.data import fetch_dataset
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
@@ -129,7 +129,7 @@ def train_cifar(
         units = train_variants(p, run["run_id"], store_uri, ds)  # one per repeat of each variant
     except RunCancelled as e:
         return Cancelled(message=str(e))
-    if STOP.is_set():  # Ctrl-C or SIGTERM at the command line: every unit has stopped (flows/interrupt.py)
+    if STOP.is_set():  # Ctrl-C or SIGTERM at the command line: every unit has stopped (cli/interrupt.py)
         return Cancelled(message=interrupt.resume_hint(run["run_id"]))
     results = score_variants(units, p.select_metric, ds, p.split_seed, store_uri, p.store_outage_minutes)
     selected = select_variant(results, p.select_metric)
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         api.stop(_API, graceful=False)  # it was never used
         return 2
     state = error = None
-    # Ctrl-C, SIGTERM: the run stops at the next batch, Cancelled and resumable (flows/interrupt.py)
+    # Ctrl-C, SIGTERM: the run stops at the next batch, Cancelled and resumable (cli/interrupt.py)
     with interrupt.Stopper() as stopper, _console_tracebacks(args.debug):
         try:
             api.ready(_API)
@@ -238,7 +238,7 @@ def _last_word(state, error: Exception | None, signum: int | None, debug: bool) 
 @contextlib.contextmanager
 def _console_tracebacks(shown: bool):
     """Unless `shown`, the console drops the traceback of a record about a user's mistake
-    (tasks.common.is_user_error; Prefect logs one for a failed task and again for the flow),
+    (run.layout.is_user_error; Prefect logs one for a failed task and again for the flow),
     or about no variant having trained (each unit's own error was logged with its task run):
     its message says what to do, and main ends with it. Only the console's copy: the run's
     logger hands the record to the API's handler first (a logger's own handlers come before

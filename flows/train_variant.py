@@ -16,13 +16,13 @@ from prefect import flow
 from pydantic import ValidationError
 
 from cnn.augment import VARIANTS
-from flows.params import RunParams, describe_errors, described, form
+from run.params import RunParams, describe_errors, described, form
 from store import join_key, normalize_uri, open_store, require_conditional_writes
 
 D = RunParams()  # the defaults, from the one place they are written
 
 
-# form(name): RunParams' type, description, bounds and choices, for the UI's form (flows/params.py)
+# form(name): RunParams' type, description, bounds and choices, for the UI's form (run/params.py)
 # the parent names each run <run-id>-<variant>-a<attempt> (with repeats <run-id>-<variant>-s<seed>-a<attempt>)
 @flow(name="train-variant", log_prints=True)
 def train_variant(
@@ -50,7 +50,7 @@ def train_variant(
     """Train one variant of one run with `seed` (with repeats above 1, into variants/<variant>/seed-<seed>/);
     its checkpoint, history, weights, validation predictions and result go to the store."""
     from cnn.train import make_config, pick_device, resolve_precision
-    from tasks.common import probe_key
+    from run.layout import probe_key
     from tasks.training import train_unit
 
     # the same checks as the run's own parameters (names, ranges, the store), before any work

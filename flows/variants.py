@@ -7,11 +7,11 @@ from __future__ import annotations
 from prefect import allow_failure
 from prefect.artifacts import create_table_artifact
 
-from flows.params import RunParams
+from run.params import RunParams
 from store import open_store
-from tasks.common import Unit, units_of
-from tasks.report import variants_table
-from tasks.results import VariantResult
+from run.layout import Unit, units_of
+from run.report import variants_table
+from run.records import VariantResult
 
 
 class Board:
@@ -143,7 +143,7 @@ def _result(unit: Unit, state) -> VariantResult:
     """A finished train-variant task's result, or a failed one saying why (the others go on)."""
     if state.is_completed():
         return state.result()
-    if state.is_cancelled():  # the run is stopping (flows/interrupt.py)
+    if state.is_cancelled():  # the run is stopping (cli/interrupt.py)
         print(f"{unit.label}: {state.message}")
         return VariantResult.failed(unit.variant, state.message, seed=unit.seed)
     try:

@@ -155,7 +155,7 @@ class PatientStore(Store):
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         # a retried conditional write whose first try was applied answers PreconditionFailed:
-        # the champion's rule already reads back who won (store/champion.py)
+        # the champion's rule already reads back who won (registry/champions.py)
         return self.outage.call(self.inner.write_if, key, data, version)
 
     def uri_for(self, key: str) -> str:

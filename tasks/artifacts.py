@@ -10,9 +10,9 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 
 from store import open_store
-from tasks.common import run_key
+from run.layout import run_key
 from tasks.publish import REPORT_FILES
-from tasks.report import REPORT_IMAGES, data_uri, render_markdown, variants_table
+from run.report import REPORT_IMAGES, data_uri, render_markdown, variants_table
 
 
 @task(name="create-run-artifacts", cache_policy=NO_CACHE)

@@ -18,8 +18,9 @@ from prefect.cache_policies import NO_CACHE
 from cnn import data as cd
 from cnn.synthetic import write_archive
 from store import TooLarge, join_key, open_store, parse_uri
-from tasks.cache import cache_days, mark_used, prune_cache
-from tasks.common import cache_dir, inside, is_io_error, materialize
+from run.cache import cache_days, mark_used, prune_cache
+from run.cache import cache_dir, inside, materialize
+from run.errors import is_io_error
 
 PREPARED_FILES = [cd.PREPARED_FILE, cd.PREPARED_META]
 

@@ -13,12 +13,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from store import MAX_DOCUMENT_BYTES, champion, open_store
+from store import MAX_DOCUMENT_BYTES, open_store
+from registry import champions
 from store.files import write_durably
 from cnn.data import split_sizes
-from tasks.common import is_io_error, local_run_dir, run_key, stored_key, units_of
-from tasks.report import VARIANTS, plot_curves, plot_variants, render_markdown
-from tasks.results import VariantResult
+from run.cache import local_run_dir
+from run.errors import is_io_error
+from run.layout import run_key, stored_key, units_of
+from run.report import VARIANTS, plot_curves, plot_variants, render_markdown
+from run.records import VariantResult
 from tasks.testing import face_champion_again
 
 NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
@@ -72,7 +75,7 @@ def build_manifest(run: dict, params: dict, dataset: dict, results: list[Variant
 
 
 def champion_record(manifest: dict, store) -> dict:
-    """What champions/<identity>.json records of a run (store.champion): its model, its
+    """What champions/<identity>.json records of a run (registry.champions): its model, its
     test metrics and the dataset identity they were measured on."""
     d = manifest["dataset"]
     run_id = manifest["run_id"]
@@ -113,7 +116,7 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins.
 
     Safe to retry: every write replaces itself, and a champion that already names
-    this run records the promotion that was made (store.champion). The UI's
+    this run records the promotion that was made (registry.champions). The UI's
     artifacts are another step (tasks/artifacts.py), so no UI hiccup repeats this."""
     store = open_store(store_uri, outage_minutes=params.get("store_outage_minutes"))  # waits out an outage
     run_id = run["run_id"]
@@ -140,7 +143,7 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
     artifacts[VARIANTS] = store.put_file(run_key(run_id, VARIANTS), out / VARIANTS)
 
     candidate = champion_record(manifest, store)
-    ident = champion.identity(candidate)
+    ident = champions.identity(candidate)
     manifest["dataset"]["identity"] = ident
     margin = params["promote_margin"]
     judge = ChampionJudge(test.get("champion_comparison"), lambda current: face_champion_again(
@@ -148,8 +151,8 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
 
     # every file of the run is stored, the manifest included, before the champion is
     # touched; the manifest claims a promotion only once the champion names this run
-    current = champion.read(store, ident)
-    promoted, reason = champion.decide(current, candidate, margin, judge)
+    current = champions.read(store, ident)
+    promoted, reason = champions.decide(current, candidate, margin, judge)
     # report.md stays in the store for good: relative links, never presigned ones (they
     # carry credentials and expire); the UI gets presigned links in tasks/artifacts.py
     folder = store.uri_for(run_key(run_id))
@@ -165,11 +168,11 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
         store.put_file(run_key(run_id, "manifest.json"), out / "manifest.json")
         return m
 
-    decision = champion.Decision(False, f"pending: {reason}" if promoted else reason,
+    decision = champions.Decision(False, f"pending: {reason}" if promoted else reason,
                                  None if current is None else current["run_id"])
     final = seal(*decision)
     if promoted:  # decided again inside promote(): another run may have won meanwhile
-        decision = champion.promote(store, candidate, margin, flow_run_id=run["flow_run_id"], judge=judge)
+        decision = champions.promote(store, candidate, margin, flow_run_id=run["flow_run_id"], judge=judge)
         final = seal(*decision)
     print(f"promoted: {final['promoted']} ({final['promotion_reason']})")
     if decision.compared_with is None:
@@ -179,10 +182,10 @@ def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantRes
             "dataset_identity": ident, "compared_with": decision.compared_with}
 
 
-def not_compared(store, run_id: str, ident: str, decision: champion.Decision) -> None:
+def not_compared(store, run_id: str, ident: str, decision: champions.Decision) -> None:
     """Say, and tell Prefect (an automation can alert on it), that this run had no
     champion of its dataset identity to be compared with."""
-    others = sorted(set(champion.documents(store)) - {ident})
+    others = sorted(set(champions.documents(store)) - {ident})
     print(f"not compared: no champion of dataset {ident} to compare with"
           + (f" (champions of other datasets: {', '.join(others)})" if others else ""))
     emit_event(event=NOT_COMPARED, resource={"prefect.resource.id": f"train-cifar.run.{run_id}",

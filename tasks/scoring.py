@@ -14,7 +14,7 @@ from safetensors.numpy import load as load_tensors
 from cnn.stats import paired_difference, sentence, variant_interval
 from store import Store, open_store
 from tasks.data import load_dataset
-from tasks.results import VariantResult
+from run.records import VariantResult
 from tasks.selection import rank_key
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from prefect import task
 
-from tasks.results import VariantResult
+from run.records import VariantResult
 
 
 def rank_key(result: VariantResult, metric: str) -> tuple[float, float]:

@@ -21,11 +21,13 @@ from cnn.export import export_portable
 from cnn.models import build_model
 from cnn.stats import promotion
 from cnn.config import TrainConfig, resolve_precision
-from store import MAX_DOCUMENT_BYTES, MAX_MODEL_BYTES, Store, StoreError, champion, open_store, safe_name
+from store import MAX_DOCUMENT_BYTES, MAX_MODEL_BYTES, Store, StoreError, open_store, safe_name
+from registry import champions
 from store.files import publishing, write_durably
-from tasks.common import local_run_dir, run_key
+from run.cache import local_run_dir
+from run.layout import run_key
 from tasks.data import load_dataset
-from tasks.report import plot_confusion
+from run.report import plot_confusion
 from tasks.scoring import right
 
 PORTABLE = "model.pt2"  # torch.export program: torch.export.load(path).module()
@@ -107,9 +109,9 @@ def test_model(cfg: TrainConfig, weights_key: str, dataset: dict, split_seed: in
     print(f"test ({m['n']} images, {cfg.variant}): loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
     with publishing(out / PREDICTIONS) as tmp:
         save_file({"predicted": m["predicted"].contiguous()}, str(tmp))
-    ident = champion.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
+    ident = champions.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
                                "split_seed": split_seed, "test_size": m["n"]})
-    current = champion.read(store, ident)
+    current = champions.read(store, ident)
     if current is not None and current["run_id"] != run_id:  # a retried run is not compared with itself
         correct = (m["predicted"].long() == data.test_y).numpy()
         metrics["champion_comparison"] = face_champion(store, current, correct, data, device, out, promote_confidence,

@@ -38,11 +38,13 @@ from store import MAX_MODEL_BYTES, open_store
 from store.files import publishing, write_durably
 from store.lease import Lease, committed
 from store.uploader import Uploader
-from tasks.cache import drop_local_copies
-from tasks.common import LEASE, Unit, current_owner, flow_run_is_over, local_run_dir, stored_key
+from run.cache import drop_local_copies
+from run.cache import local_run_dir
+from run.layout import LEASE, Unit, stored_key
+from run.owner import current_owner, flow_run_is_over
 from tasks.data import load_dataset
-from tasks.live import show_curves
-from tasks.results import METRICS, VariantResult
+from run.live import show_curves
+from run.records import METRICS, VariantResult
 
 PREDICTIONS = "val_predictions.safetensors"  # tensor "predicted": (N_val,) uint8, the best epoch's classes
 

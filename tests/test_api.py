@@ -1,4 +1,4 @@
-"""flows/api.py: when the temporary API server cannot come up, the run stops with a
+"""cli/api.py: when the temporary API server cannot come up, the run stops with a
 clear error naming it, and no server process is left behind; it keeps quiet about
 telemetry; and the CLI says how to see the run once it is gone."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from flows import api
+from cli import api
 
 
 def test_a_server_that_exits_is_named_with_its_exit_code():

@@ -1,4 +1,4 @@
-"""This machine's cache stays bounded (tasks/cache.py): a run's local copies go once the
+"""This machine's cache stays bounded (run/cache.py): a run's local copies go once the
 store holds them; downloads and prepared data unused for TRAIN_CIFAR_CACHE_DAYS go."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from store import LocalStore, open_store
-from tasks.cache import drop_local_copies, prune_cache
-from tasks.common import local_run_dir
+from run.cache import drop_local_copies, prune_cache
+from run.cache import local_run_dir
 
 DAY = 86400
 

@@ -11,9 +11,10 @@ import threading
 
 import pytest
 
-from flows import champion as cli
-from store import LocalStore, PreconditionFailed, champion, open_store
-from tasks.results import VariantResult
+from cli import champion as cli
+from store import LocalStore, PreconditionFailed, open_store
+from registry import champions
+from run.records import VariantResult
 
 CIFAR = dict(name="cifar10", md5="c58f30108f718f92721af3b95e74349a", test_size=3500)
 SYNTH = dict(name="synthetic", md5="5" * 32, test_size=350)
@@ -24,7 +25,7 @@ def _record(run_id: str, acc: float, name="cifar10", md5=CIFAR["md5"], split_see
             "dataset_name": name, "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
 
 
-NIGHTLY = champion.identity(_record("x", 0))
+NIGHTLY = champions.identity(_record("x", 0))
 
 
 @pytest.fixture
@@ -58,9 +59,9 @@ def _publish(store_uri: str, run_id: str, acc: float, dataset: dict, split_seed:
     v = VariantResult(name="none", status="completed", epochs_run=1, best_epoch=1, val_loss=1.0, val_accuracy=acc,
                       seconds=1.0, device="cpu", config={"model": "seed", "variant": "none"})
     test = {"loss": 1 - acc, "accuracy": acc, "per_class": dict.fromkeys(classes, acc), "artifacts": {}}
-    ident = champion.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
+    ident = champions.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
                                "split_seed": split_seed, "test_size": dataset["test_size"]})
-    current = champion.read(open_store(store_uri), ident)
+    current = champions.read(open_store(store_uri), ident)
     if current is not None and current["run_id"] != run_id:  # what test-model's paired comparison would say
         diff = acc - current["test"]["accuracy"]
         test["champion_comparison"] = {
@@ -81,11 +82,11 @@ def cache(tmp_path, monkeypatch):
 def test_a_synthetic_run_neither_blocks_nor_replaces_the_nightly_champion(tmp_path, cache, events):
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    champion.promote(st, _record("nightly-1", 0.90), 0.0)
+    champions.promote(st, _record("nightly-1", 0.90), 0.0)
 
     out = _publish(uri, "synthetic-1", 0.99, SYNTH)
     assert out["promoted"] is True and out["compared_with"] is None  # its own identity's first champion
-    assert champion.read(st, NIGHTLY)["run_id"] == "nightly-1"
+    assert champions.read(st, NIGHTLY)["run_id"] == "nightly-1"
     report = (tmp_path / "store/runs/synthetic-1/report.md").read_text()
     assert f"**Not compared** with any champion: dataset `{out['dataset_identity']}` had none." in report
     [ev] = [e for e in events() if e.event == "train-cifar.champion.not-compared"]
@@ -97,7 +98,7 @@ def test_a_synthetic_run_neither_blocks_nor_replaces_the_nightly_champion(tmp_pa
     assert worse["promoted"] is False and worse["compared_with"] == "nightly-1"
     better = _publish(uri, "nightly-3", 0.91, CIFAR)
     assert better["promoted"] is True and better["compared_with"] == "nightly-1"
-    assert champion.read(st, NIGHTLY)["run_id"] == "nightly-3"
+    assert champions.read(st, NIGHTLY)["run_id"] == "nightly-3"
     assert "Not compared" not in (tmp_path / "store/runs/nightly-3/report.md").read_text()
     assert len([e for e in events() if e.event == "train-cifar.champion.not-compared"]) == 1  # the synthetic one
 
@@ -107,7 +108,7 @@ def test_a_publish_retried_after_its_promotion_records_it(tmp_path, cache, event
     Prefect retries): the retry must record the promotion, not compare the run with itself."""
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    champion.promote(st, _record("old", 0.50), 0.0)
+    champions.promote(st, _record("old", 0.50), 0.0)
     real_put = LocalStore.put_file
     manifests = []
 
@@ -121,7 +122,7 @@ def test_a_publish_retried_after_its_promotion_records_it(tmp_path, cache, event
     monkeypatch.setattr(LocalStore, "put_file", fail_second_manifest)
     with pytest.raises(ConnectionResetError):
         _publish(uri, "new", 0.60, CIFAR)
-    assert champion.read(st, NIGHTLY)["run_id"] == "new"
+    assert champions.read(st, NIGHTLY)["run_id"] == "new"
     sealed = json.loads((tmp_path / "store/runs/new/manifest.json").read_text())
     assert sealed["promoted"] is False and sealed["promotion_reason"].startswith("pending: ")
 
@@ -130,18 +131,18 @@ def test_a_publish_retried_after_its_promotion_records_it(tmp_path, cache, event
     assert out["promoted"] is True and m["promoted"] is True
     assert m["promotion_reason"] == "new model beats champion old by +0.1000"  # the decision it made, kept
     assert m["compared_with"] == "old"
-    assert len(champion.documents(st)[NIGHTLY]["history"]) == 2  # the retry added no entry
+    assert len(champions.documents(st)[NIGHTLY]["history"]) == 2  # the retry added no entry
 
 
 def test_two_promotions_and_a_rollback_through_the_cli(tmp_path, capsys):
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    assert champion.promote(st, _record("r1", 0.80), 0.0, flow_run_id="flow-1").promoted
-    assert champion.promote(st, _record("r2", 0.85), 0.0, flow_run_id="flow-2").promoted
+    assert champions.promote(st, _record("r1", 0.80), 0.0, flow_run_id="flow-1").promoted
+    assert champions.promote(st, _record("r2", 0.85), 0.0, flow_run_id="flow-2").promoted
 
     assert cli.main(["--store", uri, "rollback", "--to", "r1", "--reason", "r2 misclassifies trucks"]) == 0
     assert capsys.readouterr().out == f"{NIGHTLY}: champion r2 -> r1 (r2 misclassifies trucks)\n"
-    assert champion.read(st, NIGHTLY)["run_id"] == "r1"
+    assert champions.read(st, NIGHTLY)["run_id"] == "r1"
 
     assert cli.main(["--store", uri, "history"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -158,14 +159,14 @@ def test_two_promotions_and_a_rollback_through_the_cli(tmp_path, capsys):
     assert "--to r9: never a champion of dataset" in capsys.readouterr().err
     assert cli.main(["--store", uri, "rollback", "--to", "r1"]) == 1
     assert "--to r1: already the champion" in capsys.readouterr().err
-    assert len(champion.documents(st)[NIGHTLY]["history"]) == 3
+    assert len(champions.documents(st)[NIGHTLY]["history"]) == 3
 
 
 def test_rollback_needs_the_dataset_when_there_are_several(tmp_path, capsys):
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    champion.promote(st, _record("c1", 0.8), 0.0)
-    champion.promote(st, _record("s1", 0.9, name="synthetic", md5=SYNTH["md5"], test_size=350), 0.0)
+    champions.promote(st, _record("c1", 0.8), 0.0)
+    champions.promote(st, _record("s1", 0.9, name="synthetic", md5=SYNTH["md5"], test_size=350), 0.0)
     assert cli.main(["--store", uri, "rollback", "--to", "c1"]) == 1
     assert "--dataset: give the dataset identity, one of: " in capsys.readouterr().err
 
@@ -175,18 +176,18 @@ def _race(store_factory, rounds: int = 3) -> None:
     the one the last entry names, whatever the interleaving."""
     for i in range(rounds):
         st = store_factory(i)
-        champion.promote(st, _record("a", 0.80), 0.0)
-        champion.promote(st, _record("b", 0.85), 0.0)
+        champions.promote(st, _record("a", 0.80), 0.0)
+        champions.promote(st, _record("b", 0.85), 0.0)
         go = threading.Barrier(2)
         out = {}
 
         def roll():
             go.wait()
-            out["rollback"] = champion.rollback(store_factory(i), NIGHTLY, "a", "b was bad")
+            out["rollback"] = champions.rollback(store_factory(i), NIGHTLY, "a", "b was bad")
 
         def promote():
             go.wait()
-            out["promote"] = champion.promote(store_factory(i), _record("c", 0.95), 0.0)
+            out["promote"] = champions.promote(store_factory(i), _record("c", 0.95), 0.0)
 
         threads = [threading.Thread(target=roll), threading.Thread(target=promote)]
         for t in threads:
@@ -194,7 +195,7 @@ def _race(store_factory, rounds: int = 3) -> None:
         for t in threads:
             t.join()
         assert out["promote"].promoted  # 0.95 beats both a and b
-        doc = champion.documents(st)[NIGHTLY]
+        doc = champions.documents(st)[NIGHTLY]
         actions = [(e["action"], e["champion"]["run_id"]) for e in doc["history"]]
         assert sorted(actions[2:]) == [("promote", "c"), ("rollback", "a")]
         assert doc["champion"] == doc["history"][-1]["champion"]
@@ -216,8 +217,8 @@ def test_history_and_rollback_on_s3_with_a_lost_answer(s3_bucket, monkeypatch):
     rollback counts once."""
     uri = f"s3://{s3_bucket}/nightly"
     st = open_store(uri)
-    champion.promote(st, _record("r1", 0.8), 0.0)
-    champion.promote(st, _record("r2", 0.9), 0.0)
+    champions.promote(st, _record("r1", 0.8), 0.0)
+    champions.promote(st, _record("r2", 0.9), 0.0)
     real = type(st).write_if
 
     def applied_then_lost(self, key, data, version):
@@ -225,9 +226,9 @@ def test_history_and_rollback_on_s3_with_a_lost_answer(s3_bucket, monkeypatch):
         raise PreconditionFailed("the retry of a PUT that had already succeeded")
 
     monkeypatch.setattr(type(st), "write_if", applied_then_lost)
-    entry = champion.rollback(st, NIGHTLY, "r1", "test")
+    entry = champions.rollback(st, NIGHTLY, "r1", "test")
     assert entry["champion"]["run_id"] == "r1" and entry["previous"]["run_id"] == "r2"
-    doc = champion.documents(open_store(uri))[NIGHTLY]
+    doc = champions.documents(open_store(uri))[NIGHTLY]
     assert [e["action"] for e in doc["history"]] == ["promote", "promote", "rollback"]
     assert doc["champion"]["run_id"] == "r1"
 
@@ -239,15 +240,15 @@ def test_a_legacy_champion_json_stays_the_champion_of_its_identity(tmp_path):
     legacy = {k: v for k, v in _record("old", 0.70).items() if k != "dataset_name"}
     st.write_if("champion.json", json.dumps(legacy).encode(), None)
     st.write_if("runs/old/manifest.json", json.dumps({"dataset": {"name": "cifar10"}}).encode(), None)
-    assert champion.read(st, NIGHTLY)["run_id"] == "old"
+    assert champions.read(st, NIGHTLY)["run_id"] == "old"
 
-    ok, why, against = champion.promote(st, _record("worse", 0.60), 0.0)
+    ok, why, against = champions.promote(st, _record("worse", 0.60), 0.0)
     assert not ok and against == "old"
-    assert champion.promote(st, _record("better", 0.75), 0.0).promoted
-    doc = champion.documents(st)[NIGHTLY]
+    assert champions.promote(st, _record("better", 0.75), 0.0).promoted
+    doc = champions.documents(st)[NIGHTLY]
     assert doc["champion"]["run_id"] == "better" and doc["history"][0]["previous"]["run_id"] == "old"
-    champion.rollback(st, NIGHTLY, "old", "back to the legacy champion")
-    assert champion.read(st, NIGHTLY)["run_id"] == "old"
+    champions.rollback(st, NIGHTLY, "old", "back to the legacy champion")
+    assert champions.read(st, NIGHTLY)["run_id"] == "old"
 
 
 @pytest.mark.parametrize("body, found", [(b"{not json", "unreadable content"),
@@ -256,11 +257,11 @@ def test_a_legacy_champion_json_stays_the_champion_of_its_identity(tmp_path):
 def test_a_damaged_champion_document_is_refused_naming_it(tmp_path, body, found):
     """Nothing is promoted over a champion document that cannot be read, and it is left as it is."""
     st = LocalStore(tmp_path)
-    key = champion.key_for(NIGHTLY)
+    key = champions.key_for(NIGHTLY)
     st.write_if(key, body, None)
     where = st.uri_for(key)
-    for call in (lambda: champion.read(st, NIGHTLY), lambda: champion.documents(st),
-                 lambda: champion.promote(st, _record("new", 0.9), 0.0)):
+    for call in (lambda: champions.read(st, NIGHTLY), lambda: champions.documents(st),
+                 lambda: champions.promote(st, _record("new", 0.9), 0.0)):
         with pytest.raises(ValueError) as err:
             call()
         assert str(err.value).startswith(f"{where}: expected a champion document") and found in str(err.value)
@@ -270,7 +271,7 @@ def test_a_damaged_champion_document_is_refused_naming_it(tmp_path, body, found)
 # --- what a store writer plants in a champion document is refused naming it (issue 16) ---
 
 def _plant(st, ident: str, doc_bytes: bytes) -> str:
-    path = Path(st.uri_for(champion.key_for(ident)))
+    path = Path(st.uri_for(champions.key_for(ident)))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(doc_bytes)
     return str(path)
@@ -284,7 +285,7 @@ def test_an_oversized_champion_document_is_refused_naming_it_and_the_limit(tmp_p
     doc = {"identity": NIGHTLY, "champion": _record("old", 0.5), "history": [], "pad": "x" * MAX_DOCUMENT_BYTES}
     where = _plant(st, NIGHTLY, json.dumps(doc).encode())
     with pytest.raises(ValueError) as err:
-        champion.promote(st, _record("new", 0.9), 0.0)
+        champions.promote(st, _record("new", 0.9), 0.0)
     assert str(err.value) == (f"{where}: {len(json.dumps(doc)):,} bytes, larger than a store document can be "
                               f"(limit {MAX_DOCUMENT_BYTES:,} bytes); refused")
 
@@ -300,13 +301,13 @@ def test_a_champion_record_missing_a_field_is_refused_naming_the_document(plante
     st = LocalStore(tmp_path / "store")
     where = _plant(st, NIGHTLY, json.dumps({"identity": NIGHTLY, "champion": planted, "history": []}).encode())
     with pytest.raises(ValueError) as err:
-        champion.promote(st, _record("new", 0.9), 0.0)
+        champions.promote(st, _record("new", 0.9), 0.0)
     assert str(err.value) == f"{where}: {expected}; restore an earlier version of it"
     legacy = tmp_path / "legacy"
     (legacy).mkdir()
-    (legacy / champion.LEGACY_KEY).write_text(json.dumps(planted))
-    with pytest.raises(ValueError, match=f"^{legacy / champion.LEGACY_KEY}: the champion record: expected"):
-        champion.documents(LocalStore(legacy))
+    (legacy / champions.LEGACY_KEY).write_text(json.dumps(planted))
+    with pytest.raises(ValueError, match=f"^{legacy / champions.LEGACY_KEY}: the champion record: expected"):
+        champions.documents(LocalStore(legacy))
 
 
 def test_a_planted_huge_history_is_refused_naming_it(tmp_path, cache, events):

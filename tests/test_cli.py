@@ -59,7 +59,7 @@ def test_cuda_on_a_cpu_machine_is_refused_by_name(tmp_path, capsys):
 
 
 def test_flags_mirror_the_parameters():
-    from flows.params import RunParams
+    from run.params import RunParams
 
     flags = {a.dest for a in build_parser()._actions} - {"help"}
     assert flags == set(RunParams.model_fields)
@@ -133,7 +133,7 @@ def test_a_run_with_no_api_starts_its_own_server_and_stops_it(tmp_path):
     port = int(re.search(r"View at http://127\.0\.0\.1:(\d+)/runs/flow-run/", proc.stdout + proc.stderr).group(1))
     with pytest.raises(OSError):  # stopped with the run
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    assert "telemetry" not in proc.stdout + proc.stderr  # the server's telemetry is off (flows/api.py)
+    assert "telemetry" not in proc.stdout + proc.stderr  # the server's telemetry is off (cli/api.py)
     # the link above died with the server: the last word says how to see the run later
     later = re.search(r"make server, then open http://127\.0\.0\.1:4200/runs/flow-run/([0-9a-f-]{36})", proc.stderr)
     assert later and later.start() > proc.stderr.rfind("View at"), proc.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_a_run_with_no_api_starts_its_own_server_and_stops_it(tmp_path):
 def test_a_data_source_climbing_out_of_the_cache_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     """s3://bucket/../../../victim joined onto <cache>/downloads/bucket/ names a file beside the
     cache; it is refused as a parameter, and the file is still there."""
-    from flows.params import RunParams, describe_errors
+    from run.params import RunParams, describe_errors
     from pydantic import ValidationError
 
     victim = tmp_path / "victim"

@@ -401,7 +401,7 @@ def _capped_memory(limit: int):
 
 
 def test_a_gzip_bomb_is_refused_by_the_mirror_naming_the_member_and_limit(tmp_path, s3_bucket):
-    """A 3 MB archive whose data_batch_1 inflates to 3 GiB: `python -m flows.mirror` refuses it
+    """A 3 MB archive whose data_batch_1 inflates to 3 GiB: `python -m cli.mirror` refuses it
     by the member's size before reading it, naming the member and the limit; nothing is uploaded."""
     import os
     import subprocess
@@ -412,7 +412,7 @@ def test_a_gzip_bomb_is_refused_by_the_mirror_naming_the_member_and_limit(tmp_pa
     bomb = _gzip_bomb(tmp_path / cd.ARCHIVE_NAME, "data_batch_1", 3 * GiB)
     assert bomb.stat().st_size < 4 << 20
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "flows.mirror", str(bomb), f"s3://{s3_bucket}/bomb/"],
+    proc = subprocess.run([sys.executable, "-m", "cli.mirror", str(bomb), f"s3://{s3_bucket}/bomb/"],
                           cwd=root, env={**os.environ, **aws_env(), "PYTHONPATH": str(root)},
                           capture_output=True, text=True, timeout=300, preexec_fn=_capped_memory(6 * GiB))
     assert proc.returncode == 1, proc.stderr

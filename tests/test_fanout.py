@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 
 from store import open_store
-from tasks.common import Unit, stored_key
+from run.layout import Unit, stored_key
 from tests.prefect_fixtures import (LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools, deploy_all,
                                     descendants, kill, run_processes, start_worker, top_process)
 from tests.s3_fixtures import aws_client, aws_env

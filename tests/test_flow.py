@@ -11,8 +11,9 @@ import torch
 import cnn.augment
 import cnn.train
 import tasks.testing
-from store import LocalStore, champion, sha256_of
-from tasks.common import Unit, stored_key
+from store import LocalStore, sha256_of
+from registry import champions
+from run.layout import Unit, stored_key
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,7 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
         assert (run / rel).is_file(), rel
     for name in ["history.csv", "metrics.json", "checkpoint.safetensors"]:  # where the unit's lease names them
         assert (store / stored_key(LocalStore(store), manifest["run_id"], Unit("none", 0), name)).is_file(), name
-    assert champion.read(LocalStore(store), ident)["run_id"] == manifest["run_id"]
+    assert champions.read(LocalStore(store), ident)["run_id"] == manifest["run_id"]
 
     # the portable model loads with plain torch and agrees with the reported accuracy
     from cnn.data import load_splits

@@ -12,8 +12,8 @@ import pytest
 
 from store import LocalStore, StoreError, open_store
 from store.lease import MAX_BYTES, Lease, LeaseHeld, LeaseLost, committed
-from tasks.common import Unit, stored_key
-from tasks.results import VariantResult
+from run.layout import Unit, stored_key
+from run.records import VariantResult
 
 KEY = "runs/r1/variants/flip/lease.json"
 

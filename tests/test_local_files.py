@@ -9,7 +9,8 @@ import stat
 import pytest
 
 import cnn.data as cd
-from store import LocalStore, champion, open_store
+from store import LocalStore, open_store
+from registry import champions
 
 CAND = {"run_id": "r1", "model_uri": "runs/r1/model", "test": {"accuracy": 0.9, "loss": 0.1},
         "dataset_name": "cifar10", "dataset_md5": "m" * 32, "split_seed": 0, "test_size": 3500}
@@ -35,7 +36,7 @@ def _everything_in(folder):
     ("runs/r1", lambda s, src: s.put_bytes("runs/r1/manifest.json", b"{}", src.parent / "tmp")),
     ("runs", lambda s, src: s.put_file("runs/r1/variants/none/metrics.json", src)),
     ("champions", lambda s, src: s.write_if("champions/x.json", b"{}", None)),
-    ("champions", lambda s, src: champion.promote(s, CAND, 0.0)),
+    ("champions", lambda s, src: champions.promote(s, CAND, 0.0)),
 ])
 def test_a_write_through_a_symlinked_folder_is_refused(planted, link, write):
     root, outside = planted
@@ -54,14 +55,14 @@ def test_a_write_over_a_symlinked_file_is_refused_and_the_target_kept(planted):
     root, outside = planted
     (outside / "champion.json").write_text("not yours")
     (root / "champions").mkdir()
-    (root / "champions" / f"{champion.identity(CAND)}.json").symlink_to(outside / "champion.json")
+    (root / "champions" / f"{champions.identity(CAND)}.json").symlink_to(outside / "champion.json")
     (root / "runs" / "r1").mkdir(parents=True)
     (root / "runs" / "r1" / "report.md").symlink_to(outside / "report.md")  # dangling: would be created
     s = LocalStore(root)
     with pytest.raises(ValueError, match=f"runs/r1/report.md: .* is a symlink to {outside / 'report.md'}"):
         s.put_bytes("runs/r1/report.md", b"# report", root.parent / "tmp")
     with pytest.raises(ValueError, match=f"is a symlink to {outside / 'champion.json'}"):
-        champion.promote(s, CAND, 0.0)
+        champions.promote(s, CAND, 0.0)
     assert _everything_in(outside) == ["champion.json"] and (outside / "champion.json").read_text() == "not yours"
 
 
@@ -100,7 +101,7 @@ def test_reads_through_a_symlink_are_refused_and_listing_skips_it(planted, tmp_p
 
 def test_a_prepared_dataset_in_a_symlinked_store_folder_is_refused(planted):
     """What the training tasks read by path (tasks/common.materialize) is checked too."""
-    from tasks.common import materialize
+    from run.cache import materialize
 
     root, outside = planted
     (root / "datasets").symlink_to(outside)
@@ -143,7 +144,7 @@ def test_the_cache_does_not_prepare_or_generate_data_through_a_symlink(folder, t
 
 
 def test_a_run_folder_in_the_cache_is_checked_to_the_file(tmp_path, monkeypatch):
-    from tasks.common import local_run_dir
+    from run.cache import local_run_dir
 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     (tmp_path / "outside").mkdir()

@@ -11,7 +11,7 @@ from prefect.utilities.schema_tools.validation import ValidationError, validate
 
 from cnn.augment import VARIANTS
 from cnn.models import MODELS
-from flows.params import RunParams
+from run.params import RunParams
 from flows.train_cifar import train_cifar
 from flows.train_variant import train_variant
 

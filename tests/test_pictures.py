@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import cnn.augment
-import tasks.live
-from tasks.report import (CONFUSION, CURVES, REPORT_IMAGES, VARIANTS, data_uri, plot_confusion, plot_curves,
+import run.live
+from run.report import (CONFUSION, CURVES, REPORT_IMAGES, VARIANTS, data_uri, plot_confusion, plot_curves,
                           plot_variants, render_markdown)
 from tests.browser import Page
 from tests.prefect_fixtures import client
@@ -91,7 +91,7 @@ def _watch(x, g):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.runtime import flow_run
 
-    arts = _live_artifacts(ArtifactFilter(key=ArtifactFilterKey(any_=[tasks.live.KEY]),
+    arts = _live_artifacts(ArtifactFilter(key=ArtifactFilterKey(any_=[run.live.KEY]),
                                           flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.get_id()])))
     seen = arts[0].data if arts else None
     if not WATCHED or WATCHED[-1] != seen:
@@ -118,7 +118,7 @@ def ui_run(server, synthetic_archive, tmp_path_factory) -> dict:
     store = tmp_path_factory.mktemp("store")
     with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
         mp.setenv("TRAIN_CIFAR_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(tasks.live, "MIN_INTERVAL_S", 0.0)
+        mp.setattr(run.live, "MIN_INTERVAL_S", 0.0)
         mp.setitem(cnn.augment.VARIANTS, "watched", [_watch])
         out = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none", "watched"], epochs=3,
                           patience=3, subset=800, store=str(store), device="cpu")
@@ -173,7 +173,7 @@ def test_live_curves_change_between_epochs_and_show_in_the_ui(ui_run, tmp_path):
     for epoch in (1, 2):
         assert any(s and f"**watched**: epoch {epoch} of at most 3" in s and DATA_URI.search(s) for s in seen), epoch
     # one artifact for the run, updated in place (no version per redraw), naming both variants' ends
-    live = _only(ui_run["artifacts"], tasks.live.KEY)
+    live = _only(ui_run["artifacts"], run.live.KEY)
     print(f"live-curves artifact: {len(live.data.encode())} bytes")
     assert len(live.data.encode()) < 100_000
     for v in ("none", "watched"):
@@ -196,9 +196,9 @@ def test_live_curves_are_redrawn_at_most_every_interval_and_at_the_end(server):
         f = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.get_id()]))
         shown = []
         for n in (1, 2, 3):
-            tasks.live.show_curves("a", rows[:n], 10)  # within MIN_INTERVAL_S of each other
+            run.live.show_curves("a", rows[:n], 10)  # within MIN_INTERVAL_S of each other
             shown.append([a.data for a in _live_artifacts(f)])
-        tasks.live.show_curves("a", rows, 10, status="early_stopped")
+        run.live.show_curves("a", rows, 10, status="early_stopped")
         shown.append([a.data for a in _live_artifacts(f)])
         return shown
 

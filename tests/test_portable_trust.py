@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flows import predict
+from cli import predict
 from store import open_store
 from tests.test_predict import COLOURS, _lines, _publish_model
 

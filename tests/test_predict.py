@@ -1,4 +1,4 @@
-"""flows.predict: a champion's (or a named run's) model on image files.
+"""cli.predict: a champion's (or a named run's) model on image files.
 
 The models here are the registry's `seed` network with weights set by hand so that
 it classifies by dominant colour: the expected class of each image is known. The
@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 from cnn.config import make_config
 from cnn.export import export_portable
 from cnn.models import build_model
-from flows import predict
-from store import champion, open_store
+from cli import predict
+from store import open_store
+from registry import champions
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 220)}
@@ -78,8 +79,8 @@ def _crown(store, run_id: str, md5: str = "c58f30108f718f92721af3b95e74349a", na
     """Make `run_id` the champion of a dataset identity; returns the identity."""
     rec = {"run_id": run_id, "model_uri": store.uri_for(f"runs/{run_id}/model"), "test": {"accuracy": 0.5},
            "dataset_name": name, "dataset_md5": md5, "split_seed": 0, "test_size": 3500}
-    assert champion.promote(store, rec, 0.0).promoted
-    return champion.identity(rec)
+    assert champions.promote(store, rec, 0.0).promoted
+    return champions.identity(rec)
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ def test_predict_champion_on_s3_from_a_fresh_process(s3_bucket, tmp_path, images
     ident = _crown(st, "r1")
 
     files = [str(images[k]) for k in ["red", "green", "blue", "red-palette"]]
-    proc = subprocess.run([sys.executable, "-m", "flows.predict", "--store", uri, *files], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "cli.predict", "--store", uri, *files], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr
     assert _lines(proc.stdout) == {"red.png": "red", "green.jpeg": "green", "blue.png": "blue",
@@ -231,7 +232,7 @@ def test_without_run_the_official_cifar10_champion_else_the_only_one_else_ask(tm
     # two champions of the official archive (other split seeds): predict asks which
     rec = {"run_id": "split1", "model_uri": "", "test": {"accuracy": 0.5}, "dataset_name": "cifar10",
            "dataset_md5": "c58f30108f718f92721af3b95e74349a", "split_seed": 1, "test_size": 3500}
-    champion.promote(st, rec, 0.0)
+    champions.promote(st, rec, 0.0)
     assert predict.main(["--store", uri, red]) == 1
     err = capsys.readouterr().err
     assert "champions of 3 datasets; choose one with --dataset IDENTITY or a run with --run RUN_ID" in err
@@ -243,7 +244,7 @@ def test_without_run_the_official_cifar10_champion_else_the_only_one_else_ask(tm
 def test_predictions_from_safetensors_equal_the_portable_models(tmp_path):
     """The default path (registry model + safetensors + config's TTA) and the exported
     program give the same probabilities on the same images."""
-    from flows.run_model import load_model
+    from run.model import load_model
 
     torch.manual_seed(0)
     model = build_model("seed", num_classes=10).eval()
@@ -327,7 +328,7 @@ def test_portable_needs_the_manifests_record(tmp_path, images, capsys):
 def test_damaged_classes_and_config_are_refused_naming_them(where, tmp_path, images, request, capsys):
     """classes.json and config.json come from the store: anything but what the run wrote
     is refused naming the file, what was expected and what was found; nothing huge is read."""
-    from flows.run_model import MAX_DOCUMENT_BYTES
+    from run.model import MAX_DOCUMENT_BYTES
 
     uri = str(tmp_path / "store") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/p"
     st = open_store(uri)
@@ -392,7 +393,7 @@ def test_a_png_text_chunk_bomb_is_refused_naming_the_image(tmp_path, capsys):
 def test_an_oversized_document_is_refused_before_it_is_downloaded(tmp_path, name):
     """A planted huge classes.json or config.json (sparse here) never reaches the predicting
     machine's disk: its size is checked in the store, then it is refused naming it."""
-    from flows.run_model import MAX_DOCUMENT_BYTES as LIMIT, read_document
+    from run.model import MAX_DOCUMENT_BYTES as LIMIT, read_document
 
     store = open_store(str(tmp_path / "store"))
     planted = tmp_path / "store" / "runs" / "r1" / "model" / name

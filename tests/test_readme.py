@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.params import RunParams
+from run.params import RunParams
 
 REPO = Path(__file__).resolve().parents[1]
 

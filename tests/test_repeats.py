@@ -14,8 +14,8 @@ import pytest
 
 from cnn.stats import promotion
 from store import LocalStore
-from tasks.common import Unit, stored_key, units_of
-from tasks.results import VariantResult
+from run.layout import Unit, stored_key, units_of
+from run.records import VariantResult
 from tasks.scoring import combine
 
 
@@ -80,7 +80,7 @@ def test_units_and_child_names_keep_todays_with_one_repeat():
 
 
 def test_child_parameters_carry_the_repeats_seed():
-    from flows.params import RunParams
+    from run.params import RunParams
     from flows.variants import child_parameters
 
     p = RunParams(variants=["flip"], repeats=3, seed=10, store="/abs/store")
@@ -112,10 +112,11 @@ def _rec(run: str, acc: float) -> dict:
 def test_publish_decides_on_the_paired_comparison_and_faces_a_champion_that_changed(tmp_path, monkeypatch):
     """promote() decides again, with the judge, against whatever champion it finds: the test's
     comparison for the champion the test faced, a fresh one for a champion that won meanwhile."""
-    from store import champion, open_store
+    from store import open_store
+    from registry import champions
 
     st = open_store(str(tmp_path / "store"))
-    champion.promote(st, _rec("old", 0.80), 0.0)
+    champions.promote(st, _rec("old", 0.80), 0.0)
     faced = []
 
     def judge(current):
@@ -123,19 +124,20 @@ def test_publish_decides_on_the_paired_comparison_and_faces_a_champion_that_chan
         d = promotion(np.arange(3500) < 3004, np.arange(3500) < 3000, 0.95, 0.0, champion_run=current["run_id"])
         return d.promote, d.reason
 
-    d = champion.promote(st, _rec("new", 0.86), 0.0, judge=judge)  # higher accuracy, but only 4 images decide
+    d = champions.promote(st, _rec("new", 0.86), 0.0, judge=judge)  # higher accuracy, but only 4 images decide
     assert not d.promoted and faced == ["old"] and "not enough to promote" in d.reason and d.compared_with == "old"
-    assert champion.read(st, champion.identity(_rec("x", 0)))["run_id"] == "old"
+    assert champions.read(st, champions.identity(_rec("x", 0)))["run_id"] == "old"
 
 
 def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
     """publish's judge: the champion the test faced is answered from the test; one that
     won meanwhile is evaluated once, though decide() and promote() both ask."""
-    from store import champion, open_store
+    from store import open_store
+    from registry import champions
     from tasks.publish import ChampionJudge
 
     st = open_store(str(tmp_path / "store"))
-    champion.promote(st, _rec("meanwhile", 0.80), 0.0)
+    champions.promote(st, _rec("meanwhile", 0.80), 0.0)
     evaluated = []
 
     def face_again(current):
@@ -145,9 +147,9 @@ def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
     tested = {"champion_run_id": "old", "promote": False, "reason": "the test's", "difference": 0.0}
     judge = ChampionJudge(tested, face_again)
     assert judge(_rec("old", 0.8)) == (False, "the test's") and evaluated == []
-    current = champion.read(st, champion.identity(_rec("x", 0)))
-    assert champion.decide(current, _rec("new", 0.9), 0.0, judge) == (True, "beats it")
-    d = champion.promote(st, _rec("new", 0.9), 0.0, judge=judge)
+    current = champions.read(st, champions.identity(_rec("x", 0)))
+    assert champions.decide(current, _rec("new", 0.9), 0.0, judge) == (True, "beats it")
+    d = champions.promote(st, _rec("new", 0.9), 0.0, judge=judge)
     assert d.promoted and d.compared_with == "meanwhile" and evaluated == ["meanwhile"]
     assert judge.final["champion_run_id"] == "meanwhile"
 

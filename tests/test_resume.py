@@ -8,7 +8,8 @@ import re
 import pytest
 
 from store import LocalStore, StoreUnavailable, open_store
-from tasks.common import Unit, local_run_dir, stored_key
+from run.cache import local_run_dir
+from run.layout import Unit, stored_key
 
 
 class MachineLost(Exception):
@@ -108,7 +109,7 @@ def test_a_foreign_local_checkpoint_is_ignored_naming_it(run, monkeypatch, capsy
 @pytest.mark.filterwarnings("ignore:Artifact creation outside")
 def test_a_reused_run_id_with_other_parameters_is_refused_before_training(run, capsys):
     from tasks.training import train_variant
-    from tasks.results import VariantResult
+    from run.records import VariantResult
 
     uri, ds, config = run
     first = train_variant.fn(config(epochs=1), ds, 0, 300, "r3", uri, "cpu", 5)

@@ -19,8 +19,9 @@ from PIL import Image
 
 import store.s3 as s3mod
 from cnn import data as cd
-from store import PreconditionFailed, StoreError, champion, open_store
-from tasks.common import Unit, stored_key
+from store import PreconditionFailed, StoreError, open_store
+from registry import champions
+from run.layout import Unit, stored_key
 from tests.s3_fixtures import aws_client, use_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def _candidate(run_id: str, accuracy: float, md5: str = "a" * 32, split_seed: in
             "dataset_name": name, "dataset_md5": md5, "split_seed": split_seed, "test_size": test_size}
 
 
-IDENT = champion.identity(_candidate("any", 0.0))
+IDENT = champions.identity(_candidate("any", 0.0))
 
 
 def _artifacts(flow_run_id: str) -> dict:
@@ -108,7 +109,7 @@ def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, m
     # the champion classifies from a fresh process, through the S3 store
     img = tmp_path / "photo.jpg"
     Image.new("RGB", (120, 80), (200, 40, 40)).save(img)
-    proc = subprocess.run([sys.executable, "-m", "flows.predict", "--store", uri, str(img)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "cli.predict", "--store", uri, str(img)], cwd=ROOT,
                           capture_output=True, text=True, timeout=180, env=os.environ.copy())
     assert proc.returncode == 0, proc.stderr
     path, cls, prob = proc.stdout.strip().split("\t")
@@ -125,7 +126,7 @@ def test_full_synthetic_run_to_s3(s3_bucket, s3_users, cache, prefect_harness, m
 
 # ----------------------------------------------------------------------------------------
 def _mirror(archive: Path, target: str, capsys) -> tuple[str, str]:
-    from flows import mirror
+    from cli import mirror
 
     assert mirror.main([str(archive), target]) == 0
     lines = dict(line.split(" ", 1) for line in capsys.readouterr().out.strip().splitlines())
@@ -159,7 +160,7 @@ def test_dataset_from_an_s3_mirror(s3_bucket, synthetic_archive, cache, capsys, 
 
 
 def test_a_wrong_md5_from_the_mirror_is_refused(s3_bucket, synthetic_archive, cache):
-    from flows import mirror
+    from cli import mirror
     from tasks.data import fetch_dataset
 
     archive, md5 = synthetic_archive
@@ -176,7 +177,7 @@ def test_a_wrong_md5_from_the_mirror_is_refused(s3_bucket, synthetic_archive, ca
 
 
 def test_mirror_refuses_what_is_not_a_cifar_archive(s3_bucket, tmp_path):
-    from flows import mirror
+    from cli import mirror
 
     bad = tmp_path / "cifar-10-python.tar.gz"
     bad.write_bytes(b"not a tarball")
@@ -235,24 +236,24 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
 # ----------------------------------------------------------------------------------------
 def test_champion_first_better_worse_and_other_dataset(s3_bucket):
     st = open_store(f"s3://{s3_bucket}/nightly")
-    assert champion.promote(st, _candidate("r1", 0.50), 0.0) == (True, f"no champion yet for dataset {IDENT}", None)
+    assert champions.promote(st, _candidate("r1", 0.50), 0.0) == (True, f"no champion yet for dataset {IDENT}", None)
 
-    ok, why, _ = champion.promote(st, _candidate("r2", 0.45), 0.0)
+    ok, why, _ = champions.promote(st, _candidate("r2", 0.45), 0.0)
     assert not ok and "does not beat champion r1" in why
-    ok, why, _ = champion.promote(st, _candidate("r3", 0.52), 0.05)  # better, but not by the margin
+    ok, why, _ = champions.promote(st, _candidate("r3", 0.52), 0.05)  # better, but not by the margin
     assert not ok and "by more than 0.05" in why
     # another dataset or split: the first champion of its own identity, r1 untouched
-    ok, why, against = champion.promote(st, _candidate("r4", 0.90, md5="b" * 32), 0.0)
+    ok, why, against = champions.promote(st, _candidate("r4", 0.90, md5="b" * 32), 0.0)
     assert ok and against is None and why == f"no champion yet for dataset cifar10-{'b' * 32}-split0-test140"
-    ok, why, against = champion.promote(st, _candidate("r5", 0.90, split_seed=1), 0.0)
+    ok, why, against = champions.promote(st, _candidate("r5", 0.90, split_seed=1), 0.0)
     assert ok and against is None
-    assert champion.read(st, IDENT)["run_id"] == "r1"
-    assert sorted(champion.documents(st)) == sorted([IDENT, f"cifar10-{'b' * 32}-split0-test140",
+    assert champions.read(st, IDENT)["run_id"] == "r1"
+    assert sorted(champions.documents(st)) == sorted([IDENT, f"cifar10-{'b' * 32}-split0-test140",
                                                      f"cifar10-{'a' * 32}-split1-test140"])
 
-    ok, why, _ = champion.promote(st, _candidate("r6", 0.60), 0.05)
+    ok, why, _ = champions.promote(st, _candidate("r6", 0.60), 0.05)
     assert ok and "beats champion r1" in why
-    assert champion.read(st, IDENT) == _candidate("r6", 0.60)
+    assert champions.read(st, IDENT) == _candidate("r6", 0.60)
 
 
 @pytest.mark.parametrize("round_", range(3))
@@ -265,7 +266,7 @@ def test_two_runs_racing_have_exactly_one_winner(s3_bucket, round_):
 
     def run(i):
         go.wait()
-        results[i] = champion.promote(stores[i], _candidate(f"run{i}", 0.7), 0.0)
+        results[i] = champions.promote(stores[i], _candidate(f"run{i}", 0.7), 0.0)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -274,7 +275,7 @@ def test_two_runs_racing_have_exactly_one_winner(s3_bucket, round_):
         t.join()
     winners = [i for i, d in results.items() if d.promoted]
     assert len(winners) == 1, results
-    assert champion.read(stores[0], IDENT)["run_id"] == f"run{winners[0]}"
+    assert champions.read(stores[0], IDENT)["run_id"] == f"run{winners[0]}"
 
 
 def test_many_runs_racing_lose_no_update(s3_bucket):
@@ -287,14 +288,14 @@ def test_many_runs_racing_lose_no_update(s3_bucket):
     def run(i):
         st = open_store(uri)
         go.wait()
-        results[i] = champion.promote(st, _candidate(f"run{i}", accs[i]), 0.0)
+        results[i] = champions.promote(st, _candidate(f"run{i}", accs[i]), 0.0)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(accs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    final = champion.read(open_store(uri), IDENT)
+    final = champions.read(open_store(uri), IDENT)
     assert final["run_id"] == "run2" and results[2].promoted is True
     # a loser lost to a champion at least as good as itself, never to a lost write
     assert all("does not beat champion" in why for ok, why, _ in results.values() if not ok)
@@ -311,10 +312,10 @@ def test_a_promotion_whose_answer_was_lost_still_counts(s3_bucket, monkeypatch):
         raise PreconditionFailed("the retry of a PUT that had already succeeded")
 
     monkeypatch.setattr(type(st), "write_if", applied_then_lost)
-    ok, why, _ = champion.promote(st, _candidate("r1", 0.5), 0.0)
+    ok, why, _ = champions.promote(st, _candidate("r1", 0.5), 0.0)
     assert ok and why == f"no champion yet for dataset {IDENT}"
-    assert champion.read(st, IDENT)["run_id"] == "r1"
-    assert len(champion.documents(st)[IDENT]["history"]) == 1  # recorded once
+    assert champions.read(st, IDENT)["run_id"] == "r1"
+    assert len(champions.documents(st)[IDENT]["history"]) == 1  # recorded once
 
 
 # ----------------------------------------------------------------------------------------
@@ -325,15 +326,15 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
     fails naming the endpoint, the champion is untouched and the local files are kept."""
     import tasks.publish
     from flows.train_cifar import train_cifar
-    from tasks.common import local_run_dir
+    from run.cache import local_run_dir
 
     archive, md5 = synthetic_archive
     _, src = _mirror(archive, f"s3://{s3_bucket}/mirror/", capsys)  # the run reads its data from the mirror
     uri = f"s3://{s3_bucket}/nightly"
     st = open_store(uri)
     old = _candidate("old-champion", 0.0, md5=md5, test_size=140)
-    champion.promote(st, old, 0.0)  # easy to beat
-    before = st.read_versioned(champion.key_for(champion.identity(old)))
+    champions.promote(st, old, 0.0)  # easy to beat
+    before = st.read_versioned(champions.key_for(champions.identity(old)))
 
     monkeypatch.setattr(s3mod, "READ_TIMEOUT_S", 3)  # a hung endpoint is noticed in seconds, not minutes
     monkeypatch.setattr(s3mod, "CONNECT_TIMEOUT_S", 3)
@@ -355,7 +356,7 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
     assert f"{s3_server.endpoint} did not answer for" in msg
 
     s3_server.resume()
-    assert st.read_versioned(champion.key_for(champion.identity(old))) == before  # same content, same ETag
+    assert st.read_versioned(champions.key_for(champions.identity(old))) == before  # same content, same ETag
     assert not st.exists("runs/interrupted/manifest.json")  # the run was never sealed
     local = local_run_dir("interrupted")
     for rel in ["model/model.pt2", "model/weights.safetensors", "model/metrics.json", "report.md"]:
@@ -423,7 +424,7 @@ def test_a_store_outage_mid_run_costs_no_work(s3_bucket, proxy, cache, prefect_h
     """The endpoint refuses connections for 30 s after epoch 2: training goes on, the
     uploads catch up, the run completes with every artifact verified in the bucket."""
     from flows.train_cifar import train_cifar
-    from tasks.common import local_run_dir
+    from run.cache import local_run_dir
 
     ended = _outage_after_epoch(monkeypatch, 2, proxy, back_after_s=30)
     t0 = time.monotonic()
@@ -453,10 +454,10 @@ def test_a_store_outage_past_the_window_fails_naming_the_endpoint(s3_bucket, pro
     the endpoint and how long it tried; the local copies are whole; the champion untouched."""
     from cnn.checkpoint import read_history
     from flows.train_cifar import train_cifar
-    from tasks.common import local_run_dir
+    from run.cache import local_run_dir
 
     uri = f"s3://{s3_bucket}/nightly"
-    champion.promote(open_store(uri), _candidate("old-champion", 0.0), 0.0)
+    champions.promote(open_store(uri), _candidate("old-champion", 0.0), 0.0)
     champions = {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")}
     assert len(champions) == 1
     _outage_after_epoch(monkeypatch, 2, proxy, back_after_s=None)

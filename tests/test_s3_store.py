@@ -100,16 +100,17 @@ def test_read_versioned_and_conditional_writes(s3_bucket):
 def test_an_oversized_champion_document_in_s3_is_refused_unread(s3_bucket):
     """A champion document padded past the limit by a store writer: refused by its size,
     naming the object and the limit, before its body is read (not a MemoryError)."""
-    from store import MAX_DOCUMENT_BYTES, TooLarge, champion
+    from store import MAX_DOCUMENT_BYTES, TooLarge
+    from registry import champions
 
-    ident = champion.identity({"dataset_name": "cifar10", "dataset_md5": "a" * 32, "split_seed": 0,
+    ident = champions.identity({"dataset_name": "cifar10", "dataset_md5": "a" * 32, "split_seed": 0,
                                "test_size": 3500})
     body = b'{"identity": "x", "champion": {}, "history": [], "pad": "' + b"x" * MAX_DOCUMENT_BYTES + b'"}'
-    aws_client().put_object(Bucket=s3_bucket, Key=f"p/{champion.key_for(ident)}", Body=body)
+    aws_client().put_object(Bucket=s3_bucket, Key=f"p/{champions.key_for(ident)}", Body=body)
     st = open_store(f"s3://{s3_bucket}/p")
     with pytest.raises(TooLarge) as err:
-        champion.read(st, ident)
-    assert str(err.value) == (f"s3://{s3_bucket}/p/{champion.key_for(ident)}: {len(body):,} bytes, larger than a "
+        champions.read(st, ident)
+    assert str(err.value) == (f"s3://{s3_bucket}/p/{champions.key_for(ident)}: {len(body):,} bytes, larger than a "
                               f"store document can be (limit {MAX_DOCUMENT_BYTES:,} bytes); refused")
 
 
@@ -141,7 +142,7 @@ def test_a_key_cannot_escape_the_prefix(s3_bucket, tmp_path, key):
 
 @pytest.mark.parametrize("name", ["../other", "flip/../../x", "a/b", ""])
 def test_run_and_variant_names_are_validated(name):
-    from tasks.common import Unit, run_key
+    from run.layout import Unit, run_key
 
     with pytest.raises(ValueError, match="not a valid name"):
         run_key(name, "manifest.json")

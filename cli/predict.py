@@ -1,11 +1,11 @@
 """Classify images with a champion's (or a named run's) model.
 
-    python -m flows.predict --store s3://bucket/prefix [--dataset IDENTITY | --run RUN_ID] cat.jpg ship.png
+    python -m cli.predict --store s3://bucket/prefix [--dataset IDENTITY | --run RUN_ID] cat.jpg ship.png
 
 Rebuilds the run's model from `runs/<run-id>/model/weights.safetensors` and
 `config.json` (nothing unpickled; `--portable` loads the `.pt2` instead, once its
 SHA-256 matches the manifest and its archive holds nothing that could unpickle more
-than tensors: flows/run_model.py), resizes each PNG or JPEG (at
+than tensors: run/model.py), resizes each PNG or JPEG (at
 most 4096x4096 pixels) to 32x32 RGB and prints one line per image:
 `IMAGE<TAB>CLASS<TAB>PROBABILITY`.
 
@@ -25,8 +25,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cnn.data import ARCHIVE_MD5
-from flows.run_model import load_model, runs_hint
-from store import Store, StoreError, champion, join_key, open_store, safe_name
+from run.model import load_model, runs_hint
+from store import Store, StoreError, join_key, open_store, safe_name
+from registry import champions
 
 BATCH = 256
 FORMATS = ("PNG", "JPEG")
@@ -76,7 +77,7 @@ def model_run(store: Store, run_id: str | None, dataset: str | None) -> tuple[st
     """(run id, why this run): the one asked for, else a champion's (see the module's doc)."""
     if run_id is not None:
         return safe_name(run_id, "--run"), "as asked"
-    docs = champion.documents(store)
+    docs = champions.documents(store)
     if dataset is not None:
         if dataset not in docs:
             raise LookupError(f"--dataset {dataset}: no champion of that dataset identity in {store.uri} "
@@ -92,7 +93,7 @@ def model_run(store: Store, run_id: str | None, dataset: str | None) -> tuple[st
             raise LookupError(f"--store {store.uri}: champions of {len(docs)} datasets; choose one with "
                               f"--dataset IDENTITY or a run with --run RUN_ID ({_identities(docs)})")
     run = docs[chosen]["champion"]["run_id"]
-    return safe_name(run, f"run_id in {store.uri_for(champion.key_for(chosen))}"), f"the champion of {chosen}"
+    return safe_name(run, f"run_id in {store.uri_for(champions.key_for(chosen))}"), f"the champion of {chosen}"
 
 
 def _identities(docs: dict) -> str:
@@ -107,12 +108,12 @@ def predict(module: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.predict", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cli.predict", description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="the store the runs are in: a local folder or s3://bucket/prefix")
     pick = ap.add_mutually_exclusive_group()
     pick.add_argument("--run", default=None, metavar="RUN_ID", help="this run's model instead of a champion's")
     pick.add_argument("--dataset", default=None, metavar="IDENTITY",
-                      help="the champion of this dataset identity (python -m flows.champion --store S lists them)")
+                      help="the champion of this dataset identity (python -m cli.champion --store S lists them)")
     ap.add_argument("--portable", action="store_true",
                     help="load the portable model.pt2 (after checking its SHA-256 against the run's manifest and "
                          "refusing any archive that could unpickle more than tensors) "

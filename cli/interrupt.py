@@ -6,7 +6,7 @@ signal handlers in the main thread only, so the command line runs the flow in a
 thread of its own and keeps the main thread for them (off the main thread,
 Prefect installs no SIGTERM handler of its own, which would raise wherever the
 flow happens to be). The temporary API server has a session of its own
-(flows/api.py): the signal does not reach it, and it records how the run ended.
+(cli/api.py): the signal does not reach it, and it records how the run ended.
 
 The first signal asks every training loop in this process to stop at its next
 batch (cnn.train.STOP): the epoch in progress is dropped, the last finished
@@ -29,7 +29,7 @@ import time
 from typing import Callable
 
 from cnn.train import STOP
-from flows import api
+from cli import api
 
 GRACE_S = 20.0  # first signal to giving up on a clean stop: well inside a pod's 30 s grace period
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

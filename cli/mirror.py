@@ -1,6 +1,6 @@
 """Upload a local CIFAR-10 archive to an S3 mirror, for workers without internet.
 
-    python -m flows.mirror cifar-10-python.tar.gz s3://bucket/mirror/cifar-10-python.tar.gz
+    python -m cli.mirror cifar-10-python.tar.gz s3://bucket/mirror/cifar-10-python.tar.gz
 
 The archive is decoded first, so a truncated or foreign file never reaches the
 mirror. It prints the archive's MD5 and URI; a run then takes it with
@@ -40,7 +40,7 @@ def mirror(archive: Path, target: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.mirror", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cli.mirror", description=__doc__.split("\n")[0])
     ap.add_argument("archive", type=Path, metavar="ARCHIVE", help=f"a local {cd.ARCHIVE_NAME} (or a CIFAR-format one)")
     ap.add_argument("target", metavar="TARGET", help="s3://bucket/key to upload it to (a key ending in / gets the "
                                                      "archive's name)")

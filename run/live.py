@@ -18,7 +18,7 @@ from uuid import UUID
 
 import pandas as pd
 
-from tasks.report import data_uri, draw_curves, save_png
+from run.report import data_uri, draw_curves, save_png
 
 KEY = "live-curves"
 MIN_INTERVAL_S = 30.0  # the UI's picture is at most this old while a variant trains

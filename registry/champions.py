@@ -70,7 +70,7 @@ def decide(current: dict | None, candidate: dict, margin: float, judge: Judge | 
 
 
 def _record_problem(rec) -> str | None:
-    """What a champion record lacks (the fields this module and flows.predict rely on), or None."""
+    """What a champion record lacks (the fields this module and cli.predict rely on), or None."""
     if not isinstance(rec, dict):
         return f"a record (a JSON object), found {type(rec).__name__}"
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from store import Store
 from store.base import json_object
-from tasks.common import Unit, stored_key
+from run.layout import Unit, stored_key
 
 METRICS = "metrics.json"
 STATUSES = ("completed", "early_stopped", "diverged", "failed")

@@ -1,11 +1,11 @@
 """The champions of a store: show them, list their history, roll one back.
 
-    python -m flows.champion --store s3://bucket/nightly                 # each dataset's champion
-    python -m flows.champion --store S history [--dataset IDENTITY]     # every change, oldest first
-    python -m flows.champion --store S rollback --to RUN_ID [--dataset IDENTITY] [--reason TEXT]
+    python -m cli.champion --store s3://bucket/nightly                 # each dataset's champion
+    python -m cli.champion --store S history [--dataset IDENTITY]     # every change, oldest first
+    python -m cli.champion --store S rollback --to RUN_ID [--dataset IDENTITY] [--reason TEXT]
 
 A rollback makes an earlier champion of a dataset identity its champion again, by
-the same conditional write as a promotion (store/champion.py), and is itself
+the same conditional write as a promotion (registry/champions.py), and is itself
 recorded in the history.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ import getpass
 import socket
 import sys
 
-from store import StoreError, champion, join_key, open_store, require_conditional_writes
+from store import StoreError, join_key, open_store, require_conditional_writes
+from registry import champions
 
 
 def _score(rec: dict | None) -> str:
@@ -52,11 +53,11 @@ def who() -> str:
         user = getpass.getuser()
     except (OSError, KeyError):  # no USER variable and no passwd entry (a container)
         user = "unknown"
-    return f"{user}@{socket.gethostname()} (python -m flows.champion)"
+    return f"{user}@{socket.gethostname()} (python -m cli.champion)"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m flows.champion", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m cli.champion", description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="a local folder or s3://bucket/prefix")
     sub = ap.add_subparsers(dest="command")
     h = sub.add_parser("history", help="every champion change, oldest first")
@@ -69,15 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = open_store(args.store, must_exist=True)
         if args.command == "rollback":  # a rollback is a compare-and-swap: only on a store that honours it
-            require_conditional_writes(store, join_key(champion.FOLDER, "probe", "conditional-writes"))
-        docs = champion.documents(store)
+            require_conditional_writes(store, join_key(champions.FOLDER, "probe", "conditional-writes"))
+        docs = champions.documents(store)
         if args.command == "history":
             if args.dataset is not None:
                 docs = {pick_identity(docs, args.dataset): docs[args.dataset]}
             lines = history(docs) or ["no champion change recorded yet"]
         elif args.command == "rollback":
             ident = pick_identity(docs, args.dataset)
-            e = champion.rollback(store, ident, args.to, args.reason, by=who())
+            e = champions.rollback(store, ident, args.to, args.reason, by=who())
             lines = [f"{ident}: champion {e['previous']['run_id']} -> {e['champion']['run_id']} ({e['reason']})"]
         else:
             lines = show(docs)

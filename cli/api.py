@@ -58,7 +58,7 @@ def start() -> TemporaryAPI | None:
          "--log-level", "error", "--lifespan", "on"],
         # a session of its own: a terminal's Ctrl-C (SIGINT to its whole foreground process
         # group) reaches this process only, which then records the run as cancelled on this
-        # server before it stops it (flows/interrupt.py)
+        # server before it stops it (cli/interrupt.py)
         env=server_env(settings), start_new_session=True)
     api = TemporaryAPI(process, f"http://127.0.0.1:{port}/api")
     # registered before Prefect's log and event workers register theirs: atexit runs
