@@ -35,7 +35,7 @@ from prefect.states import Cancelled, Cancelling
 
 from store import Store
 from run.layout import Unit
-from run.records import VariantResult
+from run.records import UnitResult
 
 POLL_S = 5.0  # how often the parent looks at its children; each look is one API call per child
 
@@ -67,11 +67,11 @@ def idempotency_key(run_id: str, unit: Unit, attempt: int) -> str:
 
 
 def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: Store, attempts: int,
-            deadline_s: float, on_change: Callable[[str, dict], None] = lambda label, row: None) -> list[VariantResult]:
+            deadline_s: float, on_change: Callable[[str, dict], None] = lambda label, row: None) -> list[UnitResult]:
     """Train each unit of `parameters` ({unit: the child's parameters}) as a flow run of
     `deployment`, all at once; returns their results in the same order. `on_change` gets
     the unit's label and its row for the UI's table."""
-    results: dict[Unit, VariantResult] = {}
+    results: dict[Unit, UnitResult] = {}
     live: dict[Unit, Child] = {}
     first: dict[Unit, int] = {}  # each unit's first attempt in this execution
 
@@ -91,16 +91,16 @@ def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: S
         live[u] = Child(u, attempt, run)
         on_change(u.label, {"status": f"{run.state.name.lower() if run.state else 'scheduled'}", "attempts": attempt})
 
-    def finish(u: Unit, result: VariantResult) -> None:
+    def finish(u: Unit, result: UnitResult) -> None:
         results[u] = result
         live.pop(u, None)
         on_change(u.label, result.summary())
 
-    def failed(u: Unit, error: str, attempt: int) -> VariantResult:
-        return VariantResult.failed(u.variant, error, attempts=attempt, seed=u.seed)
+    def failed(u: Unit, error: str, attempt: int) -> UnitResult:
+        return UnitResult.failed(u.variant, error, attempts=attempt, seed=u.seed)
 
     for u in parameters:
-        done = VariantResult.read(store, run_id, u)  # trained by an earlier execution of this run
+        done = UnitResult.read(store, run_id, u)  # trained by an earlier execution of this run
         if done is not None:
             print(f"{u.label}: already trained ({done.status}); not started again")
             finish(u, done)
@@ -119,7 +119,7 @@ def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: S
                     continue
                 message = state.message or state.name
                 if state.is_completed():
-                    got = VariantResult.read(store, run_id, u)
+                    got = UnitResult.read(store, run_id, u)
                     finish(u, dataclasses.replace(got, attempts=child.attempt) if got else failed(
                         u, f"{child.label} completed but left no result record in {store.uri}", child.attempt))
                 elif state.is_crashed() and child.attempt - first[u] + 1 < attempts:

@@ -1,6 +1,6 @@
 """Training every unit of a run (each repeat of each variant): in lanes in this process,
 or as flow runs of their own on the variant deployment's work pool (flows/fanout.py).
-Either way the result is one `VariantResult` per unit, in the order of `units_of`;
+Either way the result is one `UnitResult` per unit, in the order of `units_of`;
 tasks/scoring.py combines each variant's repeats."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from run.params import RunParams
 from store import open_store
 from run.layout import Unit, units_of
 from run.report import variants_table
-from run.records import VariantResult
+from run.records import UnitResult
 
 
 class Board:
@@ -58,7 +58,7 @@ def devices_for(device: str) -> list[str]:
     return [str(dev)]
 
 
-def train_variants(p: RunParams, run_id: str, store_uri: str, dataset: dict) -> list[VariantResult]:
+def train_variants(p: RunParams, run_id: str, store_uri: str, dataset: dict) -> list[UnitResult]:
     """Every unit's result: in this process's lanes, or, with `variant_deployment`,
     each as its own flow run of that deployment."""
     units = units_of(p.variants, p.seed, p.repeats)
@@ -85,7 +85,7 @@ def child_parameters(p: RunParams, unit: Unit, run_id: str, store_uri: str, data
 
 
 def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, dataset: dict,
-              board: Board) -> list[VariantResult]:
+              board: Board) -> list[UnitResult]:
     from cnn.train import make_config, resolve_precision
     from tasks.training import refuse_other_parameters, train_variant, unit_facts
 
@@ -119,7 +119,7 @@ def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, data
     # a single CPU lane trains in this, the flow's own thread: up to 10% faster than in
     # a task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
     here = len(lanes) == 1 and not devices[0].startswith("cuda")
-    results: dict[str, VariantResult] = {}
+    results: dict[str, UnitResult] = {}
     futures = {}
     for dev, names in lanes:
         previous = None
@@ -139,17 +139,17 @@ def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, data
     return [results[u.label] for u in units]
 
 
-def _result(unit: Unit, state) -> VariantResult:
+def _result(unit: Unit, state) -> UnitResult:
     """A finished train-variant task's result, or a failed one saying why (the others go on)."""
     if state.is_completed():
         return state.result()
     if state.is_cancelled():  # the run is stopping (cli/interrupt.py)
         print(f"{unit.label}: {state.message}")
-        return VariantResult.failed(unit.variant, state.message, seed=unit.seed)
+        return UnitResult.failed(unit.variant, state.message, seed=unit.seed)
     try:
         state.result()
         err = f"ended {state.type.value}"
     except Exception as e:  # noqa: BLE001 - any failure of one unit is reported, not raised
         err = f"{type(e).__name__}: {e}"
     print(f"{unit.label}: failed: {err}")
-    return VariantResult.failed(unit.variant, err, seed=unit.seed)
+    return UnitResult.failed(unit.variant, err, seed=unit.seed)

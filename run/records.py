@@ -12,12 +12,31 @@ from store.base import json_object
 from run.layout import Unit, stored_key
 
 METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """fetch-dataset's result: where the run's prepared tensors are and what they must be.
+    `sha256` is derived from the verified archive, never read from the store: a child flow
+    run gets it as a parameter, and the store's copy is refused unless it matches."""
+
+    name: str  # cifar10 or synthetic
+    source: str  # where the archive came from (URL, folder, s3:// mirror, generator)
+    md5: str  # of the archive
+    key: str  # store key of the prepared copy, datasets/<name>/<md5>
+    sha256: str  # of the prepared tensors
+    train: int  # images
+    holdout: int  # images, split into validation and test by the run's split_seed
+    classes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 STATUSES = ("completed", "early_stopped", "diverged", "failed")
 SELECTABLE = ("completed", "early_stopped")
 
 
 @dataclass
-class VariantResult:
+class UnitResult:
     name: str
     status: str  # one of STATUSES
     epochs_run: int | None = None
@@ -41,7 +60,7 @@ class VariantResult:
     val_accuracy_ci: list[float] | None = None  # [low, high], 95%, over seeds and images
 
     @classmethod
-    def failed(cls, name: str, error: str, **known) -> VariantResult:
+    def failed(cls, name: str, error: str, **known) -> UnitResult:
         """A variant that produced no model, saying why."""
         return cls(name=name, status="failed", error=error, **known)
 
@@ -53,12 +72,12 @@ class VariantResult:
         return json.dumps(dataclasses.asdict(self), indent=2)
 
     @classmethod
-    def from_dict(cls, d: dict) -> VariantResult:
+    def from_dict(cls, d: dict) -> UnitResult:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def read(cls, store: Store, run_id: str, unit: Unit) -> VariantResult | None:
+    def read(cls, store: Store, run_id: str, unit: Unit) -> UnitResult | None:
         """The unit's record in the store (the one its lease names current), or None if it has not finished."""
         key = stored_key(store, run_id, unit, METRICS)
         raw = None if key is None else store.read_versioned(key)[0]  # deleted by hand: the unit resumes

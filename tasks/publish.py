@@ -21,7 +21,7 @@ from run.cache import local_run_dir
 from run.errors import is_io_error
 from run.layout import run_key, stored_key, units_of
 from run.report import VARIANTS, plot_curves, plot_variants, render_markdown
-from run.records import VariantResult
+from run.records import UnitResult
 from tasks.testing import face_champion_again
 
 NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
@@ -49,7 +49,7 @@ def versions() -> dict:
 TEST_FIELDS = ("loss", "accuracy", "per_class", "champion_comparison")  # the last only when there was a champion
 
 
-def build_manifest(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
+def build_manifest(run: dict, params: dict, dataset: dict, results: list[UnitResult], selected: UnitResult,
                    test: dict, comparison: dict | None = None) -> dict:
     """The run's manifest (README, "What a run writes"), less the promotion and the artifacts, which publish adds."""
     train_size = min(dataset["train"], params.get("subset") or dataset["train"])
@@ -111,7 +111,7 @@ class ChampionJudge:
 
 @task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=is_io_error)
-def publish_run(run: dict, params: dict, dataset: dict, results: list[VariantResult], selected: VariantResult,
+def publish_run(run: dict, params: dict, dataset: dict, results: list[UnitResult], selected: UnitResult,
                 test: dict, store_uri: str, comparison: dict | None = None) -> dict:
     """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins.
 

@@ -14,7 +14,7 @@ from safetensors.numpy import load as load_tensors
 from cnn.stats import paired_difference, sentence, variant_interval
 from store import Store, open_store
 from tasks.data import load_dataset
-from run.records import VariantResult
+from run.records import UnitResult
 from tasks.selection import rank_key
 
 
@@ -23,7 +23,7 @@ def val_labels(store: Store, dataset: dict, split_seed: int) -> np.ndarray:
     return load_dataset(store, dataset, split_seed).val_y.numpy()
 
 
-def outcomes(store: Store, repeats: list[VariantResult], labels: np.ndarray) -> np.ndarray:
+def outcomes(store: Store, repeats: list[UnitResult], labels: np.ndarray) -> np.ndarray:
     """(R, N_val) bool: whether each repeat's best epoch classified each validation image right."""
     rows = []
     for r in repeats:
@@ -50,7 +50,7 @@ def right(raw: bytes, where: str, labels: np.ndarray) -> np.ndarray:
     return predicted.astype(np.int64) == labels
 
 
-def combine(name: str, repeats: list[VariantResult], correct: np.ndarray | None, metric: str) -> VariantResult:
+def combine(name: str, repeats: list[UnitResult], correct: np.ndarray | None, metric: str) -> UnitResult:
     """The variant's record: its best repeat by `metric` (whose model would be tested), with
     every repeat listed and the mean and interval over the selectable ones (`correct`,
     (R_ok, N_val) bool, in their order). No repeat selectable: the first one's failure."""
@@ -69,12 +69,12 @@ def combine(name: str, repeats: list[VariantResult], correct: np.ndarray | None,
 
 
 @task(name="score-variants", cache_policy=NO_CACHE)
-def score_variants(units: list[VariantResult], metric: str, dataset: dict, split_seed: int, store_uri: str,
-                   store_outage_minutes: float | None = None) -> list[VariantResult]:
+def score_variants(units: list[UnitResult], metric: str, dataset: dict, split_seed: int, store_uri: str,
+                   store_outage_minutes: float | None = None) -> list[UnitResult]:
     """One record per variant, in the order the units came: its repeats' mean validation
     accuracy with its 95% interval, and its best repeat's model and metrics."""
     store = open_store(store_uri, outage_minutes=store_outage_minutes)
-    groups: dict[str, list[VariantResult]] = {}
+    groups: dict[str, list[UnitResult]] = {}
     for u in units:
         groups.setdefault(u.name, []).append(u)
     labels = val_labels(store, dataset, split_seed) if any(u.selectable for u in units) else None
@@ -91,7 +91,7 @@ def score_variants(units: list[VariantResult], metric: str, dataset: dict, split
 
 
 @task(name="compare-variants", cache_policy=NO_CACHE)
-def compare_variants(units: list[VariantResult], results: list[VariantResult], selected: VariantResult, metric: str,
+def compare_variants(units: list[UnitResult], results: list[UnitResult], selected: UnitResult, metric: str,
                      dataset: dict, split_seed: int, store_uri: str,
                      store_outage_minutes: float | None = None) -> dict | None:
     """The selected variant minus the runner-up (the next by `metric`), paired on the same

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from prefect import task
 
-from run.records import VariantResult
+from run.records import UnitResult
 
 
-def rank_key(result: VariantResult, metric: str) -> tuple[float, float]:
+def rank_key(result: UnitResult, metric: str) -> tuple[float, float]:
     """Smaller is better: validation accuracy (higher first) or loss, ties by lower loss;
     a variant's means over its repeats where it has them, else its own values (one repeat's)."""
     acc = result.val_accuracy if result.val_accuracy_mean is None else result.val_accuracy_mean
@@ -27,7 +27,7 @@ class NoVariantTrained(RuntimeError):
 
 
 @task(name="select-variant")
-def select_variant(results: list[VariantResult], metric: str) -> VariantResult:
+def select_variant(results: list[UnitResult], metric: str) -> UnitResult:
     """The best variant by `metric` (its mean over repeats); diverged or failed variants are never chosen."""
     ok = [r for r in results if r.selectable]
     if not ok:

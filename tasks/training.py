@@ -44,7 +44,7 @@ from run.layout import LEASE, Unit, stored_key
 from run.owner import current_owner, flow_run_is_over
 from tasks.data import load_dataset
 from run.live import show_curves
-from run.records import METRICS, VariantResult
+from run.records import METRICS, UnitResult
 
 PREDICTIONS = "val_predictions.safetensors"  # tensor "predicted": (N_val,) uint8, the best epoch's classes
 
@@ -81,7 +81,7 @@ def device_name(device: str) -> str:
 
 def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
                run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
-               repeated: bool = False) -> VariantResult:
+               repeated: bool = False) -> UnitResult:
     """Train `cfg.variant` with `cfg.seed` in run `run_id` (or return its stored result) on
     `dataset` (fetch_dataset's reference: key, md5 and the prepared copy's sha256);
     resume from its checkpoint in the store if there is one. `repeated`: the run trains
@@ -91,7 +91,7 @@ def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | N
     unit = Unit(cfg.variant, cfg.seed, repeated)
     facts = unit_facts(cfg, dataset["md5"], split_seed, subset)
     refuse_other_parameters(store, run_id, unit, facts)
-    done = VariantResult.read(store, run_id, unit)
+    done = UnitResult.read(store, run_id, unit)
     if done is not None:
         where = store.uri_for(stored_key(store, run_id, unit, METRICS))
         print(f"{unit.label}: already trained ({done.status}, {where}); not again")
@@ -123,7 +123,7 @@ def refuse_other_parameters(store, run_id: str, unit: Unit, facts: dict) -> None
     current = committed(store, unit.key(run_id, LEASE))
     stored = (current or {}).get("unit")
     if stored is None:  # a unit from before its facts were recorded: its result's config
-        done = VariantResult.read(store, run_id, unit)
+        done = UnitResult.read(store, run_id, unit)
         stored = {"config": done.config} if done is not None and done.config is not None else None
     if not isinstance(stored, dict):
         return
@@ -183,7 +183,7 @@ def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> N
 
 
 def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset, split_seed, subset, run_id,
-                  device, owner, facts: dict) -> VariantResult:
+                  device, owner, facts: dict) -> UnitResult:
     v = unit.label
     workdir = local_run_dir(run_id, "variants", *unit.folder.split("/"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +214,7 @@ def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset, split_seed, sub
         final[PREDICTIONS] = workdir / PREDICTIONS
     stored = store.outage.call(publish, final) if final else {}
     artifacts.update({f"{unit.folder}/{name}": _artifact(rec) for name, rec in stored.items()})
-    out = VariantResult(
+    out = UnitResult(
         name=cfg.variant, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
         error=result["error"], weights_key=stored.get("best.safetensors", {}).get("key"), config=cfg.__dict__,
@@ -268,7 +268,7 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
 @task(name="train-variant", cache_policy=NO_CACHE, task_run_name="train-{label}")
 def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
                   run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
-                  repeated: bool = False, label: str = "") -> VariantResult:
+                  repeated: bool = False, label: str = "") -> UnitResult:
     """Train one repeat of one variant in this process; resume from its checkpoint in the store if one exists."""
     # the run is stopping (Ctrl-C at the command line): start nothing; stop what trains at
     # its next batch, its last finished epoch stored for a resume. Cancelled, not failed.

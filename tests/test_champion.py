@@ -14,7 +14,7 @@ import pytest
 from cli import champion as cli
 from store import LocalStore, PreconditionFailed, open_store
 from registry import champions
-from run.records import VariantResult
+from run.records import UnitResult
 
 CIFAR = dict(name="cifar10", md5="c58f30108f718f92721af3b95e74349a", test_size=3500)
 SYNTH = dict(name="synthetic", md5="5" * 32, test_size=350)
@@ -56,7 +56,7 @@ def _publish(store_uri: str, run_id: str, acc: float, dataset: dict, split_seed:
     classes = [f"c{i}" for i in range(10)]
     ds = {"name": dataset["name"], "source": "fabricated", "md5": dataset["md5"], "train": 50000,
           "holdout": dataset["test_size"] * 100 // 35, "classes": classes}
-    v = VariantResult(name="none", status="completed", epochs_run=1, best_epoch=1, val_loss=1.0, val_accuracy=acc,
+    v = UnitResult(name="none", status="completed", epochs_run=1, best_epoch=1, val_loss=1.0, val_accuracy=acc,
                       seconds=1.0, device="cpu", config={"model": "seed", "variant": "none"})
     test = {"loss": 1 - acc, "accuracy": acc, "per_class": dict.fromkeys(classes, acc), "artifacts": {}}
     ident = champions.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],

@@ -13,7 +13,7 @@ import pytest
 from store import LocalStore, StoreError, open_store
 from store.lease import MAX_BYTES, Lease, LeaseHeld, LeaseLost, committed
 from run.layout import Unit, stored_key
-from run.records import VariantResult
+from run.records import UnitResult
 
 KEY = "runs/r1/variants/flip/lease.json"
 
@@ -131,7 +131,7 @@ def test_a_writer_that_lost_its_lease_changes_nothing_current(store_uri, tmp_pat
     store, unit = open_store(store_uri), Unit("flip", 0)
     current = stored_key(store, "r1", unit, "checkpoint.safetensors")
     assert store.read_versioned(current)[0] == b"B epoch 5"
-    result = VariantResult.read(store, "r1", unit)
+    result = UnitResult.read(store, "r1", unit)
     assert (result.flow_run_id, result.epochs_run) == ("B", 5)
     # A's upload is in the store, under its own generation, and never became current
     stale = [k for k in store.list("runs/r1") if store.read_versioned(k)[0] == b"A epoch 3"]
@@ -190,7 +190,7 @@ def test_a_malformed_lease_is_refused_naming_it(tmp_path, planted, found):
     with pytest.raises(StoreError, match=f"^{where}: .*{re.escape(found)}"):
         Lease(store, KEY, owner="B").claim()
     with pytest.raises(StoreError, match=f"^{where}: "):  # and every reader of the unit's files
-        VariantResult.read(store, "r1", Unit("flip", 0))
+        UnitResult.read(store, "r1", Unit("flip", 0))
     assert (tmp_path / KEY).read_bytes() == planted  # untouched
 
 
@@ -215,7 +215,7 @@ def test_a_malformed_result_record_is_refused_naming_it(tmp_path, planted, found
         (tmp_path / key).write_bytes(planted)
     where = re.escape(str(tmp_path / key))
     with pytest.raises(ValueError, match=f"^{where}: expected a result record: .*; {re.escape(found)}"):
-        VariantResult.read(store, "r1", Unit("flip", 0))
+        UnitResult.read(store, "r1", Unit("flip", 0))
     assert (tmp_path / key).read_bytes() == planted  # untouched
 
 

@@ -15,12 +15,12 @@ import pytest
 from cnn.stats import promotion
 from store import LocalStore
 from run.layout import Unit, stored_key, units_of
-from run.records import VariantResult
+from run.records import UnitResult
 from tasks.scoring import combine
 
 
-def _repeat(name: str, seed: int, acc: float, loss: float = 1.0, status: str = "completed") -> VariantResult:
-    return VariantResult(name=name, status=status, epochs_run=2, best_epoch=2, val_loss=loss, val_accuracy=acc,
+def _repeat(name: str, seed: int, acc: float, loss: float = 1.0, status: str = "completed") -> UnitResult:
+    return UnitResult(name=name, status=status, epochs_run=2, best_epoch=2, val_loss=loss, val_accuracy=acc,
                          seconds=1.0, seed=seed, weights_key=f"runs/r/variants/{name}/seed-{seed}/best.safetensors")
 
 

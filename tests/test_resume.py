@@ -109,7 +109,7 @@ def test_a_foreign_local_checkpoint_is_ignored_naming_it(run, monkeypatch, capsy
 @pytest.mark.filterwarnings("ignore:Artifact creation outside")
 def test_a_reused_run_id_with_other_parameters_is_refused_before_training(run, capsys):
     from tasks.training import train_variant
-    from run.records import VariantResult
+    from run.records import UnitResult
 
     uri, ds, config = run
     first = train_variant.fn(config(epochs=1), ds, 0, 300, "r3", uri, "cpu", 5)
@@ -124,5 +124,5 @@ def test_a_reused_run_id_with_other_parameters_is_refused_before_training(run, c
     assert "epoch" not in capsys.readouterr().out  # nothing trained
     assert store.read_versioned(stored_key(store, "r3", unit, "metrics.json"))[0] == stored
     # the same parameters: its stored result, as before
-    assert train_variant.fn(config(epochs=1), ds, 0, 300, "r3", uri, "cpu", 5) == VariantResult.read(store, "r3", unit)
+    assert train_variant.fn(config(epochs=1), ds, 0, 300, "r3", uri, "cpu", 5) == UnitResult.read(store, "r3", unit)
     assert first.epochs_run == 1

@@ -1,0 +1,49 @@
+"""The run's context: built once from RunParams, handed to every task and child flow.
+
+A task takes `ctx: RunContext` instead of loose arguments: the run id, the store
+(opened once per process, outage window included), the dataset reference once
+fetched, and the parameters themselves. A new training setting then touches
+RunParams, TrainConfig and the place that uses it, nothing in between.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+
+from cnn.config import TrainConfig, make_config, resolve_precision
+from run.layout import Unit
+from run.params import RunParams
+from run.records import DatasetRef
+from store import Store, normalize_uri, open_store
+
+
+@dataclass(frozen=True)
+class RunContext:
+    params: RunParams
+    run_id: str
+    flow_run_id: str | None = None  # the flow run this process works for (the parent's, or a child's own)
+    created_at: str | None = None
+    dataset: DatasetRef | None = None  # fetch-dataset's result; None before it
+
+    @property
+    def store_uri(self) -> str:
+        return normalize_uri(self.params.store)
+
+    @cached_property
+    def store(self) -> Store:
+        """The run's store, waiting out an outage for `store_outage_minutes`."""
+        return open_store(self.store_uri, outage_minutes=self.params.store_outage_minutes)
+
+    def with_dataset(self, dataset: DatasetRef) -> RunContext:
+        return dataclasses.replace(self, dataset=dataset)
+
+    def precision(self, device: str) -> str:
+        """fp32 or bf16: the run's `precision` for `device` ('auto': bf16 on CUDA, fp32 on a CPU)."""
+        return resolve_precision(self.params.precision, device)
+
+    def config(self, unit: Unit, device: str) -> TrainConfig:
+        """What trains `unit` on `device`: the model's recipe with the run's settings."""
+        p = self.params
+        return make_config(p.model, unit.variant, epochs=p.epochs, patience=p.patience, seed=unit.seed,
+                           batch_size=p.batch_size, lr=p.lr, compile=p.compile, precision=self.precision(device))
