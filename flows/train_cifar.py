@@ -98,6 +98,8 @@ def train_cifar(
     from cnn.train import STOP, TrainConfig
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
+    from run.context import RunContext
+    from run.records import DatasetRef
     from run.cache import drop_local_copies
     from run.layout import probe_key
     from tasks.data import fetch_dataset
@@ -125,6 +127,7 @@ def train_cifar(
 
     ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
                        p.synthetic_test, store_uri, p.store_outage_minutes)
+    ctx = RunContext(p, run["run_id"], run["flow_run_id"], run["created_at"], DatasetRef(**ds))  # noqa: F841
     try:
         units = train_variants(p, run["run_id"], store_uri, ds)  # one per repeat of each variant
     except RunCancelled as e:

@@ -226,7 +226,7 @@ def test_manifest_never_claims_a_promotion_that_did_not_happen(run_env, syntheti
     def refuse(*a, **k):
         raise StoreError("champion.json: access denied (test)")
 
-    monkeypatch.setattr(champion, "promote", refuse)
+    monkeypatch.setattr(champions, "promote", refuse)
     path, md5 = synthetic_archive
     store = run_env / "store"
     with pytest.raises(StoreError, match="access denied"):

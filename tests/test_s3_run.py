@@ -458,8 +458,8 @@ def test_a_store_outage_past_the_window_fails_naming_the_endpoint(s3_bucket, pro
 
     uri = f"s3://{s3_bucket}/nightly"
     champions.promote(open_store(uri), _candidate("old-champion", 0.0), 0.0)
-    champions = {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")}
-    assert len(champions) == 1
+    documents = {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")}
+    assert len(documents) == 1
     _outage_after_epoch(monkeypatch, 2, proxy, back_after_s=None)
     t0 = time.monotonic()
     with pytest.raises(RuntimeError) as err:
@@ -476,6 +476,6 @@ def test_a_store_outage_past_the_window_fails_naming_the_endpoint(s3_bucket, pro
     assert epochs == list(range(1, len(epochs) + 1)) and len(epochs) >= 2
     assert len((local / "history.csv").read_text().splitlines()) == 1 + len(epochs)
     proxy.accept()
-    assert {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")} == champions
+    assert {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")} == documents
     assert not open_store(uri).exists("runs/gone/variants/none/metrics.json")
     assert stored_key(open_store(uri), "gone", Unit("none", 0), "metrics.json") is None
