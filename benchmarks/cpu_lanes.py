@@ -31,8 +31,9 @@ def side(args) -> None:
     import torch
 
     from benchmarks.common import synthetic_images
+    from cnn.config import make_config
     from cnn.data import Splits
-    from cnn.train import make_config, train
+    from cnn.train import train
 
     x, y = synthetic_images(args.images + 1000, seed=0)
     n = args.images

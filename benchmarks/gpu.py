@@ -32,11 +32,13 @@ import torch
 
 from benchmarks.common import machine, synthetic_images, table, write_result
 from cnn.augment import VARIANTS, normalize
+from cnn.config import make_config, resolve_precision
 from cnn.data import Splits
+from cnn.device import prepare_device
 from cnn.evaluate import evaluate
 from cnn.fast import Lookahead
-from cnn.train import (EVAL_BATCH, compile_model, init_model, make_config, make_optimizer, make_scheduler,
-                       prepare_device, resolve_precision, train, train_one_epoch, variants_that_fit)
+from cnn.train import (EVAL_BATCH, compile_model, init_model, make_optimizer, make_scheduler, train, train_one_epoch,
+                       variants_that_fit)
 
 DEFAULT_VARIANTS = list(VARIANTS)[:6]  # none, flip, crop, flip-crop, flip-crop-cutout, flip-crop-jitter
 VAL_IMAGES = 6500

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from benchmarks.common import Timer, machine, synthetic_images, table, write_result
 from cnn.augment import MEAN, STD, VARIANTS, make_batch
-from cnn.train import prepare_device
+from cnn.device import prepare_device
 
 SKIP = 4  # DataLoader batches before the clock starts (worker start-up)
 

@@ -65,11 +65,13 @@ def direct(args) -> None:
 
     import torch
 
+    from cnn.checkpoint import CHECKPOINT
+    from cnn.config import make_config
     from cnn.data import load_splits, prepare
     from cnn.evaluate import evaluate
     from cnn.models import build_model
     from cnn.synthetic import write_archive
-    from cnn.train import CHECKPOINT, make_config, train
+    from cnn.train import train
 
     class outputs:  # noqa: N801 - a timer: `with outputs(): ...` adds to t_outputs
         def __enter__(self):

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, table, write_result
+from cnn.config import make_config
 from cnn.data import load_splits, prepare
 from cnn.stats import paired_difference, variant_interval
 from cnn.synthetic import write_archive
-from cnn.train import make_config, train
+from cnn.train import train
 
 
 def main() -> None:

@@ -40,9 +40,10 @@ from torch.utils.data import DataLoader
 from benchmarks.common import Timer, machine, synthetic_images, table, write_result
 from benchmarks.loader import PILImages, standard_transform
 from cnn.augment import normalize
+from cnn.config import make_config
+from cnn.device import keep_freed_memory, prepare_device
 from cnn.fast import Lookahead
-from cnn.train import (init_model, keep_freed_memory, make_config, make_optimizer, make_scheduler,
-                       prepare_device, train_one_epoch)
+from cnn.train import init_model, make_optimizer, make_scheduler, train_one_epoch
 
 VARIANT = "flip-crop"
 WARMUP_STEPS = 2

@@ -30,17 +30,12 @@ from torch import nn
 
 from cnn.augment import make_batch, normalize
 from cnn.checkpoint import CHECKPOINT, LoopState, load_checkpoint, save_checkpoint
-from cnn.config import PRECISIONS, TrainConfig, make_config, resolve_precision
+from cnn.config import TrainConfig
 from cnn.data import Splits
-from cnn.device import keep_freed_memory, pick_device, prepare_device
+from cnn.device import prepare_device
 from cnn.evaluate import evaluate, predict_logits
 from cnn.fast import Lookahead
 from cnn.models import build_model
-
-# names other modules import from here, from before config, device and checkpoint had modules of their own
-__all__ = ["CHECKPOINT", "EVAL_BATCH", "PRECISIONS", "STOP", "Diverged", "Stopped", "TrainConfig", "compile_model",
-           "init_model", "keep_freed_memory", "make_config", "make_optimizer", "make_scheduler", "pick_device",
-           "prepare_device", "resolve_precision", "train", "train_one_epoch", "variants_that_fit"]
 
 EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
 

@@ -95,7 +95,8 @@ def train_cifar(
     run_id: form("run_id") = D.run_id,
 ):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
-    from cnn.train import STOP, TrainConfig
+    from cnn.config import TrainConfig
+    from cnn.train import STOP
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_variants
     from run.context import RunContext

@@ -49,7 +49,8 @@ def train_variant(
 ) -> dict:
     """Train one variant of one run with `seed` (with repeats above 1, into variants/<variant>/seed-<seed>/);
     its checkpoint, history, weights, validation predictions and result go to the store."""
-    from cnn.train import make_config, pick_device, resolve_precision
+    from cnn.config import make_config, resolve_precision
+    from cnn.device import pick_device
     from run.layout import probe_key
     from tasks.training import train_unit
 

@@ -50,7 +50,7 @@ def devices_for(device: str) -> list[str]:
     """The devices variants are spread over: every GPU for 'auto'/'cuda', else the one named."""
     import torch
 
-    from cnn.train import pick_device
+    from cnn.device import pick_device
 
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None:
@@ -86,7 +86,7 @@ def child_parameters(p: RunParams, unit: Unit, run_id: str, store_uri: str, data
 
 def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, dataset: dict,
               board: Board) -> list[UnitResult]:
-    from cnn.train import make_config, resolve_precision
+    from cnn.config import make_config, resolve_precision
     from tasks.training import refuse_other_parameters, train_variant, unit_facts
 
     devices = devices_for(p.device)

@@ -32,8 +32,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Cancelled
 from safetensors.torch import save_file
 
-from cnn.checkpoint import read_history, read_progress
-from cnn.train import CHECKPOINT, STOP, Stopped, TrainConfig, train
+from cnn.checkpoint import CHECKPOINT, read_history, read_progress
+from cnn.config import TrainConfig
+from cnn.train import STOP, Stopped, train
 from store import MAX_MODEL_BYTES, open_store
 from store.files import publishing, write_durably
 from store.lease import Lease, committed

@@ -18,9 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cnn.checkpoint import CHECKPOINT, LoopState, load_checkpoint, read_history, save_checkpoint
+from cnn.config import make_config
 from cnn.data import Splits, load_splits
 from cnn.fast import Lookahead
-from cnn.train import init_model, make_config, make_optimizer, make_scheduler, train
+from cnn.train import init_model, make_optimizer, make_scheduler, train
 from tests.conftest import register_tiny
 
 CPU = torch.device("cpu")

@@ -10,11 +10,13 @@ from torch import nn
 
 from cnn import fast as fastmod
 from cnn.augment import normalize
+from cnn.checkpoint import CHECKPOINT
+from cnn.config import make_config
 from cnn.data import Splits, load_splits
 from cnn.evaluate import evaluate, predict_logits
 from cnn.fast import Block, FastNet, Lookahead, Norm
 from cnn.models import FAST_RECIPE, MODELS, RECIPES, build_model
-from cnn.train import CHECKPOINT, make_config, make_optimizer, train
+from cnn.train import make_optimizer, train
 
 
 @pytest.fixture(scope="module")

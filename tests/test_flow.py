@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import cnn.augment
+import cnn.config
 import cnn.train
 import tasks.testing
 from store import LocalStore, sha256_of
@@ -132,7 +133,7 @@ def test_the_test_runs_at_the_precision_of_its_own_device(run_env, synthetic_arc
     from flows.train_cifar import train_cifar
 
     path, md5 = synthetic_archive
-    monkeypatch.setattr(cnn.train, "resolve_precision", lambda precision, device: "bf16")  # the trainer's view
+    monkeypatch.setattr(cnn.config, "resolve_precision", lambda precision, device: "bf16")  # the trainer's view
     amps = []
     real_test_eval = tasks.testing.evaluate
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from cnn.config import make_config
 from cnn.models import MODELS, RECIPES, build_model
-from cnn.train import make_config
 
 
 def test_seed_structure():

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from cnn import train as train_module
+from cnn.config import make_config
 from cnn.data import Splits
-from cnn.train import make_config, train, train_one_epoch
+from cnn.train import train, train_one_epoch
 from tasks.training import terminal_progress
 from tests.conftest import register_tiny
 

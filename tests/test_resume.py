@@ -32,7 +32,7 @@ def _dies_after(epoch: int, real_train):
 @pytest.fixture
 def run(tmp_path, monkeypatch, tiny, prefect_harness):
     """(store uri, dataset, a config maker) on a fresh local store and cache."""
-    from cnn.train import make_config
+    from cnn.config import make_config
     from tasks.data import fetch_dataset
 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))

@@ -199,7 +199,7 @@ class MachineLost(Exception):
 def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, cache, prefect_harness,
                                                                     monkeypatch, capsys, tmp_path):
     import tasks.training
-    from cnn.train import make_config
+    from cnn.config import make_config
     from tasks.data import fetch_dataset
     from tasks.training import train_variant
 

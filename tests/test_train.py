@@ -13,10 +13,11 @@ from safetensors import safe_open
 
 from cnn import augment
 from cnn import train as train_module
+from cnn.checkpoint import CHECKPOINT
+from cnn.config import make_config, resolve_precision
 from cnn.data import Splits, load_splits
 from cnn.models import build_model
-from cnn.train import (CHECKPOINT, make_config, make_optimizer, make_scheduler, resolve_precision, train,
-                       variants_that_fit)
+from cnn.train import make_optimizer, make_scheduler, train, variants_that_fit
 
 CPU = torch.device("cpu")
 
