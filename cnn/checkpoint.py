@@ -130,12 +130,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     live = model.state_dict()
     _check_like(path, "model", groups["model"], live)
     state = LoopState(**document["loop"])
-    predictions = groups["best"].pop(BEST_PREDICTIONS, None)  # absent in checkpoints written before it was kept
-    if predictions is not None and (predictions.dtype != torch.uint8 or predictions.ndim != 1 or not state.best_epoch):
-        raise ValueError(f"{path}: tensor 'best/{BEST_PREDICTIONS}': expected (N,) uint8 beside a best epoch, "
-                         f"found {predictions.dtype} {tuple(predictions.shape)} (best epoch {state.best_epoch})")
+    predictions = groups["best"].pop(BEST_PREDICTIONS, None)
+    has_best = bool(state.best_epoch)
+    if (predictions is not None) != has_best or (
+            has_best and (predictions.dtype != torch.uint8 or predictions.ndim != 1)):
+        found = "none" if predictions is None else f"{predictions.dtype} {tuple(predictions.shape)}"
+        raise ValueError(f"{path}: tensor 'best/{BEST_PREDICTIONS}': expected (N,) uint8 exactly when there is a "
+                         f"best epoch, found {found} (best epoch {state.best_epoch})")
     state.best_predictions = predictions
-    if state.best_epoch:
+    if has_best:
         _check_like(path, "best", groups["best"], live)
         state.best_state = groups["best"]
     else:

@@ -248,9 +248,7 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
 
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg)
-        if state.best_state is not None and state.best_predictions is None:  # a checkpoint from before they were kept
-            state.best_predictions = _predictions_of(state.best_state, model, data, device, cfg, amp)
-        if state.status != "running":  # already finished: nothing to redo
+        if state.status != "running":
             return _result(state)
     elif hasattr(model, "init_from_data"):
         # data-dependent initialisation (the fast model's whitening layer), once per
@@ -300,13 +298,6 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     if state.status == "diverged":
         save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
     return _result(state)
-
-
-def _predictions_of(weights: dict, like: nn.Module, data: Splits, device, cfg: TrainConfig, amp: bool) -> torch.Tensor:
-    """(N_val,) uint8 predicted classes of `weights` (a model like `like`) on the validation split."""
-    twin = copy.deepcopy(like)
-    twin.load_state_dict(weights)
-    return evaluate(twin, data.val_x, data.val_y, device, batch_size=EVAL_BATCH, tta=cfg.tta, amp=amp)["predicted"]
 
 
 def _result(state: LoopState) -> dict:

@@ -116,6 +116,8 @@ TAMPERED = {
     "an optimizer tensor for no parameter": (lambda t, m: ({**t, "optimizer/999/momentum_buffer": torch.zeros(1)}, m),
                                              "unexpected tensor 'optimizer/999/momentum_buffer'"),
     "the rng state missing": (lambda t, m: (_drop(t, "rng"), m), "tensor 'rng'"),
+    "the best epoch's predictions missing": (lambda t, m: (_drop(t, "best/val_predictions"), m),
+                                             "tensor 'best/val_predictions'"),
     "an rng state of the wrong size": (lambda t, m: ({**t, "rng": torch.zeros(7, dtype=torch.uint8)}, m),
                                        "does not fit"),
 }
@@ -174,8 +176,9 @@ def test_a_checkpoint_restores_every_state_exactly(tiny, tmp_path):
     for step in range(1, 6):  # past the lookahead's start: its average exists
         _step(model, opt, sched, gen, lookahead, step)
     best = {k: v.clone() for k, v in model.state_dict().items()}
+    predictions = torch.tensor([3, 1, 4, 1, 5], dtype=torch.uint8)
     state = LoopState(epoch=1, history=[{"epoch": 1, "val_loss": 2.25}], best_epoch=1, best_val_loss=2.25,
-                      best_state=best, seconds=1.5)
+                      best_state=best, best_predictions=predictions, seconds=1.5)
     save_checkpoint(tmp_path / CHECKPOINT, model, opt, sched, gen, lookahead, cfg, state)
 
     model2, opt2, sched2, gen2, lookahead2 = _objects(dataclasses.replace(cfg, seed=9))  # other weights, other rng
@@ -185,6 +188,7 @@ def test_a_checkpoint_restores_every_state_exactly(tiny, tmp_path):
     assert loaded.history == state.history and loaded.best_epoch == 1 and loaded.best_val_loss == 2.25
     for k, v in best.items():
         assert torch.equal(loaded.best_state[k], v), k
+    assert torch.equal(loaded.best_predictions, predictions)
     for k, v in model.state_dict().items():
         assert torch.equal(model2.state_dict()[k], v), k
     assert torch.equal(gen2.get_state(), gen.get_state())
