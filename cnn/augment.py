@@ -157,14 +157,16 @@ VARIANTS: dict[str, list[Step]] = {
 
 
 def check_variants(names: list[str]) -> None:
+    """The one refusal of a list of variant names: empty, or naming one that is not in VARIANTS."""
+    if not names:
+        raise ValueError(f"at least one variant is needed; known variants: {', '.join(VARIANTS)}")
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; known variants: {', '.join(VARIANTS)}")
 
 
 def _steps(variant: str) -> list[Step]:
-    if variant not in VARIANTS:
-        check_variants([variant])
+    check_variants([variant])
     return VARIANTS[variant]
 
 

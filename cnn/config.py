@@ -1,7 +1,5 @@
-"""What decides a variant's training: TrainConfig, filled from a model's recipe.
-
-One config object is saved inside every checkpoint (cnn.checkpoint), and a
-checkpoint resumes only under the config it was written with."""
+"""What decides a variant's training: TrainConfig, filled from a model's recipe
+(cnn.models) with the run's overrides."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,17 +7,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cnn.models import RECIPES, build_model
+from cnn.models import RECIPES, check_model
 
 PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a variant's training; saved inside every checkpoint.
-
-    make_config fills it from the model's `Recipe` (cnn.models), with the run's
-    epochs, patience, seed, compile, precision and, when given, batch size and lr."""
+    """Everything that decides a variant's training; saved inside every checkpoint, which
+    resumes only under the config it was written with."""
 
     model: str
     variant: str
@@ -58,8 +54,7 @@ def make_config(model: str, variant: str, *, epochs: int, patience: int, seed: i
                 precision: str = "fp32") -> TrainConfig:
     """A config from the model's recipe, with the run's overrides. `precision` is fp32
     or bf16 (resolve 'auto' for the device first: resolve_precision)."""
-    if model not in RECIPES:
-        build_model(model)  # raises, listing the known models
+    check_model(model)
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")
     r = dataclasses.asdict(RECIPES[model])

@@ -1,4 +1,4 @@
-"""Model registry: a model is one builder function, one name, and its recipe.
+"""The models: each is one builder function, one name, and its recipe.
 
     @register("seed", Recipe(lr=0.05, ...))
     def seed(num_classes=10, **kw) -> nn.Module: ...
@@ -50,9 +50,14 @@ def register(name: str, recipe: Recipe):
     return wrap
 
 
-def build_model(name: str, **kwargs) -> nn.Module:
+def check_model(name: str) -> None:
+    """The one refusal of a model name that is not registered."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    check_model(name)
     return MODELS[name](**kwargs)
 
 
