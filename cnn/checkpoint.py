@@ -44,7 +44,7 @@ from store.files import publishing
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "train-cifar-checkpoint-1"
 BEST_PREDICTIONS = "val_predictions"  # under best/; no model's state_dict has a key without a dot
-STATUSES = ("running", "completed", "early_stopped", "diverged")
+LOOP_STATES = ("running", "completed", "early_stopped", "diverged")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class LoopState:
     best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights, on the CPU
     best_predictions: torch.Tensor | None = None  # (N_val,) uint8: the best epoch's predicted classes
     seconds: float = 0.0  # training and validation time, summed over epochs
-    status: str = "running"  # or completed, early_stopped, diverged
+    status: str = "running"  # one of LOOP_STATES
     error: str | None = None  # why it diverged
 
 
@@ -201,8 +201,8 @@ def _document(path: Path, metadata: dict[str, str] | None) -> dict:
     for k, kind in _LOOP_FIELDS.items():
         if not isinstance(loop[k], kind) or isinstance(loop[k], bool):
             raise ValueError(f"{path}: loop state {k!r}: expected {kind}, found {loop[k]!r}")
-    if loop["status"] not in STATUSES or not all(isinstance(row, dict) for row in loop["history"]):
-        raise ValueError(f"{path}: loop state: expected a status in {STATUSES} and a list of history rows, "
+    if loop["status"] not in LOOP_STATES or not all(isinstance(row, dict) for row in loop["history"]):
+        raise ValueError(f"{path}: loop state: expected a status in {LOOP_STATES} and a list of history rows, "
                          f"found {loop['status']!r} and {loop['history']!r:.200}")
     return document
 
