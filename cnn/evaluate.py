@@ -12,8 +12,6 @@ import torch.nn.functional as F
 
 from cnn.augment import normalize
 
-CL = torch.channels_last
-
 
 def tta_views(x: torch.Tensor, tta: int) -> list[tuple[float, torch.Tensor]]:
     """(weight, batch) pairs whose weighted logits sum to the prediction."""
@@ -51,7 +49,8 @@ def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta
             chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
         xb = normalize(chunk)  # (B, 3, 32, 32) float, channels_last
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = sum(w * model(v.contiguous(memory_format=CL)).float() for w, v in tta_views(xb, int(tta)))
+            views = tta_views(xb, int(tta))
+            logits = sum(w * model(v.contiguous(memory_format=torch.channels_last)).float() for w, v in views)
         out.append(logits[:n])
     model.train(was_training)
     return torch.cat(out).cpu() if out else torch.empty(0)

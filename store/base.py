@@ -59,7 +59,7 @@ class TooLarge(ValueError):
 # images and predictions, all well under a few MB (a champion document grows ~4 KB per change)
 MAX_DOCUMENT_BYTES = 16 << 20
 # what a model file (weights, a checkpoint with its optimizer state, a portable model.pt2)
-# may be at most: the registry's largest model's checkpoint is tens of MB
+# may be at most: the largest model's checkpoint is tens of MB
 MAX_MODEL_BYTES = 1 << 30
 
 
@@ -129,8 +129,8 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def too_big(uri: str, max_bytes: int, found: int) -> StoreError:
-    return StoreError(f"{uri}: expected at most {max_bytes:,} bytes, found {found:,}; not read")
+def too_big(uri: str, limit: int, found: int) -> StoreError:
+    return StoreError(f"{uri}: expected at most {limit:,} bytes, found {found:,}; not read")
 
 
 def sha256_of(path: Path) -> str:
@@ -163,10 +163,10 @@ class Store(ABC):
         than `limit` bytes is refused (TooLarge, naming it) without being read whole."""
 
     @abstractmethod
-    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
+    def read_stamped(self, key: str, limit: int) -> tuple[bytes | None, str | None, float | None]:
         """(content, version tag, age) of a small object another party may have written, or
         (None, None, None) if absent. `age`: seconds since the store last wrote it, by the
-        store's own clock (never a writer's); a StoreError naming it if it is over `max_bytes`."""
+        store's own clock (never a writer's); a StoreError naming it if it is over `limit`."""
 
     @abstractmethod
     def write_if(self, key: str, data: bytes, version: str | None) -> None:

@@ -151,17 +151,17 @@ class LocalStore(Store):
             data = read_at_most(f, limit, where, "a store document")
         return data, hashlib.md5(data).hexdigest()
 
-    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
+    def read_stamped(self, key: str, limit: int) -> tuple[bytes | None, str | None, float | None]:
         f = self._open_key(key)
         if f is None:
             return None, None, None
         with f:
             st = os.fstat(f.fileno())
-            if st.st_size > max_bytes:
-                raise too_big(self.uri_for(key), max_bytes, st.st_size)
-            data = f.read(max_bytes + 1)
-        if len(data) > max_bytes:  # grew since the stat
-            raise too_big(self.uri_for(key), max_bytes, len(data))
+            if st.st_size > limit:
+                raise too_big(self.uri_for(key), limit, st.st_size)
+            data = f.read(limit + 1)
+        if len(data) > limit:  # grew since the stat
+            raise too_big(self.uri_for(key), limit, len(data))
         # the file system stamped the mtime when the file was renamed into place; on a
         # shared disk that is its server's clock, as it is for every reader
         return data, hashlib.md5(data).hexdigest(), max(0.0, time.time() - st.st_mtime)

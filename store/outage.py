@@ -150,8 +150,8 @@ class PatientStore(Store):
     def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
         return self.outage.call(self.inner.read_versioned, key, limit)
 
-    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
-        return self.outage.call(self.inner.read_stamped, key, max_bytes)
+    def read_stamped(self, key: str, limit: int) -> tuple[bytes | None, str | None, float | None]:
+        return self.outage.call(self.inner.read_stamped, key, limit)
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         # a retried conditional write whose first try was applied answers PreconditionFailed:

@@ -272,13 +272,13 @@ class S3Store(Store):
         except Exception as e:
             self._raise(e, "read", key)
 
-    def read_stamped(self, key: str, max_bytes: int) -> tuple[bytes | None, str | None, float | None]:
+    def read_stamped(self, key: str, limit: int) -> tuple[bytes | None, str | None, float | None]:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             with obj["Body"] as body:
-                if obj["ContentLength"] > max_bytes:
-                    raise too_big(self.uri_for(key), max_bytes, obj["ContentLength"])
-                data = body.read(max_bytes + 1)
+                if obj["ContentLength"] > limit:
+                    raise too_big(self.uri_for(key), limit, obj["ContentLength"])
+                data = body.read(limit + 1)
         except ClientError as e:
             if self._is_missing(e):
                 return None, None, None
@@ -287,8 +287,8 @@ class S3Store(Store):
             raise
         except Exception as e:
             self._raise(e, "read", key)
-        if len(data) > max_bytes:
-            raise too_big(self.uri_for(key), max_bytes, len(data))
+        if len(data) > limit:
+            raise too_big(self.uri_for(key), limit, len(data))
         # both times are the endpoint's: its Date header (now) and the object's LastModified
         date = obj.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         now = parsedate_to_datetime(date).timestamp() if date else time.time()
