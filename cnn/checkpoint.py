@@ -16,7 +16,7 @@ Tensors (all on the CPU in the file):
 
 Metadata: "format" (FORMAT) and "document", JSON with
     config     the TrainConfig as a dict
-    loop       LoopState without best_state (epoch, history, best_epoch, ...)
+    loop       LoopState without its tensors (epoch, history, best_epoch, ...)
     optimizer  param_groups (lrs, momentum, ...) and the non-tensor per-parameter state
     scheduler  the scheduler's state_dict (step counts, base lrs: all numbers)
 
@@ -96,8 +96,6 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     }
     # json writes an infinite best_val_loss (no best epoch yet) as Infinity; Python reads it back
     metadata = {"format": FORMAT, "document": json.dumps(document)}
-    # a temporary file per writer (its leading dot keeps it out of `checkpoint*` globs
-    # while it is incomplete), fsynced and renamed
     with publishing(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 

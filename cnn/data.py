@@ -29,9 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors, save_file
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_url
-from store.files import publishing, write_durably
 
-from store.base import TooLarge, check_size, read_at_most  # the one bounded reader: stdlib only, no store
+# stdlib only, no boto3: the one bounded reader and the one way to publish a file
+from store.base import TooLarge, check_size, read_at_most
+from store.files import publishing, write_durably
 
 ARCHIVE_NAME = CIFAR10.filename  # cifar-10-python.tar.gz
 ARCHIVE_MD5 = CIFAR10.tgz_md5
@@ -69,7 +70,7 @@ class DataError(ValueError):
 try:  # numpy 2 moved numpy.core to numpy._core; both names appear in CIFAR pickles
     from numpy._core.multiarray import _reconstruct
     from numpy._core.numeric import _frombuffer
-except ImportError:  # numpy 1.x
+except ImportError:
     from numpy.core.multiarray import _reconstruct
     from numpy.core.numeric import _frombuffer
 
@@ -112,7 +113,6 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def load_cifar_pickle(raw: bytes, member: str, source: Path):
-    """Unpickle one CIFAR file (`member` of `source`) with `CifarUnpickler`."""
     try:
         # latin1: the official files are Python 2 str pickles; numpy expects latin1 for their arrays
         return CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
@@ -203,8 +203,7 @@ def _members_md5(members: dict[str, bytes]) -> str:
 
 
 def dataset_md5(path: Path) -> str:
-    """The dataset's identity: the archive's MD5, or for an extracted folder the MD5 of
-    its files concatenated in order (train batches, the hold-out, batches.meta if present)."""
+    """The dataset's identity: the archive's MD5, or an extracted folder's `_members_md5`."""
     path = Path(path)
     if path.is_file():
         try:  # before hashing it: a huge file is refused at once, not hashed for minutes
@@ -419,7 +418,7 @@ def split_sizes(n: int) -> tuple[int, int]:
 
 
 def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded permutation of the hold-out: 65% validation, 35% test (6,500 / 3,500)."""
+    """(validation, test) indices of a hold-out of `n` images, a seeded permutation cut at `split_sizes`."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val, _ = split_sizes(n)
     # sorted so that evaluation order is the file order, never shuffled

@@ -3,8 +3,7 @@
     @register("seed", Recipe(lr=0.05, ...))
     def seed(num_classes=10, **kw) -> nn.Module: ...
 
-`build_model(name)` builds it; `RECIPES[name]` holds its training defaults
-(the run's parameters override them).
+`build_model(name)` builds it; `RECIPES[name]` holds its training defaults.
 """
 from __future__ import annotations
 

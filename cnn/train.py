@@ -1,17 +1,14 @@
 """Train one model on one augmentation variant: the loop, early stopping, checkpoints.
 
-The loop is written out (set lr, forward, backward, step, log); its progress is
-a LoopState. After every epoch a full checkpoint (cnn.checkpoint: model,
-optimizer, scheduler, lookahead average, RNG state, loop state, config, best
-weights) is written, so a restarted variant resumes at the next epoch with the
-same history and the same random streams. A non-finite loss ends the
-variant as `diverged`; STOP set (Ctrl-C at the command line) ends it at the
+After every epoch a full checkpoint (cnn.checkpoint) is written, so a restarted
+variant resumes at the next epoch with the same history and the same random
+streams. A non-finite loss ends the variant as `diverged`; STOP ends it at the
 next batch with `Stopped`, the last finished epoch's checkpoint in place.
 
 `train()` is re-entrant: several variants may train at once in threads of one
-process (several on one GPU, each on its own CUDA stream). All randomness comes
-from per-call generators; the one use of the global RNG, a model's
-initialisation, runs under a lock with the global state saved and restored.
+process (each on its own CUDA stream). All randomness comes from per-call
+generators; the one use of the global RNG, a model's initialisation, runs under
+a lock with the global state saved and restored.
 """
 from __future__ import annotations
 
@@ -58,10 +55,9 @@ def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int,
                       headroom: float = 0.8) -> int:
     """How many variants of `cfg` may train at once on `device`, at most `wanted`.
 
-    On CUDA: `headroom` of the free memory divided by one variant's need, which is the
-    measured peak of a training step and a validation batch (a throwaway model, before
-    any variant starts) plus its uint8 training images. On CPU: `wanted` (memory is
-    the host's, and the variants share its cores)."""
+    On CUDA: `headroom` of the free memory divided by one variant's need, the measured
+    peak of a training step and a validation batch of a throwaway model plus its uint8
+    training images. On CPU: `wanted` (the variants share the host's memory and cores)."""
     if wanted < 1:
         raise ValueError(f"variants per device must be at least 1, found {wanted}")
     if device.type != "cuda":
@@ -130,12 +126,10 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
                     progress_every: float = 15.0) -> float:
     """One pass over the shuffled training set; returns the mean training loss.
 
-    x_u8 (N, 3, 32, 32) uint8 and y (N,) live on the device; each batch is gathered,
-    augmented and normalised there (cnn.augment.make_batch). `flip_bits` (N,) bool is
+    x_u8 (N, 3, 32, 32) uint8 and y (N,) live on the device. `flip_bits` (N,) bool is
     the alternating flip: image k is mirrored in epoch e iff flip_bits[k] xor (e even).
-    `on_progress(step, steps, images_per_second)` is called after a step once
-    `progress_every` seconds have passed since the epoch began or since its last call:
-    a long epoch (a CPU's) shows signs of life."""
+    `on_progress(step, steps, images_per_second)` is called at most every
+    `progress_every` seconds, so a long epoch (a CPU's) shows signs of life."""
     model.train()
     n = len(y)
     steps = max(1, n // cfg.batch_size)  # drop the ragged last batch: fixed shapes
@@ -222,12 +216,10 @@ def train(
     """Train `cfg.variant`, resuming from its checkpoint `workdir/CHECKPOINT` if present.
 
     `on_epoch(row, checkpoint_path)` is called after each epoch's checkpoint is
-    written (the caller logs, uploads, updates the UI); `on_progress(epoch, step,
-    steps, images_per_second)` within an epoch, about every 15 s (train_one_epoch).
-    Returns the result:
-    status, epochs_run, best_epoch, val_loss, val_accuracy, seconds, history,
-    `best_state` (the best epoch's weights, on the CPU) and `best_predictions` (its
-    predicted class per validation image, (N_val,) uint8)."""
+    written; `on_progress(epoch, step, steps, images_per_second)` within an epoch.
+    Returns status, epochs_run, best_epoch, val_loss, val_accuracy, seconds, history,
+    error, `best_state` (the best epoch's weights, on the CPU) and `best_predictions`
+    (its predicted class per validation image, (N_val,) uint8)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # on CUDA each call has its own stream, so variants sharing a GPU in threads overlap
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -34,12 +34,10 @@ def is_shared(uri: str) -> bool:
 
 
 def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None = None) -> Store:
-    """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`
-    (a store to read from), a local folder that is not there is a FileNotFoundError
-    (a bucket is checked at its first request). With `outage_minutes` (the run's
-    store_outage_minutes), every operation waits out an outage that long before it
-    fails, once the store has answered in this process (store/outage.py); without
-    it, or for a store that never answered, at boto3's last retry."""
+    """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`,
+    a local folder that is not there is a FileNotFoundError (a bucket is checked at its
+    first request). With `outage_minutes`, every operation waits out an outage that long
+    (store/outage.py); without it, it fails at boto3's last retry."""
     uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used

@@ -1,7 +1,6 @@
 """Local files: one resolver that keeps a path under its root, one way to publish a file.
 
-Used by the local store (store/local.py), by the caches in tasks/ and by every file
-cnn/ publishes, so that:
+Used by the local store, the run's caches and every file cnn/ publishes, so that:
 
 - a symlink planted in a store or cache folder (a folder or a file that points
   elsewhere) never leads a read, a write, a listing or a lock out of it: no symlink

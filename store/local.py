@@ -81,7 +81,7 @@ class LocalStore(Store):
                     size += len(chunk)
 
         with self._folder(key, create=True) as (fd, parts):
-            publish(fd, parts[-1], copy)  # atomic: readers see the old file or the new one
+            publish(fd, parts[-1], copy)
         return {"uri": self.uri_for(key), "sha256": sha.hexdigest(), "bytes": size}
 
     def put_bytes(self, key: str, data: bytes, tmp_dir: Path) -> dict:

@@ -1,24 +1,21 @@
 """Waiting out a store outage: what failed with StoreUnavailable is tried again, with
 backoff, until the store has been unreachable for longer than a window.
 
-A MinIO pod restarting, a load balancer failing over or a network blip makes the
-store refuse or drop connections for seconds to minutes; botocore's own retries
-last a few seconds. An hour of training must not be lost to that, so everything
-that writes a run waits for the store up to `store_outage_minutes` (RunParams)
-and only then gives up, naming the endpoint and how long it tried.
+A MinIO pod restarting or a load balancer failing over drops connections for
+seconds to minutes, longer than botocore's own retries; an hour of training must
+not be lost to that, so everything that writes a run waits up to
+`store_outage_minutes` and only then gives up, naming the endpoint and how long.
 
 One `Outage` per store is shared by every caller (the training thread, the
-background uploader, the lease): the clock starts when the first call that failed
-was started (a hung endpoint is noticed only when a request times out) and stops
-at the first call that succeeds.
+background uploader, the lease): the clock starts when the first failed call was
+started (a hung endpoint is noticed only when its request times out) and stops at
+the first call that succeeds.
 
-Only a store that has answered is waited for. One that has not answered once since
-this process started (a run, a train-variant child, a rollback) and cannot be
-reached is a configuration error (a typo in AWS_ENDPOINT_URL, a port where nothing
-listens), not an outage: it fails after the client's own retries, naming the
-endpoint, instead of costing the whole window. What answered is remembered per
-process and endpoint (not per store object: every task opens its own), so a store
-that answered at the start of a run and stops during training is waited for.
+Only a store that has answered in this process is waited for. One that never
+answered and cannot be reached is a configuration error (a typo in
+AWS_ENDPOINT_URL, a port where nothing listens), not an outage: it fails after the
+client's own retries instead of costing the whole window. What answered is
+remembered per endpoint, not per store object (every task opens its own).
 """
 from __future__ import annotations
 
@@ -34,8 +31,8 @@ from store.scrub import scrub
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FIRST_DELAY_S = 0.5  # then doubled after each failure...
-MAX_DELAY_S = 10.0  # ...up to this: a store that is back is used again within seconds
+FIRST_DELAY_S = 0.5  # doubled after each failure up to MAX_DELAY_S,
+MAX_DELAY_S = 10.0  # so a store that is back is used again within seconds
 
 
 _answered: set[str] = set()  # every `where` that has answered in this process

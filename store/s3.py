@@ -103,7 +103,6 @@ class S3Store(Store):
         self.endpoint = scrub(configured)  # how every message names it: http://user:***@host:9000
         self._bucket_checked = False
 
-    # keys -------------------------------------------------------------------------------
     def _key(self, key: str) -> str:
         key = join_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -111,7 +110,6 @@ class S3Store(Store):
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
-    # errors -----------------------------------------------------------------------------
     def _fail(self, err: Exception, action: str, key: str | None = None) -> StoreError:
         """A StoreError naming the bucket/object and what to do; never a credential."""
         where = self.uri_for(key) if key else self.uri
@@ -175,7 +173,6 @@ class S3Store(Store):
             return True
         return False
 
-    # upload -----------------------------------------------------------------------------
     def put_file(self, key: str, path: Path) -> dict:
         path = Path(path)
         size = path.stat().st_size
@@ -208,7 +205,6 @@ class S3Store(Store):
                              "the file changed while it was uploaded; run again")
         return {"uri": self.uri_for(key), "sha256": whole.hexdigest(), "bytes": size}
 
-    # download and read ------------------------------------------------------------------
     def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
         path = Path(path)
         try:
@@ -294,7 +290,6 @@ class S3Store(Store):
         now = parsedate_to_datetime(date).timestamp() if date else time.time()
         return data, obj["ETag"], max(0.0, now - obj["LastModified"].timestamp())
 
-    # conditional write ------------------------------------------------------------------
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         # S3's compare-and-swap: If-None-Match: * creates only; If-Match: <etag> replaces
         # only the version that was read. 412 (lost) and 409 (a concurrent conditional
