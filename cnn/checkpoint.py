@@ -128,15 +128,8 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     live = model.state_dict()
     _check_like(path, "model", groups["model"], live)
     state = LoopState(**document["loop"])
-    predictions = groups["best"].pop(BEST_PREDICTIONS, None)
-    has_best = bool(state.best_epoch)
-    if (predictions is not None) != has_best or (
-            has_best and (predictions.dtype != torch.uint8 or predictions.ndim != 1)):
-        found = "none" if predictions is None else f"{predictions.dtype} {tuple(predictions.shape)}"
-        raise ValueError(f"{path}: tensor 'best/{BEST_PREDICTIONS}': expected (N,) uint8 exactly when there is a "
-                         f"best epoch, found {found} (best epoch {state.best_epoch})")
-    state.best_predictions = predictions
-    if has_best:
+    state.best_predictions = _predictions(path, groups["best"].pop(BEST_PREDICTIONS, None), state.best_epoch)
+    if state.best_epoch:
         _check_like(path, "best", groups["best"], live)
         state.best_state = groups["best"]
     else:
@@ -203,6 +196,16 @@ def _document(path: Path, metadata: dict[str, str] | None) -> dict:
         raise ValueError(f"{path}: loop state: expected a status in {LOOP_STATES} and a list of history rows, "
                          f"found {loop['status']!r} and {loop['history']!r:.200}")
     return document
+
+
+def _predictions(path: Path, saved: torch.Tensor | None, best_epoch: int) -> torch.Tensor | None:
+    """The best epoch's predictions: (N,) uint8 exactly when there is a best epoch."""
+    misshapen = saved is not None and (saved.dtype != torch.uint8 or saved.ndim != 1)
+    if (saved is not None) != bool(best_epoch) or misshapen:
+        found = "none" if saved is None else f"{saved.dtype} {tuple(saved.shape)}"
+        raise ValueError(f"{path}: tensor 'best/{BEST_PREDICTIONS}': expected (N,) uint8 exactly when there is a "
+                         f"best epoch, found {found} (best epoch {best_epoch})")
+    return saved
 
 
 def _check_like(path: Path, group: str, saved: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:
