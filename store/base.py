@@ -171,8 +171,7 @@ class Store(ABC):
     @abstractmethod
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         """Write `data` only if `key` is still at `version` (None: only if absent);
-        raises PreconditionFailed otherwise. The champion's compare-and-swap, the leases
-        (store/lease.py) and the probe that checks a store honours it (store/probe.py)."""
+        raises PreconditionFailed otherwise."""
 
     @abstractmethod
     def uri_for(self, key: str) -> str: ...

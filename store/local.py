@@ -1,8 +1,5 @@
-"""A store in a local folder: every write goes to a temporary file, then is renamed.
-
-Every key is reached through store/files.py: no symlink below the root is followed
-(one met is refused, naming the key, the link and where it points), and every file is
-published durably (fsynced before and after its rename)."""
+"""A store in a local folder. Every key is reached through store/files.py: no symlink
+below the root is followed, and every file is published whole and durably."""
 from __future__ import annotations
 
 import fcntl
