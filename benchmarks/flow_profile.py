@@ -79,7 +79,7 @@ def instrument() -> None:
     import tasks.training
     from flows import train_cifar as ft
 
-    for t in (tasks.data.fetch_dataset, tasks.training.train_variant, tasks.selection.select_variant,
+    for t in (tasks.data.fetch_dataset, tasks.training.train_in_lane, tasks.selection.select_variant,
               tasks.testing.test_model, tasks.publish.publish_run):
         wrap(t, "fn", f"task body: {t.name}")
     # the flow's body runs from its first call (devices_for, after parameter checks) to its

@@ -36,7 +36,14 @@ class RunContext:
         return open_store(self.store_uri, outage_minutes=self.params.store_outage_minutes)
 
     def with_dataset(self, dataset: DatasetRef) -> RunContext:
-        return dataclasses.replace(self, dataset=dataset)
+        out = dataclasses.replace(self, dataset=dataset)
+        if "store" in self.__dict__:  # the same run, the same store: not opened again
+            out.__dict__["store"] = self.__dict__["store"]
+        return out
+
+    def __getstate__(self) -> dict:
+        # the open store (clients, an outage clock) stays in its process; a copy opens its own
+        return {k: v for k, v in self.__dict__.items() if k != "store"}
 
     def precision(self, device: str) -> str:
         """fp32 or bf16: the run's `precision` for `device` ('auto': bf16 on CUDA, fp32 on a CPU)."""
