@@ -79,7 +79,7 @@ def instrument() -> None:
     import tasks.training
     from flows import train_cifar as ft
 
-    for t in (tasks.data.fetch_dataset, tasks.training.train_variant, tasks.selection.select_variant,
+    for t in (tasks.data.fetch_dataset, tasks.training.train_in_lane, tasks.selection.select_variant,
               tasks.testing.test_model, tasks.publish.publish_run):
         wrap(t, "fn", f"task body: {t.name}")
     # the flow's body runs from its first call (devices_for, after parameter checks) to its
@@ -101,7 +101,7 @@ def instrument() -> None:
     wrap(cnn.train, "evaluate", "train: validation")
     wrap(cnn.train, "train_one_epoch", "train: training pass")
     for name in ("load_dataset", "train", "create_progress_artifact", "update_progress_artifact"):
-        wrap(tasks.training, name, f"train-variant: {name}")
+        wrap(tasks.training, name, f"train-in-lane: {name}")
     real_train = tasks.training.train
 
     def train_with_timed_on_epoch(cfg, data, device, workdir, on_epoch=None):
@@ -110,7 +110,7 @@ def instrument() -> None:
             try:
                 on_epoch(row, path)
             finally:
-                record("train-variant: on_epoch (log, CSV, uploads, progress)", time.perf_counter() - t0)
+                record("train-in-lane: on_epoch (log, CSV, uploads, progress)", time.perf_counter() - t0)
         return real_train(cfg, data, device, workdir, on_epoch=on_epoch_timed if on_epoch else None)
 
     tasks.training.train = train_with_timed_on_epoch

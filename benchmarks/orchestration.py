@@ -101,7 +101,7 @@ def direct(args) -> None:
         history = histories[v] = []
 
         def on_epoch(row, ckpt_path, v=v, vdir=vdir, history=history):
-            with outputs():  # what train-variant does after each epoch, less Prefect's progress artifact
+            with outputs():  # what train-in-lane does after each epoch, less Prefect's progress artifact
                 history.append(row)
                 pd.DataFrame(history).to_csv(vdir / "history.csv", index=False)
                 store.put_file(f"runs/r/variants/{v}/history.csv", vdir / "history.csv")

@@ -33,7 +33,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling
 
-from store import Store
+from run.context import RunContext
 from run.layout import Unit
 from run.records import UnitResult
 
@@ -66,11 +66,14 @@ def idempotency_key(run_id: str, unit: Unit, attempt: int) -> str:
     return f"{run_id}:{unit.variant}:{seed}{attempt}"
 
 
-def fan_out(deployment: str, run_id: str, parameters: dict[Unit, dict], store: Store, attempts: int,
-            deadline_s: float, on_change: Callable[[str, dict], None] = lambda label, row: None) -> list[UnitResult]:
+def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
+            on_change: Callable[[str, dict], None] = lambda label, row: None) -> list[UnitResult]:
     """Train each unit of `parameters` ({unit: the child's parameters}) as a flow run of
-    `deployment`, all at once; returns their results in the same order. `on_change` gets
-    the unit's label and its row for the UI's table."""
+    the run's `variant_deployment`, all at once, each allowed `variant_attempts` crashes
+    and `fanout_deadline_hours`; returns their results in the same order. `on_change`
+    gets the unit's label and its row for the UI's table."""
+    store, run_id, deployment = ctx.store, ctx.run_id, ctx.params.variant_deployment
+    attempts, deadline_s = ctx.params.variant_attempts, ctx.params.fanout_deadline_hours * 3600
     results: dict[Unit, UnitResult] = {}
     live: dict[Unit, Child] = {}
     first: dict[Unit, int] = {}  # each unit's first attempt in this execution

@@ -39,12 +39,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 from cli import interrupt
-from run.params import RunParams, describe_errors, form
-from store import normalize_uri, open_store, require_conditional_writes
+from run.params import RunParams, describe_errors, signed
+from store import open_store, require_conditional_writes
 from run.errors import is_user_error
-
-D = RunParams()  # the defaults, from the one place they are written
-
 
 def stable_run_id() -> str:
     """The run id of this flow run: its creation time and id, so that every execution of
@@ -59,48 +56,16 @@ def stable_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}"
 
 
-# form(name): RunParams' type for the parameter, with its description, bounds and choices
-# for the UI's run form (run/params.py)
 @flow(name="train-cifar", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def train_cifar(
-    dataset: form("dataset") = D.dataset,
-    data_dir: form("data_dir") = D.data_dir,
-    data_source: form("data_source") = D.data_source,
-    data_md5: form("data_md5") = D.data_md5,
-    synthetic_train: form("synthetic_train") = D.synthetic_train,
-    synthetic_test: form("synthetic_test") = D.synthetic_test,
-    model: form("model") = D.model,
-    variants: form("variants") = D.variants,
-    epochs: form("epochs") = D.epochs,
-    patience: form("patience") = D.patience,
-    batch_size: form("batch_size") = D.batch_size,
-    lr: form("lr") = D.lr,
-    subset: form("subset") = D.subset,
-    seed: form("seed") = D.seed,
-    repeats: form("repeats") = D.repeats,
-    split_seed: form("split_seed") = D.split_seed,
-    select_metric: form("select_metric") = D.select_metric,
-    store: form("store") = D.store,
-    store_outage_minutes: form("store_outage_minutes") = D.store_outage_minutes,
-    device: form("device") = D.device,
-    compile: form("compile") = D.compile,
-    precision: form("precision") = D.precision,
-    variants_per_gpu: form("variants_per_gpu") = D.variants_per_gpu,
-    promote_margin: form("promote_margin") = D.promote_margin,
-    promote_confidence: form("promote_confidence") = D.promote_confidence,
-    link_expiry_hours: form("link_expiry_hours") = D.link_expiry_hours,
-    variant_deployment: form("variant_deployment") = D.variant_deployment,
-    variant_attempts: form("variant_attempts") = D.variant_attempts,
-    fanout_deadline_hours: form("fanout_deadline_hours") = D.fanout_deadline_hours,
-    run_id: form("run_id") = D.run_id,
-):
+# every RunParams field, with its type, description, bounds, choices and default for the UI's form (run/params.py)
+@signed(RunParams.model_fields)
+def train_cifar(**params):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
     from cnn.config import TrainConfig
     from cnn.train import STOP
     from flows.fanout import RunCancelled
-    from flows.variants import devices_for, train_variants
+    from flows.variants import devices_for, train_units
     from run.context import RunContext
-    from run.records import DatasetRef
     from run.cache import drop_local_copies
     from run.layout import probe_key
     from tasks.data import fetch_dataset
@@ -112,37 +77,36 @@ def train_cifar(
 
     # validate everything before any data is touched; a ValueError fails the run
     try:
-        p = RunParams(**{k: v for k, v in locals().items() if k in RunParams.model_fields})
+        p = RunParams(**params)
     except ValidationError as e:  # one line per parameter, naming it; the run ends Failed
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
     run = {"run_id": p.run_id or stable_run_id(), "flow_run_id": flow_run.get_id(),
            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    interrupt.running(run["flow_run_id"], run["run_id"])  # what Ctrl-C at the command line cancels
-    store_uri = normalize_uri(p.store)
+    ctx = RunContext(p, **run)
+    interrupt.running(ctx.flow_run_id, ctx.run_id)  # what Ctrl-C at the command line cancels
+    store_uri = ctx.store_uri
     # the test runs here: with fan-out that is the parent's machine (a CPU pod), whatever `device` says
     test_device = devices_for("auto" if p.variant_deployment else p.device)[0]
-    print(f"run {run['run_id']}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")
+    print(f"run {ctx.run_id}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")
     # before any data is touched: a store that never answers (a typo in AWS_ENDPOINT_URL) or
     # that ignores conditional writes (the champion's and the leases' safety) fails the run here
-    require_conditional_writes(open_store(store_uri, outage_minutes=p.store_outage_minutes), probe_key(run["run_id"]))
+    require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 
-    ds = fetch_dataset(p.dataset, p.data_dir, p.data_source, p.data_md5, p.synthetic_train,
-                       p.synthetic_test, store_uri, p.store_outage_minutes)
-    ctx = RunContext(p, run["run_id"], run["flow_run_id"], run["created_at"], DatasetRef(**ds))  # noqa: F841
+    ctx = ctx.with_dataset(fetch_dataset(ctx))
     try:
-        units = train_variants(p, run["run_id"], store_uri, ds)  # one per repeat of each variant
+        units = train_units(ctx)  # one per repeat of each variant
     except RunCancelled as e:
         return Cancelled(message=str(e))
     if STOP.is_set():  # Ctrl-C or SIGTERM at the command line: every unit has stopped (cli/interrupt.py)
-        return Cancelled(message=interrupt.resume_hint(run["run_id"]))
-    results = score_variants(units, p.select_metric, ds, p.split_seed, store_uri, p.store_outage_minutes)
+        return Cancelled(message=interrupt.resume_hint(ctx.run_id))
+    results = score_variants(units, p.select_metric, ctx.dataset.to_dict(), p.split_seed, store_uri, p.store_outage_minutes)
     selected = select_variant(results, p.select_metric)
-    comparison = compare_variants(units, results, selected, p.select_metric, ds, p.split_seed, store_uri,
+    comparison = compare_variants(units, results, selected, p.select_metric, ctx.dataset.to_dict(), p.split_seed, store_uri,
                                   p.store_outage_minutes)
-    test = test_model(TrainConfig(**selected.config), selected.weights_key, ds, p.split_seed, run["run_id"],
+    test = test_model(TrainConfig(**selected.config), selected.weights_key, ctx.dataset.to_dict(), p.split_seed, run["run_id"],
                       store_uri, test_device, p.store_outage_minutes, p.promote_confidence, p.promote_margin,
                       p.precision)
-    out = publish_run(run, p.model_dump(), ds, results, selected, test, store_uri, comparison)
+    out = publish_run(run, p.model_dump(), ctx.dataset.to_dict(), results, selected, test, store_uri, comparison)
     drop_local_copies(open_store(store_uri), run["run_id"])  # the manifest is stored: the run is safe there
     create_run_artifacts(run["run_id"], store_uri, p.link_expiry_hours)  # best-effort: never fails the run
     _summary(results, selected.name, out)

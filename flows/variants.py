@@ -7,11 +7,11 @@ from __future__ import annotations
 from prefect import allow_failure
 from prefect.artifacts import create_table_artifact
 
-from run.params import RunParams
-from store import open_store
+from run.context import RunContext
 from run.layout import Unit, units_of
-from run.report import variants_table
+from run.params import UNIT_PARAMS
 from run.records import UnitResult
+from run.report import variants_table
 
 
 class Board:
@@ -58,47 +58,42 @@ def devices_for(device: str) -> list[str]:
     return [str(dev)]
 
 
-def train_variants(p: RunParams, run_id: str, store_uri: str, dataset: dict) -> list[UnitResult]:
+def train_units(ctx: RunContext) -> list[UnitResult]:
     """Every unit's result: in this process's lanes, or, with `variant_deployment`,
     each as its own flow run of that deployment."""
+    p = ctx.params
     units = units_of(p.variants, p.seed, p.repeats)
-    board = Board(run_id, [u.label for u in units])
+    board = Board(ctx.run_id, [u.label for u in units])
     if p.variant_deployment:
         from flows.fanout import fan_out
 
-        children = {u: child_parameters(p, u, run_id, store_uri, dataset) for u in units}
-        return fan_out(p.variant_deployment, run_id, children,
-                       open_store(store_uri, outage_minutes=p.store_outage_minutes), p.variant_attempts,
-                       p.fanout_deadline_hours * 3600, on_change=board.update)
-    return _in_lanes(p, units, run_id, store_uri, dataset, board)
+        return fan_out(ctx, {u: child_parameters(ctx, u) for u in units}, on_change=board.update)
+    return _in_lanes(ctx, units, board)
 
 
-def child_parameters(p: RunParams, unit: Unit, run_id: str, store_uri: str, dataset: dict) -> dict:
-    """The train-variant flow's parameters for one unit: JSON values only. `repeats` only
-    when above 1, so a run of one repeat starts its children exactly as before."""
-    return {"run_id": run_id, "variant": unit.variant, "model": p.model, "epochs": p.epochs, "patience": p.patience,
-            "batch_size": p.batch_size, "lr": p.lr, "seed": unit.seed, "compile": p.compile,
-            "precision": p.precision, "dataset_key": dataset["key"], "dataset_md5": dataset["md5"],
-            "dataset_sha256": dataset["sha256"],
-            "split_seed": p.split_seed, "subset": p.subset, "store": store_uri, "device": p.device,
-            "store_outage_minutes": p.store_outage_minutes, **({"repeats": p.repeats} if unit.repeated else {})}
+def child_parameters(ctx: RunContext, unit: Unit) -> dict:
+    """The train-variant flow's parameters for one unit: JSON values only. The run's
+    settings of a unit (every RunParams field but RUN_ONLY), the unit and the dataset's
+    reference. `repeats` only when above 1, so a run of one repeat starts its children
+    exactly as before."""
+    out = ctx.params.model_dump(mode="json", include=set(UNIT_PARAMS))
+    out.update(run_id=ctx.run_id, store=ctx.store_uri, variant=unit.variant, seed=unit.seed,
+               dataset_key=ctx.dataset.key, dataset_md5=ctx.dataset.md5, dataset_sha256=ctx.dataset.sha256)
+    if not unit.repeated:
+        del out["repeats"]
+    return out
 
 
-def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, dataset: dict,
-              board: Board) -> list[UnitResult]:
-    from cnn.config import make_config, resolve_precision
-    from tasks.training import refuse_other_parameters, train_variant, unit_facts
+def _in_lanes(ctx: RunContext, units: list[Unit], board: Board) -> list[UnitResult]:
+    from tasks.training import refuse_other_parameters, train_in_lane, unit_facts
 
+    p, run_id = ctx.params, ctx.run_id
     devices = devices_for(p.device)
-    cfgs = {u.label: make_config(p.model, u.variant, epochs=p.epochs, patience=p.patience, seed=u.seed,
-                                 batch_size=p.batch_size, lr=p.lr, compile=p.compile,
-                                 precision=resolve_precision(p.precision, devices[0]))
-            for u in units}
+    cfgs = {u.label: ctx.config(u, devices[0]) for u in units}
     # a reused run id names the same parameters: every unit is checked before any trains
     # (a child of a fan-out checks its own: its precision depends on its device)
-    store = open_store(store_uri, outage_minutes=p.store_outage_minutes)
     for u in units:
-        refuse_other_parameters(store, run_id, u, unit_facts(cfgs[u.label], dataset["md5"], p.split_seed, p.subset))
+        refuse_other_parameters(ctx, u, unit_facts(ctx, cfgs[u.label]))
     by_label = {u.label: u for u in units}
     # one lane per device slot; a lane's variants run in turn, lanes run side by side.
     # The CPU gets one lane: each variant already uses every core, and training several
@@ -109,7 +104,7 @@ def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, data
 
         from cnn.train import variants_that_fit
 
-        train_size = min(dataset["train"], p.subset or dataset["train"])
+        train_size = min(ctx.dataset.train, p.subset or ctx.dataset.train)
         per_device = variants_that_fit(cfgs[units[0].label], torch.device(devices[0]), train_size, p.variants_per_gpu)
         if per_device < p.variants_per_gpu:
             print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
@@ -124,15 +119,14 @@ def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, data
     for dev, names in lanes:
         previous = None
         for v in names:
-            args = (cfgs[v], dataset, p.split_seed, p.subset, run_id, store_uri, dev, p.store_outage_minutes,
-                    by_label[v].repeated, v)
+            args = (ctx, cfgs[v], dev, by_label[v].repeated, v)
             if here:
                 board.update(v, {"status": "running", "attempts": 1})
-                results[v] = _result(by_label[v], train_variant(*args, return_state=True))
+                results[v] = _result(by_label[v], train_in_lane(*args, return_state=True))
                 board.update(v, results[v].summary())
             else:
                 wait = [allow_failure(previous)] if previous else None
-                previous = futures[v] = train_variant.submit(*args, wait_for=wait)
+                previous = futures[v] = train_in_lane.submit(*args, wait_for=wait)
     for v, future in futures.items():
         results[v] = _result(by_label[v], future.wait() or future.state)
         board.update(v, results[v].summary())
@@ -140,7 +134,7 @@ def _in_lanes(p: RunParams, units: list[Unit], run_id: str, store_uri: str, data
 
 
 def _result(unit: Unit, state) -> UnitResult:
-    """A finished train-variant task's result, or a failed one saying why (the others go on)."""
+    """A finished train-in-lane task's result, or a failed one saying why (the others go on)."""
     if state.is_completed():
         return state.result()
     if state.is_cancelled():  # the run is stopping (cli/interrupt.py)

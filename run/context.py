@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
-from cnn.config import TrainConfig, make_config, resolve_precision
+from cnn import config as cnn_config
+from cnn.config import TrainConfig
 from run.layout import Unit
 from run.params import RunParams
 from run.records import DatasetRef
@@ -36,14 +37,22 @@ class RunContext:
         return open_store(self.store_uri, outage_minutes=self.params.store_outage_minutes)
 
     def with_dataset(self, dataset: DatasetRef) -> RunContext:
-        return dataclasses.replace(self, dataset=dataset)
+        out = dataclasses.replace(self, dataset=dataset)
+        if "store" in self.__dict__:  # the same run, the same store: not opened again
+            out.__dict__["store"] = self.__dict__["store"]
+        return out
+
+    def __getstate__(self) -> dict:
+        # the open store (clients, an outage clock) stays in its process; a copy opens its own
+        return {k: v for k, v in self.__dict__.items() if k != "store"}
 
     def precision(self, device: str) -> str:
         """fp32 or bf16: the run's `precision` for `device` ('auto': bf16 on CUDA, fp32 on a CPU)."""
-        return resolve_precision(self.params.precision, device)
+        return cnn_config.resolve_precision(self.params.precision, device)
 
     def config(self, unit: Unit, device: str) -> TrainConfig:
         """What trains `unit` on `device`: the model's recipe with the run's settings."""
         p = self.params
-        return make_config(p.model, unit.variant, epochs=p.epochs, patience=p.patience, seed=unit.seed,
-                           batch_size=p.batch_size, lr=p.lr, compile=p.compile, precision=self.precision(device))
+        return cnn_config.make_config(p.model, unit.variant, epochs=p.epochs, patience=p.patience, seed=unit.seed,
+                                      batch_size=p.batch_size, lr=p.lr, compile=p.compile,
+                                      precision=self.precision(device))

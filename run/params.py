@@ -5,9 +5,10 @@ check here runs before any data is touched.
 """
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
@@ -168,6 +169,18 @@ class RunParams(BaseModel):
         return self
 
 
+# What only the parent run uses: where the data comes from (a child gets the prepared
+# copy's reference instead), which variants and how they are chosen, tested, promoted and
+# shown, and how the children are run. Every other field is a unit's setting and reaches
+# each child flow run as a parameter of the same name (UNIT_PARAMS).
+RUN_ONLY = frozenset({
+    "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
+    "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
+    "variant_deployment", "variant_attempts", "fanout_deadline_hours"})
+assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_fields)
+UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
+
+
 # The flows' parameters are typed from RunParams, so that the JSON schema Prefect builds
 # from a flow's signature (the UI's run form; with enforce_parameter_schema the server
 # refuses a deployment run that does not match it) carries RunParams' descriptions,
@@ -181,6 +194,33 @@ def form(name: str) -> Any:
     schema for it (minus title and default: Prefect sets those from the signature)."""
     schema = {k: v for k, v in _SCHEMAS[name].items() if k not in ("title", "default")}
     return Annotated[RunParams.model_fields[name].annotation, WithJsonSchema(schema)]
+
+
+def signed(names: Iterable[str], *, first: dict[str, Any] | None = None,
+           required: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+    """Give the decorated flow function (`def f(**params)`) its parameters: `first` (name ->
+    annotation, required), then RunParams' fields `names` (`form(name)`, RunParams' default
+    unless `required`). Prefect builds the flow's parameter schema (the UI's form, the
+    server's check of a deployment run) from this signature, so a new RunParams field
+    appears in every flow signed with it and no flow lists its fields by hand. Keyword-only:
+    the function takes them as `**params`."""
+    first = dict(first or {})
+    required = set(required)
+    names = [n for n in names if n not in first]
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter(n, kw, annotation=a) for n, a in first.items()]
+    # Python's order: what has no default first, as a hand-written signature would have it
+    params += [inspect.Parameter(n, kw, annotation=form(n)) for n in names if n in required]
+    params += [inspect.Parameter(n, kw, annotation=form(n),
+                                 default=RunParams.model_fields[n].get_default(call_default_factory=True))
+               for n in names if n not in required]
+
+    def sign(fn: Callable) -> Callable:
+        fn.__signature__ = inspect.Signature(params, return_annotation=inspect.signature(fn).return_annotation)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+
+    return sign
 
 
 def described(annotation: Any, description: str, **schema: Any) -> Any:

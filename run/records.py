@@ -14,23 +14,27 @@ from run.layout import Unit, stored_key
 METRICS = "metrics.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DatasetRef:
     """fetch-dataset's result: where the run's prepared tensors are and what they must be.
     `sha256` is derived from the verified archive, never read from the store: a child flow
-    run gets it as a parameter, and the store's copy is refused unless it matches."""
+    run gets it as a parameter, and the store's copy is refused unless it matches. A child
+    knows only key, md5 and sha256; the rest describe the set for the manifest and the lanes."""
 
-    name: str  # cifar10 or synthetic
-    source: str  # where the archive came from (URL, folder, s3:// mirror, generator)
+    name: str | None = None  # cifar10 or synthetic
+    source: str | None = None  # where the archive came from (URL, folder, s3:// mirror, generator)
     md5: str  # of the archive
     key: str  # store key of the prepared copy, datasets/<name>/<md5>
     sha256: str  # of the prepared tensors
-    train: int  # images
-    holdout: int  # images, split into validation and test by the run's split_seed
-    classes: list[str] = field(default_factory=list)
+    train: int | None = None  # images
+    holdout: int | None = None  # images, split into validation and test by the run's split_seed
+    classes: list[str] | None = None
 
     def to_dict(self) -> dict:
+        """The manifest's `dataset`."""
         return dataclasses.asdict(self)
+
+
 STATUSES = ("completed", "early_stopped", "diverged", "failed")
 SELECTABLE = ("completed", "early_stopped")
 

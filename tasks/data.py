@@ -20,7 +20,9 @@ from cnn.synthetic import write_archive
 from store import TooLarge, join_key, open_store, parse_uri
 from run.cache import cache_days, mark_used, prune_cache
 from run.cache import cache_dir, inside, materialize
+from run.context import RunContext
 from run.errors import is_io_error
+from run.records import DatasetRef
 
 PREPARED_FILES = [cd.PREPARED_FILE, cd.PREPARED_META]
 
@@ -66,19 +68,20 @@ def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md
 
 @task(name="fetch-dataset", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=is_io_error)
-def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, data_md5: str | None,
-                  synthetic_train: int, synthetic_test: int, store_uri: str,
-                  store_outage_minutes: float | None = None) -> dict:
-    """Fetch, verify and prepare CIFAR-10 once; returns where the prepared tensors are.
+def fetch_dataset(ctx: RunContext) -> DatasetRef:
+    """Fetch, verify and prepare the run's dataset once; returns where the prepared tensors are.
 
     The store is the cache: `datasets/<name>/<md5>/` is reused by every later run
     and every machine, so a rerun neither downloads nor decodes. A store or mirror
-    outage is waited out for `store_outage_minutes` (None: not at all)."""
+    outage is waited out for the run's `store_outage_minutes`."""
+    p = ctx.params
+    data_md5, data_source = p.data_md5, p.data_source
     removed = prune_cache()  # this machine's cached files unused for TRAIN_CIFAR_CACHE_DAYS
     if removed:
         print(f"cache {cache_dir()}: removed {len(removed)} file(s) unused for {cache_days():g} days")
-    store = open_store(store_uri, outage_minutes=store_outage_minutes)
-    name, source, path, md5 = _locate(dataset, data_dir, data_source, data_md5, synthetic_train, synthetic_test)
+    store = ctx.store
+    name, source, path, md5 = _locate(p.dataset, p.data_dir, data_source, data_md5, p.synthetic_train,
+                                      p.synthetic_test)
     if md5 is not None:  # known before fetching: maybe nothing to do
         found, _ = _stored(store, name, source, md5)
         if found is not None:
@@ -86,7 +89,7 @@ def fetch_dataset(dataset: str, data_dir: str | None, data_source: str | None, d
             return found
     downloaded = False  # only a file this call downloaded is ever deleted
     if path is None and data_source:
-        path, downloaded = _s3_archive(data_source, md5, store_outage_minutes)
+        path, downloaded = _s3_archive(data_source, md5, p.store_outage_minutes)
     elif path is None:
         path = cd.download_cifar10(cache_dir() / "downloads")
         mark_used(path)  # reused rather than downloaded: still counts as a use
@@ -135,7 +138,7 @@ def _expected_sha256(name: str, md5: str) -> str | None:
         return None
 
 
-def _stored(store, name: str, source: str, md5: str) -> tuple[dict | None, str | None]:
+def _stored(store, name: str, source: str, md5: str) -> tuple[DatasetRef | None, str | None]:
     """(the run's dataset reference, None) if the store holds a prepared copy of the archive
     `md5` that matches the SHA-256 this machine derived from it; else (None, why): the
     SHA-256 is not known here (the archive must be decoded), or the copy is absent or does
@@ -150,8 +153,8 @@ def _stored(store, name: str, source: str, md5: str) -> tuple[dict | None, str |
         tensors, classes = _checked(store, key, lambda folder: cd.read_prepared(folder, sha256), fresh=True)
     except cd.DataError as e:
         return None, str(e)
-    return {"name": name, "source": source, "md5": md5, "key": key, "sha256": sha256,
-            "train": len(tensors["train_y"]), "holdout": len(tensors["holdout_y"]), "classes": classes}, None
+    return DatasetRef(name=name, source=source, md5=md5, key=key, sha256=sha256, train=len(tensors["train_y"]),
+                      holdout=len(tensors["holdout_y"]), classes=classes), None
 
 
 def _checked(store, key: str, read, fresh: bool = False):
@@ -182,8 +185,10 @@ def _checked(store, key: str, read, fresh: bool = False):
         return read(fetched())
 
 
-def load_dataset(store, dataset: dict, split_seed: int, subset: int | None = None) -> cd.Splits:
-    """The splits of the run's dataset (`fetch_dataset`'s reference) from the store's prepared
-    copy, refused unless it matches the reference's SHA-256 (naming the file and both hashes)."""
-    return _checked(store, dataset["key"], lambda folder: cd.load_splits(folder, split_seed, subset,
-                                                                         dataset["sha256"]))
+def load_dataset(store, dataset: DatasetRef | dict, split_seed: int, subset: int | None = None) -> cd.Splits:
+    """The splits of the run's dataset (`fetch_dataset`'s reference, or its manifest form
+    `to_dict()`) from the store's prepared copy, refused unless it matches the reference's
+    SHA-256 (naming the file and both hashes)."""
+    if isinstance(dataset, dict):
+        dataset = DatasetRef(**dataset)
+    return _checked(store, dataset.key, lambda folder: cd.load_splits(folder, split_seed, subset, dataset.sha256))

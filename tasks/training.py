@@ -1,7 +1,7 @@
 """Training one repeat of one variant of a run: the unit of work, checkpointed to the store every epoch.
 
 `train_unit` is the same whether it runs in a lane of the train-cifar flow (the
-`train_variant` task below) or in a flow run of its own on another machine
+`train_in_lane` task below) or in a flow run of its own on another machine
 (flows/train_variant.py). Everything it needs to restart is in the store, so any
 machine can pick it up: a unit whose result record (`metrics.json`) is stored is not
 trained again, an unfinished one resumes from its newest checkpoint (the store's, or
@@ -35,12 +35,12 @@ from safetensors.torch import save_file
 from cnn.checkpoint import CHECKPOINT, read_history, read_progress
 from cnn.config import TrainConfig
 from cnn.train import STOP, Stopped, train
-from store import MAX_MODEL_BYTES, open_store
+from store import MAX_MODEL_BYTES
 from store.files import publishing, write_durably
 from store.lease import Lease, committed
 from store.uploader import Uploader
-from run.cache import drop_local_copies
-from run.cache import local_run_dir
+from run.cache import drop_local_copies, local_run_dir
+from run.context import RunContext
 from run.layout import LEASE, Unit, stored_key
 from run.owner import current_owner, flow_run_is_over
 from tasks.data import load_dataset
@@ -80,18 +80,16 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
-               run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
-               repeated: bool = False) -> UnitResult:
-    """Train `cfg.variant` with `cfg.seed` in run `run_id` (or return its stored result) on
-    `dataset` (fetch_dataset's reference: key, md5 and the prepared copy's sha256);
-    resume from its checkpoint in the store if there is one. `repeated`: the run trains
-    several seeds of each variant, so this one's files go to variants/<variant>/seed-<seed>/.
-    Store outages up to `store_outage_minutes` are waited out (None: none is)."""
-    store = open_store(store_uri, outage_minutes=store_outage_minutes or 0)  # a PatientStore
+def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False) -> UnitResult:
+    """Train `cfg.variant` with `cfg.seed` in the run of `ctx` (or return its stored result)
+    on the run's dataset, checked against its reference's SHA-256; resume from its
+    checkpoint in the store if there is one. `repeated`: the run trains several seeds of
+    each variant, so this one's files go to variants/<variant>/seed-<seed>/. Store outages
+    up to the run's `store_outage_minutes` are waited out."""
+    store, run_id = ctx.store, ctx.run_id
     unit = Unit(cfg.variant, cfg.seed, repeated)
-    facts = unit_facts(cfg, dataset["md5"], split_seed, subset)
-    refuse_other_parameters(store, run_id, unit, facts)
+    facts = unit_facts(ctx, cfg)
+    refuse_other_parameters(ctx, unit, facts)
     done = UnitResult.read(store, run_id, unit)
     if done is not None:
         where = store.uri_for(stored_key(store, run_id, unit, METRICS))
@@ -102,7 +100,7 @@ def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | N
     # fast: its callers try again; only the claim waits out an outage
     with Lease(store.inner, unit.key(run_id, LEASE), owner, owner_is_gone=flow_run_is_over,
                outage=store.outage) as lease:
-        out = _train_leased(cfg, unit, store, lease, dataset, split_seed, subset, run_id, device, owner, facts)
+        out = _train_leased(ctx, cfg, unit, lease, device, owner, facts)
     # everything it wrote is in the store now, its SHA-256 checked there
     drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
     return out
@@ -112,20 +110,19 @@ def train_unit(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | N
 _NOT_THE_MODEL = {"compile"}
 
 
-def unit_facts(cfg: TrainConfig, dataset_md5: str, split_seed: int, subset: int | None) -> dict:
+def unit_facts(ctx: RunContext, cfg: TrainConfig) -> dict:
     """What a unit's model depends on, recorded in its lease with its files."""
-    return {"config": dataclasses.asdict(cfg), "dataset_md5": dataset_md5, "split_seed": split_seed, "subset": subset}
+    p = ctx.params
+    return {"config": dataclasses.asdict(cfg), "dataset_md5": ctx.dataset.md5, "split_seed": p.split_seed,
+            "subset": p.subset}
 
 
-def refuse_other_parameters(store, run_id: str, unit: Unit, facts: dict) -> None:
+def refuse_other_parameters(ctx: RunContext, unit: Unit, facts: dict) -> None:
     """A ValueError naming the run, the unit and the fields if the store holds this unit
     trained (or being trained) with other parameters: a reused run id would otherwise
     return, or resume, another model."""
-    current = committed(store, unit.key(run_id, LEASE))
-    stored = (current or {}).get("unit")
-    if stored is None:  # a unit from before its facts were recorded: its result's config
-        done = UnitResult.read(store, run_id, unit)
-        stored = {"config": done.config} if done is not None and done.config is not None else None
+    store, run_id = ctx.store, ctx.run_id
+    stored = (committed(store, unit.key(run_id, LEASE)) or {}).get("unit")
     if not isinstance(stored, dict):
         return
     diffs = [f"{k} {stored[k]!r} (stored) vs {facts[k]!r} (asked)" for k in facts
@@ -183,14 +180,14 @@ def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> N
         print(f"{unit.label}: resuming from {local} (epoch {ours}); the store {behind}")
 
 
-def _train_leased(cfg, unit: Unit, store, lease: Lease, dataset, split_seed, subset, run_id,
-                  device, owner, facts: dict) -> UnitResult:
-    v = unit.label
+def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, device: str, owner,
+                  facts: dict) -> UnitResult:
+    store, run_id, v = ctx.store, ctx.run_id, unit.label
     workdir = local_run_dir(run_id, "variants", *unit.folder.split("/"))
     workdir.mkdir(parents=True, exist_ok=True)
     _resume_from(store, run_id, unit, cfg, workdir)
 
-    data = load_dataset(store, dataset, split_seed, subset)  # checked against the run's SHA-256 of it
+    data = load_dataset(store, ctx.dataset, ctx.params.split_seed, ctx.params.subset)  # checked against its SHA-256
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
     history_csv = workdir / "history.csv"
 
@@ -266,17 +263,15 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
 
 
 # never served from cache: a run always trains; resuming is the checkpoint's job
-@task(name="train-variant", cache_policy=NO_CACHE, task_run_name="train-{label}")
-def train_variant(cfg: TrainConfig, dataset: dict, split_seed: int, subset: int | None,
-                  run_id: str, store_uri: str, device: str, store_outage_minutes: float | None = None,
-                  repeated: bool = False, label: str = "") -> UnitResult:
+@task(name="train-in-lane", cache_policy=NO_CACHE, task_run_name="train-{label}")
+def train_in_lane(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False,
+                  label: str = "") -> UnitResult:
     """Train one repeat of one variant in this process; resume from its checkpoint in the store if one exists."""
     # the run is stopping (Ctrl-C at the command line): start nothing; stop what trains at
     # its next batch, its last finished epoch stored for a resume. Cancelled, not failed.
     if STOP.is_set():
         return Cancelled(message="not started: the run is stopping")
     try:
-        return train_unit(cfg, dataset, split_seed, subset, run_id, store_uri, device,
-                          store_outage_minutes, repeated)
+        return train_unit(ctx, cfg, device, repeated)
     except Stopped as e:
         return Cancelled(message=f"{e}; the last finished epoch is kept")

@@ -11,6 +11,7 @@ import pytest
 from store import LocalStore, open_store
 from run.cache import drop_local_copies, prune_cache
 from run.cache import local_run_dir
+from tests.contexts import run_context
 
 DAY = 86400
 
@@ -63,13 +64,13 @@ def test_a_bad_cache_days_is_named(cache, monkeypatch, value):
 def test_fetch_prunes_first_and_refreshes_what_it_reuses(cache, tmp_path, capsys):
     from tasks.data import fetch_dataset
 
-    args = ("synthetic", None, None, None, 20, 20, str(tmp_path / "store"))
-    fetch_dataset.fn(*args)
+    ctx = run_context(tmp_path / "store", dataset="synthetic", synthetic_train=20, synthetic_test=20)
+    fetch_dataset.fn(ctx)
     generated = cache / "synthetic" / "train20-test20" / "cifar-10-python.tar.gz"
     t = time.time() - 10 * DAY  # used ten days ago: kept, and refreshed by this use
     os.utime(generated, (t, t))
     stale = _file(cache / "downloads" / "old-mirror" / "a.tar.gz", 15)
-    fetch_dataset.fn(*args)
+    fetch_dataset.fn(ctx)
     assert not stale.exists() and "removed 1 file(s) unused for 14 days" in capsys.readouterr().out
     assert generated.stat().st_mtime > time.time() - 60
 

@@ -16,6 +16,7 @@ import torch
 
 from cnn import data as cd
 from cnn.synthetic import write_archive
+from tests.contexts import run_context
 
 
 def _extract(archive, dest):
@@ -159,14 +160,14 @@ def test_fetch_dataset_prepares_once(tmp_path, monkeypatch, synthetic_archive):
 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     path, md5 = synthetic_archive
-    first = fetch_dataset.fn("cifar10", str(path.parent), None, md5, 0, 0, str(tmp_path / "store"))
-    assert first["md5"] == md5 and (tmp_path / "store" / "datasets" / "cifar10" / md5 / cd.PREPARED_FILE).is_file()
+    first = fetch_dataset.fn(run_context(tmp_path / "store", data_dir=str(path.parent), data_md5=md5))
+    assert first.md5 == md5 and (tmp_path / "store" / "datasets" / "cifar10" / md5 / cd.PREPARED_FILE).is_file()
 
     def no_decode(*a, **k):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(cd, "decode", no_decode)
-    second = fetch_dataset.fn("cifar10", str(path.parent), None, md5, 0, 0, str(tmp_path / "store"))
+    second = fetch_dataset.fn(run_context(tmp_path / "store", data_dir=str(path.parent), data_md5=md5))
     assert second == first
 
 
@@ -176,7 +177,7 @@ def test_fetch_dataset_wrong_md5_stores_nothing(tmp_path, monkeypatch, synthetic
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     path, _ = synthetic_archive
     with pytest.raises(cd.DataError, match="MD5 mismatch"):
-        fetch_dataset.fn("cifar10", str(path.parent), None, "f" * 32, 0, 0, str(tmp_path / "store"))
+        fetch_dataset.fn(run_context(tmp_path / "store", data_dir=str(path.parent), data_md5="f" * 32))
     assert not (tmp_path / "store" / "datasets").exists()
 
 
@@ -266,7 +267,7 @@ def test_a_pickle_payload_is_refused_naming_member_and_global(member, tmp_path, 
 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     with pytest.raises(cd.DataError) as e:
-        fetch_dataset.fn("cifar10", str(archive.parent), None, md5, 0, 0, str(tmp_path / "store"))
+        fetch_dataset.fn(run_context(tmp_path / "store", data_dir=str(archive.parent), data_md5=md5))
     assert f"{archive}: {member}: refused to unpickle global io.open" in str(e.value)
     assert not marker.exists()
     assert not (tmp_path / "store" / "datasets").exists()
@@ -336,17 +337,23 @@ def test_official_archive_check_covers_batches_meta(tmp_path, monkeypatch):
 def test_fetch_refuses_a_data_source_outside_the_cache(tmp_path, monkeypatch):
     """The task checks the key itself (it may be called without RunParams), and a symlink
     planted in the cache cannot lead a download (or its deletion) elsewhere."""
+    from run.context import RunContext
+    from run.params import RunParams
     from tasks.data import fetch_dataset
+
+    def unchecked(data_source: str) -> RunContext:  # parameters RunParams would refuse first
+        return RunContext(RunParams.model_construct(data_source=data_source, data_md5="0" * 32,
+                                                    store=str(tmp_path / "store")), "r")
 
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="data_source: 's3://bucket/../../../victim': invalid store key part"):
-        fetch_dataset.fn("cifar10", None, "s3://bucket/../../../victim", "0" * 32, 0, 0, str(tmp_path / "store"))
+        fetch_dataset.fn(unchecked("s3://bucket/../../../victim"))
     (tmp_path / "cache" / "downloads").mkdir(parents=True)
     (tmp_path / "cache" / "downloads" / "bucket").symlink_to(tmp_path)
     with pytest.raises(ValueError, match=f"data_source: .* resolves to {victim}, outside "):
-        fetch_dataset.fn("cifar10", None, "s3://bucket/victim", "0" * 32, 0, 0, str(tmp_path / "store"))
+        fetch_dataset.fn(unchecked("s3://bucket/victim"))
     assert victim.read_text() == "keep me"
 
 
@@ -361,14 +368,14 @@ def test_a_bad_download_is_deleted_and_fetched_again(s3_bucket, tmp_path, monkey
     (tmp_path / "junk.tar.gz").write_bytes(b"not the archive")
     mirror.put_file("m/a.tar.gz", tmp_path / "junk.tar.gz")
     local = tmp_path / "cache" / "downloads" / s3_bucket / "m" / "a.tar.gz"
-    args = ("cifar10", None, f"s3://{s3_bucket}/m/a.tar.gz", md5, 0, 0, str(tmp_path / "store"))
+    ctx = run_context(tmp_path / "store", data_source=f"s3://{s3_bucket}/m/a.tar.gz", data_md5=md5)
     with pytest.raises(cd.DataError, match=f"--data-source s3://{s3_bucket}/m/a.tar.gz: .*MD5 mismatch"):
-        fetch_dataset.fn(*args)
+        fetch_dataset.fn(ctx)
     assert not local.exists()  # downloaded by this call, so deleted
 
     mirror.put_file("m/a.tar.gz", path)  # the mirror is fixed; a stale copy in the cache is replaced
     local.write_bytes(b"stale")
-    assert fetch_dataset.fn(*args)["md5"] == md5 and cd.md5_of(local) == md5
+    assert fetch_dataset.fn(ctx).md5 == md5 and cd.md5_of(local) == md5
 
 
 # --- bounded reads: nothing another party wrote is read whole before its size is checked (issue 16) ---
@@ -432,7 +439,7 @@ def test_a_huge_batch_file_in_a_data_folder_is_refused_before_its_md5(tmp_path, 
     with open(folder / "data_batch_1", "r+b") as f:
         f.truncate(3 * GiB)
     with pytest.raises(cd.DataError) as err:
-        fetch_dataset.fn("cifar10", str(folder), None, "0" * 32, 0, 0, str(tmp_path / "store"))
+        fetch_dataset.fn(run_context(tmp_path / "store", data_dir=str(folder), data_md5="0" * 32))
     assert str(err.value) == (f"{folder / 'data_batch_1'}: 3,221,225,472 bytes, larger than a CIFAR file can be "
                               f"(limit {cd.MAX_FILE_BYTES:,} bytes); refused")
     assert not (tmp_path / "store" / "datasets").exists()
@@ -451,7 +458,7 @@ def test_an_s3_mirror_object_larger_than_an_archive_is_refused_before_download(s
     open_store(f"s3://{s3_bucket}").put_file("big/a.tar.gz", path)
     uri = f"s3://{s3_bucket}/big/a.tar.gz"
     with pytest.raises(cd.DataError) as err:
-        fetch_dataset.fn("cifar10", None, uri, md5, 0, 0, str(tmp_path / "store"))
+        fetch_dataset.fn(run_context(tmp_path / "store", data_source=uri, data_md5=md5))
     assert str(err.value) == (f"--data-source {uri}: {uri}: {path.stat().st_size:,} bytes, larger than this download "
                               f"can be (limit {1 << 20:,} bytes); refused (the official CIFAR-10 archive is "
                               f"{cd.OFFICIAL_ARCHIVE_BYTES:,} bytes)")
@@ -493,24 +500,24 @@ def test_a_poisoned_prepared_copy_is_refused_by_a_unit_and_prepared_again_by_the
 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     path, md5 = synthetic_archive
-    args = ("cifar10", str(path.parent), None, md5, 0, 0, str(tmp_path / "store"))
-    ds = fetch_dataset.fn(*args)
-    stored = tmp_path / "store" / ds["key"]
-    good_y = cd.read_prepared(stored, ds["sha256"])[0]["train_y"]
+    ctx = run_context(tmp_path / "store", data_dir=str(path.parent), data_md5=md5)
+    ds = fetch_dataset.fn(ctx)
+    stored = tmp_path / "store" / ds.key
+    good_y = cd.read_prepared(stored, ds.sha256)[0]["train_y"]
     _poison(stored, kind)
     bad = cd.prepared_sha256(*cd.read_prepared(stored, None)) if kind == "labels shifted" else None
 
     # a unit of the run (a child flow run gets the SHA-256 as a parameter) refuses it before training
     with pytest.raises(cd.DataError) as err:
-        train_variant.fn(run_id="r1", variant="none", dataset_key=ds["key"], dataset_md5=md5,
-                         dataset_sha256=ds["sha256"], store=str(tmp_path / "store"), epochs=1, device="cpu")
-    assert str(err.value) == f"{stored / cd.PREPARED_FILE}: " + refused.format(good=ds["sha256"], bad=bad)
+        train_variant.fn(run_id="r1", variant="none", dataset_key=ds.key, dataset_md5=md5,
+                         dataset_sha256=ds.sha256, store=str(tmp_path / "store"), epochs=1, device="cpu")
+    assert str(err.value) == f"{stored / cd.PREPARED_FILE}: " + refused.format(good=ds.sha256, bad=bad)
     assert not any((tmp_path / "store" / "runs").rglob("metrics.json"))
 
     # the next run's fetch finds the mismatch and prepares the copy again from the archive
-    assert fetch_dataset.fn(*args) == ds
-    assert torch.equal(cd.read_prepared(stored, ds["sha256"])[0]["train_y"], good_y)
-    assert open_store(str(tmp_path / "store")).exists(f"{ds['key']}/{cd.PREPARED_FILE}")
+    assert fetch_dataset.fn(ctx) == ds
+    assert torch.equal(cd.read_prepared(stored, ds.sha256)[0]["train_y"], good_y)
+    assert open_store(str(tmp_path / "store")).exists(f"{ds.key}/{cd.PREPARED_FILE}")
 
 
 def test_a_poisoned_copy_in_s3_is_prepared_again_and_a_stale_download_dropped(s3_bucket, tmp_path, monkeypatch,
@@ -523,21 +530,21 @@ def test_a_poisoned_copy_in_s3_is_prepared_again_and_a_stale_download_dropped(s3
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     path, md5 = synthetic_archive
     uri = f"s3://{s3_bucket}/poisoned"
-    args = ("cifar10", str(path.parent), None, md5, 0, 0, uri)
-    ds = fetch_dataset.fn(*args)
+    ctx = run_context(uri, data_dir=str(path.parent), data_md5=md5)
+    ds = fetch_dataset.fn(ctx)
     st = open_store(uri)
     bad = tmp_path / "bad"
     for f in (cd.PREPARED_FILE, cd.PREPARED_META):
-        st.get_file(f"{ds['key']}/{f}", bad / f)
+        st.get_file(f"{ds.key}/{f}", bad / f)
     _poison(bad, "labels shifted")
-    st.put_file(f"{ds['key']}/{cd.PREPARED_FILE}", bad / cd.PREPARED_FILE)
-    st.put_file(f"{ds['key']}/{cd.PREPARED_META}", bad / cd.PREPARED_META)
+    st.put_file(f"{ds.key}/{cd.PREPARED_FILE}", bad / cd.PREPARED_FILE)
+    st.put_file(f"{ds.key}/{cd.PREPARED_META}", bad / cd.PREPARED_META)
 
-    assert fetch_dataset.fn(*args) == ds
-    st.get_file(f"{ds['key']}/{cd.PREPARED_FILE}", tmp_path / "now" / cd.PREPARED_FILE)
-    st.get_file(f"{ds['key']}/{cd.PREPARED_META}", tmp_path / "now" / cd.PREPARED_META)
-    cd.read_prepared(tmp_path / "now", ds["sha256"])  # the store holds the right tensors again
-    assert load_dataset(st, ds, 0).sizes["train"] == ds["train"]
+    assert fetch_dataset.fn(ctx) == ds
+    st.get_file(f"{ds.key}/{cd.PREPARED_FILE}", tmp_path / "now" / cd.PREPARED_FILE)
+    st.get_file(f"{ds.key}/{cd.PREPARED_META}", tmp_path / "now" / cd.PREPARED_META)
+    cd.read_prepared(tmp_path / "now", ds.sha256)  # the store holds the right tensors again
+    assert load_dataset(st, ds, 0).sizes["train"] == ds.train
 
 
 def test_an_oversized_prepared_copy_in_s3_is_refused_before_it_is_downloaded(s3_bucket, tmp_path, monkeypatch,
@@ -550,23 +557,23 @@ def test_an_oversized_prepared_copy_in_s3_is_refused_before_it_is_downloaded(s3_
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     path, md5 = synthetic_archive
     uri = f"s3://{s3_bucket}/oversized"
-    args = ("cifar10", str(path.parent), None, md5, 0, 0, uri)
-    ds = fetch_dataset.fn(*args)
+    ctx = run_context(uri, data_dir=str(path.parent), data_md5=md5)
+    ds = fetch_dataset.fn(ctx)
     st = open_store(uri)
     limit, real = 64 << 10, cd.MAX_PREPARED_BYTES  # 512 MiB scaled down, so the planted object stays small
     monkeypatch.setattr(cd, "MAX_PREPARED_BYTES", limit)
     (tmp_path / "big").write_bytes(b"\0" * (limit + 1))
-    st.put_file(f"{ds['key']}/{cd.PREPARED_FILE}", tmp_path / "big")
-    cached = tmp_path / "cache" / "store-cache" / ds["key"] / cd.PREPARED_FILE
+    st.put_file(f"{ds.key}/{cd.PREPARED_FILE}", tmp_path / "big")
+    cached = tmp_path / "cache" / "store-cache" / ds.key / cd.PREPARED_FILE
     cached.unlink(missing_ok=True)
 
-    with pytest.raises(cd.DataError, match=f"^{re.escape(st.uri_for(ds['key']))}/{cd.PREPARED_FILE}: "
+    with pytest.raises(cd.DataError, match=f"^{re.escape(st.uri_for(ds.key))}/{cd.PREPARED_FILE}: "
                                            f"{limit + 1:,} bytes, .*limit {limit:,} bytes"):
         load_dataset(st, ds, 0)
     assert not cached.exists()
     monkeypatch.setattr(cd, "MAX_PREPARED_BYTES", real)  # the run's fetch repairs the copy
-    assert fetch_dataset.fn(*args) == ds
-    assert load_dataset(st, ds, 0).sizes["train"] == ds["train"]
+    assert fetch_dataset.fn(ctx) == ds
+    assert load_dataset(st, ds, 0).sizes["train"] == ds.train
 
 
 def test_prepared_sha256_is_the_same_for_the_same_archive(tmp_path, synthetic_archive):

@@ -11,6 +11,7 @@ import pytest
 import cnn.data as cd
 from store import LocalStore, open_store
 from registry import champions
+from tests.contexts import run_context
 
 CAND = {"run_id": "r1", "model_uri": "runs/r1/model", "test": {"accuracy": 0.9, "loss": 0.1},
         "dataset_name": "cifar10", "dataset_md5": "m" * 32, "split_seed": 0, "test_size": 3500}
@@ -123,7 +124,7 @@ def test_the_store_cache_does_not_write_a_prepared_dataset_through_a_symlink(s3_
     path, md5 = synthetic_archive
     with pytest.raises(ValueError, match=f"datasets/cifar10/{md5}: .* resolves to {outside}/cifar10/{md5}.*, outside "
                                          f"{cache / 'store-cache'}"):
-        fetch_dataset.fn("cifar10", str(path.parent), None, md5, 0, 0, f"s3://{s3_bucket}")
+        fetch_dataset.fn(run_context(f"s3://{s3_bucket}", data_dir=str(path.parent), data_md5=md5))
     assert _everything_in(outside) == []
 
 
@@ -137,9 +138,10 @@ def test_the_cache_does_not_prepare_or_generate_data_through_a_symlink(folder, t
     (cache / folder).symlink_to(outside)
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(cache))
     path, md5 = synthetic_archive
-    source = ("synthetic", None, None, None) if folder.startswith("synthetic") else ("cifar10", str(path.parent), None, md5)
+    source = ({"dataset": "synthetic", "synthetic_train": 100, "synthetic_test": 50} if folder.startswith("synthetic")
+              else {"data_dir": str(path.parent), "data_md5": md5})
     with pytest.raises(ValueError, match=f"dataset: .* resolves to {outside}/.*, outside {cache / folder.split('/')[0]}"):
-        fetch_dataset.fn(*source, 100, 50, str(tmp_path / "store"))
+        fetch_dataset.fn(run_context(tmp_path / "store", **source))
     assert _everything_in(outside) == []
 
 

@@ -120,3 +120,40 @@ def test_a_synthetic_set_that_cannot_fit_is_refused_before_any_work(flag, value,
     assert main(["--dataset", "synthetic", flag, value, "--store", str(tmp_path / "store")]) == 2
     assert f"{flag}: Input should be less than or equal to {most}, found '{value}'" in capsys.readouterr().err
     assert not (tmp_path / "cache" / "synthetic").exists()
+
+
+def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_params(tmp_path, monkeypatch):
+    """Every RunParams field but those only the parent uses (RUN_ONLY) is sent to each child,
+    is a parameter of the train-variant flow (its signature, so its schema, comes from
+    RunParams) and arrives in the child's own RunParams: a field added to RunParams alone
+    reaches every unit wherever it trains."""
+    import tasks.training
+    from flows.variants import child_parameters
+    from run.context import RunContext
+    from run.layout import Unit
+    from run.params import RUN_ONLY
+    from run.records import DatasetRef, UnitResult
+
+    unit_fields = set(RunParams.model_fields) - RUN_ONLY
+    assert RUN_ONLY < set(RunParams.model_fields)
+    own = {"variant", "dataset_key", "dataset_md5", "dataset_sha256"}
+    assert set(VARIANT["properties"]) == unit_fields | own
+    p = RunParams(store=str(tmp_path / "store"), variants=["flip"], model="fast", epochs=3, patience=2, batch_size=16,
+                  lr=0.01, subset=50, seed=4, repeats=2, split_seed=3, store_outage_minutes=1.5, device="cpu",
+                  precision="fp32")
+    ctx = RunContext(p, "run", dataset=DatasetRef(key="datasets/cifar10/" + "a" * 32, md5="a" * 32, sha256="b" * 64))
+    sent = child_parameters(ctx, Unit("flip", 5, repeated=True))
+    assert set(sent) == unit_fields | own, (unit_fields | own) ^ set(sent)
+
+    got = {}
+
+    def train_unit(ctx, cfg, device, repeated=False):
+        got.update(ctx=ctx, repeated=repeated)
+        return UnitResult(name=cfg.variant, status="completed")
+
+    monkeypatch.setattr(tasks.training, "train_unit", train_unit)
+    train_variant.fn(**train_variant.validate_parameters(sent))
+    child = got["ctx"]
+    expected = {**p.model_dump(), "seed": 5, "run_id": "run", "store": ctx.store_uri}
+    assert {n: getattr(child.params, n) for n in unit_fields} == {n: expected[n] for n in unit_fields}
+    assert child.run_id == "run" and child.dataset == ctx.dataset and got["repeated"]

@@ -80,14 +80,17 @@ def test_units_and_child_names_keep_todays_with_one_repeat():
 
 
 def test_child_parameters_carry_the_repeats_seed():
+    from run.context import RunContext
     from run.params import RunParams
+    from run.records import DatasetRef
     from flows.variants import child_parameters
 
     p = RunParams(variants=["flip"], repeats=3, seed=10, store="/abs/store")
-    ds = {"key": "datasets/cifar10/x", "md5": "x", "sha256": "y"}
-    got = [child_parameters(p, u, "run", "/abs/store", ds) for u in units_of(p.variants, p.seed, p.repeats)]
+    ds = DatasetRef(key="datasets/cifar10/x", md5="x", sha256="y")
+    got = [child_parameters(RunContext(p, "run", dataset=ds), u) for u in units_of(p.variants, p.seed, p.repeats)]
     assert [(c["seed"], c["repeats"]) for c in got] == [(10, 3), (11, 3), (12, 3)]
-    single = child_parameters(RunParams(variants=["flip"], store="/abs/store"), Unit("flip", 0), "run", "/abs/store", ds)
+    single = child_parameters(RunContext(RunParams(variants=["flip"], store="/abs/store"), "run", dataset=ds),
+                              Unit("flip", 0))
     assert "repeats" not in single and single["seed"] == 0  # a run of one repeat starts children as before
 
 

@@ -23,6 +23,7 @@ from store import PreconditionFailed, StoreError, open_store
 from registry import champions
 from run.layout import Unit, stored_key
 from tests.s3_fixtures import aws_client, use_credentials
+from tests.contexts import run_context
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(variants=["none"], epochs=1, subset=300, device="cpu")  # a run in well under a minute
@@ -141,8 +142,8 @@ def test_dataset_from_an_s3_mirror(s3_bucket, synthetic_archive, cache, capsys, 
     assert (got_md5, src) == (md5, f"s3://{s3_bucket}/mirror/{cd.ARCHIVE_NAME}")
 
     store_uri = f"s3://{s3_bucket}/nightly"
-    info = fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri)
-    assert info["md5"] == md5 and info["source"] == src and info["train"] == 2000 and info["holdout"] == 400
+    info = fetch_dataset.fn(run_context(store_uri, data_source=src, data_md5=md5))
+    assert info.md5 == md5 and info.source == src and info.train == 2000 and info.holdout == 400
     assert open_store(store_uri).exists(f"datasets/cifar10/{md5}/{cd.PREPARED_FILE}")
 
     # another machine: it decodes the archive once, to learn the SHA-256 the store's copy
@@ -150,11 +151,11 @@ def test_dataset_from_an_s3_mirror(s3_bucket, synthetic_archive, cache, capsys, 
     # and stores nothing; from then on it neither downloads nor decodes
     capsys.readouterr()
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "other-machine"))
-    assert fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri) == info
+    assert fetch_dataset.fn(run_context(store_uri, data_source=src, data_md5=md5)) == info
     out = capsys.readouterr().out
     assert "prepared copy found in the store and checked" in out and "decoded and stored" not in out
     (tmp_path / "other-machine" / "downloads" / s3_bucket / "mirror" / cd.ARCHIVE_NAME).unlink()
-    assert fetch_dataset.fn("cifar10", None, src, md5, 10, 10, store_uri) == info
+    assert fetch_dataset.fn(run_context(store_uri, data_source=src, data_md5=md5)) == info
     assert "nothing to download" in capsys.readouterr().out
     assert not (tmp_path / "other-machine" / "downloads" / s3_bucket / "mirror" / cd.ARCHIVE_NAME).exists()
 
@@ -167,12 +168,12 @@ def test_a_wrong_md5_from_the_mirror_is_refused(s3_bucket, synthetic_archive, ca
     _, src = mirror.mirror(archive, f"s3://{s3_bucket}/mirror/data.tar.gz")
     wrong = "0" * 32
     with pytest.raises(cd.DataError) as err:
-        fetch_dataset.fn("cifar10", None, src, wrong, 10, 10, f"s3://{s3_bucket}/nightly")
+        fetch_dataset.fn(run_context(f"s3://{s3_bucket}/nightly", data_source=src, data_md5=wrong))
     msg = str(err.value)
     assert src in msg and f"expected {wrong}" in msg and f"found {md5}" in msg
     # without --data-md5 the mirror must hold the official archive
     with pytest.raises(cd.DataError, match=f"not the official CIFAR-10 archive.*--data-md5 {md5}"):
-        fetch_dataset.fn("cifar10", None, src, None, 10, 10, f"s3://{s3_bucket}/nightly")
+        fetch_dataset.fn(run_context(f"s3://{s3_bucket}/nightly", data_source=src))
     assert not open_store(f"s3://{s3_bucket}/nightly").list("datasets")
 
 
@@ -201,11 +202,11 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
     import tasks.training
     from cnn.config import make_config
     from tasks.data import fetch_dataset
-    from tasks.training import train_variant
+    from tasks.training import train_in_lane
 
     uri = f"s3://{s3_bucket}/nightly"
     st = open_store(uri)
-    ds = fetch_dataset.fn("synthetic", None, None, None, 400, 200, uri)
+    ds = fetch_dataset.fn(run_context(uri, dataset="synthetic", synthetic_train=400, synthetic_test=200))
     cfg = make_config("seed", "flip", epochs=2, patience=5, seed=0)
     real_train = tasks.training.train
 
@@ -218,14 +219,14 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
 
     monkeypatch.setattr(tasks.training, "train", dies_after_epoch_1)
     with pytest.raises(MachineLost):
-        train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
+        train_in_lane.fn(run_context(uri, "resumed", ds, subset=300, split_seed=0), cfg, "cpu")
     unit = Unit("flip", 0)
     first = st.read_versioned(stored_key(st, "resumed", unit, "history.csv"))[0].decode().splitlines()
     assert len(first) == 2  # header and epoch 1
 
     monkeypatch.setattr(tasks.training, "train", real_train)
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "another-machine"))
-    result = train_variant.fn(cfg, ds, 0, 300, "resumed", uri, "cpu")
+    result = train_in_lane.fn(run_context(uri, "resumed", ds, subset=300, split_seed=0), cfg, "cpu")
     assert re.search(rf"flip: resuming from {re.escape(uri)}/runs/resumed/variants/flip/gen-1/./checkpoint.safetensors "
                      r"\(epoch 1\)", capsys.readouterr().out)
     assert result.epochs_run == 2 and result.status == "completed"
