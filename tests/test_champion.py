@@ -5,6 +5,7 @@ a real local folder, and S3 through moto where marked.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 import threading
@@ -15,7 +16,6 @@ from cli import champion as cli
 from store import LocalStore, PreconditionFailed, open_store
 from registry import champions
 from tests.judges import promote_by_accuracy
-from run.records import UnitResult
 
 CIFAR = dict(name="cifar10", md5="c58f30108f718f92721af3b95e74349a", test_size=3500)
 SYNTH = dict(name="synthetic", md5="5" * 32, test_size=350)
@@ -52,27 +52,32 @@ def events(monkeypatch, prefect_harness):
 
 def _publish(store_uri: str, run_id: str, acc: float, dataset: dict, split_seed: int = 0) -> dict:
     """publish_run's logic on fabricated results: one trained variant, a test result."""
+    from run.context import RunContext
+    from run.params import RunParams
+    from run.records import ChampionComparison, DatasetRef, TestResult, VariantScore
     from tasks.publish import publish_run
 
     classes = [f"c{i}" for i in range(10)]
-    ds = {"name": dataset["name"], "source": "fabricated", "md5": dataset["md5"], "train": 50000,
-          "holdout": dataset["test_size"] * 100 // 35, "classes": classes}
-    v = UnitResult(name="none", status="completed", epochs_run=1, best_epoch=1, val_loss=1.0, val_accuracy=acc,
-                      seconds=1.0, device="cpu", config={"model": "seed", "variant": "none"})
-    test = {"loss": 1 - acc, "accuracy": acc, "per_class": dict.fromkeys(classes, acc), "artifacts": {}}
+    ds = DatasetRef(name=dataset["name"], source="fabricated", md5=dataset["md5"], key="datasets/fabricated",
+                    sha256="0" * 64, train=50000, holdout=dataset["test_size"] * 100 // 35, classes=classes)
+    v = VariantScore(name="none", status="completed", repeats=[], epochs_run=1, best_epoch=1, val_loss=1.0,
+                     val_accuracy=acc, seconds=1.0, device="cpu", config={"model": "seed", "variant": "none"})
+    test = TestResult(variant="none", model="seed", n=dataset["test_size"], loss=1 - acc, accuracy=acc,
+                      per_class=dict.fromkeys(classes, acc))
     ident = champions.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
                                "split_seed": split_seed, "test_size": dataset["test_size"]})
     current = champions.read(open_store(store_uri), ident)
     if current is not None and current["run_id"] != run_id:  # what test-model's paired comparison would say
         diff = acc - current["test"]["accuracy"]
-        test["champion_comparison"] = {
-            "champion_run_id": current["run_id"], "difference": diff, "ci": [diff, diff], "method": "fabricated",
-            "promote": diff > 0, "reason": f"new model {'beats' if diff > 0 else 'does not beat'} champion "
-                                           f"{current['run_id']} by {diff:+.4f}"}
-    params = {"model": "seed", "select_metric": "val_accuracy", "split_seed": split_seed, "promote_margin": 0.0,
-              "promote_confidence": 0.95, "subset": None, "variant_deployment": None, "seed": 0, "repeats": 1}
-    run = {"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00", "flow_run_id": None}
-    return publish_run.fn(run, params, ds, [v], v, test, store_uri)
+        test = dataclasses.replace(test, champion_comparison=ChampionComparison(
+            champion_run_id=current["run_id"], difference=diff, ci=[diff, diff], method="fabricated",
+            promoted=diff > 0, reason=f"new model {'beats' if diff > 0 else 'does not beat'} champion "
+                                      f"{current['run_id']} by {diff:+.4f}"))
+    params = RunParams(model="seed", select_metric="val_accuracy", split_seed=split_seed, promote_margin=0.0,
+                       promote_confidence=0.95, subset=None, variant_deployment=None, seed=0, repeats=1,
+                       store=store_uri)
+    ctx = RunContext(params, run_id, None, "2026-01-01T00:00:00+00:00", ds)
+    return publish_run.fn(ctx, [v], v, test)
 
 
 @pytest.fixture
