@@ -22,9 +22,9 @@ from torch import nn
 from cnn.config import TrainConfig
 from cnn.export import Portable, load_portable
 from cnn.models import build_model
+from run.layout import CLASSES, CONFIG, MANIFEST, MODEL, PORTABLE, WEIGHTS, model_key, run_key
 from store import MAX_MODEL_BYTES, Store, TooLarge, join_key, sha256_of
 
-WEIGHTS, CONFIG, CLASSES, PORTABLE = "weights.safetensors", "config.json", "classes.json", "model.pt2"
 # classes.json and config.json are a few kB; a larger one is not the run's, and is not read
 MAX_DOCUMENT_BYTES = 4 * 2**20
 
@@ -36,11 +36,11 @@ def runs_hint(store: Store) -> str:
 
 def load_model(store: Store, run_id: str, workdir: Path, portable: bool = False) -> tuple[nn.Module, list[str]]:
     """(model: 0..1 RGB (B, 3, 32, 32) in, logits out; class names) of a finished run."""
-    folder = join_key("runs", run_id, "model")
+    folder = model_key(run_id)
     files = {Path(k).name for k in store.list(folder)}
     wanted = {CLASSES, PORTABLE} if portable else {CLASSES, WEIGHTS, CONFIG}
     if not wanted <= files:
-        if not store.list(join_key("runs", run_id)):
+        if not store.list(run_key(run_id)):
             raise LookupError(f"--run {run_id}: no such run in {store.uri} ({runs_hint(store)})")
         raise LookupError(f"{store.uri_for(folder)}: expected {', '.join(sorted(wanted))}, found "
                           f"{', '.join(sorted(files)) or 'nothing'}; did the run finish?")
@@ -126,9 +126,9 @@ def rebuild(store: Store, config: dict, source: str, weights_key: str, workdir: 
 def verified_portable(store: Store, run_id: str, workdir: Path) -> nn.Module:
     """The run's model.pt2, loaded only if its SHA-256 is the one its manifest recorded
     (corruption) and cnn.export.check_archive accepts it (tampering)."""
-    name = f"model/{PORTABLE}"
-    manifest_key = join_key("runs", run_id, "manifest.json")
-    key = join_key("runs", run_id, name)
+    name = f"{MODEL}/{PORTABLE}"
+    manifest_key = run_key(run_id, MANIFEST)
+    key = model_key(run_id, PORTABLE)
     manifest = store.read_json(manifest_key) or {}
     expected = manifest.get("artifacts", {}).get(name, {}).get("sha256")
     if expected is None:

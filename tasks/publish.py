@@ -18,9 +18,9 @@ from registry import champions
 from run.cache import local_run_dir
 from run.context import RunContext
 from run.errors import is_io_error
-from run.layout import CURVES, HISTORY, MANIFEST, REPORT, run_key, stored_key, units_of
+from run.layout import CURVES, HISTORY, MANIFEST, REPORT, VARIANTS_PLOT, run_key, stored_key, units_of
 from run.records import ChampionComparison, ChampionRecord, TestResult, VariantComparison, VariantScore
-from run.report import VARIANTS, plot_curves, plot_variants, render_markdown
+from run.report import plot_curves, plot_variants, render_markdown
 from store import MAX_DOCUMENT_BYTES
 from store.files import write_durably
 from tasks.testing import face_champion_again
@@ -136,8 +136,8 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
                 histories.setdefault(unit.variant, []).append(pd.read_csv(local))
     plot_curves(histories, out / CURVES)
     artifacts[CURVES] = store.put_file(run_key(run_id, CURVES), out / CURVES)
-    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS)  # dots and intervals, the report's
-    artifacts[VARIANTS] = store.put_file(run_key(run_id, VARIANTS), out / VARIANTS)
+    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS_PLOT)  # dots and intervals
+    artifacts[VARIANTS_PLOT] = store.put_file(run_key(run_id, VARIANTS_PLOT), out / VARIANTS_PLOT)
 
     candidate = champion_record(manifest, store).to_dict()
     ident = champions.identity(candidate)
