@@ -1,10 +1,6 @@
-"""The run's result records, each with one job and one JSON form.
-
-UnitResult is one seed of one variant (its `metrics.json`); VariantScore is a variant
-over its repeats (built by tasks/scoring.py combine only); VariantComparison is the
-selected variant against the runner-up; TestResult, with its ChampionComparison, is
-the one reading of the test split; ChampionRecord is what the registry keeps of a run.
-The manifest (tasks/publish.py) is made of their JSON forms."""
+"""A variant's result: the one record that training writes for each repeat (as the
+repeat's `metrics.json` in the store), that scoring combines into the variant's
+(tasks/scoring.py), and that the parent, selection and the report read."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +33,11 @@ class DatasetRef:
         return dataclasses.asdict(self)
 
 
+# The run's result records, each with one job and one JSON form: UnitResult is one seed
+# of one variant (its metrics.json); VariantScore a variant over its repeats (built by
+# tasks/scoring.py combine only); VariantComparison the selected variant against the
+# runner-up; TestResult, with its ChampionComparison, the one reading of the test split;
+# ChampionRecord what the registry keeps of a run. The manifest is made of their JSON forms.
 UNIT_STATUSES = ("completed", "early_stopped", "diverged", "failed")
 SELECTABLE = ("completed", "early_stopped")
 

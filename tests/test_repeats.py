@@ -65,6 +65,14 @@ def test_equal_means_go_to_the_lower_mean_loss_and_a_diverged_repeat_is_left_out
     assert not dead.selectable and dead.val_accuracy_ci is None and "seed 1: failed" in dead.error
 
 
+def test_a_units_metrics_json_holds_its_own_fields_and_an_older_one_is_still_read():
+    unit = _repeat("a", 0, 0.8)
+    written = json.loads(unit.to_json())
+    assert not {"repeats", "val_accuracy_mean", "val_loss_mean", "val_accuracy_ci"} & set(written)
+    older = {**written, "repeats": None, "val_accuracy_mean": None, "val_loss_mean": None, "val_accuracy_ci": None}
+    assert UnitResult.from_dict(older) == unit
+
+
 def test_units_and_child_names_keep_todays_with_one_repeat():
     from flows.fanout import child_name, idempotency_key
 
