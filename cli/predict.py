@@ -26,7 +26,8 @@ from PIL import Image, UnidentifiedImageError
 
 from cnn.data import ARCHIVE_MD5
 from run.model import load_model, runs_hint
-from store import Store, StoreError, join_key, open_store, safe_name
+from run.layout import model_key
+from store import Store, StoreError, open_store, safe_name
 from registry import champions
 
 BATCH = 256
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="predict-") as tmp:
             module, classes = load_model(store, run_id, Path(tmp), portable=args.portable)
             what = "model.pt2, SHA-256 and contents checked" if args.portable else "weights.safetensors"
-            print(f"model: run {run_id} ({why}) from {store.uri_for(join_key('runs', run_id, 'model'))} ({what})",
+            print(f"model: run {run_id} ({why}) from {store.uri_for(model_key(run_id))} ({what})",
                   file=sys.stderr)
             probs = predict(module, images)
     except (OSError, ValueError, LookupError, StoreError) as e:

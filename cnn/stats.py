@@ -64,10 +64,10 @@ class Comparison:
 
 
 @dataclass(frozen=True)
-class Decision:
+class Verdict:
     """Whether a new model replaces the champion, and the plain sentence why."""
 
-    promote: bool
+    promoted: bool
     difference: float  # new minus champion, accuracy fraction
     ci: tuple[float, float]
     method: str
@@ -119,7 +119,7 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, rng_seed: in
 
 
 def promotion(correct_new: np.ndarray, correct_champion: np.ndarray, confidence: float, margin: float,
-              rng_seed: int = 0, champion_run: str | None = None, method: str = "analytic") -> Decision:
+              rng_seed: int = 0, champion_run: str | None = None, method: str = "analytic") -> Verdict:
     """Promote the new model only when its interval's lower bound beats the champion
     by more than `margin` (an accuracy fraction) on the same test images.
 
@@ -133,17 +133,17 @@ def promotion(correct_new: np.ndarray, correct_champion: np.ndarray, confidence:
         if x.ndim != 1:
             raise ValueError(f"{name}: expected one (n,) bool array over the test images, found shape {x.shape}")
     c = paired_difference(new[None], old[None], rng_seed, level=confidence, method=method)
-    promote = c.ci[0] > margin
+    promoted = c.ci[0] > margin
     gap = _gap("new model", f"champion {champion_run}" if champion_run else "the champion", c.difference)
     where = f"on {c.n_images:,} test images"
     if confidence == 0:
-        tail = "promoted" if promote else "not promoted"
+        tail = "promoted" if promoted else "not promoted"
         reason = f"{gap} {where}: {tail} (needs more than {_points(margin)}; confidence 0 compares the point estimates)"
     else:
-        tail = "promoted" if promote else "not enough to promote"
+        tail = "promoted" if promoted else "not enough to promote"
         reason = (f"{gap} ({_interval(c)}) {where}: {tail} "
                   f"(needs the lower bound above {_points(margin)})")
-    return Decision(bool(promote), c.difference, c.ci, c.method, reason)
+    return Verdict(bool(promoted), c.difference, c.ci, c.method, reason)
 
 
 def sentence(selected: str, runner_up: str, comparison: Comparison, n_images: int | None = None) -> str:

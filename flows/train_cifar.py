@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from cli import interrupt
 from run.params import RunParams, describe_errors, signed
-from store import open_store, require_conditional_writes
+from store import require_conditional_writes
 from run.errors import is_user_error
 
 def stable_run_id() -> str:
@@ -61,7 +61,6 @@ def stable_run_id() -> str:
 @signed(RunParams.model_fields)
 def train_cifar(**params):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
-    from cnn.config import TrainConfig
     from cnn.train import STOP
     from flows.fanout import RunCancelled
     from flows.variants import devices_for, train_units
@@ -99,30 +98,27 @@ def train_cifar(**params):
         return Cancelled(message=str(e))
     if STOP.is_set():  # Ctrl-C or SIGTERM at the command line: every unit has stopped (cli/interrupt.py)
         return Cancelled(message=interrupt.resume_hint(ctx.run_id))
-    results = score_variants(units, p.select_metric, ctx.dataset.to_dict(), p.split_seed, store_uri, p.store_outage_minutes)
-    selected = select_variant(results, p.select_metric)
-    comparison = compare_variants(units, results, selected, p.select_metric, ctx.dataset.to_dict(), p.split_seed, store_uri,
-                                  p.store_outage_minutes)
-    test = test_model(TrainConfig(**selected.config), selected.weights_key, ctx.dataset.to_dict(), p.split_seed, run["run_id"],
-                      store_uri, test_device, p.store_outage_minutes, p.promote_confidence, p.promote_margin,
-                      p.precision)
-    out = publish_run(run, p.model_dump(), ctx.dataset.to_dict(), results, selected, test, store_uri, comparison)
-    drop_local_copies(open_store(store_uri), run["run_id"])  # the manifest is stored: the run is safe there
-    create_run_artifacts(run["run_id"], store_uri, p.link_expiry_hours)  # best-effort: never fails the run
-    _summary(results, selected.name, out)
+    scores = score_variants(ctx, units)
+    selected = select_variant(scores, p.select_metric)
+    comparison = compare_variants(ctx, units, scores, selected)
+    test = test_model(ctx, selected, test_device)
+    out = publish_run(ctx, scores, selected, test, comparison)
+    drop_local_copies(ctx.store, ctx.run_id)  # the manifest is stored: the run is safe there
+    create_run_artifacts(ctx)  # best-effort: never fails the run
+    _summary(scores, selected.name, out)
     return out
 
 
-def _summary(results: list, selected: str, out: dict) -> None:
+def _summary(scores: list, selected: str, out: dict) -> None:
     print("variant              status         epochs  best  val_loss  val_acc  seconds  attempts  "
           "mean val_acc (95% interval)")
-    for r in results:
+    for s in scores:
         fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
-        ci = r.val_accuracy_ci
-        mean = "-" if ci is None else f"{r.val_accuracy_mean:.4f} ({ci[0]:.4f}-{ci[1]:.4f}) x{len(r.repeats or [])}"
-        print(f"{r.name:<20} {r.status:<14} {fmt(r.epochs_run, 'd'):>6}  {fmt(r.best_epoch, 'd'):>4}  "
-              f"{fmt(r.val_loss, '.4f'):>8}  {fmt(r.val_accuracy, '.4f'):>7}  {fmt(r.seconds, '.1f'):>7}  "
-              f"{r.attempts:>8}  {mean}" + ("  <- selected" if r.name == selected else ""))
+        ci = s.val_accuracy_ci
+        mean = f"{s.val_accuracy_mean:.4f} ({ci[0]:.4f}-{ci[1]:.4f}) x{len(s.repeats)}" if s.selectable else "-"
+        print(f"{s.name:<20} {s.status:<14} {fmt(s.epochs_run, 'd'):>6}  {fmt(s.best_epoch, 'd'):>4}  "
+              f"{fmt(s.val_loss, '.4f'):>8}  {fmt(s.val_accuracy, '.4f'):>7}  {fmt(s.seconds, '.1f'):>7}  "
+              f"{s.attempts:>8}  {mean}" + ("  <- selected" if s.name == selected else ""))
     print(f"test accuracy {out['test_accuracy']:.4f}; promoted: {out['promoted']}")
 
 

@@ -12,8 +12,9 @@ are one conditional write (If-None-Match for the first, If-Match after): two
 writers racing cannot both win, and no entry is lost. A run on another dataset or
 split has its own identity: it neither blocks nor replaces another's champion.
 
-Stores written before this layout hold one `champion.json` at the root; it is read
-as the champion of its identity until that identity's first change here.
+Whether a candidate beats the champion is its judge's answer (for a run: the paired
+comparison on the test images, cnn.stats.promotion); the registry never compares
+accuracies itself.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from typing import Callable, NamedTuple
 from store.base import PreconditionFailed, Store, StoreError, join_key, safe_name
 
 FOLDER = "champions"
-LEGACY_KEY = "champion.json"  # the one champion per store of earlier versions
 IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size")  # in a champion record
 
 
@@ -45,28 +45,22 @@ def key_for(ident: str) -> str:
     return join_key(FOLDER, safe_name(ident, "dataset identity") + ".json")
 
 
-# judge(current) -> (promote?, why): how a candidate is compared with the champion `current`
-# of its identity (the run's paired comparison on the test images, tasks/testing.py)
-Judge = Callable[[dict], tuple[bool, str]]
+# judge(current, candidate) -> (promote?, why): whether `candidate` beats `current`, the
+# champion of its identity, and the sentence why
+Judge = Callable[[dict, dict], tuple[bool, str]]
 
 
-def decide(current: dict | None, candidate: dict, margin: float, judge: Judge | None = None) -> tuple[bool, str]:
+def decide(current: dict | None, candidate: dict, judge: Judge) -> tuple[bool, str]:
     """(promote?, why) for `candidate` against `current`, the champion of its identity:
-    `judge(current)` when given, else by test accuracy with `margin`."""
+    the judge's answer once there is a champion of another run to face."""
     if current is None:
         return True, f"no champion yet for dataset {identity(candidate)}"
     if current["run_id"] == candidate["run_id"]:  # a retried publish finds its own promotion
         return True, f"already the champion of dataset {identity(candidate)}"
-    same = ("dataset_md5", "split_seed", "test_size")  # a legacy record has no dataset name
-    if any(current.get(k) != candidate.get(k) for k in same):
+    if any(current.get(k) != candidate.get(k) for k in IDENTITY_FIELDS):
         raise ValueError(f"champion {current['run_id']} is of another dataset identity than "
                          f"{identity(candidate)}; refusing to compare")
-    if judge is not None:
-        return judge(current)
-    old, new = current["test"]["accuracy"], candidate["test"]["accuracy"]
-    if new > old and new - old >= margin:
-        return True, f"test accuracy {new:.4f} beats champion {current['run_id']} ({old:.4f}) by >= {margin}"
-    return False, f"test accuracy {new:.4f} does not beat champion {current['run_id']} ({old:.4f}) by more than {margin}"
+    return judge(current, candidate)
 
 
 def _record_problem(rec) -> str | None:
@@ -89,23 +83,6 @@ def _check_record(rec, where: str, what: str = "the champion record"):
     if problem is not None:
         raise ValueError(f"{where}: {what}: expected {problem}; restore an earlier version of it")
     return rec
-
-
-def _legacy(store: Store) -> tuple[str, dict] | None:
-    """(identity, record) of a root champion.json no per-identity object has replaced."""
-    raw = store.read_versioned(LEGACY_KEY)[0]
-    if raw is None:
-        return None
-    try:
-        rec = json.loads(raw)
-    except ValueError as e:
-        raise ValueError(f"{store.uri_for(LEGACY_KEY)}: expected a champion record (JSON), found unreadable content "
-                         f"({e}); restore an earlier version of it") from None
-    _check_record(rec, store.uri_for(LEGACY_KEY))
-    if "dataset_name" not in rec:  # older records lack it; their run's manifest has it
-        manifest = store.read_json(join_key("runs", safe_name(rec["run_id"], "run_id"), "manifest.json")) or {}
-        rec = {**rec, "dataset_name": manifest.get("dataset", {}).get("name", "unknown")}
-    return identity(rec), rec
 
 
 def _parse(raw: bytes, where: str) -> dict:
@@ -132,15 +109,9 @@ def _parse(raw: bytes, where: str) -> dict:
 
 
 def _load(store: Store, ident: str) -> tuple[dict | None, str | None]:
-    """(document, version) of an identity; a matching legacy champion.json counts as one
-    with no history (version None: the first write here creates the object)."""
+    """(document, version) of an identity; (None, None) while it has no champion."""
     raw, version = store.read_versioned(key_for(ident))
-    if raw is not None:
-        return _parse(raw, store.uri_for(key_for(ident))), version
-    legacy = _legacy(store)
-    if legacy is not None and legacy[0] == ident:
-        return {"identity": ident, "champion": legacy[1], "history": []}, None
-    return None, None
+    return (None, None) if raw is None else (_parse(raw, store.uri_for(key_for(ident))), version)
 
 
 def read(store: Store, ident: str) -> dict | None:
@@ -150,7 +121,7 @@ def read(store: Store, ident: str) -> dict | None:
 
 
 def documents(store: Store) -> dict[str, dict]:
-    """{identity: document} of every identity with a champion, legacy included."""
+    """{identity: document} of every identity with a champion."""
     docs = {}
     for key in store.list(FOLDER):
         name = key.removeprefix(FOLDER + "/")
@@ -158,9 +129,6 @@ def documents(store: Store) -> dict[str, dict]:
             raw = store.read_versioned(key)[0]
             if raw is not None:  # removed since it was listed
                 docs[name.removesuffix(".json")] = _parse(raw, store.uri_for(key))
-    legacy = _legacy(store)
-    if legacy is not None and legacy[0] not in docs:
-        docs[legacy[0]] = {"identity": legacy[0], "champion": legacy[1], "history": []}
     return docs
 
 
@@ -202,14 +170,13 @@ def _already(doc: dict, candidate: dict) -> Decision:
     """The decision that made `candidate` champion, found again: a retried publish
     records the promotion it made, not a comparison of the run with itself."""
     made = next((e for e in reversed(doc["history"]) if e["champion"]["run_id"] == candidate["run_id"]), None)
-    if made is None:  # a legacy champion.json names it: no history to read
+    if made is None:  # a document edited by hand: its history does not say how
         return Decision(True, f"already the champion of dataset {identity(candidate)}", None)
     return Decision(True, made["reason"], None if made["previous"] is None else made["previous"]["run_id"])
 
 
-def promote(store: Store, candidate: dict, margin: float, flow_run_id: str | None = None,
-            judge: Judge | None = None) -> Decision:
-    """Make `candidate` the champion of its identity if it wins (decide, with `judge`); safe
+def promote(store: Store, candidate: dict, judge: Judge, flow_run_id: str | None = None) -> Decision:
+    """Make `candidate` the champion of its identity if `judge` says it wins (decide); safe
     against concurrent runs, each of which decides again against the champion it finds, and
     against the retry of a publish that already promoted it."""
     ident = identity(candidate)
@@ -218,7 +185,7 @@ def promote(store: Store, candidate: dict, margin: float, flow_run_id: str | Non
         current = None if doc is None else doc["champion"]
         if current is not None and current["run_id"] == candidate["run_id"]:
             return None, _already(doc, candidate)
-        ok, reason = decide(current, candidate, margin, judge)
+        ok, reason = decide(current, candidate, judge)
         against = None if current is None else current["run_id"]
         if not ok:
             return None, Decision(False, reason, against)

@@ -22,9 +22,9 @@ from torch import nn
 from cnn.config import TrainConfig
 from cnn.export import Portable, load_portable
 from cnn.models import build_model
+from run.layout import CLASSES, CONFIG, MANIFEST, MODEL, PORTABLE, WEIGHTS, model_key, run_key
 from store import MAX_MODEL_BYTES, Store, TooLarge, join_key, sha256_of
 
-WEIGHTS, CONFIG, CLASSES, PORTABLE = "weights.safetensors", "config.json", "classes.json", "model.pt2"
 # classes.json and config.json are a few kB; a larger one is not the run's, and is not read
 MAX_DOCUMENT_BYTES = 4 * 2**20
 
@@ -36,11 +36,11 @@ def runs_hint(store: Store) -> str:
 
 def load_model(store: Store, run_id: str, workdir: Path, portable: bool = False) -> tuple[nn.Module, list[str]]:
     """(model: 0..1 RGB (B, 3, 32, 32) in, logits out; class names) of a finished run."""
-    folder = join_key("runs", run_id, "model")
+    folder = model_key(run_id)
     files = {Path(k).name for k in store.list(folder)}
     wanted = {CLASSES, PORTABLE} if portable else {CLASSES, WEIGHTS, CONFIG}
     if not wanted <= files:
-        if not store.list(join_key("runs", run_id)):
+        if not store.list(run_key(run_id)):
             raise LookupError(f"--run {run_id}: no such run in {store.uri} ({runs_hint(store)})")
         raise LookupError(f"{store.uri_for(folder)}: expected {', '.join(sorted(wanted))}, found "
                           f"{', '.join(sorted(files)) or 'nothing'}; did the run finish?")
@@ -87,30 +87,48 @@ def _json_kind(value) -> str:
 
 def from_weights(store: Store, folder: str, workdir: Path, num_classes: int) -> nn.Module:
     """The registry's model named by config.json, with the safetensors weights, in eval mode."""
-    expected = "a training config naming a known model"
-    raw = read_document(store, join_key(folder, CONFIG), workdir, expected)
+    model, cfg = rebuild(store, read_config(store, folder, workdir), store.uri_for(join_key(folder, CONFIG)),
+                         join_key(folder, WEIGHTS), workdir, num_classes)
+    return Portable(model.float(), cfg.tta).eval()  # the exported program's normalisation and TTA
+
+
+def read_config(store: Store, folder: str, workdir: Path) -> dict:
+    """The model folder's config.json: a JSON object, at most MAX_DOCUMENT_BYTES (rebuild checks its fields)."""
+    key = join_key(folder, CONFIG)
+    raw = read_document(store, key, workdir, CONFIG_EXPECTED)
     if not isinstance(raw, dict):
-        raise ValueError(f"{store.uri_for(join_key(folder, CONFIG))}: expected {expected}, found {_json_kind(raw)}")
+        raise ValueError(f"{store.uri_for(key)}: expected {CONFIG_EXPECTED}, found {_json_kind(raw)}")
+    return raw
+
+
+CONFIG_EXPECTED = "a training config naming a known model"
+
+
+def rebuild(store: Store, config: dict, source: str, weights_key: str, workdir: Path,
+            num_classes: int) -> tuple[nn.Module, TrainConfig]:
+    """(the registry's model that `config` names, with the weights stored at `weights_key`,
+    in eval mode; its TrainConfig). `source` names where `config` came from in errors;
+    the weights are downloaded into `workdir` (at most MAX_MODEL_BYTES)."""
     try:
-        cfg = TrainConfig(**raw)
+        cfg = TrainConfig(**config)
         model = build_model(cfg.model, num_classes=num_classes)
     except (TypeError, ValueError) as e:  # unknown or missing fields, unknown model
-        raise ValueError(f"{store.uri_for(join_key(folder, CONFIG))}: expected {expected}: {e}") from None
-    weights = store.get_file(join_key(folder, WEIGHTS), workdir / WEIGHTS, limit=MAX_MODEL_BYTES)
+        raise ValueError(f"{source}: expected {CONFIG_EXPECTED}: {e}") from None
+    weights = store.get_file(weights_key, workdir / WEIGHTS, limit=MAX_MODEL_BYTES)
     try:
         model.load_state_dict(load_file(str(weights)))
     except (SafetensorError, RuntimeError) as e:  # damaged file, or weights of another shape
-        raise ValueError(f"{store.uri_for(join_key(folder, WEIGHTS))}: not the weights of a {cfg.model} model "
+        raise ValueError(f"{store.uri_for(weights_key)}: not the weights of a {cfg.model} model "
                          f"with {num_classes} classes: {e}") from None
-    return Portable(model.float(), cfg.tta).eval()  # the exported program's normalisation and TTA
+    return model.eval(), cfg
 
 
 def verified_portable(store: Store, run_id: str, workdir: Path) -> nn.Module:
     """The run's model.pt2, loaded only if its SHA-256 is the one its manifest recorded
     (corruption) and cnn.export.check_archive accepts it (tampering)."""
-    name = f"model/{PORTABLE}"
-    manifest_key = join_key("runs", run_id, "manifest.json")
-    key = join_key("runs", run_id, name)
+    name = f"{MODEL}/{PORTABLE}"
+    manifest_key = run_key(run_id, MANIFEST)
+    key = model_key(run_id, PORTABLE)
     manifest = store.read_json(manifest_key) or {}
     expected = manifest.get("artifacts", {}).get(name, {}).get("sha256")
     if expected is None:

@@ -35,14 +35,21 @@ class DatasetRef:
         return dataclasses.asdict(self)
 
 
-STATUSES = ("completed", "early_stopped", "diverged", "failed")
+# The run's result records, each with one job and one JSON form: UnitResult is one seed
+# of one variant (its metrics.json); VariantScore a variant over its repeats (built by
+# tasks/scoring.py combine only); VariantComparison the selected variant against the
+# runner-up; TestResult, with its ChampionComparison, the one reading of the test split;
+# ChampionRecord what the registry keeps of a run. The manifest is made of their JSON forms.
+UNIT_STATUSES = ("completed", "early_stopped", "diverged", "failed")
 SELECTABLE = ("completed", "early_stopped")
 
 
 @dataclass
 class UnitResult:
+    """One repeat (seed) of one variant, as training wrote it."""
+
     name: str
-    status: str  # one of STATUSES
+    status: str  # one of UNIT_STATUSES
     epochs_run: int | None = None
     best_epoch: int | None = None
     val_loss: float | None = None
@@ -55,17 +62,12 @@ class UnitResult:
     artifacts: dict[str, dict] = field(default_factory=dict)  # name -> {uri, sha256, bytes}
     attempts: int = 1  # flow runs (or task runs) it took
     flow_run_id: str | None = None  # the flow run that trained it
-    seed: int | None = None  # the repeat's seed (a variant's record: its best repeat's)
+    seed: int | None = None
     predictions_key: str | None = None  # store key of the best epoch's val predictions, (N_val,) uint8
-    # a variant's record only (tasks/scoring.py), None in a repeat's metrics.json:
-    repeats: list[dict] | None = None  # each repeat: seed, status, best_epoch, val_loss, val_accuracy, seconds
-    val_accuracy_mean: float | None = None  # over the selectable repeats
-    val_loss_mean: float | None = None  # over the selectable repeats: breaks ties of the mean accuracy
-    val_accuracy_ci: list[float] | None = None  # [low, high], 95%, over seeds and images
 
     @classmethod
     def failed(cls, name: str, error: str, **known) -> UnitResult:
-        """A variant that produced no model, saying why."""
+        """A unit that produced no model, saying why."""
         return cls(name=name, status="failed", error=error, **known)
 
     @property
@@ -77,6 +79,8 @@ class UnitResult:
 
     @classmethod
     def from_dict(cls, d: dict) -> UnitResult:
+        # a metrics.json written before the aggregate moved to VariantScore holds its
+        # (always null) aggregate keys too: they are not a unit's, and are dropped
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -88,14 +92,137 @@ class UnitResult:
         return None if raw is None else cls.from_dict(_checked(raw, store.uri_for(key)))
 
     def summary(self) -> dict:
-        """The manifest's per-variant fields."""
+        """What the live board and a child flow run show of it."""
         return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
-                                               "val_accuracy", "seconds", "attempts", "error", "repeats",
-                                               "val_accuracy_mean", "val_accuracy_ci", "val_loss_mean")}
+                                               "val_accuracy", "seconds", "attempts", "error")}
 
     def repeat_summary(self) -> dict:
         """This repeat's entry in its variant's `repeats`."""
         return {k: getattr(self, k) for k in ("seed", "status", "best_epoch", "val_loss", "val_accuracy", "seconds")}
+
+
+@dataclass(frozen=True)
+class VariantScore:
+    """A variant over its repeats: the mean and interval decide (selection), the best
+    repeat's model is the one tested. A variant with no selectable repeat has no mean and
+    carries the first repeat's failure."""
+
+    name: str
+    status: str  # the best repeat's (no selectable repeat: the first's)
+    repeats: list[dict]  # each repeat's UnitResult.repeat_summary(), in seed order
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    seconds: float | None = None
+    attempts: int = 1
+    error: str | None = None
+    val_accuracy_mean: float | None = None  # over the selectable repeats
+    val_loss_mean: float | None = None  # over the selectable repeats: breaks ties of the mean accuracy
+    val_accuracy_ci: list[float] | None = None  # [low, high], 95%, over seeds and images
+    # the tested model: the best repeat's
+    seed: int | None = None
+    device: str | None = None
+    config: dict | None = None
+    weights_key: str | None = None
+    artifacts: dict[str, dict] = field(default_factory=dict)  # every repeat's
+
+    @property
+    def selectable(self) -> bool:
+        return self.val_accuracy_mean is not None
+
+    def summary(self) -> dict:
+        """The manifest's entry for the variant."""
+        return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
+                                               "val_accuracy", "seconds", "attempts", "error", "repeats",
+                                               "val_accuracy_mean", "val_accuracy_ci", "val_loss_mean")}
+
+
+@dataclass(frozen=True)
+class VariantComparison:
+    """The selected variant minus the runner-up on the same validation images: the manifest's `comparison`."""
+
+    selected: str
+    runner_up: str
+    difference: float
+    ci: list[float]
+    distinguishable: bool
+    method: str
+    level: float
+    n_images: int
+    sentence: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ChampionComparison:
+    """The new model minus the champion on the same test images, and whether that promotes
+    it: the manifest's `test.champion_comparison`. No numbers when the champion's model
+    could not be faced."""
+
+    champion_run_id: str
+    promoted: bool
+    reason: str
+    difference: float | None = None
+    ci: list[float] | None = None
+    method: str | None = None
+
+    def to_dict(self) -> dict:
+        # the manifest names the decision `promote`, as it always has
+        return {"champion_run_id": self.champion_run_id, "difference": self.difference, "ci": self.ci,
+                "method": self.method, "promote": self.promoted, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """The selected model on the test split (model/metrics.json), the champion it faced
+    if any, and the model folder's stored files."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    variant: str
+    model: str
+    n: int
+    loss: float
+    accuracy: float
+    per_class: dict[str, float]
+    champion_comparison: ChampionComparison | None = None
+    artifacts: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """model/metrics.json."""
+        d = {"variant": self.variant, "model": self.model, "n": self.n, "loss": self.loss, "accuracy": self.accuracy,
+             "per_class": self.per_class}
+        if self.champion_comparison is not None:
+            d["champion_comparison"] = self.champion_comparison.to_dict()
+        return d
+
+    def summary(self) -> dict:
+        """The manifest's `test` (champion_comparison only when there was a champion)."""
+        return {k: v for k, v in self.to_dict().items() if k not in ("variant", "model", "n")}
+
+
+@dataclass(frozen=True)
+class ChampionRecord:
+    """What champions/<identity>.json records of a run (registry/champions.py): its model,
+    its test metrics and the dataset identity they were measured on."""
+
+    run_id: str
+    model_uri: str
+    manifest_uri: str
+    variant: str
+    model: str
+    test: dict  # the manifest's `test`
+    dataset_name: str
+    dataset_md5: str
+    split_seed: int
+    test_size: int
+    created_at: str | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 # a stored record's fields that the parent, scoring and selection compute with or read by
@@ -106,10 +233,11 @@ _KEYS = ("weights_key", "predictions_key")
 def _checked(raw: bytes, uri: str) -> dict:
     """The result record in `raw`, or a ValueError naming `uri`, what was expected and what
     was found: a record is read from the store, where anyone with write access can plant one."""
-    expected = (f"expected a result record: a JSON object with a string name, a status among {', '.join(STATUSES)}, "
+    expected = (f"expected a result record: a JSON object with a string name, a status among "
+                f"{', '.join(UNIT_STATUSES)}, "
                 f"numbers or null for {', '.join(_NUMBERS)} and strings or null for {', '.join(_KEYS)}")
     d = json_object(raw, uri, expected)
-    bad = [k for k, ok in [("name", isinstance(d.get("name"), str)), ("status", d.get("status") in STATUSES),
+    bad = [k for k, ok in [("name", isinstance(d.get("name"), str)), ("status", d.get("status") in UNIT_STATUSES),
                            *((k, d.get(k) is None or (isinstance(d[k], (int, float)) and not isinstance(d[k], bool)))
                              for k in _NUMBERS),
                            *((k, d.get(k) is None or isinstance(d[k], str)) for k in _KEYS)] if not ok]

@@ -14,13 +14,14 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: its global state is not thread-safe, and lanes are threads
 from PIL import Image
 
+from run.layout import CONFUSION_PNG, CURVES, MODEL, VARIANTS_PLOT
 from store.files import write_durably
 
 DPI = 80
 COLOURS = 64  # plots are a few flat colours and their antialiased edges
 
 # the run's figures, relative to its folder, and the title each has in the report
-CURVES, VARIANTS, CONFUSION = "curves.png", "variants.png", "model/confusion_matrix.png"
+VARIANTS, CONFUSION = VARIANTS_PLOT, f"{MODEL}/{CONFUSION_PNG}"
 REPORT_IMAGES = {CURVES: "Validation curves", VARIANTS: "Validation accuracy by variant",
                  CONFUSION: "Confusion matrix (test)"}
 

@@ -185,10 +185,7 @@ def _checked(store, key: str, read, fresh: bool = False):
         return read(fetched())
 
 
-def load_dataset(store, dataset: DatasetRef | dict, split_seed: int, subset: int | None = None) -> cd.Splits:
-    """The splits of the run's dataset (`fetch_dataset`'s reference, or its manifest form
-    `to_dict()`) from the store's prepared copy, refused unless it matches the reference's
-    SHA-256 (naming the file and both hashes)."""
-    if isinstance(dataset, dict):
-        dataset = DatasetRef(**dataset)
+def load_dataset(store, dataset: DatasetRef, split_seed: int, subset: int | None = None) -> cd.Splits:
+    """The splits of the run's dataset (`fetch_dataset`'s reference) from the store's prepared
+    copy, refused unless it matches the reference's SHA-256 (naming the file and both hashes)."""
     return _checked(store, dataset.key, lambda folder: cd.load_splits(folder, split_seed, subset, dataset.sha256))

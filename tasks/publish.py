@@ -13,15 +13,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from store import MAX_DOCUMENT_BYTES, open_store
-from registry import champions
-from store.files import write_durably
 from cnn.data import split_sizes
+from registry import champions
 from run.cache import local_run_dir
+from run.context import RunContext
 from run.errors import is_io_error
-from run.layout import run_key, stored_key, units_of
-from run.report import VARIANTS, plot_curves, plot_variants, render_markdown
-from run.records import UnitResult
+from run.layout import CURVES, HISTORY, MANIFEST, REPORT, VARIANTS_PLOT, run_key, stored_key, units_of
+from run.records import ChampionComparison, ChampionRecord, TestResult, VariantComparison, VariantScore
+from run.report import plot_curves, plot_variants, render_markdown
+from store import MAX_DOCUMENT_BYTES
+from store.files import write_durably
 from tasks.testing import face_champion_again
 
 NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
@@ -46,138 +47,132 @@ def versions() -> dict:
             "torchvision": torchvision.__version__, "prefect": prefect.__version__}
 
 
-TEST_FIELDS = ("loss", "accuracy", "per_class", "champion_comparison")  # the last only when there was a champion
-
-
-def build_manifest(run: dict, params: dict, dataset: dict, results: list[UnitResult], selected: UnitResult,
-                   test: dict, comparison: dict | None = None) -> dict:
+def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: VariantScore, test: TestResult,
+                   comparison: VariantComparison | None = None) -> dict:
     """The run's manifest (README, "What a run writes"), less the promotion and the artifacts, which publish adds."""
-    train_size = min(dataset["train"], params.get("subset") or dataset["train"])
-    n_val, n_test = split_sizes(dataset["holdout"])
+    p, ds = ctx.params, ctx.dataset
+    n_val, n_test = split_sizes(ds.holdout)
     return {
-        "run_id": run["run_id"],
-        "created_at": run["created_at"],
+        "run_id": ctx.run_id,
+        "created_at": ctx.created_at,
         "git_sha": git_sha(),
-        "params": params,
-        "configs": {r.name: r.config for r in results if r.config},
-        "dataset": {"name": dataset["name"], "source": dataset["source"], "md5": dataset["md5"],
-                    "sizes": {"train": train_size, "val": n_val, "test": n_test},
-                    "split_seed": params["split_seed"], "classes": dataset["classes"]},
-        "variants": [r.summary() for r in results],
+        "params": p.model_dump(),
+        "configs": {s.name: s.config for s in scores if s.config},
+        "dataset": {"name": ds.name, "source": ds.source, "md5": ds.md5,
+                    "sizes": {"train": min(ds.train, p.subset or ds.train), "val": n_val, "test": n_test},
+                    "split_seed": p.split_seed, "classes": ds.classes},
+        "variants": [s.summary() for s in scores],
         "selected": selected.name,
-        "comparison": comparison,
-        "test": {k: test[k] for k in TEST_FIELDS if k in test},
+        "comparison": None if comparison is None else comparison.to_dict(),
+        "test": test.summary(),
         "versions": versions(),
         "device": selected.device,
-        "flow_run_id": run["flow_run_id"],
-        "variant_deployment": params.get("variant_deployment"),
+        "flow_run_id": ctx.flow_run_id,
+        "variant_deployment": p.variant_deployment,
     }
 
 
-def champion_record(manifest: dict, store) -> dict:
-    """What champions/<identity>.json records of a run (registry.champions): its model, its
-    test metrics and the dataset identity they were measured on."""
+def champion_record(manifest: dict, store) -> ChampionRecord:
+    """What the registry records of the run whose manifest this is."""
     d = manifest["dataset"]
     run_id = manifest["run_id"]
-    return {
-        "run_id": run_id, "model_uri": store.uri_for(run_key(run_id, "model")),
-        "manifest_uri": store.uri_for(run_key(run_id, "manifest.json")),
-        "variant": manifest["selected"], "model": manifest["params"]["model"], "test": manifest["test"],
-        "dataset_name": d["name"], "dataset_md5": d["md5"], "split_seed": d["split_seed"],
-        "test_size": d["sizes"]["test"], "created_at": manifest["created_at"],
-    }
+    return ChampionRecord(
+        run_id=run_id, model_uri=store.uri_for(run_key(run_id, "model")),
+        manifest_uri=store.uri_for(run_key(run_id, MANIFEST)),
+        variant=manifest["selected"], model=manifest["params"]["model"], test=manifest["test"],
+        dataset_name=d["name"], dataset_md5=d["md5"], split_seed=d["split_seed"],
+        test_size=d["sizes"]["test"], created_at=manifest["created_at"],
+    )
 
 
 # the run's files the report links to, relative to its folder (where report.md is)
-REPORT_FILES = ["manifest.json", "report.md", "model/weights.safetensors", "model/model.pt2", "curves.png"]
+REPORT_FILES = [MANIFEST, REPORT, "model/weights.safetensors", "model/model.pt2", CURVES]
 
 
 class ChampionJudge:
-    """champion.Judge for publish: the test's paired comparison with the champion it faced
+    """champions.Judge for publish: the test's paired comparison with the champion it faced
     (`tested`); a champion that changed since the test (another run won meanwhile) is faced
     now, with `face_again(current)`, once: the decision and each try of promote()'s
     conditional write ask again. `final` is the comparison the last answer rests on."""
 
-    def __init__(self, tested: dict | None, face_again: Callable[[dict], dict]):
+    def __init__(self, tested: ChampionComparison | None, face_again: Callable[[dict], ChampionComparison]):
         self.tested, self.face_again = tested, face_again
-        self.final: dict | None = None
+        self.final: ChampionComparison | None = None
 
-    def __call__(self, current: dict) -> tuple[bool, str]:
+    def __call__(self, current: dict, candidate: dict) -> tuple[bool, str]:
         c = next((c for c in (self.final, self.tested)
-                  if c is not None and c["champion_run_id"] == current["run_id"]), None)
+                  if c is not None and c.champion_run_id == current["run_id"]), None)
         self.final = c if c is not None else self.face_again(current)
-        return self.final["promote"], self.final["reason"]
+        return self.final.promoted, self.final.reason
 
 
 @task(name="publish-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=is_io_error)
-def publish_run(run: dict, params: dict, dataset: dict, results: list[UnitResult], selected: UnitResult,
-                test: dict, store_uri: str, comparison: dict | None = None) -> dict:
+def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantScore, test: TestResult,
+                comparison: VariantComparison | None = None) -> dict:
     """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins.
 
     Safe to retry: every write replaces itself, and a champion that already names
     this run records the promotion that was made (registry.champions). The UI's
     artifacts are another step (tasks/artifacts.py), so no UI hiccup repeats this."""
-    store = open_store(store_uri, outage_minutes=params.get("store_outage_minutes"))  # waits out an outage
-    run_id = run["run_id"]
+    store = ctx.store  # waits out an outage
+    run_id = ctx.run_id
     out = local_run_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(run, params, dataset, results, selected, test, comparison)
+    manifest = build_manifest(ctx, scores, selected, test, comparison)
     artifacts: dict[str, dict] = {}
-    for r in results:
-        artifacts.update(r.artifacts)
-    artifacts.update(test["artifacts"])
+    for s in scores:
+        artifacts.update(s.artifacts)
+    artifacts.update(test.artifacts)
 
     histories: dict[str, list[pd.DataFrame]] = {}  # every repeat's, drawn as their mean and band
-    for unit in units_of([r.name for r in results], params["seed"], params["repeats"]):
-        key = stored_key(store, run_id, unit, "history.csv")  # from the store: it may have trained elsewhere
+    for unit in units_of([s.name for s in scores], ctx.params.seed, ctx.params.repeats):
+        key = stored_key(store, run_id, unit, HISTORY)  # from the store: it may have trained elsewhere
         if key is not None:
             # one row per epoch: a few kB; a planted huge one is refused (TooLarge) before it is downloaded
-            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), "history.csv"),
+            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), HISTORY),
                                    limit=MAX_DOCUMENT_BYTES)
             if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
                 histories.setdefault(unit.variant, []).append(pd.read_csv(local))
-    plot_curves(histories, out / "curves.png")
-    artifacts["curves.png"] = store.put_file(run_key(run_id, "curves.png"), out / "curves.png")
-    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS)  # dots and intervals, the report's
-    artifacts[VARIANTS] = store.put_file(run_key(run_id, VARIANTS), out / VARIANTS)
+    plot_curves(histories, out / CURVES)
+    artifacts[CURVES] = store.put_file(run_key(run_id, CURVES), out / CURVES)
+    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS_PLOT)  # dots and intervals
+    artifacts[VARIANTS_PLOT] = store.put_file(run_key(run_id, VARIANTS_PLOT), out / VARIANTS_PLOT)
 
-    candidate = champion_record(manifest, store)
+    candidate = champion_record(manifest, store).to_dict()
     ident = champions.identity(candidate)
     manifest["dataset"]["identity"] = ident
-    margin = params["promote_margin"]
-    judge = ChampionJudge(test.get("champion_comparison"), lambda current: face_champion_again(
-        store, current, run_id, dataset, params["split_seed"], params["promote_confidence"], margin))
+    judge = ChampionJudge(test.champion_comparison, lambda current: face_champion_again(ctx, current))
 
     # every file of the run is stored, the manifest included, before the champion is
     # touched; the manifest claims a promotion only once the champion names this run
     current = champions.read(store, ident)
-    promoted, reason = champions.decide(current, candidate, margin, judge)
+    promoted, reason = champions.decide(current, candidate, judge)
     # report.md stays in the store for good: relative links, never presigned ones (they
     # carry credentials and expire); the UI gets presigned links in tasks/artifacts.py
     folder = store.uri_for(run_key(run_id))
 
     def seal(promoted: bool, reason: str, compared_with: str | None) -> dict:
         m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with}
-        if judge.final is not None and judge.final["champion_run_id"] == compared_with:
-            m["test"] = {**m["test"], "champion_comparison": judge.final}
-        write_durably(out / "report.md", render_markdown(m, {name: name for name in REPORT_FILES}, folder).encode())
-        arts = {**artifacts, "report.md": store.put_file(run_key(run_id, "report.md"), out / "report.md")}
+        if judge.final is not None and judge.final.champion_run_id == compared_with:
+            m["test"] = {**m["test"], "champion_comparison": judge.final.to_dict()}
+        write_durably(out / REPORT, render_markdown(m, {name: name for name in REPORT_FILES}, folder).encode())
+        arts = {**artifacts, REPORT: store.put_file(run_key(run_id, REPORT), out / REPORT)}
         m["artifacts"] = arts
-        write_durably(out / "manifest.json", json.dumps(m, indent=2).encode())
-        store.put_file(run_key(run_id, "manifest.json"), out / "manifest.json")
+        write_durably(out / MANIFEST, json.dumps(m, indent=2).encode())
+        store.put_file(run_key(run_id, MANIFEST), out / MANIFEST)
         return m
 
     decision = champions.Decision(False, f"pending: {reason}" if promoted else reason,
-                                 None if current is None else current["run_id"])
+                                  None if current is None else current["run_id"])
     final = seal(*decision)
     if promoted:  # decided again inside promote(): another run may have won meanwhile
-        decision = champions.promote(store, candidate, margin, flow_run_id=run["flow_run_id"], judge=judge)
+        decision = champions.promote(store, candidate, judge, flow_run_id=ctx.flow_run_id)
         final = seal(*decision)
     print(f"promoted: {final['promoted']} ({final['promotion_reason']})")
     if decision.compared_with is None:
         not_compared(store, run_id, ident, decision)
-    return {"run_id": run_id, "manifest": store.uri_for(run_key(run_id, "manifest.json")),
+    return {"run_id": run_id, "manifest": store.uri_for(run_key(run_id, MANIFEST)),
             "promoted": final["promoted"], "test_accuracy": final["test"]["accuracy"], "selected": final["selected"],
             "dataset_identity": ident, "compared_with": decision.compared_with}
 

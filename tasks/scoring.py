@@ -3,8 +3,6 @@ with its 95% interval, and the selected variant against the runner-up, paired on
 same validation images (cnn/stats.py). Only validation predictions are read here."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -12,15 +10,16 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_tensors
 
 from cnn.stats import paired_difference, sentence, variant_interval
-from store import Store, open_store
+from run.context import RunContext
+from run.records import UnitResult, VariantComparison, VariantScore
+from store import Store
 from tasks.data import load_dataset
-from run.records import UnitResult
-from tasks.selection import rank_key
+from tasks.selection import order, rank_key
 
 
-def val_labels(store: Store, dataset: dict, split_seed: int) -> np.ndarray:
+def val_labels(ctx: RunContext) -> np.ndarray:
     """(N_val,) int64: the validation split's true classes, in the order predictions are kept."""
-    return load_dataset(store, dataset, split_seed).val_y.numpy()
+    return load_dataset(ctx.store, ctx.dataset, ctx.params.split_seed).val_y.numpy()
 
 
 def outcomes(store: Store, repeats: list[UnitResult], labels: np.ndarray) -> np.ndarray:
@@ -50,10 +49,10 @@ def right(raw: bytes, where: str, labels: np.ndarray) -> np.ndarray:
     return predicted.astype(np.int64) == labels
 
 
-def combine(name: str, repeats: list[UnitResult], correct: np.ndarray | None, metric: str) -> UnitResult:
-    """The variant's record: its best repeat by `metric` (whose model would be tested), with
-    every repeat listed and the mean and interval over the selectable ones (`correct`,
-    (R_ok, N_val) bool, in their order). No repeat selectable: the first one's failure."""
+def combine(name: str, repeats: list[UnitResult], correct: np.ndarray | None, metric: str) -> VariantScore:
+    """The variant's score: the mean and interval over its selectable repeats (`correct`,
+    (R_ok, N_val) bool, in their order), every repeat listed, and its best repeat by
+    `metric` (whose model would be tested). No repeat selectable: the first one's failure."""
     listed = [r.repeat_summary() for r in repeats]
     artifacts = {k: v for r in repeats for k, v in r.artifacts.items()}
     ok = [r for r in repeats if r.selectable]
@@ -61,53 +60,57 @@ def combine(name: str, repeats: list[UnitResult], correct: np.ndarray | None, me
         first = repeats[0]
         error = first.error if len(repeats) == 1 else "; ".join(
             f"seed {r.seed}: {r.status}" + (f" ({r.error})" if r.error else "") for r in repeats)
-        return dataclasses.replace(first, repeats=listed, artifacts=artifacts, error=error)
-    best = min(ok, key=lambda r: rank_key(r, metric))
+        return _score(first, listed, artifacts, error=error)
+    best = min(ok, key=lambda r: order(r.val_accuracy, r.val_loss, metric))
     mean, low, high = variant_interval(correct)
-    return dataclasses.replace(best, repeats=listed, artifacts=artifacts, val_accuracy_mean=mean,
-                               val_accuracy_ci=[low, high], val_loss_mean=float(np.mean([r.val_loss for r in ok])))
+    return _score(best, listed, artifacts, error=best.error, val_accuracy_mean=mean, val_accuracy_ci=[low, high],
+                  val_loss_mean=float(np.mean([r.val_loss for r in ok])))
+
+
+def _score(model: UnitResult, repeats: list[dict], artifacts: dict, **aggregate) -> VariantScore:
+    """A VariantScore whose own numbers and model are `model`'s (its best repeat's)."""
+    return VariantScore(name=model.name, status=model.status, repeats=repeats, epochs_run=model.epochs_run,
+                        best_epoch=model.best_epoch, val_loss=model.val_loss, val_accuracy=model.val_accuracy,
+                        seconds=model.seconds, attempts=model.attempts, seed=model.seed, device=model.device,
+                        config=model.config, weights_key=model.weights_key, artifacts=artifacts, **aggregate)
 
 
 @task(name="score-variants", cache_policy=NO_CACHE)
-def score_variants(units: list[UnitResult], metric: str, dataset: dict, split_seed: int, store_uri: str,
-                   store_outage_minutes: float | None = None) -> list[UnitResult]:
-    """One record per variant, in the order the units came: its repeats' mean validation
+def score_variants(ctx: RunContext, units: list[UnitResult]) -> list[VariantScore]:
+    """One score per variant, in the order the units came: its repeats' mean validation
     accuracy with its 95% interval, and its best repeat's model and metrics."""
-    store = open_store(store_uri, outage_minutes=store_outage_minutes)
     groups: dict[str, list[UnitResult]] = {}
     for u in units:
         groups.setdefault(u.name, []).append(u)
-    labels = val_labels(store, dataset, split_seed) if any(u.selectable for u in units) else None
+    labels = val_labels(ctx) if any(u.selectable for u in units) else None
     out = []
     for name, repeats in groups.items():
         ok = [r for r in repeats if r.selectable]
-        record = combine(name, repeats, outcomes(store, ok, labels) if ok else None, metric)
-        if record.val_accuracy_ci is not None:
-            low, high = record.val_accuracy_ci
-            print(f"{name}: val_acc {record.val_accuracy_mean:.4f} (95% interval {low:.4f} to {high:.4f}) "
+        score = combine(name, repeats, outcomes(ctx.store, ok, labels) if ok else None, ctx.params.select_metric)
+        if score.selectable:
+            low, high = score.val_accuracy_ci
+            print(f"{name}: val_acc {score.val_accuracy_mean:.4f} (95% interval {low:.4f} to {high:.4f}) "
                   f"over {len(ok)} of {len(repeats)} repeat(s)")
-        out.append(record)
+        out.append(score)
     return out
 
 
 @task(name="compare-variants", cache_policy=NO_CACHE)
-def compare_variants(units: list[UnitResult], results: list[UnitResult], selected: UnitResult, metric: str,
-                     dataset: dict, split_seed: int, store_uri: str,
-                     store_outage_minutes: float | None = None) -> dict | None:
-    """The selected variant minus the runner-up (the next by `metric`), paired on the same
-    validation images over all their repeats: the manifest's `comparison`; None when
-    no other variant was selectable."""
-    others = [r for r in results if r.selectable and r.name != selected.name]
+def compare_variants(ctx: RunContext, units: list[UnitResult], scores: list[VariantScore],
+                     selected: VariantScore) -> VariantComparison | None:
+    """The selected variant minus the runner-up (the next by the run's select_metric),
+    paired on the same validation images over all their repeats; None when no other
+    variant was selectable."""
+    others = [s for s in scores if s.selectable and s.name != selected.name]
     if not others:
         return None
-    runner_up = min(others, key=lambda r: rank_key(r, metric))
-    store = open_store(store_uri, outage_minutes=store_outage_minutes)
-    labels = val_labels(store, dataset, split_seed)
-    a, b = (outcomes(store, [u for u in units if u.name == r.name and u.selectable], labels)
-            for r in (selected, runner_up))
+    runner_up = min(others, key=lambda s: rank_key(s, ctx.params.select_metric))
+    labels = val_labels(ctx)
+    a, b = (outcomes(ctx.store, [u for u in units if u.name == s.name and u.selectable], labels)
+            for s in (selected, runner_up))
     c = paired_difference(a, b)
     said = sentence(selected.name, runner_up.name, c)
     print(said)
-    return {"selected": selected.name, "runner_up": runner_up.name, "difference": c.difference, "ci": list(c.ci),
-            "distinguishable": c.distinguishable, "method": c.method, "level": c.level, "n_images": c.n_images,
-            "sentence": said}
+    return VariantComparison(selected=selected.name, runner_up=runner_up.name, difference=c.difference,
+                             ci=list(c.ci), distinguishable=c.distinguishable, method=c.method, level=c.level,
+                             n_images=c.n_images, sentence=said)

@@ -1,24 +1,26 @@
 """select_variant: choose by validation only; the test split is not looked at here.
 
-A variant trained several times (repeats) is ranked by its mean over them; its model
-is its best repeat's (tasks/scoring.py)."""
+A variant is ranked by its mean over its repeats; its model is its best repeat's
+(tasks/scoring.py)."""
 from __future__ import annotations
 
 from prefect import task
 
-from run.records import UnitResult
+from run.records import VariantScore
 
 
-def rank_key(result: UnitResult, metric: str) -> tuple[float, float]:
-    """Smaller is better: validation accuracy (higher first) or loss, ties by lower loss;
-    a variant's means over its repeats where it has them, else its own values (one repeat's)."""
-    acc = result.val_accuracy if result.val_accuracy_mean is None else result.val_accuracy_mean
-    loss = result.val_loss if result.val_loss_mean is None else result.val_loss_mean
+def order(accuracy: float, loss: float, metric: str) -> tuple[float, float]:
+    """Smaller is better: validation accuracy (higher first) or loss, ties by lower loss."""
     if metric == "val_accuracy":
-        return (-acc, loss)
+        return (-accuracy, loss)
     if metric == "val_loss":
-        return (loss, -acc)
+        return (loss, -accuracy)
     raise ValueError(f"Invalid select_metric {metric!r}. Only val_accuracy and val_loss are supported.")
+
+
+def rank_key(score: VariantScore, metric: str) -> tuple[float, float]:
+    """A selectable variant's place by `metric`: its means over its repeats."""
+    return order(score.val_accuracy_mean, score.val_loss_mean, metric)
 
 
 class NoVariantTrained(RuntimeError):
@@ -27,15 +29,14 @@ class NoVariantTrained(RuntimeError):
 
 
 @task(name="select-variant")
-def select_variant(results: list[UnitResult], metric: str) -> UnitResult:
+def select_variant(scores: list[VariantScore], metric: str) -> VariantScore:
     """The best variant by `metric` (its mean over repeats); diverged or failed variants are never chosen."""
-    ok = [r for r in results if r.selectable]
+    ok = [s for s in scores if s.selectable]
     if not ok:
-        why = "; ".join(f"{r.name}: {r.status}" + (f" ({r.error})" if r.error else "") for r in results)
+        why = "; ".join(f"{s.name}: {s.status}" + (f" ({s.error})" if s.error else "") for s in scores)
         raise NoVariantTrained(f"no variant finished training, nothing to select: {why}")
-    best = min(ok, key=lambda r: rank_key(r, metric))
-    acc, loss = rank_key(best, "val_accuracy")
-    print(f"selected {best.name} by {metric}: val_acc {-acc:.4f} val_loss {loss:.4f}"
+    best = min(ok, key=lambda s: rank_key(s, metric))
+    print(f"selected {best.name} by {metric}: val_acc {best.val_accuracy_mean:.4f} val_loss {best.val_loss_mean:.4f}"
           + (f" (means over {len(best.repeats)} repeats; tested: seed {best.seed}'s model)"
-             if best.repeats and len(best.repeats) > 1 else ""))
+             if len(best.repeats) > 1 else ""))
     return best

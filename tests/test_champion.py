@@ -5,6 +5,7 @@ a real local folder, and S3 through moto where marked.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 import threading
@@ -14,7 +15,7 @@ import pytest
 from cli import champion as cli
 from store import LocalStore, PreconditionFailed, open_store
 from registry import champions
-from run.records import UnitResult
+from tests.judges import promote_by_accuracy
 
 CIFAR = dict(name="cifar10", md5="c58f30108f718f92721af3b95e74349a", test_size=3500)
 SYNTH = dict(name="synthetic", md5="5" * 32, test_size=350)
@@ -51,27 +52,32 @@ def events(monkeypatch, prefect_harness):
 
 def _publish(store_uri: str, run_id: str, acc: float, dataset: dict, split_seed: int = 0) -> dict:
     """publish_run's logic on fabricated results: one trained variant, a test result."""
+    from run.context import RunContext
+    from run.params import RunParams
+    from run.records import ChampionComparison, DatasetRef, TestResult, VariantScore
     from tasks.publish import publish_run
 
     classes = [f"c{i}" for i in range(10)]
-    ds = {"name": dataset["name"], "source": "fabricated", "md5": dataset["md5"], "train": 50000,
-          "holdout": dataset["test_size"] * 100 // 35, "classes": classes}
-    v = UnitResult(name="none", status="completed", epochs_run=1, best_epoch=1, val_loss=1.0, val_accuracy=acc,
-                      seconds=1.0, device="cpu", config={"model": "seed", "variant": "none"})
-    test = {"loss": 1 - acc, "accuracy": acc, "per_class": dict.fromkeys(classes, acc), "artifacts": {}}
+    ds = DatasetRef(name=dataset["name"], source="fabricated", md5=dataset["md5"], key="datasets/fabricated",
+                    sha256="0" * 64, train=50000, holdout=dataset["test_size"] * 100 // 35, classes=classes)
+    v = VariantScore(name="none", status="completed", repeats=[], epochs_run=1, best_epoch=1, val_loss=1.0,
+                     val_accuracy=acc, seconds=1.0, device="cpu", config={"model": "seed", "variant": "none"})
+    test = TestResult(variant="none", model="seed", n=dataset["test_size"], loss=1 - acc, accuracy=acc,
+                      per_class=dict.fromkeys(classes, acc))
     ident = champions.identity({"dataset_name": dataset["name"], "dataset_md5": dataset["md5"],
                                "split_seed": split_seed, "test_size": dataset["test_size"]})
     current = champions.read(open_store(store_uri), ident)
     if current is not None and current["run_id"] != run_id:  # what test-model's paired comparison would say
         diff = acc - current["test"]["accuracy"]
-        test["champion_comparison"] = {
-            "champion_run_id": current["run_id"], "difference": diff, "ci": [diff, diff], "method": "fabricated",
-            "promote": diff > 0, "reason": f"new model {'beats' if diff > 0 else 'does not beat'} champion "
-                                           f"{current['run_id']} by {diff:+.4f}"}
-    params = {"model": "seed", "select_metric": "val_accuracy", "split_seed": split_seed, "promote_margin": 0.0,
-              "promote_confidence": 0.95, "subset": None, "variant_deployment": None, "seed": 0, "repeats": 1}
-    run = {"run_id": run_id, "created_at": "2026-01-01T00:00:00+00:00", "flow_run_id": None}
-    return publish_run.fn(run, params, ds, [v], v, test, store_uri)
+        test = dataclasses.replace(test, champion_comparison=ChampionComparison(
+            champion_run_id=current["run_id"], difference=diff, ci=[diff, diff], method="fabricated",
+            promoted=diff > 0, reason=f"new model {'beats' if diff > 0 else 'does not beat'} champion "
+                                      f"{current['run_id']} by {diff:+.4f}"))
+    params = RunParams(model="seed", select_metric="val_accuracy", split_seed=split_seed, promote_margin=0.0,
+                       promote_confidence=0.95, subset=None, variant_deployment=None, seed=0, repeats=1,
+                       store=store_uri)
+    ctx = RunContext(params, run_id, None, "2026-01-01T00:00:00+00:00", ds)
+    return publish_run.fn(ctx, [v], v, test)
 
 
 @pytest.fixture
@@ -82,7 +88,7 @@ def cache(tmp_path, monkeypatch):
 def test_a_synthetic_run_neither_blocks_nor_replaces_the_nightly_champion(tmp_path, cache, events):
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    champions.promote(st, _record("nightly-1", 0.90), 0.0)
+    champions.promote(st, _record("nightly-1", 0.90), promote_by_accuracy(0.0))
 
     out = _publish(uri, "synthetic-1", 0.99, SYNTH)
     assert out["promoted"] is True and out["compared_with"] is None  # its own identity's first champion
@@ -108,7 +114,7 @@ def test_a_publish_retried_after_its_promotion_records_it(tmp_path, cache, event
     Prefect retries): the retry must record the promotion, not compare the run with itself."""
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    champions.promote(st, _record("old", 0.50), 0.0)
+    champions.promote(st, _record("old", 0.50), promote_by_accuracy(0.0))
     real_put = LocalStore.put_file
     manifests = []
 
@@ -137,8 +143,8 @@ def test_a_publish_retried_after_its_promotion_records_it(tmp_path, cache, event
 def test_two_promotions_and_a_rollback_through_the_cli(tmp_path, capsys):
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    assert champions.promote(st, _record("r1", 0.80), 0.0, flow_run_id="flow-1").promoted
-    assert champions.promote(st, _record("r2", 0.85), 0.0, flow_run_id="flow-2").promoted
+    assert champions.promote(st, _record("r1", 0.80), promote_by_accuracy(0.0), flow_run_id="flow-1").promoted
+    assert champions.promote(st, _record("r2", 0.85), promote_by_accuracy(0.0), flow_run_id="flow-2").promoted
 
     assert cli.main(["--store", uri, "rollback", "--to", "r1", "--reason", "r2 misclassifies trucks"]) == 0
     assert capsys.readouterr().out == f"{NIGHTLY}: champion r2 -> r1 (r2 misclassifies trucks)\n"
@@ -165,8 +171,8 @@ def test_two_promotions_and_a_rollback_through_the_cli(tmp_path, capsys):
 def test_rollback_needs_the_dataset_when_there_are_several(tmp_path, capsys):
     uri = str(tmp_path / "store")
     st = open_store(uri)
-    champions.promote(st, _record("c1", 0.8), 0.0)
-    champions.promote(st, _record("s1", 0.9, name="synthetic", md5=SYNTH["md5"], test_size=350), 0.0)
+    champions.promote(st, _record("c1", 0.8), promote_by_accuracy(0.0))
+    champions.promote(st, _record("s1", 0.9, name="synthetic", md5=SYNTH["md5"], test_size=350), promote_by_accuracy(0.0))
     assert cli.main(["--store", uri, "rollback", "--to", "c1"]) == 1
     assert "--dataset: give the dataset identity, one of: " in capsys.readouterr().err
 
@@ -176,8 +182,8 @@ def _race(store_factory, rounds: int = 3) -> None:
     the one the last entry names, whatever the interleaving."""
     for i in range(rounds):
         st = store_factory(i)
-        champions.promote(st, _record("a", 0.80), 0.0)
-        champions.promote(st, _record("b", 0.85), 0.0)
+        champions.promote(st, _record("a", 0.80), promote_by_accuracy(0.0))
+        champions.promote(st, _record("b", 0.85), promote_by_accuracy(0.0))
         go = threading.Barrier(2)
         out = {}
 
@@ -187,7 +193,7 @@ def _race(store_factory, rounds: int = 3) -> None:
 
         def promote():
             go.wait()
-            out["promote"] = champions.promote(store_factory(i), _record("c", 0.95), 0.0)
+            out["promote"] = champions.promote(store_factory(i), _record("c", 0.95), promote_by_accuracy(0.0))
 
         threads = [threading.Thread(target=roll), threading.Thread(target=promote)]
         for t in threads:
@@ -217,8 +223,8 @@ def test_history_and_rollback_on_s3_with_a_lost_answer(s3_bucket, monkeypatch):
     rollback counts once."""
     uri = f"s3://{s3_bucket}/nightly"
     st = open_store(uri)
-    champions.promote(st, _record("r1", 0.8), 0.0)
-    champions.promote(st, _record("r2", 0.9), 0.0)
+    champions.promote(st, _record("r1", 0.8), promote_by_accuracy(0.0))
+    champions.promote(st, _record("r2", 0.9), promote_by_accuracy(0.0))
     real = type(st).write_if
 
     def applied_then_lost(self, key, data, version):
@@ -233,24 +239,6 @@ def test_history_and_rollback_on_s3_with_a_lost_answer(s3_bucket, monkeypatch):
     assert doc["champion"]["run_id"] == "r1"
 
 
-def test_a_legacy_champion_json_stays_the_champion_of_its_identity(tmp_path):
-    """A store from before this layout: its champion.json (no dataset name; the run's
-    manifest has it) is compared with, then replaced by the per-identity object."""
-    st = LocalStore(tmp_path)
-    legacy = {k: v for k, v in _record("old", 0.70).items() if k != "dataset_name"}
-    st.write_if("champion.json", json.dumps(legacy).encode(), None)
-    st.write_if("runs/old/manifest.json", json.dumps({"dataset": {"name": "cifar10"}}).encode(), None)
-    assert champions.read(st, NIGHTLY)["run_id"] == "old"
-
-    ok, why, against = champions.promote(st, _record("worse", 0.60), 0.0)
-    assert not ok and against == "old"
-    assert champions.promote(st, _record("better", 0.75), 0.0).promoted
-    doc = champions.documents(st)[NIGHTLY]
-    assert doc["champion"]["run_id"] == "better" and doc["history"][0]["previous"]["run_id"] == "old"
-    champions.rollback(st, NIGHTLY, "old", "back to the legacy champion")
-    assert champions.read(st, NIGHTLY)["run_id"] == "old"
-
-
 @pytest.mark.parametrize("body, found", [(b"{not json", "unreadable content"),
                                          (b'{"champion": {"run_id": "a"}}', "found ['champion']"),
                                          (b"[]", "found list")])
@@ -261,7 +249,7 @@ def test_a_damaged_champion_document_is_refused_naming_it(tmp_path, body, found)
     st.write_if(key, body, None)
     where = st.uri_for(key)
     for call in (lambda: champions.read(st, NIGHTLY), lambda: champions.documents(st),
-                 lambda: champions.promote(st, _record("new", 0.9), 0.0)):
+                 lambda: champions.promote(st, _record("new", 0.9), promote_by_accuracy(0.0))):
         with pytest.raises(ValueError) as err:
             call()
         assert str(err.value).startswith(f"{where}: expected a champion document") and found in str(err.value)
@@ -285,7 +273,7 @@ def test_an_oversized_champion_document_is_refused_naming_it_and_the_limit(tmp_p
     doc = {"identity": NIGHTLY, "champion": _record("old", 0.5), "history": [], "pad": "x" * MAX_DOCUMENT_BYTES}
     where = _plant(st, NIGHTLY, json.dumps(doc).encode())
     with pytest.raises(ValueError) as err:
-        champions.promote(st, _record("new", 0.9), 0.0)
+        champions.promote(st, _record("new", 0.9), promote_by_accuracy(0.0))
     assert str(err.value) == (f"{where}: {len(json.dumps(doc)):,} bytes, larger than a store document can be "
                               f"(limit {MAX_DOCUMENT_BYTES:,} bytes); refused")
 
@@ -301,13 +289,8 @@ def test_a_champion_record_missing_a_field_is_refused_naming_the_document(plante
     st = LocalStore(tmp_path / "store")
     where = _plant(st, NIGHTLY, json.dumps({"identity": NIGHTLY, "champion": planted, "history": []}).encode())
     with pytest.raises(ValueError) as err:
-        champions.promote(st, _record("new", 0.9), 0.0)
+        champions.promote(st, _record("new", 0.9), promote_by_accuracy(0.0))
     assert str(err.value) == f"{where}: {expected}; restore an earlier version of it"
-    legacy = tmp_path / "legacy"
-    (legacy).mkdir()
-    (legacy / champions.LEGACY_KEY).write_text(json.dumps(planted))
-    with pytest.raises(ValueError, match=f"^{legacy / champions.LEGACY_KEY}: the champion record: expected"):
-        champions.documents(LocalStore(legacy))
 
 
 def test_a_planted_huge_history_is_refused_naming_it(tmp_path, cache, events):

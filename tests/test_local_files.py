@@ -12,6 +12,7 @@ import cnn.data as cd
 from store import LocalStore, open_store
 from registry import champions
 from tests.contexts import run_context
+from tests.judges import promote_by_accuracy
 
 CAND = {"run_id": "r1", "model_uri": "runs/r1/model", "test": {"accuracy": 0.9, "loss": 0.1},
         "dataset_name": "cifar10", "dataset_md5": "m" * 32, "split_seed": 0, "test_size": 3500}
@@ -37,7 +38,7 @@ def _everything_in(folder):
     ("runs/r1", lambda s, src: s.put_bytes("runs/r1/manifest.json", b"{}", src.parent / "tmp")),
     ("runs", lambda s, src: s.put_file("runs/r1/variants/none/metrics.json", src)),
     ("champions", lambda s, src: s.write_if("champions/x.json", b"{}", None)),
-    ("champions", lambda s, src: champions.promote(s, CAND, 0.0)),
+    ("champions", lambda s, src: champions.promote(s, CAND, promote_by_accuracy(0.0))),
 ])
 def test_a_write_through_a_symlinked_folder_is_refused(planted, link, write):
     root, outside = planted
@@ -63,7 +64,7 @@ def test_a_write_over_a_symlinked_file_is_refused_and_the_target_kept(planted):
     with pytest.raises(ValueError, match=f"runs/r1/report.md: .* is a symlink to {outside / 'report.md'}"):
         s.put_bytes("runs/r1/report.md", b"# report", root.parent / "tmp")
     with pytest.raises(ValueError, match=f"is a symlink to {outside / 'champion.json'}"):
-        champions.promote(s, CAND, 0.0)
+        champions.promote(s, CAND, promote_by_accuracy(0.0))
     assert _everything_in(outside) == ["champion.json"] and (outside / "champion.json").read_text() == "not yours"
 
 

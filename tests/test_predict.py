@@ -28,6 +28,7 @@ from cnn.models import build_model
 from cli import predict
 from store import open_store
 from registry import champions
+from tests.judges import promote_by_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (230, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 220)}
@@ -79,7 +80,7 @@ def _crown(store, run_id: str, md5: str = "c58f30108f718f92721af3b95e74349a", na
     """Make `run_id` the champion of a dataset identity; returns the identity."""
     rec = {"run_id": run_id, "model_uri": store.uri_for(f"runs/{run_id}/model"), "test": {"accuracy": 0.5},
            "dataset_name": name, "dataset_md5": md5, "split_seed": 0, "test_size": 3500}
-    assert champions.promote(store, rec, 0.0).promoted
+    assert champions.promote(store, rec, promote_by_accuracy(0.0)).promoted
     return champions.identity(rec)
 
 
@@ -232,7 +233,7 @@ def test_without_run_the_official_cifar10_champion_else_the_only_one_else_ask(tm
     # two champions of the official archive (other split seeds): predict asks which
     rec = {"run_id": "split1", "model_uri": "", "test": {"accuracy": 0.5}, "dataset_name": "cifar10",
            "dataset_md5": "c58f30108f718f92721af3b95e74349a", "split_seed": 1, "test_size": 3500}
-    champions.promote(st, rec, 0.0)
+    champions.promote(st, rec, promote_by_accuracy(0.0))
     assert predict.main(["--store", uri, red]) == 1
     err = capsys.readouterr().err
     assert "champions of 3 datasets; choose one with --dataset IDENTITY or a run with --run RUN_ID" in err

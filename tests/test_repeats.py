@@ -17,6 +17,7 @@ from store import LocalStore
 from run.layout import Unit, stored_key, units_of
 from run.records import UnitResult
 from tasks.scoring import combine
+from tests.judges import promote_by_accuracy
 
 
 def _repeat(name: str, seed: int, acc: float, loss: float = 1.0, status: str = "completed") -> UnitResult:
@@ -64,6 +65,14 @@ def test_equal_means_go_to_the_lower_mean_loss_and_a_diverged_repeat_is_left_out
     assert not dead.selectable and dead.val_accuracy_ci is None and "seed 1: failed" in dead.error
 
 
+def test_a_units_metrics_json_holds_its_own_fields_and_an_older_one_is_still_read():
+    unit = _repeat("a", 0, 0.8)
+    written = json.loads(unit.to_json())
+    assert not {"repeats", "val_accuracy_mean", "val_loss_mean", "val_accuracy_ci"} & set(written)
+    older = {**written, "repeats": None, "val_accuracy_mean": None, "val_loss_mean": None, "val_accuracy_ci": None}
+    assert UnitResult.from_dict(older) == unit
+
+
 def test_units_and_child_names_keep_todays_with_one_repeat():
     from flows.fanout import child_name, idempotency_key
 
@@ -98,12 +107,12 @@ def test_a_handful_of_images_is_not_enough_to_promote_unless_confidence_is_zero(
     champion = np.arange(3500) < 3000  # right on 3000 of 3500 test images
     new = champion.copy()
     new[3000:3004] = True  # and the new model gets 4 more right: +0.11 points
-    assert not promotion(new, champion, confidence=0.95, margin=0.0, champion_run="old").promote
-    assert promotion(new, champion, confidence=0, margin=0.0, champion_run="old").promote
+    assert not promotion(new, champion, confidence=0.95, margin=0.0, champion_run="old").promoted
+    assert promotion(new, champion, confidence=0, margin=0.0, champion_run="old").promoted
     clearly = champion.copy()
     clearly[3000:3200] = True  # 200 more right, none worse: +5.7 points
     d = promotion(clearly, champion, confidence=0.95, margin=0.0, champion_run="old")
-    assert d.promote and d.ci[0] > 0.04 and "champion old" in d.reason
+    assert d.promoted and d.ci[0] > 0.04 and "champion old" in d.reason
 
 
 def _rec(run: str, acc: float) -> dict:
@@ -119,15 +128,15 @@ def test_publish_decides_on_the_paired_comparison_and_faces_a_champion_that_chan
     from registry import champions
 
     st = open_store(str(tmp_path / "store"))
-    champions.promote(st, _rec("old", 0.80), 0.0)
+    champions.promote(st, _rec("old", 0.80), promote_by_accuracy(0.0))
     faced = []
 
-    def judge(current):
+    def judge(current, candidate):
         faced.append(current["run_id"])
         d = promotion(np.arange(3500) < 3004, np.arange(3500) < 3000, 0.95, 0.0, champion_run=current["run_id"])
-        return d.promote, d.reason
+        return d.promoted, d.reason
 
-    d = champions.promote(st, _rec("new", 0.86), 0.0, judge=judge)  # higher accuracy, but only 4 images decide
+    d = champions.promote(st, _rec("new", 0.86), judge)  # higher accuracy, but only 4 images decide
     assert not d.promoted and faced == ["old"] and "not enough to promote" in d.reason and d.compared_with == "old"
     assert champions.read(st, champions.identity(_rec("x", 0)))["run_id"] == "old"
 
@@ -137,24 +146,25 @@ def test_a_champion_that_won_after_the_test_is_faced_once(tmp_path):
     won meanwhile is evaluated once, though decide() and promote() both ask."""
     from store import open_store
     from registry import champions
+    from run.records import ChampionComparison
     from tasks.publish import ChampionJudge
 
     st = open_store(str(tmp_path / "store"))
-    champions.promote(st, _rec("meanwhile", 0.80), 0.0)
+    champions.promote(st, _rec("meanwhile", 0.80), promote_by_accuracy(0.0))
     evaluated = []
 
     def face_again(current):
         evaluated.append(current["run_id"])
-        return {"champion_run_id": current["run_id"], "promote": True, "reason": "beats it", "difference": 0.05}
+        return ChampionComparison(champion_run_id=current["run_id"], promoted=True, reason="beats it", difference=0.05)
 
-    tested = {"champion_run_id": "old", "promote": False, "reason": "the test's", "difference": 0.0}
+    tested = ChampionComparison(champion_run_id="old", promoted=False, reason="the test's", difference=0.0)
     judge = ChampionJudge(tested, face_again)
-    assert judge(_rec("old", 0.8)) == (False, "the test's") and evaluated == []
+    assert judge(_rec("old", 0.8), _rec("new", 0.9)) == (False, "the test's") and evaluated == []
     current = champions.read(st, champions.identity(_rec("x", 0)))
-    assert champions.decide(current, _rec("new", 0.9), 0.0, judge) == (True, "beats it")
-    d = champions.promote(st, _rec("new", 0.9), 0.0, judge=judge)
+    assert champions.decide(current, _rec("new", 0.9), judge) == (True, "beats it")
+    d = champions.promote(st, _rec("new", 0.9), judge)
     assert d.promoted and d.compared_with == "meanwhile" and evaluated == ["meanwhile"]
-    assert judge.final["champion_run_id"] == "meanwhile"
+    assert judge.final.champion_run_id == "meanwhile"
 
 
 # ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import store.s3 as s3mod
 from cnn import data as cd
 from store import PreconditionFailed, StoreError, open_store
 from registry import champions
+from tests.judges import promote_by_accuracy
 from run.layout import Unit, stored_key
 from tests.s3_fixtures import aws_client, use_credentials
 from tests.contexts import run_context
@@ -237,22 +238,22 @@ def test_a_variant_resumes_from_its_s3_checkpoint_on_another_machine(s3_bucket, 
 # ----------------------------------------------------------------------------------------
 def test_champion_first_better_worse_and_other_dataset(s3_bucket):
     st = open_store(f"s3://{s3_bucket}/nightly")
-    assert champions.promote(st, _candidate("r1", 0.50), 0.0) == (True, f"no champion yet for dataset {IDENT}", None)
+    assert champions.promote(st, _candidate("r1", 0.50), promote_by_accuracy(0.0)) == (True, f"no champion yet for dataset {IDENT}", None)
 
-    ok, why, _ = champions.promote(st, _candidate("r2", 0.45), 0.0)
+    ok, why, _ = champions.promote(st, _candidate("r2", 0.45), promote_by_accuracy(0.0))
     assert not ok and "does not beat champion r1" in why
-    ok, why, _ = champions.promote(st, _candidate("r3", 0.52), 0.05)  # better, but not by the margin
+    ok, why, _ = champions.promote(st, _candidate("r3", 0.52), promote_by_accuracy(0.05))  # better, but not by the margin
     assert not ok and "by more than 0.05" in why
     # another dataset or split: the first champion of its own identity, r1 untouched
-    ok, why, against = champions.promote(st, _candidate("r4", 0.90, md5="b" * 32), 0.0)
+    ok, why, against = champions.promote(st, _candidate("r4", 0.90, md5="b" * 32), promote_by_accuracy(0.0))
     assert ok and against is None and why == f"no champion yet for dataset cifar10-{'b' * 32}-split0-test140"
-    ok, why, against = champions.promote(st, _candidate("r5", 0.90, split_seed=1), 0.0)
+    ok, why, against = champions.promote(st, _candidate("r5", 0.90, split_seed=1), promote_by_accuracy(0.0))
     assert ok and against is None
     assert champions.read(st, IDENT)["run_id"] == "r1"
     assert sorted(champions.documents(st)) == sorted([IDENT, f"cifar10-{'b' * 32}-split0-test140",
                                                      f"cifar10-{'a' * 32}-split1-test140"])
 
-    ok, why, _ = champions.promote(st, _candidate("r6", 0.60), 0.05)
+    ok, why, _ = champions.promote(st, _candidate("r6", 0.60), promote_by_accuracy(0.05))
     assert ok and "beats champion r1" in why
     assert champions.read(st, IDENT) == _candidate("r6", 0.60)
 
@@ -267,7 +268,7 @@ def test_two_runs_racing_have_exactly_one_winner(s3_bucket, round_):
 
     def run(i):
         go.wait()
-        results[i] = champions.promote(stores[i], _candidate(f"run{i}", 0.7), 0.0)
+        results[i] = champions.promote(stores[i], _candidate(f"run{i}", 0.7), promote_by_accuracy(0.0))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
@@ -289,7 +290,7 @@ def test_many_runs_racing_lose_no_update(s3_bucket):
     def run(i):
         st = open_store(uri)
         go.wait()
-        results[i] = champions.promote(st, _candidate(f"run{i}", accs[i]), 0.0)
+        results[i] = champions.promote(st, _candidate(f"run{i}", accs[i]), promote_by_accuracy(0.0))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(accs))]
     for t in threads:
@@ -313,7 +314,7 @@ def test_a_promotion_whose_answer_was_lost_still_counts(s3_bucket, monkeypatch):
         raise PreconditionFailed("the retry of a PUT that had already succeeded")
 
     monkeypatch.setattr(type(st), "write_if", applied_then_lost)
-    ok, why, _ = champions.promote(st, _candidate("r1", 0.5), 0.0)
+    ok, why, _ = champions.promote(st, _candidate("r1", 0.5), promote_by_accuracy(0.0))
     assert ok and why == f"no champion yet for dataset {IDENT}"
     assert champions.read(st, IDENT)["run_id"] == "r1"
     assert len(champions.documents(st)[IDENT]["history"]) == 1  # recorded once
@@ -334,7 +335,7 @@ def test_endpoint_stopped_during_the_runs_upload(s3_server, s3_bucket, synthetic
     uri = f"s3://{s3_bucket}/nightly"
     st = open_store(uri)
     old = _candidate("old-champion", 0.0, md5=md5, test_size=140)
-    champions.promote(st, old, 0.0)  # easy to beat
+    champions.promote(st, old, promote_by_accuracy(0.0))  # easy to beat
     before = st.read_versioned(champions.key_for(champions.identity(old)))
 
     monkeypatch.setattr(s3mod, "READ_TIMEOUT_S", 3)  # a hung endpoint is noticed in seconds, not minutes
@@ -458,7 +459,7 @@ def test_a_store_outage_past_the_window_fails_naming_the_endpoint(s3_bucket, pro
     from run.cache import local_run_dir
 
     uri = f"s3://{s3_bucket}/nightly"
-    champions.promote(open_store(uri), _candidate("old-champion", 0.0), 0.0)
+    champions.promote(open_store(uri), _candidate("old-champion", 0.0), promote_by_accuracy(0.0))
     documents = {k: v for k, v in _objects(s3_bucket).items() if k.startswith("nightly/champions/")}
     assert len(documents) == 1
     _outage_after_epoch(monkeypatch, 2, proxy, back_after_s=None)

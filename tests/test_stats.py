@@ -106,19 +106,19 @@ def test_a_handful_of_images_is_not_enough_to_promote_but_five_points_is():
     new = champion.copy()
     new[np.flatnonzero(~champion)[:5]] = True  # right on 5 images the champion missed, wrong on none more
     held = promotion(new, champion, confidence=0.95, margin=0.0, champion_run="20261201-abc")
-    assert not held.promote and held.difference == pytest.approx(5 / 3500)
+    assert not held.promoted and held.difference == pytest.approx(5 / 3500)
     assert held.ci[0] <= 0.0 < held.ci[1]
     assert held.reason == ("new model beats champion 20261201-abc by +0.14 points (95% interval "
                            f"{held.ci[0] * 100:+.2f} to {held.ci[1] * 100:+.2f}) on 3,500 test images: "
                            "not enough to promote (needs the lower bound above +0.00 points)")
     old_rule = promotion(new, champion, confidence=0.0, margin=0.0)
-    assert old_rule.promote and old_rule.ci == (old_rule.difference, old_rule.difference)
-    assert not promotion(champion, champion, confidence=0.0, margin=0.0).promote
+    assert old_rule.promoted and old_rule.ci == (old_rule.difference, old_rule.difference)
+    assert not promotion(champion, champion, confidence=0.0, margin=0.0).promoted
 
     better = champion.copy()
     better[np.flatnonzero(~champion)[:175]] = True  # +5 points on 3,500
-    assert promotion(better, champion, confidence=0.95, margin=0.0).promote
-    assert not promotion(better, champion, confidence=0.95, margin=0.05).promote  # the margin is a fraction
+    assert promotion(better, champion, confidence=0.95, margin=0.0).promoted
+    assert not promotion(better, champion, confidence=0.95, margin=0.05).promoted  # the margin is a fraction
 
 
 def test_sentences_say_whether_the_data_decide():

@@ -12,6 +12,7 @@ import pytest
 
 from store import StoreError, StoreOutage, open_store
 from registry import champions
+from tests.judges import promote_by_accuracy
 from tests.s3_fixtures import aws_client, free_port, within
 
 TINY = dict(dataset="synthetic", synthetic_train=100, synthetic_test=50, variants=["none"], epochs=1, subset=60,
@@ -88,7 +89,7 @@ def test_a_rollback_refuses_such_a_store_and_changes_nothing(careless, s3_bucket
     for run_id, accuracy in [("r1", 0.5), ("r2", 0.6)]:
         champions.promote(st, {"run_id": run_id, "model_uri": f"{uri}/runs/{run_id}/model",
                               "test": {"accuracy": accuracy}, "dataset_name": "cifar10", "dataset_md5": "a" * 32,
-                              "split_seed": 0, "test_size": 140}, 0.0)
+                              "split_seed": 0, "test_size": 140}, promote_by_accuracy(0.0))
     before = {k: aws_client().get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in _keys(s3_bucket)}
 
     careless("if-none-match", "if-match")

@@ -8,6 +8,7 @@ import pytest
 
 from store import LocalStore, PreconditionFailed, join_key, open_store, safe_name
 from registry import champions
+from tests.judges import promote_by_accuracy
 
 
 def _cand(run_id, acc, md5="m" * 32, split_seed=0, test_size=3500, name="cifar10"):
@@ -78,30 +79,30 @@ def test_write_if_is_compare_and_swap(tmp_path):
 
 def test_champion_rule(tmp_path):
     s = LocalStore(tmp_path)
-    d = champions.promote(s, _cand("a", 0.80), 0.0)
+    d = champions.promote(s, _cand("a", 0.80), promote_by_accuracy(0.0))
     assert d.promoted and d.reason == f"no champion yet for dataset {IDENT}" and d.compared_with is None
-    ok, why, against = champions.promote(s, _cand("b", 0.79), 0.0)
+    ok, why, against = champions.promote(s, _cand("b", 0.79), promote_by_accuracy(0.0))
     assert not ok and "does not beat champion a" in why and against == "a"
-    ok, why, _ = champions.promote(s, _cand("c", 0.80), 0.0)
+    ok, why, _ = champions.promote(s, _cand("c", 0.80), promote_by_accuracy(0.0))
     assert not ok  # a tie is not a win
     # another dataset or split is another identity: its own first champion, not compared with a
-    ok, why, against = champions.promote(s, _cand("d", 0.95, md5="x" * 32), 0.0)
+    ok, why, against = champions.promote(s, _cand("d", 0.95, md5="x" * 32), promote_by_accuracy(0.0))
     assert ok and against is None and why.startswith("no champion yet for dataset cifar10-xxxx")
-    ok, why, against = champions.promote(s, _cand("e", 0.95, split_seed=1), 0.0)
+    ok, why, against = champions.promote(s, _cand("e", 0.95, split_seed=1), promote_by_accuracy(0.0))
     assert ok and against is None and "split1" in why
-    ok, _, _ = champions.promote(s, _cand("f", 0.805), 0.01)
+    ok, _, _ = champions.promote(s, _cand("f", 0.805), promote_by_accuracy(0.01))
     assert not ok  # better, but not by the margin
-    assert champions.promote(s, _cand("g", 0.85), 0.01).promoted
+    assert champions.promote(s, _cand("g", 0.85), promote_by_accuracy(0.01)).promoted
     assert champions.read(s, IDENT)["run_id"] == "g"
     assert champions.read(s, champions.identity(_cand("d", 0, md5="x" * 32)))["run_id"] == "d"
 
 
 def test_racing_runs_have_one_consistent_winner(tmp_path):
     s = LocalStore(tmp_path)
-    champions.promote(s, _cand("base", 0.50), 0.0)
+    champions.promote(s, _cand("base", 0.50), promote_by_accuracy(0.0))
     cands = [_cand(f"r{i}", 0.60 + i / 100) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda c: champions.promote(s, c, 0.0), cands))
+        results = list(pool.map(lambda c: champions.promote(s, c, promote_by_accuracy(0.0)), cands))
     # whatever the interleaving, the best candidate ends as champion and no better one was lost
     assert champions.read(s, IDENT)["run_id"] == "r7"
     assert results[7].promoted is True
