@@ -11,8 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
-from cnn import config as cnn_config
-from cnn.config import TrainConfig
+from cnn.config import TrainConfig, make_config, resolve_precision
 from run.layout import Unit
 from run.params import RunParams
 from run.records import DatasetRef
@@ -48,11 +47,10 @@ class RunContext:
 
     def precision(self, device: str) -> str:
         """fp32 or bf16: the run's `precision` for `device` ('auto': bf16 on CUDA, fp32 on a CPU)."""
-        return cnn_config.resolve_precision(self.params.precision, device)
+        return resolve_precision(self.params.precision, device)
 
     def config(self, unit: Unit, device: str) -> TrainConfig:
         """What trains `unit` on `device`: the model's recipe with the run's settings."""
         p = self.params
-        return cnn_config.make_config(p.model, unit.variant, epochs=p.epochs, patience=p.patience, seed=unit.seed,
-                                      batch_size=p.batch_size, lr=p.lr, compile=p.compile,
-                                      precision=self.precision(device))
+        return make_config(p.model, unit.variant, epochs=p.epochs, patience=p.patience, seed=unit.seed,
+                           batch_size=p.batch_size, lr=p.lr, compile=p.compile, precision=self.precision(device))

@@ -1,6 +1,11 @@
-"""A variant's result: the one record that training writes for each repeat (as the
-repeat's `metrics.json` in the store), that scoring combines into the variant's
-(tasks/scoring.py), and that the parent, selection and the report read."""
+"""The run's records, each with one job and one JSON form, each built in one place.
+
+DatasetRef is fetch-dataset's result. UnitResult is one seed of one variant (its
+`metrics.json`, written by training); VariantScore a variant over its repeats (built
+only by tasks/scoring.py `combine`); VariantComparison the selected variant against the
+runner-up; TestResult, with its ChampionComparison, the one reading of the test split;
+ChampionRecord what the registry keeps of a run. The manifest (tasks/publish.py) is made
+of their JSON forms."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +40,6 @@ class DatasetRef:
         return dataclasses.asdict(self)
 
 
-# The run's result records, each with one job and one JSON form: UnitResult is one seed
-# of one variant (its metrics.json); VariantScore a variant over its repeats (built by
-# tasks/scoring.py combine only); VariantComparison the selected variant against the
-# runner-up; TestResult, with its ChampionComparison, the one reading of the test split;
-# ChampionRecord what the registry keeps of a run. The manifest is made of their JSON forms.
 UNIT_STATUSES = ("completed", "early_stopped", "diverged", "failed")
 SELECTABLE = ("completed", "early_stopped")
 

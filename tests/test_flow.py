@@ -1,6 +1,7 @@
 """The train-cifar flow under Prefect's test harness, on a small synthetic set."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -133,7 +134,11 @@ def test_the_test_runs_at_the_precision_of_its_own_device(run_env, synthetic_arc
     from flows.train_cifar import train_cifar
 
     path, md5 = synthetic_archive
-    monkeypatch.setattr(cnn.config, "resolve_precision", lambda precision, device: "bf16")  # the trainer's view
+    from run.context import RunContext
+
+    trains_with = RunContext.config  # the trainer's view: bf16, as on a GPU
+    monkeypatch.setattr(RunContext, "config", lambda self, unit, device: dataclasses.replace(
+        trains_with(self, unit, device), precision="bf16"))
     amps = []
     real_test_eval = tasks.testing.evaluate
 
