@@ -29,18 +29,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRAIN_CIFAR_CACHE", Path.home() / ".cache" / "train-cifar")).expanduser()
 
 
-def inside(root: Path, path: Path, param: str) -> Path:
-    """`path` (under `root`) as an absolute path, if no symlink below `root` is on its
-    way; else a ValueError naming `param`, the parameter it was derived from, the link and
-    where it points. Checked before anything is written or deleted there: a name check
-    alone misses a symlink planted in a shared folder. The store's own rule (store/files.py)."""
-    return beneath(root, path, param)
-
-
 def local_run_dir(run_id: str, *parts: str) -> Path:
     """Where a run's files (`parts` below it) are written before (and kept after) upload."""
     root = cache_dir() / "runs"
-    return inside(root, root.joinpath(safe_name(run_id, "run id"), *parts), "run_id")
+    return beneath(root, root.joinpath(safe_name(run_id, "run id"), *parts), "run_id")
 
 
 def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, int] | None = None) -> Path:
@@ -48,8 +40,6 @@ def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, 
     a local store, else a download cache reused across runs on this machine. `limits`:
     the most bytes a file may have (name -> bytes); a larger one is refused (TooLarge)
     before it is downloaded, as the local store's file is by its reader."""
-    from store.local import LocalStore
-
     inner = getattr(store, "inner", store)  # a PatientStore's own store (store/outage.py)
     if isinstance(inner, LocalStore):
         for name in filenames:
@@ -57,12 +47,12 @@ def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, 
         return inner.path_of(key)
     root = cache_dir() / "store-cache"
     for name in filenames:
-        path = inside(root, root / join_key(key, name), key)
+        path = beneath(root, root / join_key(key, name), key)
         if path.is_file():
             os.utime(path)  # used now: the cache's age rule (run/cache.py) counts from here
         else:
             store.get_file(f"{key}/{name}", path, limit=(limits or {}).get(name))
-    return inside(root, root / key, key)
+    return beneath(root, root / key, key)
 
 
 DEFAULT_CACHE_DAYS = 14.0  # a weekly or nightly job reuses its data well within this
@@ -126,7 +116,7 @@ def drop_local_copies(store: Store, run_id: str, *parts: str) -> None:
     """Delete `runs/<run-id>/<parts...>` from the cache now that `store` holds it, then
     the folders above it that this left empty. Not if it is, or holds, the store's folder."""
     run_dir = local_run_dir(run_id)
-    path = inside(run_dir, run_dir.joinpath(*parts), "run_id")
+    path = beneath(run_dir, run_dir.joinpath(*parts), "run_id")
     inner = getattr(store, "inner", store)  # a PatientStore's own store
     if isinstance(inner, LocalStore) and (path.is_relative_to(inner.root) or inner.root.is_relative_to(path)):
         return

@@ -13,8 +13,8 @@ from typing import Annotated, Any, Callable, Iterable, Literal
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema, field_validator,
                       model_validator)
 
-from cnn.augment import VARIANTS
-from cnn.models import MODELS
+from cnn.augment import VARIANTS, check_variants
+from cnn.models import MODELS, check_model
 from store import is_shared, normalize_uri, parse_uri, safe_name
 
 DEFAULT_VARIANTS = ["none", "flip", "crop", "flip-crop", "flip-crop-cutout", "flip-crop-jitter"]
@@ -83,8 +83,7 @@ class RunParams(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; known models: {', '.join(sorted(MODELS))}")
+        check_model(v)
         return v
 
     @field_validator("variants", mode="before")
@@ -95,11 +94,7 @@ class RunParams(BaseModel):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"at least one variant is needed; known variants: {', '.join(VARIANTS)}")
-        unknown = [n for n in v if n not in VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown variant(s) {', '.join(map(repr, unknown))}; known variants: {', '.join(VARIANTS)}")
+        check_variants(v)
         if len(set(v)) != len(v):
             raise ValueError(f"variants must not repeat, found {v}")
         return v

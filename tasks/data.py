@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from cnn import data as cd
 from cnn.synthetic import write_archive
 from store import TooLarge, join_key, open_store, parse_uri
-from run.cache import cache_days, mark_used, prune_cache
-from run.cache import cache_dir, inside, materialize
+from store.files import beneath
+from run.cache import cache_days, cache_dir, mark_used, materialize, prune_cache
 from run.context import RunContext
 from run.errors import is_io_error
 from run.records import DatasetRef
@@ -35,7 +35,7 @@ def _s3_archive(uri: str, md5: str, outage_minutes: float | None) -> tuple[Path,
     except ValueError as e:
         raise ValueError(f"data_source: {e}") from None
     root = cache_dir() / "downloads"
-    local = inside(root, root / bucket / key, "data_source")
+    local = beneath(root, root / bucket / key, "data_source")
     if local.is_file() and cd.md5_of(local) == md5:
         mark_used(local)
         return local, False
@@ -52,7 +52,7 @@ def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md
     """(name, source, local archive or None if not fetched yet, expected md5 or None)."""
     if dataset == "synthetic":
         root = cache_dir() / "synthetic"
-        out = inside(root, root / f"train{synthetic_train}-test{synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
+        out = beneath(root, root / f"train{synthetic_train}-test{synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
         path, md5 = (out / cd.ARCHIVE_NAME, None)
         if path.is_file():
             mark_used(out)
@@ -126,7 +126,7 @@ def _prepared_dir(name: str, md5: str) -> Path:
     """This machine's own prepared copy of a verified archive: its meta.json's `sha256`
     is the expected hash (the machine-local shortcut to decoding the archive again)."""
     root = cache_dir() / "prepared"
-    return inside(root, root / name / md5, "dataset")
+    return beneath(root, root / name / md5, "dataset")
 
 
 def _expected_sha256(name: str, md5: str) -> str | None:
