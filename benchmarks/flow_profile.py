@@ -72,6 +72,8 @@ def instrument() -> None:
     """Timers around the parts of the tasks that are not training."""
     import cnn.train
     import store.local
+    import flows.variants
+    import tasks.artifacts
     import tasks.data
     import tasks.publish
     import tasks.selection
@@ -84,8 +86,8 @@ def instrument() -> None:
         wrap(t, "fn", f"task body: {t.name}")
     # the flow's body runs from its first call (devices_for, after parameter checks) to its
     # last (_summary); the flow function itself is not wrapped (Prefect reads its signature)
-    for name, mark in (("devices_for", "body_start"), ("_summary", "body_end")):
-        real = getattr(ft, name)
+    for owner, name, mark in ((flows.variants, "devices_for", "body_start"), (ft, "_summary", "body_end")):
+        real = getattr(owner, name)
 
         def marked(*a, _real=real, _mark=mark, **k):
             t = time.perf_counter()
@@ -94,7 +96,7 @@ def instrument() -> None:
             finally:
                 MARKS.setdefault(_mark, t if _mark == "body_start" else time.perf_counter())
 
-        setattr(ft, name, marked)
+        setattr(owner, name, marked)
     wrap(store.local.LocalStore, "put_file", "store: put_file (copy + sha256)")
     wrap(store.local.LocalStore, "get_file", "store: get_file")
     wrap(cnn.train, "save_checkpoint", "train: checkpoint save")
@@ -116,10 +118,11 @@ def instrument() -> None:
     tasks.training.train = train_with_timed_on_epoch
     for name in ("load_dataset", "evaluate", "plot_confusion", "export_portable"):
         wrap(tasks.testing, name, f"test-model: {name}")
-    for name in ("plot_curves", "create_table_artifact", "create_markdown_artifact", "create_link_artifact"):
+    for name in ("plot_curves", "git_sha", "versions"):
         wrap(tasks.publish, name, f"publish-run: {name}")
-    for name in ("git_sha", "versions", "device_name"):
-        wrap(ft, name, f"flow: {name}")
+    for name in ("create_table_artifact", "create_markdown_artifact", "create_link_artifact"):
+        wrap(tasks.artifacts, name, f"run artifacts: {name}")
+    wrap(tasks.training, "device_name", "train-in-lane: device_name")
 
 
 def main(argv: list[str] | None = None) -> dict:
