@@ -30,6 +30,10 @@ pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
 # handed out first so that their waiting on servers and workers overlaps everything else.
 LONGEST = ["test_fanout.py", "test_deployments.py", "test_retry.py", "test_s3_run.py", "test_flow.py",
            "test_pictures.py", "test_cli.py", "test_portable_trust.py", "test_resume.py"]
+# Grouped modules whose tests are dealt, in turn, into this many groups. Each group runs on a
+# worker of its own with its own module fixtures (the fan-out's server, workers and moto), so
+# that the minutes its tests spend waiting for heartbeats, crashes and retries overlap.
+SPLIT = {"test_fanout.py": 3}
 
 
 def _shares_state(item: pytest.Item) -> bool:
@@ -49,9 +53,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     order = {id(item): i for i, item in enumerate(items)}
     items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),
                                  item.get_closest_marker("slow") is None, order[id(item)]))
+    dealt: dict[str, int] = {}
     for item in items:
         if item.path.name in grouped:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+            n, i = SPLIT.get(item.path.name, 1), dealt.setdefault(item.path.name, 0)
+            dealt[item.path.name] += 1
+            item.add_marker(pytest.mark.xdist_group(item.path.stem if n == 1 else f"{item.path.stem}-{i % n}"))
 
 
 @pytest.fixture(scope="session")

@@ -224,6 +224,25 @@ def run_processes(flow_run_id) -> list[int]:
     return sorted(pids)
 
 
+def settled(flow_run_ids, timeout: float = 120) -> None:
+    """Once these flow runs' processes are gone (bounded by `timeout`). A run's state is final
+    before its process has sent its last log lines, which go in batches and are flushed as it
+    exits: logs are read after this."""
+    deadline = time.monotonic() + timeout
+    while any(run_processes(i) for i in flow_run_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def eventually(read, ok, timeout: float = 60, every: float = 1.0):
+    """`read()`'s value once `ok(value)` holds, or its last value after `timeout` seconds (for the
+    test's own assertion to report): what the server records after a run ends (task run states
+    come as events) may lag the run's final state on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := read()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
+
+
 def top_process(flow_run_id) -> int:
     """The flow run's own process (`prefect flow-run execute`, a pod's main process), not
     the engine it started."""

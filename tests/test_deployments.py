@@ -22,7 +22,8 @@ import yaml
 
 from tests.browser import Page
 from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, PREFECT_FILE, REPO, TEST_IMAGE, VARIANT_POOL, cli,
-                                    client, create_pools, deploy_all, load_prefect_yaml, start_worker)
+                                    client, create_pools, deploy_all, eventually, load_prefect_yaml, settled,
+                                    start_worker)
 
 pytestmark = pytest.mark.slow
 
@@ -244,6 +245,7 @@ def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):
     run, out = run_deployment(worker, "device=tpu")
     assert run.state.is_failed(), f"{run.state!r}\n{out[-3000:]}"  # Failed, not Crashed
     assert "device" in run.state.message
+    settled([run.id])  # its last log lines are sent as its process exits
     with client(worker) as c:
         logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
@@ -283,9 +285,14 @@ def test_local_deployment_trains_to_s3(worker, trained):
     assert run.state.is_completed(), f"{run.state!r}\n{out[-4000:]}"
     assert run.parameters["epochs"] == 2 and run.parameters["variants"] == ["none", "flip"]
 
-    with client(worker) as c:
-        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    def recorded():
+        with client(worker) as c:
+            return (c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))),
+                    c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))))
+
+    # task run states reach the server as events, after the run's own final state
+    task_runs, artifacts = eventually(recorded, lambda got: sum(t.name.startswith("train-") for t in got[0]) >= 2
+                                      and all(t.state.is_completed() for t in got[0]))
     trained = sorted(t.name for t in task_runs if t.name.startswith("train-"))
     assert trained == ["train-flip", "train-none"], [t.name for t in task_runs]
     assert all(t.state.is_completed() for t in task_runs)
