@@ -23,9 +23,9 @@ run: setup
 # The suite on TEST_WORKERS pytest-xdist workers. Most of its time is spent waiting on
 # servers, workers and browsers, so more workers than cores pays (README.md, Tests).
 # --dist loadgroup: the tests of a module that share a server or cluster stay on one worker
-# in their order (tests/conftest.py groups them), every other test goes to the next free
+# in their order (tests/conftest.py schedules the groups), every other test goes to the next free
 # worker; --no-loadscope-reorder keeps conftest's order: the longest modules first.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 5
 test: setup browser
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
