@@ -19,6 +19,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+# The bound on a server's start, a CLI command and a worker's registration. With make test's
+# workers starting four servers, their workers and `prefect deploy` at once on 2 cores, a
+# `prefect deploy` took over 120 s.
+STARTUP_S = 360
 GPU_POOL, CPU_POOL, LOCAL_POOL, VARIANT_POOL = ("train-cifar-gpu", "train-cifar-cpu", "train-cifar-local",
                                                 "train-cifar-local-variants")
 
@@ -132,11 +136,11 @@ def server(procs, tmp_path_factory) -> dict:
     }
     proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
-    wait_http(f"{api}/health", 120, proc, log)
+    wait_http(f"{api}/health", STARTUP_S, proc, log)
     return env
 
 
-def cli(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def cli(env: dict, *args: str, timeout: float = STARTUP_S, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
                        timeout=timeout, stdin=subprocess.DEVNULL)
     if check and r.returncode != 0:
@@ -199,7 +203,7 @@ def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str)
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     cmd = [sys.executable, str(REPO / "deployments" / "worker.py"), "--pool", pool, "--name", name, *extra]
     proc, log = procs.start(name, cmd, env)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + STARTUP_S
     with client(env) as c:
         while not any(w.name == name for w in c.read_workers_for_work_pool(pool)):
             if proc.poll() is not None or time.monotonic() > deadline:
