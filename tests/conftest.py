@@ -3,10 +3,7 @@ and `tiny`, the seed network at small widths. Also how `make test` spreads the s
 pytest-xdist workers (README.md, Tests)."""
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,10 +16,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # one thread each: torch's default (a thread per core) in every worker at once only
     # adds switching
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # no two workers share a Prefect home (its SQLite database, its profiles)
-    _home = tempfile.mkdtemp(prefix=f"prefect-home-{os.environ['PYTEST_XDIST_WORKER']}-")
-    atexit.register(shutil.rmtree, _home, ignore_errors=True)
-    os.environ["PREFECT_HOME"] = _home
 
 pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
 
