@@ -20,8 +20,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 run: setup
 	$(PY) -m flows.train_cifar $(ARGS)
 
+# The suite on TEST_WORKERS pytest-xdist workers. Most of its time is spent waiting on
+# servers, workers and browsers, so more workers than cores pays (README.md, Tests).
+# --dist loadgroup: the tests of a module that share a server or cluster stay on one worker
+# in their order (tests/conftest.py schedules the groups), every other test goes to the next free
+# worker; --no-loadscope-reorder keeps conftest's order: the longest modules first.
+TEST_WORKERS ?= 5
 test: setup browser
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
 
 # the UI test drives a real headless browser: Debian's chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -1,5 +1,6 @@
 """Shared fixtures: one Prefect test harness per session, a synthetic archive, a prepared dataset,
-and `tiny`, the seed network at small widths."""
+and `tiny`, the seed network at small widths. Also how `make test` spreads the suite over
+pytest-xdist workers (README.md, Tests)."""
 from __future__ import annotations
 
 import os
@@ -8,8 +9,78 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Several workers share two cores: a command-line run's temporary server, started while
+# other tests train, may take longer than Prefect's default to answer.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread each: torch's default (a thread per core) in every worker at once only
+    # adds switching
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
+
+# The modules that take longest, longest first. They are handed out first so that their
+# waiting on servers and workers overlaps everything else.
+LONGEST = ["test_fanout.py", "test_deployments.py", "test_retry.py", "test_s3_run.py", "test_flow.py",
+           "test_pictures.py", "test_cli.py", "test_portable_trust.py", "test_resume.py"]
+# The modules whose tests share a module-scoped fixture (a server and its workers, the
+# fan-out's cluster, a trained model): each is one group, run on one worker in file order.
+# Every other test goes on its own to whichever worker is free.
+GROUPED = {"test_fanout.py", "test_deployments.py", "test_retry.py", "test_pictures.py", "test_fast.py",
+           "test_train.py", "test_checkpoint.py"}
+# Grouped modules whose tests are dealt, in turn, into this many groups. Each group runs on a
+# worker of its own with its own module fixtures (the fan-out's server, workers and moto), so
+# that the minutes its tests spend waiting for heartbeats, crashes and retries overlap.
+SPLIT = {"test_fanout.py": 3}
+
+
+def _shares_state(item: pytest.Item) -> bool:
+    """Whether the test uses a fixture kept for its module or class."""
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(defs and defs[-1].scope in ("module", "class", "package")
+                                    for defs in info.name2fixturedefs.values())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest modules first, slow tests before quick ones; a module whose tests share state
+    and is not grouped is refused (its fixture would be set up on several workers at once)."""
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),
+                                 item.get_closest_marker("slow") is None, order[id(item)]))
+    loose = sorted({item.path.name for item in items if _shares_state(item) and item.path.name not in GROUPED})
+    if loose:
+        raise pytest.UsageError(f"{', '.join(loose)}: tests sharing a module-scoped fixture; add to GROUPED in "
+                                "tests/conftest.py")
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """For `--dist loadgroup` (make test): the groups above. (xdist's own reads them from node
+    ids it rewrites, which pytest 9 no longer takes.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.dealt: dict[str, str] = {}
+            self.counts: dict[str, int] = {}
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            name = path.rsplit("/", 1)[-1]
+            if name not in GROUPED:
+                return nodeid
+            n = SPLIT.get(name, 1)
+            if n == 1:
+                return path
+            if nodeid not in self.dealt:  # first seen in collection order: dealt in turn
+                i = self.counts[name] = self.counts.get(name, -1) + 1
+                self.dealt[nodeid] = f"{path}#{i % n}"
+            return self.dealt[nodeid]
+
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session")

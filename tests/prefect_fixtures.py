@@ -19,6 +19,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).with_name("prefect"))
+# The bound on a server's start, a CLI command and a worker's registration. With make test's
+# workers starting four servers, their workers and `prefect deploy` at once on 2 cores, a
+# `prefect deploy` took over 120 s.
+STARTUP_S = 360
 GPU_POOL, CPU_POOL, LOCAL_POOL, VARIANT_POOL = ("train-cifar-gpu", "train-cifar-cpu", "train-cifar-local",
                                                 "train-cifar-local-variants")
 
@@ -132,11 +136,11 @@ def server(procs, tmp_path_factory) -> dict:
     }
     proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
-    wait_http(f"{api}/health", 120, proc, log)
+    wait_http(f"{api}/health", STARTUP_S, proc, log)
     return env
 
 
-def cli(env: dict, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
+def cli(env: dict, *args: str, timeout: float = STARTUP_S, check: bool = True) -> subprocess.CompletedProcess:
     r = subprocess.run([PREFECT, *args], env=env, cwd=REPO, capture_output=True, text=True,
                        timeout=timeout, stdin=subprocess.DEVNULL)
     if check and r.returncode != 0:
@@ -199,7 +203,7 @@ def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str)
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     cmd = [sys.executable, str(REPO / "deployments" / "worker.py"), "--pool", pool, "--name", name, *extra]
     proc, log = procs.start(name, cmd, env)
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + STARTUP_S
     with client(env) as c:
         while not any(w.name == name for w in c.read_workers_for_work_pool(pool)):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -222,6 +226,25 @@ def run_processes(flow_run_id) -> list[int]:
         except OSError:
             continue
     return sorted(pids)
+
+
+def settled(flow_run_ids, timeout: float = 120) -> None:
+    """Once these flow runs' processes are gone (bounded by `timeout`). A run's state is final
+    before its process has sent its last log lines, which go in batches and are flushed as it
+    exits: logs are read after this."""
+    deadline = time.monotonic() + timeout
+    while any(run_processes(i) for i in flow_run_ids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def eventually(read, ok, timeout: float = 60, every: float = 1.0):
+    """`read()`'s value once `ok(value)` holds, or its last value after `timeout` seconds (for the
+    test's own assertion to report): what the server records after a run ends (task run states
+    come as events) may lag the run's final state on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not ok(value := read()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
 
 
 def top_process(flow_run_id) -> int:

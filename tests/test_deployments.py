@@ -20,8 +20,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.browser import Page
 from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, PREFECT_FILE, REPO, TEST_IMAGE, VARIANT_POOL, cli,
-                                    client, create_pools, deploy_all, load_prefect_yaml, start_worker)
+                                    client, create_pools, deploy_all, eventually, load_prefect_yaml, settled,
+                                    start_worker)
 
 pytestmark = pytest.mark.slow
 
@@ -243,6 +245,7 @@ def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):
     run, out = run_deployment(worker, "device=tpu")
     assert run.state.is_failed(), f"{run.state!r}\n{out[-3000:]}"  # Failed, not Crashed
     assert "device" in run.state.message
+    settled([run.id])  # its last log lines are sent as its process exits
     with client(worker) as c:
         logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
@@ -282,9 +285,14 @@ def test_local_deployment_trains_to_s3(worker, trained):
     assert run.state.is_completed(), f"{run.state!r}\n{out[-4000:]}"
     assert run.parameters["epochs"] == 2 and run.parameters["variants"] == ["none", "flip"]
 
-    with client(worker) as c:
-        task_runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
-        artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+    def recorded():
+        with client(worker) as c:
+            return (c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))),
+                    c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))))
+
+    # task run states reach the server as events, after the run's own final state
+    task_runs, artifacts = eventually(recorded, lambda got: sum(t.name.startswith("train-") for t in got[0]) >= 2
+                                      and all(t.state.is_completed() for t in got[0]))
     trained = sorted(t.name for t in task_runs if t.name.startswith("train-"))
     assert trained == ["train-flip", "train-none"], [t.name for t in task_runs]
     assert all(t.state.is_completed() for t in task_runs)
@@ -308,38 +316,29 @@ def test_local_deployment_trains_to_s3(worker, trained):
 
 # ---------------------------------------------------------------- the UI, in a real browser
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-quic", "--no-first-run",
-                  "--virtual-time-budget=20000", "--window-size=1400,1000"]
-
-
-def browse(url: str, profile: Path, *, screenshot: Path | None = None) -> str:
-    """The page's text once its scripts have run, from headless Chromium."""
-    import shutil
-
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert exe, "the UI test needs Chromium: apt-get install chromium (make test installs it: make browser)"
-    args = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
-    if screenshot:
-        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
-    return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom))
-
 
 def test_the_ui_shows_the_run(trained, worker, tmp_path):
     """The flow run page lists one task run per variant and their epoch logs; the
     comparison table and report are there as artifacts."""
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "the UI test needs Chromium: apt-get install chromium (make test installs it: make browser)"
     run, _, _ = trained
     ui = worker["PREFECT_API_URL"].removesuffix("/api")
-    page = browse(f"{ui}/runs/flow-run/{run.id}", tmp_path / "profile", screenshot=tmp_path / "run.png")
+    epoch_line = r"{} epoch 2/2 train_loss [0-9.]+ val_loss [0-9.]+ val_acc [0-9.]+"
+    # the UI renders after its API calls, the run's name and logs last on a busy machine:
+    # each page is read once all it is checked for is there
+    with Page(f"{ui}/runs/flow-run/{run.id}", tmp_path / "profile") as browser:
+        page = browser.wait_for_text(run.name, "Completed", "train-none", "train-flip",
+                                     patterns=tuple(epoch_line.format(v) for v in ("none", "flip")))
+        browser.screenshot(tmp_path / "run.png")
     assert run.name in page and "Completed" in page
     for variant in ("none", "flip"):
         assert f"train-{variant}" in page
-        assert re.search(rf"{variant} epoch 2/2 train_loss [0-9.]+ val_loss [0-9.]+ val_acc [0-9.]+", page), page[-3000:]
+        assert re.search(epoch_line.format(variant), page), page[-3000:]
     assert (tmp_path / "run.png").stat().st_size > 10_000  # a rendered page, not a blank one
     for key in ("variant-comparison", "report", "progress-none", "progress-flip"):
-        for _ in range(3):  # the page fetches the run's name after the artifact: on a busy machine, look again
-            art = browse(f"{ui}/artifacts/key/{key}", tmp_path / "profile")
-            if run.name in art:
-                break
+        with Page(f"{ui}/artifacts/key/{key}", tmp_path / "profile") as browser:
+            art = browser.wait_for_text(f"Artifact: {key}", run.name)
         assert f"Artifact: {key}" in art and run.name in art, art[-2000:]

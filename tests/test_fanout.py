@@ -28,7 +28,7 @@ import pytest
 from store import open_store
 from run.layout import Unit, stored_key
 from tests.prefect_fixtures import (LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools, deploy_all,
-                                    descendants, kill, run_processes, start_worker, top_process)
+                                    descendants, kill, run_processes, settled, start_worker, top_process)
 from tests.s3_fixtures import aws_client, aws_env
 
 pytestmark = pytest.mark.slow
@@ -159,6 +159,7 @@ def epochs_logged(env: dict, flow_run_ids: list, variant: str, after_resume: boo
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
 
+    settled(flow_run_ids)  # a run that ended sends its last lines as its process exits
     with client(env) as c:
         logs = c.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=list(flow_run_ids))), sort=LogSort.TIMESTAMP_ASC)
     messages = [log.message for log in logs]

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.prefect_fixtures import LOCAL_POOL, PREFECT_FILE, REPO, cli, client, kill, run_processes, start_worker
+from tests.prefect_fixtures import (LOCAL_POOL, PREFECT_FILE, REPO, cli, client, kill, run_processes, settled,
+                                    start_worker)
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +99,7 @@ def test_a_run_killed_and_retried_at_once_completes_from_its_checkpoint(worker):
     assert manifest["flow_run_id"] == str(run) and [v["name"] for v in manifest["variants"]] == ["flip"]
     assert list(pd.read_csv(history())["epoch"]) == [1, 2, 3, 4, 5]  # each epoch once
     # the retry resumed from the checkpoint, not from epoch 1
+    settled([run])  # its last log lines are sent as its process exits
     messages = logged(worker, run)
     resumed = [m for m in messages if m.startswith("flip: resuming from ")]
     assert len(resumed) == 1, messages[-30:]
