@@ -83,11 +83,10 @@ def prune_cache(days: float | None = None) -> list[Path]:
         top = cache_dir() / name
         if top.is_symlink() or not top.is_dir():
             continue
-        for folder, dirs, files in os.walk(top, topdown=False):
+        for folder, _, files in os.walk(top, topdown=False):
             for f in files:
                 p = Path(folder) / f
-                st = p.lstat()
-                if not p.is_symlink() and st.st_mtime < cutoff:
+                if not p.is_symlink() and p.lstat().st_mtime < cutoff:
                     p.unlink(missing_ok=True)
                     removed.append(p)
             if Path(folder) != top:
