@@ -1,20 +1,15 @@
 """Champions: one per dataset identity, each with its audit history, changed by CAS only.
 
-A dataset identity is (name, archive MD5, split seed, test size): two runs are
-compared only when their test accuracies were measured on the same images. Each
-identity has one object, `champions/<identity>.json`:
+A dataset identity is (name, archive MD5, split seed, test size): runs are compared
+only when measured on the same test images. Each identity has one object,
+`champions/<identity>.json`:
 
     {"identity": "<name>-<md5>-split<seed>-test<size>", "champion": <record>,
      "history": [{id, at, action, champion, previous, reason, flow_run_id, by}, ...]}
 
-The champion and its history live in one object so a change and its history entry
-are one conditional write (If-None-Match for the first, If-Match after): two
-writers racing cannot both win, and no entry is lost. A run on another dataset or
-split has its own identity: it neither blocks nor replaces another's champion.
-
-Whether a candidate beats the champion is its judge's answer (for a run: the paired
-comparison on the test images, cnn.stats.promotion); the registry never compares
-accuracies itself.
+Champion and history share one object so a change and its entry are one conditional
+write: two racing writers cannot both win, and no entry is lost. Whether a candidate
+wins is its judge's answer; the registry never compares accuracies itself.
 """
 from __future__ import annotations
 
@@ -26,17 +21,16 @@ from typing import Callable, NamedTuple
 from store.base import PreconditionFailed, Store, StoreError, join_key, safe_name
 
 FOLDER = "champions"
-IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size")  # in a champion record
+IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size")
 
 
 class Decision(NamedTuple):
     promoted: bool
     reason: str
-    compared_with: str | None  # the champion's run id, or None: there was none of this identity
+    compared_with: str | None  # the champion's run id
 
 
 def identity(record: dict) -> str:
-    """The identity's name, a safe key part: `<name>-<md5>-split<seed>-test<size>`."""
     name, md5, seed, size = (record.get(k) for k in IDENTITY_FIELDS)
     return safe_name(f"{name}-{md5}-split{seed}-test{size}", "dataset identity")
 
@@ -45,14 +39,11 @@ def key_for(ident: str) -> str:
     return join_key(FOLDER, safe_name(ident, "dataset identity") + ".json")
 
 
-# judge(current, candidate) -> (promote?, why): whether `candidate` beats `current`, the
-# champion of its identity, and the sentence why
+# judge(current champion, candidate) -> (promote?, why)
 Judge = Callable[[dict, dict], tuple[bool, str]]
 
 
 def decide(current: dict | None, candidate: dict, judge: Judge) -> tuple[bool, str]:
-    """(promote?, why) for `candidate` against `current`, the champion of its identity:
-    the judge's answer once there is a champion of another run to face."""
     if current is None:
         return True, f"no champion yet for dataset {identity(candidate)}"
     if current["run_id"] == candidate["run_id"]:  # a retried publish finds its own promotion
@@ -64,7 +55,7 @@ def decide(current: dict | None, candidate: dict, judge: Judge) -> tuple[bool, s
 
 
 def _record_problem(rec) -> str | None:
-    """What a champion record lacks (the fields this module and cli.predict rely on), or None."""
+    """What a champion record lacks of the fields this module and cli.predict rely on."""
     if not isinstance(rec, dict):
         return f"a record (a JSON object), found {type(rec).__name__}"
     try:
@@ -86,7 +77,6 @@ def _check_record(rec, where: str, what: str = "the champion record"):
 
 
 def _parse(raw: bytes, where: str) -> dict:
-    """A champion document, or a ValueError naming the object and what it holds instead."""
     try:
         doc = json.loads(raw)
     except ValueError as e:
@@ -109,19 +99,16 @@ def _parse(raw: bytes, where: str) -> dict:
 
 
 def _load(store: Store, ident: str) -> tuple[dict | None, str | None]:
-    """(document, version) of an identity; (None, None) while it has no champion."""
     raw, version = store.read_versioned(key_for(ident))
     return (None, None) if raw is None else (_parse(raw, store.uri_for(key_for(ident))), version)
 
 
 def read(store: Store, ident: str) -> dict | None:
-    """The current champion record of dataset identity `ident`, or None."""
     doc, _ = _load(store, ident)
     return None if doc is None else doc["champion"]
 
 
 def documents(store: Store) -> dict[str, dict]:
-    """{identity: document} of every identity with a champion."""
     docs = {}
     for key in store.list(FOLDER):
         name = key.removeprefix(FOLDER + "/")
@@ -140,12 +127,10 @@ def _entry(action: str, new: dict, previous: dict | None, reason: str, flow_run_
 
 
 def _change(store: Store, ident: str, plan, attempts: int = 20):
-    """Apply `plan(doc) -> (entry or None, result)` by CAS until it lands or needs nothing.
-
-    `plan` sees the current document (None if there is none) and returns the history
-    entry to append (its `champion` becomes the champion) or None to write nothing."""
+    """Apply `plan(doc) -> (entry or None, result)` by CAS until it lands or needs nothing;
+    the entry's `champion` becomes the champion."""
     key = key_for(ident)
-    sent = None  # the id of an entry we sent, once a write of ours was refused
+    sent = None  # (entry id, result) of a write of ours that was refused
     for _ in range(attempts):
         doc, version = _load(store, ident)
         history = [] if doc is None else doc["history"]
@@ -162,7 +147,7 @@ def _change(store: Store, ident: str, plan, attempts: int = 20):
             return result
         except PreconditionFailed:
             sent = (entry["id"], result)
-            continue  # another writer changed it first: read again and plan again
+            continue
     raise StoreError(f"{store.uri_for(key)} kept changing during {attempts} attempts")
 
 
@@ -176,9 +161,8 @@ def _already(doc: dict, candidate: dict) -> Decision:
 
 
 def promote(store: Store, candidate: dict, judge: Judge, flow_run_id: str | None = None) -> Decision:
-    """Make `candidate` the champion of its identity if `judge` says it wins (decide); safe
-    against concurrent runs, each of which decides again against the champion it finds, and
-    against the retry of a publish that already promoted it."""
+    """Make `candidate` the champion of its identity if `judge` says it wins; each
+    concurrent run decides again against the champion it finds."""
     ident = identity(candidate)
 
     def plan(doc):
@@ -196,14 +180,14 @@ def promote(store: Store, candidate: dict, judge: Judge, flow_run_id: str | None
 
 def rollback(store: Store, ident: str, run_id: str, reason: str, by: str | None = None,
              flow_run_id: str | None = None) -> dict:
-    """Make `run_id`, an earlier champion of `ident`, its champion again; returns the entry."""
+    """Make `run_id`, an earlier champion of `ident`, its champion again; the entry."""
     def plan(doc):
         if doc is None:
             raise LookupError(f"dataset {ident}: no champion, so nothing to roll back")
         if doc["champion"]["run_id"] == run_id:
             raise ValueError(f"--to {run_id}: already the champion of dataset {ident}")
         earlier = {}
-        for e in doc["history"]:  # the records of every champion this identity has had
+        for e in doc["history"]:
             for rec in (e["previous"], e["champion"]):
                 if rec is not None:
                     earlier[rec["run_id"]] = rec

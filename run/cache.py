@@ -1,15 +1,8 @@
-"""Keeping this machine's cache ($TRAIN_CIFAR_CACHE) from growing without bound.
-
-Two rules (README, "Where local space goes"):
-
-- A run's local copies (`runs/<run-id>/`) are deleted once the store holds them: a
-  variant's folder when its result record is stored, the rest when the manifest is.
-  Kept when an upload failed (they are then the only copy), and never when they
-  are the store's own folder.
-- Downloads, prepared tensors, the store's download cache and generated data
-  (`downloads/`, `prepared/`, `store-cache/`, `synthetic/`) are deleted, at the start
-  of every fetch-dataset, when no run has used them for TRAIN_CIFAR_CACHE_DAYS days
-  (by modification time, which a run refreshes when it uses a file).
+"""This machine's cache ($TRAIN_CIFAR_CACHE) and the two rules that bound it (README,
+"Where local space goes"): a run's local copies go once the store holds them (kept
+when an upload failed: then they are the only copy); downloaded, prepared and generated
+files go when no run has used them for TRAIN_CIFAR_CACHE_DAYS (by modification time,
+which each use refreshes).
 """
 from __future__ import annotations
 
@@ -23,23 +16,19 @@ from store.local import LocalStore
 from store.files import beneath
 
 def cache_dir() -> Path:
-    """Local scratch space: downloads, prepared tensors, a run's files before upload.
-
-    `TRAIN_CIFAR_CACHE` overrides it (a fast local disk on GPU workers)."""
+    """`TRAIN_CIFAR_CACHE` overrides it (a fast local disk on GPU workers)."""
     return Path(os.environ.get("TRAIN_CIFAR_CACHE", Path.home() / ".cache" / "train-cifar")).expanduser()
 
 
 def local_run_dir(run_id: str, *parts: str) -> Path:
-    """Where a run's files (`parts` below it) are written before (and kept after) upload."""
     root = cache_dir() / "runs"
     return beneath(root, root.joinpath(safe_name(run_id, "run id"), *parts), "run_id")
 
 
 def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, int] | None = None) -> Path:
     """A local folder holding `key/<filename>` for each file: the store's own folder for
-    a local store, else a download cache reused across runs on this machine. `limits`:
-    the most bytes a file may have (name -> bytes); a larger one is refused (TooLarge)
-    before it is downloaded, as the local store's file is by its reader."""
+    a local store, else a download cache reused across runs. `limits` (name -> bytes)
+    refuses a larger file before it is downloaded."""
     inner = getattr(store, "inner", store)  # a PatientStore's own store (store/outage.py)
     if isinstance(inner, LocalStore):
         for name in filenames:
@@ -49,7 +38,7 @@ def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, 
     for name in filenames:
         path = beneath(root, root / join_key(key, name), key)
         if path.is_file():
-            os.utime(path)  # used now: the cache's age rule (run/cache.py) counts from here
+            os.utime(path)  # the age rule counts from this use
         else:
             store.get_file(f"{key}/{name}", path, limit=(limits or {}).get(name))
     return beneath(root, root / key, key)
@@ -60,7 +49,6 @@ PRUNED = ("downloads", "prepared", "store-cache", "synthetic")
 
 
 def cache_days() -> float:
-    """TRAIN_CIFAR_CACHE_DAYS: days an unused cached file is kept (0: forever)."""
     raw = os.environ.get("TRAIN_CIFAR_CACHE_DAYS", "")
     if not raw.strip():
         return DEFAULT_CACHE_DAYS
@@ -74,8 +62,6 @@ def cache_days() -> float:
 
 
 def mark_used(path: Path) -> None:
-    """Refresh the modification time of `path` (a file, or every file in a folder), so
-    the age rule counts from this use."""
     if path.is_file():
         os.utime(path)
         return
@@ -86,8 +72,8 @@ def mark_used(path: Path) -> None:
 
 
 def prune_cache(days: float | None = None) -> list[Path]:
-    """Delete cached files unused for `days` (default: cache_days()); the deleted paths.
-    Symlinks are neither followed nor deleted: what they point to is not ours."""
+    """Delete cached files unused for `days`; the deleted paths. Symlinks are neither
+    followed nor deleted: what they point to is not ours."""
     days = cache_days() if days is None else days
     if days == 0:
         return []
@@ -97,11 +83,10 @@ def prune_cache(days: float | None = None) -> list[Path]:
         top = cache_dir() / name
         if top.is_symlink() or not top.is_dir():
             continue
-        for folder, dirs, files in os.walk(top, topdown=False):  # never follows symlinks
+        for folder, _, files in os.walk(top, topdown=False):
             for f in files:
                 p = Path(folder) / f
-                st = p.lstat()
-                if not p.is_symlink() and st.st_mtime < cutoff:
+                if not p.is_symlink() and p.lstat().st_mtime < cutoff:
                     p.unlink(missing_ok=True)
                     removed.append(p)
             if Path(folder) != top:
@@ -113,11 +98,11 @@ def prune_cache(days: float | None = None) -> list[Path]:
 
 
 def drop_local_copies(store: Store, run_id: str, *parts: str) -> None:
-    """Delete `runs/<run-id>/<parts...>` from the cache now that `store` holds it, then
-    the folders above it that this left empty. Not if it is, or holds, the store's folder."""
+    """Delete `runs/<run-id>/<parts...>` now that `store` holds it, and the folders it
+    left empty; never the store's own folder."""
     run_dir = local_run_dir(run_id)
     path = beneath(run_dir, run_dir.joinpath(*parts), "run_id")
-    inner = getattr(store, "inner", store)  # a PatientStore's own store
+    inner = getattr(store, "inner", store)
     if isinstance(inner, LocalStore) and (path.is_relative_to(inner.root) or inner.root.is_relative_to(path)):
         return
     shutil.rmtree(path, ignore_errors=True)

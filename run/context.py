@@ -1,9 +1,6 @@
-"""The run's context: built once from RunParams, handed to every task and child flow.
-
-A task takes `ctx: RunContext` instead of loose arguments: the run id, the store
-(opened once per process, outage window included), the dataset reference once
-fetched, and the parameters themselves. A new training setting then touches
-RunParams, TrainConfig and the place that uses it, nothing in between.
+"""The run's context, built once from RunParams and handed to every task and child flow
+instead of loose arguments: a new training setting then touches RunParams, TrainConfig
+and the place that uses it, nothing in between.
 """
 from __future__ import annotations
 
@@ -22,9 +19,9 @@ from store import Store, normalize_uri, open_store
 class RunContext:
     params: RunParams
     run_id: str
-    flow_run_id: str | None = None  # the flow run this process works for (the parent's, or a child's own)
+    flow_run_id: str | None = None  # the parent's, or a child's own
     created_at: str | None = None
-    dataset: DatasetRef | None = None  # fetch-dataset's result; None before it
+    dataset: DatasetRef | None = None  # None before fetch-dataset
 
     @property
     def store_uri(self) -> str:
@@ -32,12 +29,11 @@ class RunContext:
 
     @cached_property
     def store(self) -> Store:
-        """The run's store, waiting out an outage for `store_outage_minutes`."""
         return open_store(self.store_uri, outage_minutes=self.params.store_outage_minutes)
 
     def with_dataset(self, dataset: DatasetRef) -> RunContext:
         out = dataclasses.replace(self, dataset=dataset)
-        if "store" in self.__dict__:  # the same run, the same store: not opened again
+        if "store" in self.__dict__:  # not opened again
             out.__dict__["store"] = self.__dict__["store"]
         return out
 
@@ -46,11 +42,10 @@ class RunContext:
         return {k: v for k, v in self.__dict__.items() if k != "store"}
 
     def precision(self, device: str) -> str:
-        """fp32 or bf16: the run's `precision` for `device` ('auto': bf16 on CUDA, fp32 on a CPU)."""
+        """fp32 or bf16."""
         return resolve_precision(self.params.precision, device)
 
     def config(self, unit: Unit, device: str) -> TrainConfig:
-        """What trains `unit` on `device`: the model's recipe with the run's settings."""
         p = self.params
         return make_config(p.model, unit.variant, epochs=p.epochs, patience=p.patience, seed=unit.seed,
                            batch_size=p.batch_size, lr=p.lr, compile=p.compile, precision=self.precision(device))

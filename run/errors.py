@@ -5,17 +5,15 @@ from store import StoreError, StoreOutage, StoreUnavailable
 
 
 def is_user_error(e: BaseException) -> bool:
-    """A mistake the user fixes, whose message says what to do: bad input (ValueError and
-    subclasses: a parameter, a data file) or a store that refuses (no such bucket, access
-    denied, a lease another writer holds). Not an outage: the store may come back. Such an
-    error is never retried, and the command line shows its message without a traceback."""
+    """Bad input (ValueError) or a store that refuses (no such bucket, access denied, a
+    lease another writer holds), but not an outage: the store may come back. Never
+    retried; the command line shows its message without a traceback."""
     return isinstance(e, ValueError) or (isinstance(e, StoreError)
                                          and not isinstance(e, (StoreUnavailable, StoreOutage)))
 
 
 def is_io_error(task, task_run, state) -> bool:
-    """Retry transient I/O only; a user's error fails at once, and so does an outage that
-    outlasted its window (StoreOutage: the window was the retrying)."""
+    """Retry transient I/O only: not a user's error, nor a StoreOutage (its window was the retrying)."""
     try:
         state.result()
     except Exception as e:

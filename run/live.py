@@ -1,12 +1,9 @@
-"""show_curves: each variant's validation curve so far, in the Prefect UI while it trains.
+"""Each variant's validation curve so far, in the Prefect UI while it trains.
 
-One markdown artifact (key `live-curves`) per flow run holds a small inline PNG of
-the curves and a line per variant. In lanes every variant of the run shares it; with
-fan-out each variant's child flow run has its own. It is created once and then
-updated in place (the PATCH that progress artifacts use): creating it again with the
-same key would keep every version, tens of KB each, in Prefect's database for good,
-where in-place updates keep one. It is redrawn at most once every MIN_INTERVAL_S and
-at each variant's end, so it costs training a fraction of a second a minute.
+One markdown artifact per flow run (in lanes, its variants share it). It is created once
+and then updated in place: creating it again with the same key would keep every version,
+tens of KB each, in Prefect's database for good. It is redrawn at most once every
+MIN_INTERVAL_S and at each variant's end, so it costs training a fraction of a second a minute.
 """
 from __future__ import annotations
 
@@ -21,32 +18,29 @@ import pandas as pd
 from run.report import data_uri, draw_curves, save_png
 
 KEY = "live-curves"
-MIN_INTERVAL_S = 30.0  # the UI's picture is at most this old while a variant trains
+MIN_INTERVAL_S = 30.0
 
 
 @dataclass
 class _Board:
-    """What one flow run's artifact shows: every variant's history and state so far."""
     histories: dict[str, list[dict]] = field(default_factory=dict)  # variant -> history.csv's rows
     states: dict[str, str] = field(default_factory=dict)  # variant -> "epoch 3 of at most 30", "early_stopped"
     artifact_id: UUID | None = None
-    drawn_at: float = float("-inf")  # time.monotonic() of the last redraw
+    drawn_at: float = float("-inf")  # time.monotonic()
     lock: threading.Lock = field(default_factory=threading.Lock)  # lanes are threads of one process
 
 
-_boards: dict[str, _Board] = {}  # flow run id -> its board, in this process
+_boards: dict[str, _Board] = {}  # by flow run id
 _boards_lock = threading.Lock()
 
 
 def show_curves(variant: str, history: list[dict], epochs: int, status: str | None = None) -> None:
-    """Record `variant`'s validation `history` so far (history.csv's rows) and redraw
-    this flow run's `live-curves` artifact if MIN_INTERVAL_S have passed since the last
-    redraw, or when `status` says the variant has ended. Best-effort: a UI that cannot
-    be reached never stops training (said once per redraw, and tried again later)."""
+    """Record `variant`'s `history` so far and redraw if due or `status` says it ended.
+    Best-effort: a UI that cannot be reached never stops training."""
     from prefect.runtime import flow_run
 
     fid = flow_run.get_id()
-    if fid is None:  # not inside a flow run: no page to show it on
+    if fid is None:  # no page to show it on
         return
     with _boards_lock:
         board = _boards.setdefault(str(fid), _Board())
@@ -64,7 +58,6 @@ def show_curves(variant: str, history: list[dict], epochs: int, status: str | No
 
 
 def render(histories: dict[str, list[dict]], states: dict[str, str]) -> str:
-    """The artifact's markdown: when, a line per variant, and the curves as a data URI."""
     frames = {v: pd.DataFrame(h) for v, h in histories.items() if h}
     lines = [f"Validation so far, drawn {datetime.now(timezone.utc):%H:%M:%S} UTC "
              f"(every {MIN_INTERVAL_S:.0f} s at most, and at each variant's end).", ""]
@@ -79,8 +72,8 @@ def render(histories: dict[str, list[dict]], states: dict[str, str]) -> str:
 
 
 def _publish(board: _Board, flow_run_id: str, markdown: str) -> None:
-    """Create the flow run's artifact the first time (the flow run's, not one variant's
-    task run's: in lanes several variants share it), update it in place afterwards."""
+    """Create the flow run's artifact (not a task run's: in lanes variants share it) once,
+    then update it in place."""
     from prefect import get_client
     from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate
 

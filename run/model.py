@@ -1,14 +1,11 @@
 """A run's model, read back from the store without unpickling anything by default.
 
-By default the model is rebuilt from `runs/<id>/model/weights.safetensors` (tensors
-only) and `config.json` (JSON naming the registry model and its test-time
-augmentation), wrapped with the same normalisation and TTA as the portable file
-(cnn.export.Portable), so both give the same predictions. The portable `model.pt2`
-is a torch.export archive, whose loader unpickles parts of it: it is loaded only on
-request, once its SHA-256 matches the one the run's manifest recorded (which catches
-corruption; whoever can write the store can rewrite both) and once
-cnn.export.check_archive finds nothing in it that could unpickle more than tensors
-(which is what stops a planted archive).
+By default the model is rebuilt from weights.safetensors and config.json, wrapped with
+the portable file's normalisation and TTA (cnn.export.Portable), so both predict alike.
+The portable model.pt2's loader unpickles parts of it: it is loaded only on request,
+once its SHA-256 matches the manifest's (which catches corruption; whoever can write
+the store can rewrite both) and cnn.export.check_archive finds nothing in it that could
+unpickle more than tensors (which is what stops a planted archive).
 """
 from __future__ import annotations
 
@@ -50,8 +47,6 @@ def load_model(store: Store, run_id: str, workdir: Path, portable: bool = False)
 
 
 def read_document(store: Store, key: str, workdir: Path, expected: str):
-    """The JSON in `key`, or a ValueError naming it if it is over MAX_DOCUMENT_BYTES (checked
-    before it is downloaded) or not JSON."""
     try:
         path = store.get_file(key, workdir / Path(key).name, limit=MAX_DOCUMENT_BYTES)
     except TooLarge as e:
@@ -65,7 +60,6 @@ def read_document(store: Store, key: str, workdir: Path, expected: str):
 
 
 def read_classes(store: Store, folder: str, workdir: Path) -> list[str]:
-    """The run's class names, in the order of the model's outputs."""
     key, expected = join_key(folder, CLASSES), "a JSON list of class-name strings, one per output of the model"
     classes = read_document(store, key, workdir, expected)
     if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
@@ -86,14 +80,13 @@ def _json_kind(value) -> str:
 
 
 def from_weights(store: Store, folder: str, workdir: Path, num_classes: int) -> nn.Module:
-    """The registry's model named by config.json, with the safetensors weights, in eval mode."""
     model, cfg = rebuild(store, read_config(store, folder, workdir), store.uri_for(join_key(folder, CONFIG)),
                          join_key(folder, WEIGHTS), workdir, num_classes)
-    return Portable(model.float(), cfg.tta).eval()  # the exported program's normalisation and TTA
+    return Portable(model.float(), cfg.tta).eval()
 
 
 def read_config(store: Store, folder: str, workdir: Path) -> dict:
-    """The model folder's config.json: a JSON object, at most MAX_DOCUMENT_BYTES (rebuild checks its fields)."""
+    """The model folder's config.json, a JSON object (rebuild checks its fields)."""
     key = join_key(folder, CONFIG)
     raw = read_document(store, key, workdir, CONFIG_EXPECTED)
     if not isinstance(raw, dict):
@@ -106,9 +99,8 @@ CONFIG_EXPECTED = "a training config naming a known model"
 
 def rebuild(store: Store, config: dict, source: str, weights_key: str, workdir: Path,
             num_classes: int) -> tuple[nn.Module, TrainConfig]:
-    """(the registry's model that `config` names, with the weights stored at `weights_key`,
-    in eval mode; its TrainConfig). `source` names where `config` came from in errors;
-    the weights are downloaded into `workdir` (at most MAX_MODEL_BYTES)."""
+    """(the model `config` names with the weights at `weights_key`, in eval mode; its
+    TrainConfig). `source` names where `config` came from in errors."""
     try:
         cfg = TrainConfig(**config)
         model = build_model(cfg.model, num_classes=num_classes)
@@ -124,8 +116,6 @@ def rebuild(store: Store, config: dict, source: str, weights_key: str, workdir: 
 
 
 def verified_portable(store: Store, run_id: str, workdir: Path) -> nn.Module:
-    """The run's model.pt2, loaded only if its SHA-256 is the one its manifest recorded
-    (corruption) and cnn.export.check_archive accepts it (tampering)."""
     name = f"{MODEL}/{PORTABLE}"
     manifest_key = run_key(run_id, MANIFEST)
     key = model_key(run_id, PORTABLE)

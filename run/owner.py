@@ -6,8 +6,7 @@ import socket
 
 
 def current_owner() -> str:
-    """Who is writing: the flow run this code runs in (the same across its retries and
-    reschedules), else this process."""
+    """The flow run (the same across its retries and reschedules), else this process."""
     from prefect.runtime import flow_run
 
     fid = flow_run.get_id()
@@ -15,8 +14,7 @@ def current_owner() -> str:
 
 
 def flow_run_is_over(owner: str) -> bool:
-    """True if `owner` is a flow run that Prefect knows has ended (Crashed, Failed,
-    Cancelled, Completed): whatever it held, it no longer writes. False if unknown."""
+    """True if `owner` is a flow run that Prefect knows has ended: it no longer writes."""
     import uuid
 
     from prefect import get_client

@@ -1,7 +1,5 @@
-"""The run's parameters: one pydantic model, the single source of defaults.
-
-The flow, the CLI flags and the Prefect UI form are all built from it. Every
-check here runs before any data is touched.
+"""The run's parameters: one pydantic model, the single source of defaults for the
+flows, the CLI flags and the Prefect UI form; every check runs before data is touched.
 """
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ class RunParams(BaseModel):
                                  "synthetic (at most 50,000, as CIFAR-10)")
     synthetic_test: int = Field(1000, ge=10, le=10_000, description="hold-out images generated for --dataset "
                                 "synthetic (at most 10,000, as CIFAR-10)")
-    # the choices go to the UI's form (a select) as a JSON schema enum; the validators below
-    # still give the message that lists them
+    # the enum makes the UI's form a select; the validators give the message that lists the choices
     model: str = Field("seed", description="model name from the registry",
                        json_schema_extra={"enum": sorted(MODELS)})
     variants: list[str] = Field(default_factory=lambda: list(DEFAULT_VARIANTS),
@@ -137,7 +134,7 @@ class RunParams(BaseModel):
     @field_validator("store")
     @classmethod
     def _store_form(cls, v: str) -> str:
-        normalize_uri(v)  # raises, saying what was expected
+        normalize_uri(v)
         return v
 
     @field_validator("variant_deployment")
@@ -164,10 +161,8 @@ class RunParams(BaseModel):
         return self
 
 
-# What only the parent run uses: where the data comes from (a child gets the prepared
-# copy's reference instead), which variants and how they are chosen, tested, promoted and
-# shown, and how the children are run. Every other field is a unit's setting and reaches
-# each child flow run as a parameter of the same name (UNIT_PARAMS).
+# What only the parent run uses (a child gets the prepared data's reference instead of
+# its source); every other field reaches each child flow run as a parameter (UNIT_PARAMS).
 RUN_ONLY = frozenset({
     "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
     "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
@@ -176,35 +171,30 @@ assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_f
 UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
 
 
-# The flows' parameters are typed from RunParams, so that the JSON schema Prefect builds
-# from a flow's signature (the UI's run form; with enforce_parameter_schema the server
-# refuses a deployment run that does not match it) carries RunParams' descriptions,
-# bounds and choices. Only the schema: Prefect's own check of a call stays a type check,
-# and RunParams, inside the flow, checks the values with messages that name what was found.
+# The flows' parameters carry RunParams' JSON schema, so the UI's form and the server's
+# check of a deployment run (enforce_parameter_schema) have its descriptions, bounds and
+# choices. Only the schema: RunParams, inside the flow, checks the values with messages
+# that name what was found.
 _SCHEMAS = RunParams.model_json_schema()["properties"]
 
 
 def form(name: str) -> Any:
-    """The annotation of the flow parameter `name`: RunParams' type, with RunParams' JSON
-    schema for it (minus title and default: Prefect sets those from the signature)."""
+    """RunParams' type and schema for flow parameter `name` (Prefect sets title and default)."""
     schema = {k: v for k, v in _SCHEMAS[name].items() if k not in ("title", "default")}
     return Annotated[RunParams.model_fields[name].annotation, WithJsonSchema(schema)]
 
 
 def signed(names: Iterable[str], *, first: dict[str, Any] | None = None,
            required: Iterable[str] = ()) -> Callable[[Callable], Callable]:
-    """Give the decorated flow function (`def f(**params)`) its parameters: `first` (name ->
-    annotation, required), then RunParams' fields `names` (`form(name)`, RunParams' default
-    unless `required`). Prefect builds the flow's parameter schema (the UI's form, the
-    server's check of a deployment run) from this signature, so a new RunParams field
-    appears in every flow signed with it and no flow lists its fields by hand. Keyword-only:
-    the function takes them as `**params`."""
+    """Give the decorated `def f(**params)` the keyword-only parameters `first` (name ->
+    annotation), then RunParams' fields `names` (with RunParams' default unless
+    `required`), so a new RunParams field reaches every flow signed with it."""
     first = dict(first or {})
     required = set(required)
     names = [n for n in names if n not in first]
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter(n, kw, annotation=a) for n, a in first.items()]
-    # Python's order: what has no default first, as a hand-written signature would have it
+    # Python's order: what has no default first
     params += [inspect.Parameter(n, kw, annotation=form(n)) for n in names if n in required]
     params += [inspect.Parameter(n, kw, annotation=form(n),
                                  default=RunParams.model_fields[n].get_default(call_default_factory=True))
@@ -219,9 +209,8 @@ def signed(names: Iterable[str], *, first: dict[str, Any] | None = None,
 
 
 def described(annotation: Any, description: str, **schema: Any) -> Any:
-    """The annotation of a flow parameter RunParams does not have, described the same way.
-    Not `Field(description=...)`: Prefect gives each parameter the description of its
-    docstring, None when it has none, which would replace one given in the annotation."""
+    """A flow parameter RunParams does not have, described the same way. Not
+    `Field(description=...)`: Prefect would replace it with the docstring's (None)."""
     return Annotated[annotation, WithJsonSchema({**TypeAdapter(annotation).json_schema(), "description": description,
                                                  **schema})]
 

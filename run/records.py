@@ -1,11 +1,6 @@
-"""The run's records, each with one job and one JSON form, each built in one place.
-
-DatasetRef is fetch-dataset's result. UnitResult is one seed of one variant (its
-`metrics.json`, written by training); VariantScore a variant over its repeats (built
-only by tasks/scoring.py `combine`); VariantComparison the selected variant against the
-runner-up; TestResult, with its ChampionComparison, the one reading of the test split;
-ChampionRecord what the registry keeps of a run. The manifest (tasks/publish.py) is made
-of their JSON forms."""
+"""The run's records, each with one JSON form and built in one place; the manifest
+(tasks/publish.py) is made of their JSON forms. A VariantScore is built only by
+tasks/scoring.py `combine`."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,22 +16,20 @@ METRICS = "metrics.json"
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetRef:
-    """fetch-dataset's result: where the run's prepared tensors are and what they must be.
-    `sha256` is derived from the verified archive, never read from the store: a child flow
-    run gets it as a parameter, and the store's copy is refused unless it matches. A child
-    knows only key, md5 and sha256; the rest describe the set for the manifest and the lanes."""
+    """fetch-dataset's result. `sha256` is derived from the verified archive, never read
+    from the store: a child flow run gets it as a parameter, and the store's copy is
+    refused unless it matches. A child knows only key, md5 and sha256."""
 
-    name: str | None = None  # cifar10 or synthetic
+    name: str | None = None
     source: str | None = None  # where the archive came from (URL, folder, s3:// mirror, generator)
     md5: str  # of the archive
-    key: str  # store key of the prepared copy, datasets/<name>/<md5>
+    key: str
     sha256: str  # of the prepared tensors
-    train: int | None = None  # images
-    holdout: int | None = None  # images, split into validation and test by the run's split_seed
+    train: int | None = None
+    holdout: int | None = None  # split into validation and test by the run's split_seed
     classes: list[str] | None = None
 
     def to_dict(self) -> dict:
-        """The manifest's `dataset`."""
         return dataclasses.asdict(self)
 
 
@@ -47,7 +40,6 @@ SELECTABLE = ("completed", "early_stopped")
 @dataclass
 class UnitResult:
     """One repeat (seed) of one variant, as training wrote it."""
-
     name: str
     status: str  # one of UNIT_STATUSES
     epochs_run: int | None = None
@@ -57,17 +49,16 @@ class UnitResult:
     seconds: float | None = None  # training time, all attempts together
     device: str | None = None
     error: str | None = None
-    weights_key: str | None = None  # store key of the best epoch's weights
-    config: dict | None = None  # the TrainConfig it trained with
+    weights_key: str | None = None  # the best epoch's
+    config: dict | None = None
     artifacts: dict[str, dict] = field(default_factory=dict)  # name -> {uri, sha256, bytes}
-    attempts: int = 1  # flow runs (or task runs) it took
-    flow_run_id: str | None = None  # the flow run that trained it
+    attempts: int = 1  # flow runs (or task runs)
+    flow_run_id: str | None = None
     seed: int | None = None
     predictions_key: str | None = None  # store key of the best epoch's val predictions, (N_val,) uint8
 
     @classmethod
     def failed(cls, name: str, error: str, **known) -> UnitResult:
-        """A unit that produced no model, saying why."""
         return cls(name=name, status="failed", error=error, **known)
 
     @property
@@ -86,30 +77,27 @@ class UnitResult:
 
     @classmethod
     def read(cls, store: Store, run_id: str, unit: Unit) -> UnitResult | None:
-        """The unit's record in the store (the one its lease names current), or None if it has not finished."""
+        """The unit's current record, or None if it has not finished."""
         key = stored_key(store, run_id, unit, METRICS)
         raw = None if key is None else store.read_versioned(key)[0]  # deleted by hand: the unit resumes
         return None if raw is None else cls.from_dict(_checked(raw, store.uri_for(key)))
 
     def summary(self) -> dict:
-        """What the live board and a child flow run show of it."""
         return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
                                                "val_accuracy", "seconds", "attempts", "error")}
 
     def repeat_summary(self) -> dict:
-        """This repeat's entry in its variant's `repeats`."""
         return {k: getattr(self, k) for k in ("seed", "status", "best_epoch", "val_loss", "val_accuracy", "seconds")}
 
 
 @dataclass(frozen=True)
 class VariantScore:
-    """A variant over its repeats: the mean and interval decide (selection), the best
-    repeat's model is the one tested. A variant with no selectable repeat has no mean and
-    carries the first repeat's failure."""
-
+    """A variant over its repeats: the mean and interval decide, the best repeat's model
+    is the one tested. With no selectable repeat it has no mean and carries the first
+    repeat's failure."""
     name: str
-    status: str  # the best repeat's (no selectable repeat: the first's)
-    repeats: list[dict]  # each repeat's UnitResult.repeat_summary(), in seed order
+    status: str
+    repeats: list[dict]  # UnitResult.repeat_summary(), in seed order
     epochs_run: int | None = None
     best_epoch: int | None = None
     val_loss: float | None = None
@@ -118,9 +106,8 @@ class VariantScore:
     attempts: int = 1
     error: str | None = None
     val_accuracy_mean: float | None = None  # over the selectable repeats
-    val_loss_mean: float | None = None  # over the selectable repeats: breaks ties of the mean accuracy
+    val_loss_mean: float | None = None  # breaks ties of the mean accuracy
     val_accuracy_ci: list[float] | None = None  # [low, high], 95%, over seeds and images
-    # the tested model: the best repeat's
     seed: int | None = None
     device: str | None = None
     config: dict | None = None
@@ -132,7 +119,6 @@ class VariantScore:
         return self.val_accuracy_mean is not None
 
     def summary(self) -> dict:
-        """The manifest's entry for the variant."""
         return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
                                                "val_accuracy", "seconds", "attempts", "error", "repeats",
                                                "val_accuracy_mean", "val_accuracy_ci", "val_loss_mean")}
@@ -140,8 +126,7 @@ class VariantScore:
 
 @dataclass(frozen=True)
 class VariantComparison:
-    """The selected variant minus the runner-up on the same validation images: the manifest's `comparison`."""
-
+    """The selected variant minus the runner-up on the same validation images."""
     selected: str
     runner_up: str
     difference: float
@@ -159,9 +144,7 @@ class VariantComparison:
 @dataclass(frozen=True)
 class ChampionComparison:
     """The new model minus the champion on the same test images, and whether that promotes
-    it: the manifest's `test.champion_comparison`. No numbers when the champion's model
-    could not be faced."""
-
+    it. No numbers when the champion's model could not be faced."""
     champion_run_id: str
     promoted: bool
     reason: str
@@ -177,8 +160,7 @@ class ChampionComparison:
 
 @dataclass(frozen=True)
 class TestResult:
-    """The selected model on the test split (model/metrics.json), the champion it faced
-    if any, and the model folder's stored files."""
+    """The selected model on the test split, and the champion it faced if any."""
 
     __test__ = False  # not a pytest test class, whatever its name
 
@@ -192,7 +174,6 @@ class TestResult:
     artifacts: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        """model/metrics.json."""
         d = {"variant": self.variant, "model": self.model, "n": self.n, "loss": self.loss, "accuracy": self.accuracy,
              "per_class": self.per_class}
         if self.champion_comparison is not None:
@@ -200,21 +181,18 @@ class TestResult:
         return d
 
     def summary(self) -> dict:
-        """The manifest's `test` (champion_comparison only when there was a champion)."""
         return {k: v for k, v in self.to_dict().items() if k not in ("variant", "model", "n")}
 
 
 @dataclass(frozen=True)
 class ChampionRecord:
-    """What champions/<identity>.json records of a run (registry/champions.py): its model,
-    its test metrics and the dataset identity they were measured on."""
-
+    """What the champion registry keeps of a run."""
     run_id: str
     model_uri: str
     manifest_uri: str
     variant: str
     model: str
-    test: dict  # the manifest's `test`
+    test: dict
     dataset_name: str
     dataset_md5: str
     split_seed: int
@@ -225,14 +203,13 @@ class ChampionRecord:
         return dataclasses.asdict(self)
 
 
-# a stored record's fields that the parent, scoring and selection compute with or read by
+# a stored record's fields that scoring and selection compute with
 _NUMBERS = ("epochs_run", "best_epoch", "val_loss", "val_accuracy", "seconds")
 _KEYS = ("weights_key", "predictions_key")
 
 
 def _checked(raw: bytes, uri: str) -> dict:
-    """The result record in `raw`, or a ValueError naming `uri`, what was expected and what
-    was found: a record is read from the store, where anyone with write access can plant one."""
+    """The result record in `raw`, checked: anyone with write access to the store can plant one."""
     expected = (f"expected a result record: a JSON object with a string name, a status among "
                 f"{', '.join(UNIT_STATUSES)}, "
                 f"numbers or null for {', '.join(_NUMBERS)} and strings or null for {', '.join(_KEYS)}")

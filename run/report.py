@@ -1,8 +1,6 @@
-"""The run's human-readable report: markdown tables and matplotlib figures.
-
-The figures go into the store beside report.md (linked relatively) and, inlined as
-data URIs, into the Prefect UI's markdown artifacts; so they are drawn small: few
-pixels (DPI) and a palette of few colours, a few tens of KB each.
+"""The run's report: markdown tables and matplotlib figures. The figures are also
+inlined as data URIs into the Prefect UI's artifacts, so they are drawn small (low DPI,
+a palette of few colours): a few tens of KB each.
 """
 from __future__ import annotations
 
@@ -20,14 +18,13 @@ from store.files import write_durably
 DPI = 80
 COLOURS = 64  # plots are a few flat colours and their antialiased edges
 
-# the run's figures, relative to its folder, and the title each has in the report
+# relative to the run's folder -> title in the report
 VARIANTS, CONFUSION = VARIANTS_PLOT, f"{MODEL}/{CONFUSION_PNG}"
 REPORT_IMAGES = {CURVES: "Validation curves", VARIANTS: "Validation accuracy by variant",
                  CONFUSION: "Confusion matrix (test)"}
 
 
 def save_png(fig: Figure, path: Path | None = None) -> bytes:
-    """`fig` as a small palette PNG: written to `path` if given, and returned."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     img = Image.open(buf).convert("RGB").quantize(colors=COLOURS, method=Image.Quantize.FASTOCTREE)
@@ -39,7 +36,6 @@ def save_png(fig: Figure, path: Path | None = None) -> bytes:
 
 
 def data_uri(png: bytes) -> str:
-    """A PNG as a `data:` URI: an image the UI shows with no file server behind it."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
@@ -62,14 +58,13 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -
 
 
 def _repeats(h: pd.DataFrame | list[pd.DataFrame]) -> list[pd.DataFrame]:
-    """A variant's histories (one per repeat); a single frame is one repeat."""
     return [f for f in ([h] if isinstance(h, pd.DataFrame) else list(h)) if len(f)]
 
 
 def draw_curves(histories: dict[str, pd.DataFrame | list[pd.DataFrame]], figsize=(11, 4)) -> Figure:
-    """Validation loss and accuracy per epoch, one line per variant: with several
-    repeats, their mean per epoch and a band from the lowest to the highest repeat
-    (a repeat that stopped early counts up to its last epoch)."""
+    """Validation loss and accuracy per epoch, one line per variant; with repeats, their
+    mean and a band from the lowest to the highest (an early-stopped repeat counts up
+    to its last epoch)."""
     fig = Figure(figsize=figsize)
     a, b = fig.subplots(1, 2)
     for name, h in histories.items():
@@ -93,15 +88,13 @@ def draw_curves(histories: dict[str, pd.DataFrame | list[pd.DataFrame]], figsize
 
 
 def plot_curves(histories: dict[str, pd.DataFrame | list[pd.DataFrame]], path: Path) -> Path:
-    """Validation loss and accuracy per epoch, one line (or mean and band) per variant."""
     save_png(draw_curves(histories), path)
     return path
 
 
 def plot_variants(variants: list[dict], selected: str | None, path: Path) -> Path:
-    """Each variant's validation accuracy as a dot with its 95% interval (the manifest's
-    `val_accuracy_mean` and `val_accuracy_ci` [low, high] where repeats gave them, else
-    the plain `val_accuracy`, a dot alone); the selected variant in red, named so."""
+    """Each variant's mean validation accuracy with its 95% interval where repeats gave
+    them (else its `val_accuracy` alone); the selected one in red."""
     shown = [v for v in variants if v.get("val_accuracy_mean", v.get("val_accuracy")) is not None]
     fig = Figure(figsize=(6.5, 1.0 + 0.35 * max(1, len(shown))))
     ax = fig.subplots()
@@ -124,10 +117,8 @@ def plot_variants(variants: list[dict], selected: str | None, path: Path) -> Pat
 
 
 def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
-    """One row per variant (the manifest's variant entries) for the UI's table artifact
-    and the report; `attempts` counts the flow or task runs a variant took. The mean
-    validation accuracy over its repeats and its 95% interval decide; the other numbers
-    are its best repeat's."""
+    """One row per variant for the UI's table and the report: the mean and interval
+    decide, the other numbers are the best repeat's."""
     def r(x, n=4):
         return None if x is None else round(x, n)
 
@@ -144,11 +135,9 @@ def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
 
 def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = None,
                     images: dict[str, str] | None = None) -> str:
-    """The report shown in the Prefect UI (presigned `links`, `images` inlined as data
-    URIs) and stored as report.md (`links` and `images` relative to the run's `folder`, a
-    store URI: nothing that expires or signs). `images` maps REPORT_IMAGES' names to
-    where each is shown from (default: the names themselves, relative); one left out is
-    not shown."""
+    """The report for the Prefect UI (presigned `links`, data-URI `images`) or for
+    report.md (relative ones: nothing that expires or signs). `images` maps
+    REPORT_IMAGES' names to where each is shown from; one left out is not shown."""
     images = {name: name for name in REPORT_IMAGES} if images is None else images
 
     def image(name: str) -> list[str]:
