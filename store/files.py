@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence, TypeVar
 
@@ -74,10 +74,8 @@ def open_dir(root: Path, parts: Sequence[str], what: str, create: bool = False,
     try:
         for i, part in enumerate(parts):
             if create:
-                try:
+                with suppress(FileExistsError):
                     os.mkdir(part, dir_fd=fd)
-                except FileExistsError:
-                    pass
             try:
                 nxt = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
@@ -149,10 +147,8 @@ def publish(dir_fd: int, name: str, write: Callable[[BinaryIO], T]) -> T:
         _commit(dir_fd, tmp, name)
         return result
     finally:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)  # only left when writing failed
-        except FileNotFoundError:
-            pass
 
 
 @contextmanager
@@ -167,10 +163,8 @@ def publishing(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield path.parent / tmp
         _commit(folder, tmp, path.name)
     finally:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=folder)
-        except FileNotFoundError:
-            pass
         os.close(folder)
 
 

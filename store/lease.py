@@ -158,8 +158,7 @@ class Lease:
         raise StoreError(f"{self.store.uri_for(self.key)} kept changing during {attempts} attempts to claim it")
 
     def _mine(self) -> tuple[dict, str]:
-        if self.lost is not None:
-            raise self.lost
+        self.check()
         cur, version, _ = read_record(self.store, self.key)
         if cur is None or cur.get("writer") != self.writer:
             self.lost = LeaseLost(f"{self.store.uri_for(self.key)}: taken over by "
@@ -207,6 +206,7 @@ class Lease:
         self._write(current)
 
     def check(self) -> None:
+        """LeaseLost once the background renewal found the lease taken over."""
         if self.lost is not None:
             raise self.lost
 

@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -88,11 +88,9 @@ class LocalStore(Store):
         with src:
             if limit is not None:
                 check_size(str(self._path(key)), os.fstat(src.fileno()).st_size, limit, "this download")
-            try:
+            with suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(src.fileno()), os.stat(path)):
                     return path  # already there: the store's own file
-            except FileNotFoundError:
-                pass
             with publishing(path) as tmp, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, _CHUNK)
         return path

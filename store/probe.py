@@ -47,6 +47,3 @@ def require_conditional_writes(store: Store, key: str) -> None:
             "PreconditionFailed, as AWS S3 does")
     with _lock:
         _honoured.add(seen)
-
-
-__all__ = ["require_conditional_writes"]
