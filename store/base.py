@@ -40,7 +40,8 @@ class StoreOutage(StoreError):
 
 
 class TooLarge(ValueError):
-    """Something another party wrote is larger than it can legitimately be: refused unread."""
+    """Something another party wrote is larger than it can legitimately be: refused unread.
+    `size`: in bytes, None where it was not known before reading."""
 
     def __init__(self, message: str, size: int | None = None):
         super().__init__(message)

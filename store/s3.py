@@ -131,9 +131,9 @@ class S3Store(Store):
 
     def _raise(self, err: Exception, action: str, key: str | None = None):
         if isinstance(err, S3UploadFailedError) and isinstance(err.__context__, Exception):
-            err = err.__context__
+            err = err.__context__  # boto3 wraps the ClientError of an upload
         if isinstance(err, RetriesExceededError):
-            err = err.last_exception
+            err = err.last_exception  # a download whose stream broke on every attempt
         failure = self._fail(err, action, key)
         code = getattr(err, "response", {}).get("Error", {}).get("Code") if isinstance(err, ClientError) else None
         if code in _AUTH_CODES or isinstance(err, (NoCredentialsError, PartialCredentialsError)):
