@@ -1,8 +1,5 @@
 """Object storage: `open_store("./artifacts")` or `open_store("s3://bucket/prefix")`.
-
-Store URIs are parsed and validated here only: `normalize_uri` is what parameter
-validation calls, `open_store` what everything else calls.
-"""
+Store URIs are parsed and validated here only."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +12,7 @@ from store.scrub import scrub
 
 
 def normalize_uri(uri: str) -> str:
-    """The canonical form of a store URI: `s3://bucket[/prefix]` without a trailing
-    slash, or an absolute local path. A ValueError says what was expected."""
+    """`s3://bucket[/prefix]` without a trailing slash, or an absolute local path."""
     if not isinstance(uri, str) or not uri.strip():
         raise ValueError(f"expected a local folder or s3://bucket/prefix, found {uri!r}")
     if uri.startswith("s3://"):
@@ -28,16 +24,14 @@ def normalize_uri(uri: str) -> str:
 
 
 def is_shared(uri: str) -> bool:
-    """Can a process on another machine (or in another working directory) reach this
-    store as written? An s3:// store, or an absolute local path (a shared or local disk)."""
+    """Can a process on another machine (or in another working directory) reach this store as written?"""
     return uri.startswith("s3://") or Path(uri).is_absolute()
 
 
 def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None = None) -> Store:
-    """The store for `uri`: a local folder, or `s3://bucket[/prefix]`. With `must_exist`,
-    a local folder that is not there is a FileNotFoundError (a bucket is checked at its
-    first request). With `outage_minutes`, every operation waits out an outage that long
-    (store/outage.py); without it, it fails at boto3's last retry."""
+    """With `must_exist`, a missing local folder is a FileNotFoundError (a bucket is checked at
+    its first request). With `outage_minutes`, every operation waits out an outage that long;
+    without it, it fails at boto3's last retry."""
     uri = normalize_uri(uri)
     if uri.startswith("s3://"):
         from store.s3 import S3Store  # boto3 only when S3 is used

@@ -1,8 +1,5 @@
 """The object-store interface: keys are '/'-separated paths under the store's root.
-
-Two implementations: `LocalStore` (a folder) and `S3Store` (a bucket/prefix
-through boto3). Tasks use a store; `cnn/` never sees one.
-"""
+Tasks use a store; `cnn/` never sees one."""
 from __future__ import annotations
 
 import hashlib
@@ -15,12 +12,11 @@ from typing import BinaryIO
 
 from store.scrub import scrub
 
-# a key part: a name made only of safe characters, so no run or variant name can
-# climb out of its prefix ('..', '/', '\\' and empty parts are rejected). Names are
-# checked with fullmatch: `$` with match would let a trailing newline through.
+# so no run or variant name can climb out of its prefix; fullmatch, because `$` with
+# match would let a trailing newline through
 _PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # newline, tab, ...: never part of a key
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class StoreError(RuntimeError):
@@ -32,40 +28,34 @@ class PreconditionFailed(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """The store did not answer, even after the client's retries: worth trying again later
-    (unlike a missing bucket or bad credentials, which fail at once)."""
+    """The store did not answer, even after the client's retries: worth trying again later."""
 
 
 class StoreUnreachable(StoreUnavailable):
-    """Nothing answered at all (connection refused or reset, a timeout, a name that does not
-    resolve), unlike a 5xx: from a store that never answered, a configuration error (store/outage.py)."""
+    """Nothing answered at all (refused, reset, timed out, no such name), unlike a 5xx."""
 
 
 class StoreOutage(StoreError):
-    """The store stayed unavailable for longer than the outage window (store/outage.py):
-    final, not retried again (the window was the retrying)."""
+    """The store stayed unavailable for longer than the outage window: final."""
 
 
 class TooLarge(ValueError):
     """Something another party wrote is larger than it can legitimately be: refused unread.
-    `size`: its size in bytes where it was known before reading, else None."""
+    `size`: in bytes, None where it was not known before reading."""
 
     def __init__(self, message: str, size: int | None = None):
         super().__init__(message)
         self.size = size
 
 
-# what `read_versioned` returns at most: champion documents, leases, records, the report's
-# images and predictions, all well under a few MB (a champion document grows ~4 KB per change)
+# documents are well under a few MB (a champion document grows ~4 KB per change)
 MAX_DOCUMENT_BYTES = 16 << 20
-# what a model file (weights, a checkpoint with its optimizer state, a portable model.pt2)
-# may be at most: the largest model's checkpoint is tens of MB
+# the largest model's checkpoint, optimizer state included, is tens of MB
 MAX_MODEL_BYTES = 1 << 30
 
 
 def json_object(raw: bytes, where: str, expected: str, error: type[Exception] = ValueError) -> dict:
-    """The JSON object in `raw` (a document another party may have written), or `error`
-    naming `where`, what was `expected` and what was found."""
+    """The JSON object in `raw`, or `error` naming `where`, what was `expected` and what was found."""
     try:
         value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -76,17 +66,14 @@ def json_object(raw: bytes, where: str, expected: str, error: type[Exception] = 
 
 
 def check_size(where: str, size: int | None, limit: int, what: str) -> None:
-    """Refuse `where` (a file, object or archive member) before reading it when its known
-    `size` is above `limit`, the most `what` can be."""
+    """Refuse `where` before reading it when its known `size` is above `limit`."""
     if size is not None and size > limit:
         raise TooLarge(f"{where}: {size:,} bytes, larger than {what} can be (limit {limit:,} bytes); refused", size)
 
 
 def read_at_most(f: BinaryIO, limit: int, where: str, what: str) -> bytes:
-    """The bounded reader: all of `f`, or a TooLarge naming `where` and `limit` once it
-    holds more than `limit` bytes. Every read of something another party wrote goes
-    through it, so a huge file, object or archive member is never held in memory: at most
-    `limit + 1` bytes are read (a size that lied, or changed since it was checked)."""
+    """Every read of something another party wrote goes through here, so a huge one is never
+    held in memory: at most `limit + 1` bytes are read, whatever size was claimed."""
     data = f.read(limit + 1)
     if len(data) > limit:
         raise TooLarge(f"{where}: larger than {what} can be (limit {limit:,} bytes); refused")
@@ -94,7 +81,6 @@ def read_at_most(f: BinaryIO, limit: int, where: str, what: str) -> bytes:
 
 
 def safe_name(value: str, what: str) -> str:
-    """`value` if it is a safe single key part, else a ValueError naming `what`."""
     if not isinstance(value, str) or not _PART.fullmatch(value) or ".." in value:
         raise ValueError(
             f"{what} {value!r} is not a valid name: expected letters, digits, '.', '_' or '-' "
@@ -104,7 +90,6 @@ def safe_name(value: str, what: str) -> str:
 
 
 def join_key(*parts: str) -> str:
-    """Join already-validated key parts; refuses anything that could escape."""
     for p in parts:
         for piece in p.split("/"):
             if piece in ("", ".", "..") or "\\" in piece or _CONTROL.search(piece):
@@ -113,16 +98,15 @@ def join_key(*parts: str) -> str:
 
 
 def parse_uri(uri: str) -> tuple[str, str]:
-    """('bucket', 'prefix') of 's3://bucket[/prefix]'; the prefix's parts must be safe."""
     if not uri.startswith("s3://"):
         raise ValueError(f"{scrub(repr(uri))}: expected s3://bucket/prefix")
     bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not _BUCKET.fullmatch(bucket) or ".." in bucket:  # s3://key:secret@bucket too: shown scrubbed
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
         raise ValueError(f"{scrub(repr(uri))}: {scrub(repr(bucket))} is not a valid S3 bucket name "
                          "(3-63 lowercase letters, digits, '.' or '-')")
     prefix = prefix.strip("/")
     if prefix:
-        try:  # no '..' or empty parts: the store cannot start outside its own prefix
+        try:
             join_key(prefix)
         except ValueError as e:
             raise ValueError(f"{scrub(repr(uri))}: {e}") from None
@@ -139,16 +123,15 @@ def sha256_of(path: Path) -> str:
 
 
 class Store(ABC):
-    uri: str  # e.g. "/abs/path/artifacts" or "s3://bucket/prefix"
+    uri: str
 
     @abstractmethod
     def put_file(self, key: str, path: Path) -> dict:
-        """Upload a local file; returns {"uri", "sha256", "bytes"}. Atomic per object."""
+        """Returns {"uri", "sha256", "bytes"}. Atomic per object."""
 
     @abstractmethod
     def get_file(self, key: str, path: Path, limit: int | None = None) -> Path:
-        """Download `key` to `path` (FileNotFoundError if absent); with `limit`, an object
-        larger than `limit` bytes is refused (TooLarge) before it is downloaded."""
+        """FileNotFoundError if absent; an object over `limit` bytes is refused before it is downloaded."""
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -159,31 +142,27 @@ class Store(ABC):
 
     @abstractmethod
     def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
-        """(content, version tag) of `key`, or (None, None) if absent; an object larger
-        than `limit` bytes is refused (TooLarge, naming it) without being read whole."""
+        """(content, version tag), or (None, None) if absent."""
 
     @abstractmethod
     def read_stamped(self, key: str, limit: int) -> tuple[bytes | None, str | None, float | None]:
-        """(content, version tag, age) of a small object another party may have written, or
-        (None, None, None) if absent. `age`: seconds since the store last wrote it, by the
-        store's own clock (never a writer's); a StoreError naming it if it is over `limit`."""
+        """(content, version tag, age) or Nones if absent. `age`: seconds since the store last
+        wrote it, by the store's own clock, never a writer's."""
 
     @abstractmethod
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
-        """Write `data` only if `key` is still at `version` (None: only if absent);
-        raises PreconditionFailed otherwise."""
+        """Write only if `key` is still at `version` (None: only if absent), else PreconditionFailed."""
 
     @abstractmethod
     def uri_for(self, key: str) -> str: ...
 
     @abstractmethod
     def link_for(self, key: str, expires_s: int = 7 * 24 * 3600) -> str:
-        """A link a person can open (file:// path, or a presigned HTTPS URL)."""
+        """A link a person can open."""
 
-    # helpers shared by both implementations
     def put_bytes(self, key: str, data: bytes, tmp_dir: Path) -> dict:
         tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"{key.replace('/', '__')}.{uuid.uuid4().hex}.upload"  # unique per writer
+        tmp = tmp_dir / f"{key.replace('/', '__')}.{uuid.uuid4().hex}.upload"
         tmp.write_bytes(data)
         try:
             return self.put_file(key, tmp)

@@ -1,20 +1,13 @@
-"""Local files: one resolver that keeps a path under its root, one way to publish a file.
+"""Local files for the local store, the run's caches and cnn/ (so no Store here).
 
-Used by the local store, the run's caches and every file cnn/ publishes, so that:
-
-- a symlink planted in a store or cache folder (a folder or a file that points
-  elsewhere) never leads a read, a write, a listing or a lock out of it: no symlink
-  below a root is followed, and one met on the way is refused, naming the path, the
-  link and where it points;
-- a file is published whole or not at all, even across a power loss: written to a
-  temporary file beside it, fsynced, renamed over it, and the folder fsynced (the
-  rename is only durable once the folder is).
-
-Folders are opened one at a time, each relative to the one above and with
-O_NOFOLLOW; the local store works through the descriptors it opened, so a symlink
-swapped in after the check is not followed either. `beneath` checks a path that is
-handed on to other code (torch, safetensors, pandas): a folder swapped for a link
-between that check and the use is still followed. No Store here: cnn/ uses it too.
+- A symlink planted in a store or cache folder never leads a read, write, listing or
+  lock out of it: no symlink below a root is followed; one met is refused, naming it.
+  Folders are opened one at a time with O_NOFOLLOW, relative to the one above, so a
+  link swapped in after a check is not followed either; only `beneath`, for paths
+  handed on to torch or pandas, can be raced.
+- A file is published whole or not at all, even across a power loss: written beside
+  it, fsynced, renamed over it, and the folder fsynced (the rename is only durable
+  once the folder is).
 """
 from __future__ import annotations
 
@@ -22,7 +15,7 @@ import errno
 import os
 import stat
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence, TypeVar
 
@@ -33,7 +26,7 @@ _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnsafePath(ValueError):
-    """A path under a root goes through a symlink: refused, never retried (bad input)."""
+    """A path under a root goes through a symlink: bad input, never retried."""
 
 
 def _is_link(dir_fd: int, name: str) -> bool:
@@ -44,8 +37,6 @@ def _is_link(dir_fd: int, name: str) -> bool:
 
 
 def _refused(root: Path, parts: Sequence[str], i: int, what: str) -> UnsafePath:
-    """The error for the symlink `parts[i]` on the way to root/parts: where the path
-    leads, and which link points where."""
     path, link = root.joinpath(*parts), root.joinpath(*parts[: i + 1])
     try:
         target = os.readlink(link)
@@ -59,8 +50,7 @@ def _refused(root: Path, parts: Sequence[str], i: int, what: str) -> UnsafePath:
 
 
 def _split(root: Path, path: str | Path, what: str) -> list[str]:
-    """The parts of `path` (relative to `root`, or absolute under it, as given or
-    resolved) below `root`."""
+    """The parts of `path` below `root` (`path` relative to it, or absolute under it, as given or resolved)."""
     path = Path(path)
     if path.is_absolute():
         under = next((r for r in (Path(root), Path(root).resolve()) if path.is_relative_to(r)), None)
@@ -75,10 +65,8 @@ def _split(root: Path, path: str | Path, what: str) -> list[str]:
 
 def open_dir(root: Path, parts: Sequence[str], what: str, create: bool = False,
              whole: Sequence[str] | None = None) -> int:
-    """A descriptor of the folder root/parts, opened without following any symlink below
-    `root` (refused as UnsafePath naming `what` and the path root/`whole`, which
-    parts begin); created if `create`. FileNotFoundError or NotADirectoryError if
-    absent. The caller closes it."""
+    """A descriptor of the folder root/parts, for the caller to close; created if `create`.
+    A refusal names root/`whole`, the path that `parts` begin."""
     root = Path(root)
     if create:
         root.mkdir(parents=True, exist_ok=True)
@@ -86,10 +74,8 @@ def open_dir(root: Path, parts: Sequence[str], what: str, create: bool = False,
     try:
         for i, part in enumerate(parts):
             if create:
-                try:
+                with suppress(FileExistsError):
                     os.mkdir(part, dir_fd=fd)
-                except FileExistsError:
-                    pass
             try:
                 nxt = os.open(part, _DIR | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
@@ -105,15 +91,12 @@ def open_dir(root: Path, parts: Sequence[str], what: str, create: bool = False,
 
 
 def no_link(dir_fd: int, root: Path, parts: Sequence[str], what: str) -> None:
-    """Refuse if the last of `parts` (in the folder `dir_fd`) is a symlink."""
     if parts and _is_link(dir_fd, parts[-1]):
         raise _refused(Path(root), parts, len(parts) - 1, what)
 
 
 def open_file(dir_fd: int, root: Path, parts: Sequence[str], what: str, flags: int = os.O_RDONLY,
               mode: int = 0o666) -> int:
-    """A descriptor of the file parts[-1] in the folder `dir_fd` (root/parts[:-1]),
-    never through a symlink (refused naming `what`)."""
     try:
         return os.open(parts[-1], flags | _NOFOLLOW, mode, dir_fd=dir_fd)
     except OSError as e:
@@ -123,10 +106,7 @@ def open_file(dir_fd: int, root: Path, parts: Sequence[str], what: str, flags: i
 
 
 def beneath(root: Path, path: str | Path, what: str) -> Path:
-    """`path` (under `root`, or relative to it) as an absolute path, if no symlink below
-    `root` is on its way; else an UnsafePath naming `what`, the link and where it points.
-    For code that must hand a path on (torch, pandas): checked now, so a link planted
-    before the run is refused; one swapped in between check and use is not."""
+    """`path` as an absolute path, if no symlink below `root` is on its way."""
     parts = _split(root, path, what)
     root = Path(root).resolve()
     if not parts:
@@ -143,25 +123,22 @@ def beneath(root: Path, path: str | Path, what: str) -> Path:
 
 
 def _commit(dir_fd: int, tmp: str, name: str) -> None:
-    """Make the finished temporary file `tmp` the file `name`, durably."""
     fd = os.open(tmp, os.O_RDONLY | _NOFOLLOW, dir_fd=dir_fd)
     try:
         os.fsync(fd)  # its bytes on disk before the name points at them
     finally:
         os.close(fd)
     os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # a link at `name` is replaced, not followed
-    os.fsync(dir_fd)  # the rename itself on disk
+    os.fsync(dir_fd)
 
 
 def _temp_name(name: str, suffix: str = "") -> str:
-    # unique per writer (two writers of one file never share one); the leading dot keeps
-    # it out of listings and globs while it is incomplete
+    # the leading dot keeps it out of listings and globs while it is incomplete
     return f".{name}.{uuid.uuid4().hex}.tmp{suffix}"
 
 
 def publish(dir_fd: int, name: str, write: Callable[[BinaryIO], T]) -> T:
-    """Write the file `name` in the folder `dir_fd` through `write(file)`, atomically and
-    durably: readers see the old file or the new one, never part of one."""
+    """Write the file `name` in the folder `dir_fd` through `write(file)`, atomically and durably."""
     tmp = _temp_name(name)
     try:
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=dir_fd),
@@ -170,18 +147,14 @@ def publish(dir_fd: int, name: str, write: Callable[[BinaryIO], T]) -> T:
         _commit(dir_fd, tmp, name)
         return result
     finally:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)  # only left when writing failed
-        except FileNotFoundError:
-            pass
 
 
 @contextmanager
 def publishing(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside `path` to write (for writers that want a path: torch,
-    safetensors, pandas); on a clean exit it becomes `path` atomically and durably, on
-    an error it is deleted and `path` is left as it was. `suffix` ends the temporary
-    name (torch.export wants .pt2)."""
+    """A temporary path beside `path` for writers that want a path; on a clean exit it becomes
+    `path` atomically and durably. `suffix` ends the temporary name (torch.export wants .pt2)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     folder = os.open(path.parent, _DIR)
@@ -190,15 +163,12 @@ def publishing(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield path.parent / tmp
         _commit(folder, tmp, path.name)
     finally:
-        try:
+        with suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=folder)
-        except FileNotFoundError:
-            pass
         os.close(folder)
 
 
 def write_durably(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically and durably (see `publishing`)."""
     with publishing(path) as tmp:
         tmp.write_bytes(data)
     return Path(path)

@@ -1,18 +1,13 @@
 """One writer per unit of work: a lease object in the store that fences every write it guards.
 
-The lease names its owner (the flow run that trains the unit), a writer id unique to
-this claim and a generation (the fencing token: one more than the previous claim's),
-and expires unless renewed. A second writer takes over a lease that expired by the
-store's clock, that its own flow run held (a retried or rescheduled flow run is the
-same owner), or whose owner is known to be over (`owner_is_gone`, e.g. the flow run
-is Crashed); otherwise it stops with `LeaseHeld`, naming the owner.
+The lease names its owner (the flow run), a writer id unique to this claim and a
+generation (the fencing token). Another writer takes it over only once it expired by
+the store's clock, or its owner is the same flow run (retried) or known to be over.
 
-The lease is also the unit's pointer to its current files (`current`). A writer never
-overwrites them: `publish` uploads new objects under `gen-<generation>/` (two slots,
-`a` and `b`, so a file's committed copy is never the one being replaced), then makes
-them current with one conditional write of the lease, refused once another writer has
-claimed it. A writer that lost its lease therefore changes nothing that is current: its
-uploads land beside the current files, and its commit fails with `LeaseLost`.
+The lease is also the unit's pointer to its current files. A writer never overwrites
+them: it uploads new objects under `gen-<generation>/{a,b}/` (the slot its committed
+copy is not in), then makes them current with one conditional write of the lease. A
+writer that lost its lease so changes nothing that is current.
 """
 from __future__ import annotations
 
@@ -33,11 +28,11 @@ from store.outage import Outage
 
 log = logging.getLogger(__name__)
 
-MAX_BYTES = 64 * 1024  # a lease record is a few hundred bytes; a bigger one is not read
+MAX_BYTES = 64 * 1024  # a lease record is a few hundred bytes
 
 
 class LeaseHeld(StoreError):
-    """Another live writer holds the lease."""
+    pass
 
 
 class LeaseLost(StoreError):
@@ -45,25 +40,23 @@ class LeaseLost(StoreError):
 
 
 class BadLease(StoreError):
-    """A lease record that is not one: refused, naming it."""
+    pass
 
 
 def _iso(t: float) -> str:
     try:
         return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
-    except (OverflowError, ValueError, OSError):  # a planted time no calendar holds: shown as it is
+    except (OverflowError, ValueError, OSError):
         return f"{t!r} (not a date)"
 
 
-# the record's fields and their types; `generation`, `ttl_s` and `current` are absent in a
-# record written before writes were fenced (the unit's files then sit at their plain keys)
+# `generation`, `ttl_s` and `current` are absent in a record written before writes were fenced
 _FIELDS = {"owner": str, "writer": str, "released": bool, "generation": int, "ttl_s": (int, float),
            "expires_at": (int, float), "current": (dict, type(None))}
 _REQUIRED = ("owner", "writer")
 
 
 def _parse(raw: bytes, uri: str, folder: str) -> dict:
-    """The lease record in `raw`, checked field by field; BadLease naming `uri` otherwise."""
     expected = ("expected a lease record: a JSON object with string owner and writer, boolean released, "
                 "integer generation, finite numbers ttl_s and expires_at, and current (null, or an object whose "
                 f"files name keys under {folder}/gen-<n>/)")
@@ -85,10 +78,10 @@ def _parse(raw: bytes, uri: str, folder: str) -> dict:
 
 
 def _finite(x: int | float) -> bool:
-    """Usable as seconds: json reads NaN, Infinity and integers of any length as numbers."""
+    """json reads NaN, Infinity and integers of any length as numbers."""
     try:
         return math.isfinite(x)
-    except OverflowError:  # an int too large for a float
+    except OverflowError:
         return False
 
 
@@ -101,7 +94,6 @@ def _inside(key: str, folder: str) -> bool:
 
 
 def read_record(store: Store, key: str) -> tuple[dict | None, str | None, float | None]:
-    """(record, version, age by the store's clock) of the lease at `key`, or Nones if there is none."""
     raw, version, age = store.read_stamped(key, MAX_BYTES)
     if raw is None:
         return None, None, None
@@ -109,9 +101,8 @@ def read_record(store: Store, key: str) -> tuple[dict | None, str | None, float 
 
 
 def committed(store: Store, key: str) -> dict | None:
-    """The unit's current files and facts, {"generation", "files": {name: {key, uri, sha256, bytes}},
-    "unit"}, as the lease at `key` names them; None where no fenced writer ever committed
-    (a unit not started, or one written before writes were fenced: its files sit at plain keys)."""
+    """{"generation", "files": {name: {key, uri, sha256, bytes}}, "unit"}; None where no fenced
+    writer ever committed (then the unit's files, if any, sit at plain keys)."""
     rec, _, _ = read_record(store, key)
     return None if rec is None else rec.get("current")
 
@@ -120,13 +111,13 @@ class Lease:
     def __init__(self, store: Store, key: str, owner: str, ttl_s: float = 300,
                  owner_is_gone: Callable[[str], bool] | None = None, outage: Outage | None = None):
         self.store, self.key, self.owner, self.ttl_s = store, key, owner, ttl_s
-        self.folder = key.rpartition("/")[0]  # the unit's folder: generations go below it
+        self.folder = key.rpartition("/")[0]
         # the claim waits out a store outage; renewals fail fast (their callers try again)
         self.outage = outage
         self.owner_is_gone = owner_is_gone or (lambda owner: False)
-        self.writer = uuid.uuid4().hex  # this claim; a re-execution of the same owner gets a new one
-        self.generation = 0  # set by the claim
-        self.current: dict | None = None  # the files the store's record names, as last read or written
+        self.writer = uuid.uuid4().hex
+        self.generation = 0
+        self.current: dict | None = None
         self.lost: StoreError | None = None
         self._writing = threading.RLock()  # the heartbeat and the uploads read-modify-write one record
         self._stop = threading.Event()
@@ -140,9 +131,6 @@ class Lease:
                            "expires_at": now if released else now + self.ttl_s, "ttl_s": self.ttl_s,
                            "released": released, "current": self.current}).encode()
 
-    def _read(self) -> tuple[dict | None, str | None, float | None]:
-        return read_record(self.store, self.key)
-
     def describe(self, cur: dict) -> str:
         return (f"flow run {cur.get('owner')} (on {cur.get('host')}, pid {cur.get('pid')}, "
                 f"lease until {_iso(float(cur.get('expires_at', 0)))})")
@@ -154,79 +142,71 @@ class Lease:
                 or self.owner_is_gone(str(cur.get("owner"))))
 
     def claim(self, attempts: int = 10) -> dict | None:
-        """Hold the lease with the next generation, or raise LeaseHeld naming its holder;
-        returns the previous holder's record (None if there was none)."""
+        """Hold the lease with the next generation; returns the previous holder's record, if any."""
         for _ in range(attempts):
-            cur, version, age = self._read()
+            cur, version, age = read_record(self.store, self.key)
             if cur is not None and not self._may_take(cur, age):
                 raise LeaseHeld(f"{self.store.uri_for(self.key)}: this unit is being trained by {self.describe(cur)}; "
                                 "not training it twice. Wait for it, or cancel that flow run")
             self.generation = (cur or {}).get("generation", 0) + 1
-            self.current = (cur or {}).get("current")  # still the previous writer's files
+            self.current = (cur or {}).get("current")
             try:
                 self.store.write_if(self.key, self._record(), version)
                 return cur
             except PreconditionFailed:
-                continue  # another writer moved first: look again
+                continue
         raise StoreError(f"{self.store.uri_for(self.key)} kept changing during {attempts} attempts to claim it")
 
     def _mine(self) -> tuple[dict, str]:
-        """The store's record and version, if this writer still holds it; else LeaseLost."""
-        if self.lost is not None:
-            raise self.lost
-        cur, version, _ = self._read()
+        self.check()
+        cur, version, _ = read_record(self.store, self.key)
         if cur is None or cur.get("writer") != self.writer:
             self.lost = LeaseLost(f"{self.store.uri_for(self.key)}: taken over by "
                                   f"{self.describe(cur) if cur else 'nobody (the lease is gone)'}; this writer stops")
             raise self.lost
         return cur, version
 
-    def renew(self, released: bool = False) -> None:
-        """Extend the lease (or give it up); LeaseLost if another writer holds it now."""
+    def _write(self, current: Callable[[dict], dict | None], released: bool = False) -> None:
+        """Rewrite the record this writer holds, its `current` computed from the store's."""
         with self._writing:
             while True:
                 cur, version = self._mine()
-                self.current = cur.get("current")
+                self.current = current(cur)
                 try:
                     self.store.write_if(self.key, self._record(released), version)
                     return
                 except PreconditionFailed:
-                    continue  # changed between read and write: read again
+                    continue
+
+    def renew(self, released: bool = False) -> None:
+        self._write(lambda cur: cur.get("current"), released)
 
     def publish(self, files: dict[str, Path], unit: dict | None = None) -> dict[str, dict]:
-        """Upload `files` (name -> local path) as new objects of this generation, then make them
-        current (with `unit`, the facts that identify what is trained) by one conditional write
-        of the lease; LeaseLost, nothing current changed, if another writer claimed it since.
-        Returns each name's {key, uri, sha256, bytes}."""
+        """Upload `files` (name -> local path) and make them current, with `unit` (the facts that
+        identify what is trained); returns each name's {key, uri, sha256, bytes}."""
         self.renew()  # LeaseLost before uploading, and the record as the store holds it now
         stored = {}
         for name, path in files.items():
-            key = self._next_key(name)  # only this writer changes its generation's files in the record
+            key = self._next_key(name)
             stored[name] = {"key": key, **self.store.put_file(key, path)}
         self._commit(stored, unit)
         return stored
 
     def _next_key(self, name: str) -> str:
-        """Where this generation writes `name` next: the slot its committed copy is not in."""
         a, b = (join_key(self.folder, f"gen-{self.generation}", slot, name) for slot in ("a", "b"))
         now = ((self.current or {}).get("files") or {}).get(name, {}).get("key")
         return b if now == a else a
 
     def _commit(self, stored: dict[str, dict], unit: dict | None) -> None:
-        with self._writing:
-            while True:
-                cur, version = self._mine()  # LeaseLost once another writer claimed it
-                before = cur.get("current") or {}
-                self.current = {"generation": self.generation, "files": {**before.get("files", {}), **stored},
-                                "unit": unit if unit is not None else before.get("unit")}
-                try:
-                    self.store.write_if(self.key, self._record(), version)
-                    return
-                except PreconditionFailed:
-                    continue  # changed between read and write: read again
+        def current(cur: dict) -> dict:
+            before = cur.get("current") or {}
+            return {"generation": self.generation, "files": {**before.get("files", {}), **stored},
+                    "unit": unit if unit is not None else before.get("unit")}
+
+        self._write(current)
 
     def check(self) -> None:
-        """Raise LeaseLost if the background renewal found the lease taken over."""
+        """LeaseLost once the background renewal found the lease taken over."""
         if self.lost is not None:
             raise self.lost
 

@@ -1,5 +1,4 @@
-"""A store in a local folder. Every key is reached through store/files.py: no symlink
-below the root is followed, and every file is published whole and durably."""
+"""A store in a local folder; every key is reached through store/files.py."""
 from __future__ import annotations
 
 import fcntl
@@ -8,7 +7,7 @@ import os
 import shutil
 import stat
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -27,18 +26,16 @@ class LocalStore(Store):
         return self.root / join_key(key)
 
     def path_of(self, key: str) -> Path:
-        """The local path of `key` (a file or a folder), for code that reads by path;
-        refused if a symlink below the root is on its way."""
+        """The local path of `key` (a file or a folder), for code that reads by path."""
         return beneath(self.root, join_key(key), key)
 
     @contextmanager
     def _folder(self, key: str, create: bool = False) -> Iterator[tuple[int, list[str]]]:
-        """(descriptor of the key's folder, the key's parts); FileNotFoundError if absent."""
         parts = join_key(key).split("/")
         try:
             fd = open_dir(self.root, parts[:-1], key, create, whole=parts)
         except NotADirectoryError:
-            if create:  # a file where a folder must go: nothing to write into
+            if create:
                 raise
             raise FileNotFoundError(f"{self._path(key)}: not in the store") from None
         try:
@@ -48,7 +45,6 @@ class LocalStore(Store):
             os.close(fd)
 
     def _open(self, fd: int, parts: list[str], key: str):
-        """The file `key` opened for reading, or None if it is not a file in the store."""
         try:
             f = os.fdopen(open_file(fd, self.root, parts, key), "rb")
         except (FileNotFoundError, NotADirectoryError):
@@ -59,7 +55,6 @@ class LocalStore(Store):
         return f
 
     def _open_key(self, key: str):
-        """The file `key` opened for reading (no link followed on the way), or None if absent."""
         try:
             with self._folder(key) as (fd, parts):
                 return self._open(fd, parts, key)
@@ -93,11 +88,9 @@ class LocalStore(Store):
         with src:
             if limit is not None:
                 check_size(str(self._path(key)), os.fstat(src.fileno()).st_size, limit, "this download")
-            try:
+            with suppress(FileNotFoundError):
                 if os.path.samestat(os.fstat(src.fileno()), os.stat(path)):
                     return path  # already there: the store's own file
-            except FileNotFoundError:
-                pass
             with publishing(path) as tmp, open(tmp, "wb") as out:
                 shutil.copyfileobj(src, out, _CHUNK)
         return path
@@ -117,12 +110,11 @@ class LocalStore(Store):
             return []
         keys = []
         try:
-            # fwalk follows no symlink: a linked folder is not entered, a linked file not listed
-            for folder, _, files, dir_fd in os.fwalk(".", dir_fd=fd):
+            for folder, _, files, dir_fd in os.fwalk(".", dir_fd=fd):  # follows no symlink
                 for name in files:
                     try:
                         regular = stat.S_ISREG(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
-                    except FileNotFoundError:  # deleted meanwhile
+                    except FileNotFoundError:
                         continue
                     if regular and not name.startswith("."):
                         keys.append("/".join([*parts, *Path(folder).parts, name]))
@@ -157,7 +149,7 @@ class LocalStore(Store):
             if st.st_size > limit:
                 raise too_big(self.uri_for(key), limit, st.st_size)
             data = f.read(limit + 1)
-        if len(data) > limit:  # grew since the stat
+        if len(data) > limit:
             raise too_big(self.uri_for(key), limit, len(data))
         # the file system stamped the mtime when the file was renamed into place; on a
         # shared disk that is its server's clock, as it is for every reader
@@ -175,7 +167,6 @@ class LocalStore(Store):
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
         with self._folder(key, create=True) as (fd, parts), self._lock(fd, parts, key):
-            # compare-and-swap across processes on this machine
             _, current = self._read(fd, parts, key)
             if current != version:
                 raise PreconditionFailed(f"{self.uri_for(key)} changed since it was read")

@@ -1,21 +1,16 @@
 """Waiting out a store outage: what failed with StoreUnavailable is tried again, with
-backoff, until the store has been unreachable for longer than a window.
+backoff, until the store has been unreachable for longer than `store_outage_minutes`.
 
-A MinIO pod restarting or a load balancer failing over drops connections for
-seconds to minutes, longer than botocore's own retries; an hour of training must
-not be lost to that, so everything that writes a run waits up to
-`store_outage_minutes` and only then gives up, naming the endpoint and how long.
+A MinIO pod restarting or a load balancer failing over drops connections for longer
+than botocore's retries; an hour of training must not be lost to that.
 
-One `Outage` per store is shared by every caller (the training thread, the
-background uploader, the lease): the clock starts when the first failed call was
-started (a hung endpoint is noticed only when its request times out) and stops at
-the first call that succeeds.
+One `Outage` per store is shared by every caller (training, uploader, lease): the clock
+starts when the first failed call was started (a hung endpoint is noticed only when its
+request times out) and stops at the first success.
 
-Only a store that has answered in this process is waited for. One that never
-answered and cannot be reached is a configuration error (a typo in
-AWS_ENDPOINT_URL, a port where nothing listens), not an outage: it fails after the
-client's own retries instead of costing the whole window. What answered is
-remembered per endpoint, not per store object (every task opens its own).
+Only a store that has answered in this process is waited for: one never reached is a
+configuration error (a typo in AWS_ENDPOINT_URL), not worth the whole window. What
+answered is remembered per endpoint, not per store object (every task opens its own).
 """
 from __future__ import annotations
 
@@ -31,26 +26,23 @@ from store.scrub import scrub
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FIRST_DELAY_S = 0.5  # doubled after each failure up to MAX_DELAY_S,
+FIRST_DELAY_S = 0.5
 MAX_DELAY_S = 10.0  # so a store that is back is used again within seconds
 
 
-_answered: set[str] = set()  # every `where` that has answered in this process
+_answered: set[str] = set()
 _answered_lock = threading.Lock()
 
 
 class Outage:
-    """How long `where` has been unreachable, and the window after which to give up."""
-
     def __init__(self, window_s: float, where: str):
         if window_s < 0:
             raise ValueError(f"store_outage_minutes: expected 0 or more, found {window_s / 60:g}")
         self.window_s, self.where = window_s, scrub(where)
-        self._since: float | None = None  # monotonic start of the first failed call of this outage
+        self._since: float | None = None
         self._lock = threading.Lock()
 
     def answered(self) -> None:
-        """The store answered (a success, a refusal, a 5xx): from now on it is waited for."""
         with _answered_lock:
             _answered.add(self.where)
 
@@ -64,15 +56,13 @@ class Outage:
             self._since = None
 
     def failed(self, started: float, err: StoreUnavailable | None = None) -> float:
-        """Record a call started at `started` (time.monotonic()) that failed with `err`; seconds
-        unreachable. A store that never answered and cannot be reached (StoreUnreachable) is
-        not waited for: the StoreError raised says to check its configuration. (Without `err`,
-        as from the background uploader, which starts only after the lease's claim has been
-        answered, the failure is just counted.)"""
+        """Seconds unreachable, counting a call started at `started` (monotonic) that failed.
+        Without `err` (the uploader, which starts only after the lease's claim was answered)
+        the failure is only counted."""
         if isinstance(err, StoreUnreachable) and not self.ever_answered():
             raise self.misconfigured(err) from err
         if err is not None and not isinstance(err, StoreUnreachable):
-            self.answered()  # a 5xx: something is there, and it is having a bad time
+            self.answered()  # a 5xx
         with self._lock:
             if self._since is None or started < self._since:
                 self._since = started
@@ -89,7 +79,6 @@ class Outage:
             return 0.0 if self._since is None else time.monotonic() - self._since
 
     def over(self) -> bool:
-        """True once the store has been unreachable for longer than the window."""
         with self._lock:
             return self._since is not None and time.monotonic() - self._since >= self.window_s
 
@@ -99,7 +88,6 @@ class Outage:
                                  f"Last error: {last}"))
 
     def call(self, fn: Callable[..., T], *args, **kw) -> T:
-        """`fn(*args, **kw)`, tried again while it raises StoreUnavailable and the window lasts."""
         delay = FIRST_DELAY_S
         while True:
             started = time.monotonic()
@@ -115,7 +103,7 @@ class Outage:
                 time.sleep(wait)
                 delay = min(2 * delay, MAX_DELAY_S)
                 continue
-            except StoreError:  # refused (a lost conditional write, access denied): it answered
+            except StoreError:  # refused: it answered
                 self.answered()
                 raise
             self.succeeded()
@@ -123,8 +111,7 @@ class Outage:
 
 
 class PatientStore(Store):
-    """A store whose every operation waits out an outage (`Outage.call`); anything else
-    (an attribute such as `endpoint` or `client`) is the wrapped store's."""
+    """A store whose every operation waits out an outage; other attributes are the wrapped store's."""
 
     def __init__(self, inner: Store, outage: Outage):
         self.inner, self.outage, self.uri = inner, outage, inner.uri

@@ -1,18 +1,13 @@
 """A store in an S3 bucket (AWS S3, MinIO, Ceph, R2, ...) through boto3.
 
-Configuration is the AWS way and nothing else: credentials come from boto3's
-standard chain (environment, profile, SSO, instance or task role) and the
-endpoint of an S3-compatible store from AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3,
-which boto3 reads itself. No credential is ever passed in, stored or printed: an
-endpoint's `user:password@` is dropped before boto3 uses it (S3 signs requests with
-the access key; the userinfo would only reach errors and presigned links), and every
-message shows the endpoint scrubbed (store/scrub.py).
+Configuration is the AWS way and nothing else: boto3's credential chain, and
+AWS_ENDPOINT_URL(_S3) for an S3-compatible store. No credential is ever passed in,
+stored or printed: an endpoint's `user:password@` is dropped before boto3 uses it (S3
+signs with the access key; the userinfo would only reach errors and presigned links).
 
-Uploads go through boto3's transfer manager (multipart above
-MULTIPART_THRESHOLD) with SHA-256 checksums that S3 verifies on arrival: the
-whole object's SHA-256 for a single PUT, each part's for a multipart upload,
-whose composite checksum is then compared with one computed from the bytes that
-were hashed for the manifest.
+Uploads carry SHA-256 checksums that S3 verifies on arrival; a multipart upload's
+composite checksum is then compared with one computed from the bytes hashed for the
+manifest.
 """
 from __future__ import annotations
 
@@ -43,13 +38,13 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 CONNECT_TIMEOUT_S = 10
 READ_TIMEOUT_S = 60
-DEFAULT_MAX_ATTEMPTS = 5  # unless AWS_MAX_ATTEMPTS or the profile's max_attempts says otherwise
+DEFAULT_MAX_ATTEMPTS = 5
 MULTIPART_THRESHOLD = 16 * MiB
 MULTIPART_CHUNKSIZE = 16 * MiB  # S3's smallest part is 5 MiB
 MAX_CONCURRENCY = 8
 MAX_LINK_EXPIRY_S = 7 * 24 * 3600  # the longest a SigV4 presigned URL may live
 
-# what the user must do, by S3 error code; these are permanent: never retried
+# permanent errors: never retried
 _HINTS = {
     "NoSuchBucket": "the bucket does not exist: create it (aws s3 mb s3://{bucket}) or fix --store",
     "AccessDenied": "the credentials in use may not do this on bucket {bucket!r}: grant them s3:ListBucket, "
@@ -92,15 +87,15 @@ class S3Store(Store):
         mode = core.get_config_variable("retry_mode") or "standard"
         self._session = boto3.session.Session(botocore_session=core)
         config = Config(
-            retries={"mode": mode, "total_max_attempts": self.max_attempts},  # exponential backoff with jitter
+            retries={"mode": mode, "total_max_attempts": self.max_attempts},
             connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
             signature_version="s3v4",  # presigned links too (SigV2 is retired)
         )
         self.client = self._session.client("s3", config=config)
-        configured = self.client.meta.endpoint_url  # wherever boto3 found it (AWS_ENDPOINT_URL_S3, a profile, ...)
-        if without_userinfo(configured) != configured:  # a password in it must not reach errors or links
+        configured = self.client.meta.endpoint_url
+        if without_userinfo(configured) != configured:
             self.client = self._session.client("s3", config=config, endpoint_url=without_userinfo(configured))
-        self.endpoint = scrub(configured)  # how every message names it: http://user:***@host:9000
+        self.endpoint = scrub(configured)
         self._bucket_checked = False
 
     def _key(self, key: str) -> str:
@@ -111,7 +106,6 @@ class S3Store(Store):
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def _fail(self, err: Exception, action: str, key: str | None = None) -> StoreError:
-        """A StoreError naming the bucket/object and what to do; never a credential."""
         where = self.uri_for(key) if key else self.uri
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return StoreError(
@@ -149,15 +143,13 @@ class S3Store(Store):
         raise failure from (err if self._scrub(raw) == raw else None)
 
     def _scrub(self, text: str) -> str:
-        """`text` scrubbed (store/scrub.py), the credentials boto3 found included, should an
-        endpoint or an error echo them."""
+        """`text` scrubbed, the credentials boto3 found included, should an error echo them."""
         creds = self._session.get_credentials()
         frozen = creds.get_frozen_credentials() if creds is not None else None
         return scrub(text, *((frozen.access_key, frozen.secret_key, frozen.token) if frozen else ()))
 
     def _check_bucket(self) -> None:
-        """Once per store: is the bucket there and may we list it? (A HEAD's 403/404 says
-        too little to tell a missing key from a missing bucket or bad credentials.)"""
+        """Once per store: a HEAD's 403/404 cannot tell a missing key from a missing bucket or bad credentials."""
         if self._bucket_checked:
             return
         try:
@@ -169,7 +161,7 @@ class S3Store(Store):
     def _is_missing(self, err: ClientError) -> bool:
         code = err.response.get("Error", {}).get("Code")
         if code in ("NoSuchKey", "404", "NotFound"):
-            self._check_bucket()  # a missing bucket is an error, not a missing key
+            self._check_bucket()
             return True
         return False
 
@@ -183,12 +175,10 @@ class S3Store(Store):
         part = ChunksizeAdjuster().adjust_chunksize(config.multipart_chunksize, size) if multipart else size
         whole, parts = _hash_file(path, part)
         if multipart:
-            # S3 verifies each part's SHA-256 (computed as the part is sent); it has no
-            # whole-object SHA-256 for multipart uploads, only a checksum of the parts' checksums
+            # S3 has no whole-object SHA-256 for multipart uploads, only one of the parts' checksums
             extra = {"ChecksumAlgorithm": "SHA256"}
             expected = _b64(hashlib.sha256(b"".join(parts)).digest())
         else:
-            # S3 recomputes the SHA-256 of what arrived and refuses the PUT (BadDigest) on a mismatch
             extra = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": _b64(whole.digest())}
             expected = extra["ChecksumSHA256"]
         try:
@@ -214,8 +204,7 @@ class S3Store(Store):
                 with publishing(path) as tmp:
                     self.client.download_file(self.bucket, self._key(key), str(tmp))
                 return path
-            # its size first (HEAD), so a huge object is refused before a byte of it is
-            # downloaded; the bytes are counted too, should it be replaced meanwhile
+            # the bytes are counted too, should it be replaced after the HEAD
             size = self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"]
             check_size(self.uri_for(key), size, limit, "this download")
             with publishing(path) as tmp, open(tmp, "wb") as f:
@@ -256,7 +245,7 @@ class S3Store(Store):
     def read_versioned(self, key: str, limit: int = MAX_DOCUMENT_BYTES) -> tuple[bytes | None, str | None]:
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            with obj["Body"] as body:  # closed unread when refused
+            with obj["Body"] as body:
                 check_size(self.uri_for(key), obj.get("ContentLength"), limit, "a store document")
                 return read_at_most(body, limit, self.uri_for(key), "a store document"), obj["ETag"]
         except TooLarge:
@@ -291,9 +280,8 @@ class S3Store(Store):
         return data, obj["ETag"], max(0.0, now - obj["LastModified"].timestamp())
 
     def write_if(self, key: str, data: bytes, version: str | None) -> None:
-        # S3's compare-and-swap: If-None-Match: * creates only; If-Match: <etag> replaces
-        # only the version that was read. 412 (lost) and 409 (a concurrent conditional
-        # write in flight) both mean another writer got there first.
+        # 412 (lost) and 409 (a concurrent conditional write in flight) both mean another
+        # writer got there first
         cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         try:
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ChecksumAlgorithm="SHA256",
@@ -309,8 +297,7 @@ class S3Store(Store):
             self._raise(e, "write", key)
 
     def link_for(self, key: str, expires_s: int = MAX_LINK_EXPIRY_S) -> str:
-        """A presigned GET URL (the endpoint's scheme: HTTPS on AWS) valid for `expires_s`.
-        Like every presigned URL it names the access key id, never the secret."""
+        """Like every presigned URL it names the access key id, never the secret."""
         if not 1 <= expires_s <= MAX_LINK_EXPIRY_S:
             raise ValueError(f"expires_s: expected 1..{MAX_LINK_EXPIRY_S} seconds, found {expires_s}")
         try:
@@ -321,8 +308,7 @@ class S3Store(Store):
 
 
 class _Capped:
-    """A file that refuses (TooLarge) a write past `limit` bytes in all: a download that
-    grew after its size was checked stops there instead of filling the disk."""
+    """A download that grew after its size was checked stops at `limit` instead of filling the disk."""
 
     def __init__(self, f, limit: int, where: str):
         self.f, self.limit, self.where, self.written = f, limit, where, 0
@@ -334,7 +320,6 @@ class _Capped:
 
 
 def _hash_file(path: Path, part_size: int) -> tuple["hashlib._Hash", list[bytes]]:
-    """(SHA-256 of the file, SHA-256 digest of each `part_size` part), in one read."""
     whole, parts = hashlib.sha256(), []
     with open(path, "rb") as f:
         while chunk := f.read(part_size) if part_size else b"":

@@ -1,20 +1,14 @@
-"""One scrubber for anything printed from configuration: an endpoint or store URL, an
-error a library built from one, a line that might echo a credential.
-
-`AWS_ENDPOINT_URL=http://user:password@minio:9000` is a common MinIO setup, and
-libraries put the URL they were given into their errors. Every message, log line and
-record that shows an endpoint or a URI goes through `scrub`, so a password reaches none.
-"""
+"""One scrubber for anything printed from configuration. `AWS_ENDPOINT_URL=http://user:password@minio:9000`
+is a common MinIO setup, and libraries put the URL they were given into their errors: every
+message, log line and record that shows an endpoint or a URI goes through `scrub`."""
 from __future__ import annotations
 
 import re
 from urllib.parse import urlsplit, urlunsplit
 
-# scheme://userinfo@ : the userinfo stops at the first '/', '?', '#' or space, so an '@'
-# later in a path or query is not taken for one
+# the userinfo stops at the first '/', '?', '#' or space, so an '@' later in a path or query is not taken for one
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s\"'<>]*)@")
-# ?name=value where the name says it holds a secret (a presigned URL's signature and
-# token, a password, an API key); the name is kept so a reader sees what was there
+# the name is kept so a reader sees what was there
 _QUERY_SECRET = re.compile(
     r"(?P<name>[?&;][^=&#\s\"'<>]*(?:password|passwd|pwd|secret|token|signature|credential|accesskey|access_key|"
     r"apikey|api_key|auth)[^=&#\s\"'<>]*=)(?P<value>[^&#\s\"'<>]*)", re.IGNORECASE)
@@ -22,9 +16,8 @@ HIDDEN = "***"
 
 
 def scrub(text: str, *secrets: str | None) -> str:
-    """`text` with every URL's password (`http://user:***@host`; a userinfo without a
-    password, often a token, becomes `***@`), every secret-named query value, and each of
-    `secrets` (e.g. the credentials boto3 found) replaced by ***."""
+    """`text` with every URL's password (a userinfo without one, often a token, entirely),
+    every secret-named query value, and each of `secrets` replaced by ***."""
     text = _USERINFO.sub(_hide_userinfo, str(text))
     text = _QUERY_SECRET.sub(lambda m: m["name"] + HIDDEN, text)
     for secret in secrets:
@@ -34,8 +27,7 @@ def scrub(text: str, *secrets: str | None) -> str:
 
 
 def without_userinfo(url: str) -> str:
-    """`url` without `user:password@`: what a client is given when the userinfo means nothing
-    to it (S3 signs requests with its access key; a URL's userinfo is never sent)."""
+    """`url` without `user:password@`."""
     parts = urlsplit(url)
     if "@" not in parts.netloc:
         return url

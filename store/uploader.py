@@ -1,13 +1,9 @@
 """Keeping the store's copy of a few local files current, in the background, through outages.
 
-Training writes a checkpoint and a history every epoch; the store must follow, but
-an hour of training must not wait for (or die with) a store that is restarting.
-`submit` snapshots the files and returns at once; a thread uploads the newest
-snapshot, trying again with backoff while the store is unavailable, a newer
-snapshot replacing one not yet uploaded. Meanwhile the local files are the truth.
-The writer learns what must stop it at its next `check` (the store unreachable for
-longer than the outage window, a permanent store error, a lost lease), and `flush`
-waits until the newest snapshot is stored.
+Training must not wait for (or die with) a store that is restarting: `submit` snapshots
+the files and returns at once; a thread uploads the newest snapshot, trying again with
+backoff, a newer snapshot replacing one not yet uploaded. Meanwhile the local files are
+the truth. The writer learns what must stop it at its next `check`.
 """
 from __future__ import annotations
 
@@ -29,23 +25,21 @@ log = logging.getLogger(__name__)
 @dataclass
 class _Snapshot:
     folder: Path  # private copies: training goes on rewriting the originals
-    files: dict[str, Path]  # store key (or name, for `send`) -> local copy, uploaded in this order
+    files: dict[str, Path]  # store key (or name, for `send`) -> local copy
 
 
 class Uploader:
     def __init__(self, store: Store, outage: Outage, staging: Path, before: Callable[[], None] = lambda: None,
                  send: Callable[[dict[str, Path]], dict[str, dict]] | None = None):
-        """Upload to `store` (one that fails fast: the waiting is done here) from copies kept
-        in `staging`; `before()` runs before each upload (a lease renewal: LeaseLost stops it).
-        `send(files)`, if given, stores a snapshot instead (a lease's fenced `publish`) and
-        returns each file's record; it must fail fast too."""
+        """`store` and `send` (a lease's `publish`, if given) must fail fast: the waiting is done
+        here. `before()` runs before each upload (a lease renewal: LeaseLost stops it)."""
         self.store, self.outage, self.staging, self.before = store, outage, staging, before
         self.send = send or (lambda files: {key: store.put_file(key, path) for key, path in files.items()})
         self.uploaded: dict[str, dict] = {}  # key -> {uri, sha256, bytes} of its newest stored version
-        self._pending: _Snapshot | None = None  # the newest snapshot not yet being uploaded
-        self._busy = False  # a snapshot is being uploaded now
-        self._error: BaseException | None = None  # what stopped the thread
-        self._last: Exception | None = None  # the latest StoreUnavailable, for the final message
+        self._pending: _Snapshot | None = None
+        self._busy = False
+        self._error: BaseException | None = None
+        self._last: Exception | None = None
         self._closing = False
         self._cond = threading.Condition()
         self._numbers = itertools.count()
@@ -53,9 +47,7 @@ class Uploader:
         self._thread = threading.Thread(target=self._run, name=f"uploader-{staging.parent.name}", daemon=True)
         self._thread.start()
 
-    # the writer's side ----------------------------------------------------------------
     def submit(self, files: dict[str, Path]) -> None:
-        """Upload these files (key -> local path) soon; returns at once."""
         self.check()
         folder = self.staging / str(next(self._numbers))
         folder.mkdir(parents=True)
@@ -64,20 +56,18 @@ class Uploader:
             copies[key] = folder / key.replace("/", "__")
             shutil.copyfile(path, copies[key])
         with self._cond:
-            if self._pending is not None:  # superseded before it was tried: the newer one goes up
+            if self._pending is not None:
                 shutil.rmtree(self._pending.folder, ignore_errors=True)
             self._pending = _Snapshot(folder, copies)
             self._cond.notify_all()
 
     def check(self) -> None:
-        """Raise what must stop this writer: the thread's error, or an outage past the window."""
         if self._error is not None:
             raise self._error
         if self.outage.over():
             raise self.outage.give_up(self._last)
 
     def flush(self) -> None:
-        """Wait until every snapshot submitted is stored (StoreOutage when the window passes first)."""
         with self._cond:
             while self._pending is not None or self._busy:
                 self.check()
@@ -85,9 +75,8 @@ class Uploader:
         self.check()
 
     def close(self, flush: bool) -> None:
-        """Stop the thread; with `flush`, first store what is pending if the store is answering
-        (a writer that failed for another reason keeps its last epoch; an unreachable store
-        is not waited for again)."""
+        """With `flush`, first store what is pending, but only if the store is answering: an
+        unreachable one is not waited for again."""
         if flush and self._error is None and self.outage.unreachable_s() == 0:
             try:
                 self.flush()
@@ -107,16 +96,29 @@ class Uploader:
     def __exit__(self, exc_type, *exc) -> None:
         self.close(flush=exc_type is not None)
 
-    # the thread's side ----------------------------------------------------------------
+    def _next(self) -> _Snapshot | None:
+        """The snapshot to upload now, once there is one; None when closing."""
+        with self._cond:
+            while self._pending is None and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            snap, self._pending, self._busy = self._pending, None, True
+            return snap
+
+    def _requeue(self, snap: _Snapshot, delay: float) -> None:
+        with self._cond:
+            if self._pending is None:
+                self._pending = snap
+            else:
+                shutil.rmtree(snap.folder, ignore_errors=True)
+            self._busy = False
+            self._cond.notify_all()
+            self._cond.wait(delay)  # a new snapshot or close wakes it early
+
     def _run(self) -> None:
         delay = FIRST_DELAY_S
-        while True:
-            with self._cond:
-                while self._pending is None and not self._closing:
-                    self._cond.wait()
-                if self._closing:
-                    return
-                snap, self._pending, self._busy = self._pending, None, True
+        while (snap := self._next()) is not None:
             started = time.monotonic()
             try:
                 self.before()
@@ -126,14 +128,7 @@ class Uploader:
                 self._last = e
                 log.warning("%s; the local copy is kept and sent again in %.1f s (store unreachable for %.0f s)",
                             e, delay, down)
-                with self._cond:
-                    if self._pending is None:
-                        self._pending = snap  # try it again, unless a newer one came meanwhile
-                    else:
-                        shutil.rmtree(snap.folder, ignore_errors=True)
-                    self._busy = False
-                    self._cond.notify_all()
-                    self._cond.wait(delay)  # a new snapshot or close wakes it early
+                self._requeue(snap, delay)
                 delay = min(2 * delay, MAX_DELAY_S)
                 continue
             except BaseException as e:  # noqa: BLE001 - LeaseLost, a permanent store error: this writer stops
