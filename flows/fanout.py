@@ -26,7 +26,7 @@ POLL_S = 5.0  # how often the parent looks at its children; each look is one API
 
 
 class RunCancelled(RuntimeError):
-    pass
+    """A child was cancelled: the run is cancelled."""
 
 
 @dataclass

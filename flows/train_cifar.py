@@ -70,14 +70,12 @@ def train_cifar(**params):
         p = RunParams(**params)
     except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
-    run = {"run_id": p.run_id or stable_run_id(), "flow_run_id": flow_run.get_id(),
-           "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    ctx = RunContext(p, **run)
+    ctx = RunContext(p, p.run_id or stable_run_id(), flow_run_id=flow_run.get_id(),
+                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     interrupt.running(ctx.flow_run_id, ctx.run_id)
-    store_uri = ctx.store_uri
     # with fan-out the test runs on the parent's machine (a CPU pod), whatever `device` says
     test_device = devices_for("auto" if p.variant_deployment else p.device)[0]
-    print(f"run {ctx.run_id}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")
+    print(f"run {ctx.run_id}: {len(p.variants)} variant(s) of {p.model} -> {ctx.store_uri}")
     # fail early on a store that never answers or ignores conditional writes (leases, champion)
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 

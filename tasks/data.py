@@ -44,22 +44,22 @@ def _s3_archive(uri: str, md5: str, outage_minutes: float | None) -> tuple[Path,
     return local, True
 
 
-def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md5: str | None,
-            synthetic_train: int, synthetic_test: int) -> tuple[str, str, Path | None, str | None]:
+def _locate(p) -> tuple[str, str, Path | None, str | None]:
     """(name, source, local archive or None, expected md5 or None)."""
-    if dataset == "synthetic":
+    if p.dataset == "synthetic":
         root = cache_dir() / "synthetic"
-        out = beneath(root, root / f"train{synthetic_train}-test{synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
+        out = beneath(root, root / f"train{p.synthetic_train}-test{p.synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
         path, md5 = (out / cd.ARCHIVE_NAME, None)
         if path.is_file():
             mark_used(out)
         else:
-            path, md5 = write_archive(out, synthetic_train, synthetic_test, seed=0)
-        return "synthetic", f"synthetic(train={synthetic_train}, test={synthetic_test}, seed=0)", path, md5 or cd.md5_of(path)
-    if data_dir:
-        return "cifar10", str(Path(data_dir).expanduser().resolve()), cd.find_archive(Path(data_dir).expanduser()), data_md5
-    if data_source:
-        return "cifar10", data_source, None, data_md5 or cd.ARCHIVE_MD5
+            path, md5 = write_archive(out, p.synthetic_train, p.synthetic_test, seed=0)
+        return ("synthetic", f"synthetic(train={p.synthetic_train}, test={p.synthetic_test}, seed=0)", path,
+                md5 or cd.md5_of(path))
+    if p.data_dir:
+        return "cifar10", str(Path(p.data_dir).expanduser().resolve()), cd.find_archive(Path(p.data_dir).expanduser()), p.data_md5
+    if p.data_source:
+        return "cifar10", p.data_source, None, p.data_md5 or cd.ARCHIVE_MD5
     return "cifar10", cd.ARCHIVE_URL, None, cd.ARCHIVE_MD5
 
 
@@ -67,14 +67,12 @@ def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md
       retry_condition_fn=is_io_error)
 def fetch_dataset(ctx: RunContext) -> DatasetRef:
     """The store is the cache: a rerun on any machine neither downloads nor decodes."""
-    p = ctx.params
+    p, store = ctx.params, ctx.store
     data_md5, data_source = p.data_md5, p.data_source
     removed = prune_cache()
     if removed:
         print(f"cache {cache_dir()}: removed {len(removed)} file(s) unused for {cache_days():g} days")
-    store = ctx.store
-    name, source, path, md5 = _locate(p.dataset, p.data_dir, data_source, data_md5, p.synthetic_train,
-                                      p.synthetic_test)
+    name, source, path, md5 = _locate(p)
     if md5 is not None:
         found, _ = _stored(store, name, source, md5)
         if found is not None:

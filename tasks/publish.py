@@ -117,10 +117,7 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
     out = local_run_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)
     manifest = build_manifest(ctx, scores, selected, test, comparison)
-    artifacts: dict[str, dict] = {}
-    for s in scores:
-        artifacts.update(s.artifacts)
-    artifacts.update(test.artifacts)
+    artifacts = {**{k: v for s in scores for k, v in s.artifacts.items()}, **test.artifacts}
 
     plot_curves(_histories(ctx, scores), out / CURVES)
     artifacts[CURVES] = store.put_file(run_key(run_id, CURVES), out / CURVES)

@@ -182,14 +182,13 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
                                           # the checkpoint first: the history never claims an epoch it lacks
                                           {CHECKPOINT: workdir / CHECKPOINT, "history.csv": history_csv})
     final: dict = {}
-    if result["best_state"] is not None:
-        with publishing(workdir / "best.safetensors") as tmp:
-            save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(tmp))
-        final["best.safetensors"] = workdir / "best.safetensors"
-    if result["best_predictions"] is not None:
-        with publishing(workdir / PREDICTIONS) as tmp:
-            save_file({"predicted": result["best_predictions"].contiguous()}, str(tmp))
-        final[PREDICTIONS] = workdir / PREDICTIONS
+    predicted = result["best_predictions"]
+    for name, tensors in {"best.safetensors": result["best_state"],
+                          PREDICTIONS: None if predicted is None else {"predicted": predicted}}.items():
+        if tensors is not None:
+            with publishing(workdir / name) as tmp:
+                save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+            final[name] = workdir / name
     stored = store.outage.call(publish, final) if final else {}
     artifacts.update({f"{unit.folder}/{name}": _artifact(rec) for name, rec in stored.items()})
     out = UnitResult(
