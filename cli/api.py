@@ -1,20 +1,10 @@
 """The Prefect API a command-line run talks to, started early when there is none.
 
-With no PREFECT_API_URL, Prefect starts a temporary API server itself at the
-run's first API call and waits for it: on 2 cores, about 1.5 s importing the
-server code into this process and 4 s for the server process to boot, all
-before the flow begins. The CLI calls `start()` as its first step instead,
-before it imports torch and the project (2.5 to 3.5 s), so that the same server
-(the command Prefect runs for its own temporary server) boots in its own process
-meanwhile; `ready()` waits for its health check just before the flow runs, and
-`using()` points the run at it. This takes about 3 s off every `make run`
-(benchmarks/README.md, orchestration).
-
-The server keeps its database in the Prefect home, as Prefect's own temporary
-server does, and is stopped when this process exits, after Prefect has flushed
-its logs and events to it; it runs in a session of its own, so that Ctrl-C at
-the terminal stops the run, not the server the run reports its end to. With
-PREFECT_API_URL set (a deployment, `make server`), nothing is started.
+With no PREFECT_API_URL, Prefect would start its temporary server at the run's first
+API call and wait for it (about 5.5 s on 2 cores). `start()` boots the same server in
+its own process before the CLI imports torch and the project, so the two overlap:
+about 3 s off every `make run` (benchmarks/README.md, orchestration). With
+PREFECT_API_URL set, nothing is started.
 """
 from __future__ import annotations
 
@@ -36,7 +26,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 @dataclass
 class TemporaryAPI:
     process: subprocess.Popen
-    url: str  # http://127.0.0.1:PORT/api
+    url: str
 
 
 def _free_port() -> int:
@@ -46,8 +36,7 @@ def _free_port() -> int:
 
 
 def start() -> TemporaryAPI | None:
-    """Start a temporary API server in the background if no API is configured; returns
-    None when one is (or when Prefect's ephemeral mode is switched off)."""
+    """None when an API is configured (or Prefect's ephemeral mode is off)."""
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None
@@ -56,9 +45,8 @@ def start() -> TemporaryAPI | None:
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        # a session of its own: a terminal's Ctrl-C (SIGINT to its whole foreground process
-        # group) reaches this process only, which then records the run as cancelled on this
-        # server before it stops it (cli/interrupt.py)
+        # a session of its own: a terminal's Ctrl-C (SIGINT to the whole foreground process
+        # group) reaches this process only, which records the run as cancelled on the server
         env=server_env(settings), start_new_session=True)
     api = TemporaryAPI(process, f"http://127.0.0.1:{port}/api")
     # registered before Prefect's log and event workers register theirs: atexit runs
@@ -68,17 +56,15 @@ def start() -> TemporaryAPI | None:
 
 
 def server_env(settings) -> dict[str, str]:
-    """The temporary server's environment: this one's, with the settings in force here
-    (from a profile too), the UI off, and Prefect's telemetry off unless the user set it.
-    Offline, the telemetry service's first report fails with an ERROR that would be the
-    first line of every run; and this server is this run's alone, gone when it ends."""
+    """This environment with the settings in force here (from a profile too), the UI off,
+    and telemetry off unless the user set it: offline, its first report fails with an
+    ERROR that would be the first line of every run."""
     return {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
             **settings.to_environment_variables(exclude_unset=True)}
 
 
 def ready(api: TemporaryAPI | None, timeout: float | None = None) -> None:
-    """Wait until the server answers its health check; a clear error if it cannot."""
     if api is None:
         return
     timeout = timeout or get_current_settings().server.ephemeral.startup_timeout_seconds
@@ -103,7 +89,6 @@ def ready(api: TemporaryAPI | None, timeout: float | None = None) -> None:
 
 @contextlib.contextmanager
 def using(api: TemporaryAPI | None):
-    """Run the body against `api` (or the configured API when it is None)."""
     if api is None:
         yield
         return
@@ -112,17 +97,14 @@ def using(api: TemporaryAPI | None):
 
 
 def see_later(flow_run_id) -> str:
-    """How to open a run of the temporary server in the UI once that server is gone: its
-    "View at" link dies with it, but the run stays in the Prefect home's database, which
-    `make server` serves (on Prefect's default address, as the Makefile starts it)."""
+    """The run stays in the Prefect home's database, which `make server` serves."""
     server = get_current_settings().server.api
     return (f"to see this run in the Prefect UI: make server, then open "
             f"http://{server.host}:{server.port}/runs/flow-run/{flow_run_id}")
 
 
 def stop(api: TemporaryAPI | None, graceful: bool = True) -> None:
-    """Stop the server: gracefully, so it saves what it was sent, or at once when it was
-    sent nothing (a run refused for its parameters). Safe to call twice."""
+    """Gracefully, so it saves what it was sent; at once when it was sent nothing. Safe twice."""
     if api is not None and api.process.poll() is None:
         api.process.terminate() if graceful else api.process.kill()
         try:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         store = open_store(args.store, must_exist=True)
-        if args.command == "rollback":  # a rollback is a compare-and-swap: only on a store that honours it
+        if args.command == "rollback":  # a compare-and-swap
             require_conditional_writes(store, join_key(champions.FOLDER, "probe", "conditional-writes"))
         docs = champions.documents(store)
         if args.command == "history":

@@ -1,22 +1,10 @@
-"""Ctrl-C and SIGTERM at the command line: the run stops within seconds, cancelled and resumable.
+"""Ctrl-C, SIGTERM, SIGHUP at the command line: the run stops within seconds, cancelled and resumable.
 
-A terminal's Ctrl-C sends SIGINT to its whole foreground process group, a pod's
-shutdown SIGTERM (and SIGKILL 30 s later), a closed terminal SIGHUP. Python runs
-signal handlers in the main thread only, so the command line runs the flow in a
-thread of its own and keeps the main thread for them (off the main thread,
-Prefect installs no SIGTERM handler of its own, which would raise wherever the
-flow happens to be). The temporary API server has a session of its own
-(cli/api.py): the signal does not reach it, and it records how the run ended.
-
-The first signal asks every training loop in this process to stop at its next
-batch (cnn.train.STOP): the epoch in progress is dropped, the last finished
-epoch's checkpoint is kept (in the local cache, and in the store once its upload,
-which is waited for, has landed), units not yet started are not started, and the
-flow returns Cancelled naming the run id to resume with. A second signal, or a
-run still going GRACE_S after the first (a download, a test pass, a store that is
-away), ends it at once: the flow run is marked Cancelled from here, the server
-stopped, and the process exits. The exit code is 128 + the signal's number: 130
-for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
+Python runs signal handlers in the main thread only, so the flow runs in a thread of
+its own (there Prefect installs no SIGTERM handler, which would raise wherever the
+flow happens to be). The first signal stops every training loop at its next batch,
+keeping the last finished epoch; a second, or GRACE_S without an end, stops at once.
+The exit code is 128 + the signal's number.
 """
 from __future__ import annotations
 
@@ -34,13 +22,11 @@ from cli import api
 GRACE_S = 20.0  # first signal to giving up on a clean stop: well inside a pod's 30 s grace period
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-# the flow run this process runs, as the flow names it when it starts: what a stop at
-# once marks Cancelled, and the run id its last line tells to resume with
+# what a stop at once marks Cancelled, and the run id to resume with
 _current: dict[str, str | None] = {}
 
 
 def running(flow_run_id, run_id: str) -> None:
-    """Called by the flow as it starts."""
     _current.update(flow_run_id=str(flow_run_id) if flow_run_id else None, run_id=run_id)
 
 
@@ -62,8 +48,7 @@ class Stopper:
 
     @property
     def signum(self) -> int | None:
-        """The first stop signal received, if any."""
-        return self.received[0] if self.received else None
+            return self.received[0] if self.received else None
 
     def __enter__(self) -> Stopper:
         STOP.clear()
@@ -78,13 +63,11 @@ class Stopper:
         STOP.clear()
 
     def _on_signal(self, signum: int, frame) -> None:
-        # a handler only records: the main thread's loop below does the rest
         self.received.append(signum)
         STOP.set()
 
     def run(self, call: Callable[[], object], server: api.TemporaryAPI | None):
-        """`call()` (the flow, returning its final state) in a thread of its own, this thread
-        watching for stop signals meanwhile; None if one came before it began."""
+        """`call()` (the flow) in a thread of its own; None if a signal came before it began."""
         if self.received:
             return None
         out: dict[str, object] = {}
@@ -95,7 +78,7 @@ class Stopper:
             except BaseException as e:  # noqa: BLE001 - handed to the caller below, as if raised here
                 out["error"] = e
 
-        # the thread sees this one's context: the API the run is pointed at (flows/api.using)
+        # the thread sees this one's context: the API the run is pointed at (api.using)
         thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name="flow")
         thread.start()
         deadline = None
@@ -114,9 +97,8 @@ class Stopper:
         return out["state"]
 
     def _abandon(self, server: api.TemporaryAPI | None) -> None:
-        """Stop at once: mark the flow run Cancelled, stop the server, exit. Training stops
-        where it is; each unit's last finished epoch is in the local cache (its checkpoint is
-        written when the epoch ends), and in the store if its upload had landed."""
+        """Mark the flow run Cancelled, stop the server, exit; the last finished epochs are in
+        the local cache, and in the store where their upload had landed."""
         from prefect import get_client
         from prefect.states import Cancelled
 

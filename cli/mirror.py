@@ -17,7 +17,7 @@ from store import StoreError, parse_uri
 
 
 def mirror(archive: Path, target: str) -> tuple[str, str]:
-    """Verify `archive` decodes as CIFAR, upload it to `target`; returns (md5, uri)."""
+    """(md5, uri)."""
     archive = Path(archive).expanduser()
     if not archive.is_file():
         raise FileNotFoundError(f"ARCHIVE {archive}: no such file")
@@ -28,7 +28,7 @@ def mirror(archive: Path, target: str) -> tuple[str, str]:
     except ValueError as e:
         raise ValueError(f"TARGET {target!r}: expected s3://bucket/key (e.g. s3://bucket/mirror/{cd.ARCHIVE_NAME}): "
                          f"{str(e).removeprefix(repr(target) + ': ')}") from None
-    decoded = cd.decode(archive)  # raises DataError naming the file if it is not a CIFAR archive
+    decoded = cd.decode(archive)
     print(f"{archive}: {len(decoded['train_y'])} training and {len(decoded['holdout_y'])} hold-out images, "
           f"classes {', '.join(decoded['classes'])}", file=sys.stderr)
     md5 = cd.md5_of(archive)
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         md5, uri = mirror(args.archive, args.target)
-    except (OSError, ValueError, StoreError) as e:  # DataError is a ValueError
+    except (OSError, ValueError, StoreError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     official = md5 == cd.ARCHIVE_MD5

@@ -39,12 +39,11 @@ MAX_PIXELS = MAX_SIDE * MAX_SIDE
 
 
 def load_image(p: Path) -> torch.Tensor:
-    """(3, 32, 32) uint8 RGB of one PNG or JPEG of at most MAX_PIXELS, or a ValueError naming it."""
     try:
         with warnings.catch_warnings():
             # Pillow warns from ~89 M pixels; the lower MAX_PIXELS is checked below instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(p, formats=FORMATS)  # reads the header only; only these decoders are tried
+            im = Image.open(p, formats=FORMATS)  # the header only
     except FileNotFoundError:
         raise FileNotFoundError(f"IMAGE {p}: no such file") from None
     except UnidentifiedImageError:
@@ -63,14 +62,12 @@ def load_image(p: Path) -> torch.Tensor:
                              f"({MAX_SIDE}x{MAX_SIDE}) are accepted")
         try:
             rgb = im.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
-        except (OSError, SyntaxError, ValueError) as e:  # truncated or damaged after a valid header, or a
-            # text chunk after the pixels that inflates past Pillow's limit
+        except (OSError, SyntaxError, ValueError) as e:  # damaged after a valid header, or a text-chunk bomb
             raise ValueError(f"IMAGE {p}: a damaged {im.format} file: {e}") from None
     return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def load_images(paths: list[Path]) -> torch.Tensor:
-    """(N, 3, 32, 32) float RGB in 0..1, each image resized to 32x32 whatever its size."""
     return torch.stack([load_image(p) for p in paths]).float() / 255
 
 
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help=f"PNG or JPEG files, up to {MAX_SIDE}x{MAX_SIDE} pixels")
     args = ap.parse_args(argv)
     try:
-        images = load_images(args.images)  # bad input fails before anything is downloaded
+        images = load_images(args.images)  # before anything is downloaded
         store = open_store(args.store, must_exist=True)
         run_id, why = model_run(store, args.run, args.dataset)
         with tempfile.TemporaryDirectory(prefix="predict-") as tmp:

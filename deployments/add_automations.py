@@ -29,7 +29,6 @@ NOTIFY, ZOMBIES = HERE / "notify-on-failure.yaml", HERE / "crash-zombie-runs.yam
 
 
 def replace(client, spec: dict) -> str:
-    """Create the automation of `spec`, deleting any of the same name first."""
     automation = AutomationCore.model_validate(spec)
     for old in client.read_automations_by_name(automation.name):
         client.delete_automation(old.id)

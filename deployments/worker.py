@@ -1,23 +1,12 @@
 """The process worker for the project's local pools: Prefect's, reporting a crash once.
 
-It reports the crash of a flow-run process it watched only when nothing has reported
-it yet.
-
     .venv/bin/python deployments/worker.py --pool train-cifar-local            # make worker
-    .venv/bin/python deployments/worker.py --pool train-cifar-local-variants --limit 1
 
-Why: Prefect's process worker reports a killed flow-run process twice. The runner in
-the worker marks the run Crashed as soon as the process exits; the worker itself,
-once it is done with the process (crash hooks, cleanup: up to half a minute later),
-reports the same crash again without looking at what the run has done since. A run
-retried in between (the UI's Retry, `prefect flow-run retry`) has left Crashed, so
-the server accepts that late report and the new execution is marked Crashed. Here
-the worker first reads the run's states: if a final state has been recorded since
-it picked the run up, the end of its execution is known, and whatever the run does
-now (a retry) is not this worker's to judge.
-
-Kubernetes pools are not affected: their worker watches a pod, and the pod's own
-`prefect flow-run execute` reports only what the worker cannot see.
+Prefect's process worker reports a killed flow-run process twice: its runner at once,
+and the worker again up to half a minute later, without looking at the run. A run
+retried in between would be marked Crashed by that late report. Here the worker first
+checks whether a final state was recorded since it picked the run up. (Kubernetes
+pools are not affected: the pod's own process reports what the worker cannot see.)
 """
 from __future__ import annotations
 
@@ -34,7 +23,6 @@ from prefect.workers import process
 
 
 class ProcessWorker(process.ProcessWorker):
-    """Pools of type `process`, as Prefect's worker; one report per execution's end."""
 
     @classmethod
     def __dispatch_key__(cls) -> str:
@@ -52,8 +40,7 @@ class ProcessWorker(process.ProcessWorker):
 
     @staticmethod
     async def _ended_since_picked_up(flow_run: FlowRun, client: PrefectClient):
-        """The first final state recorded after the state this worker picked the run up in
-        (the server stamps every state, so the times are one clock's), or None."""
+        # the server stamps every state, so the times are one clock's
         if flow_run.state is None:
             return None
         picked_up = flow_run.state.timestamp
@@ -63,7 +50,6 @@ class ProcessWorker(process.ProcessWorker):
 
 
 async def serve(pool: str, name: str | None, limit: int | None) -> None:
-    # what `prefect worker start` does for a process pool, with this worker class
     worker = ProcessWorker(work_pool_name=pool, name=name, limit=limit,
                            heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()))
     await worker.start(printer=print)

@@ -1,24 +1,9 @@
 """Fan-out: each unit (a repeat of a variant) as a flow run of its own deployment, watched and resubmitted.
 
-Kubernetes (through the work pool) places each child on a GPU node and Prefect
-records, reschedules and shows it; this module only starts the children and waits:
-
-- Completed: the unit's result record is read from the store.
-- Crashed (pod lost, node gone, worker killed): the next attempt is started; it
-  resumes from the checkpoint. After `attempts` crashes the unit is failed.
-- Failed: the unit is failed with the child's message; not resubmitted.
-- Cancelled: somebody cancelled a child, so the whole run is cancelled.
-- Past the deadline: unfinished children are cancelled and reported as failed.
-
-A child that an earlier execution of the run left Failed or Cancelled (the run is
-retried after those) is not re-attached: the next attempt is started, which resumes
-from the checkpoint. `attempts` bounds the crashes within one execution.
-
-Children are named `<run-id>-<variant>-a<attempt>` and carry the idempotency key
-`<run-id>:<variant>:<attempt>` (with repeats, `<run-id>-<variant>-s<seed>-a<attempt>` and
-`<run-id>:<variant>:s<seed>:<attempt>`): a parent that is retried or restarted asks for
-the same keys and gets its running (or finished) children back instead of duplicates.
-The results are one per unit; tasks/scoring.py combines each variant's repeats.
+A crashed child (pod lost, node gone) is started again as the next attempt, which
+resumes from the checkpoint; a failed one is not (another attempt would only repeat
+it); a cancelled one cancels the run. Idempotency keys per attempt let a retried or
+restarted parent get its children back instead of duplicates.
 """
 from __future__ import annotations
 
@@ -56,27 +41,22 @@ class Child:
 
 
 def child_name(run_id: str, unit: Unit, attempt: int) -> str:
-    """`<run-id>-<variant>-a<attempt>`; with repeats `<run-id>-<variant>-s<seed>-a<attempt>`."""
     return f"{run_id}-{unit.label}-a{attempt}"
 
 
 def idempotency_key(run_id: str, unit: Unit, attempt: int) -> str:
-    """`<run-id>:<variant>:<attempt>`; with repeats `<run-id>:<variant>:s<seed>:<attempt>`."""
     seed = f"s{unit.seed}:" if unit.repeated else ""
     return f"{run_id}:{unit.variant}:{seed}{attempt}"
 
 
 def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
             on_change: Callable[[str, dict], None] = lambda label, row: None) -> list[UnitResult]:
-    """Train each unit of `parameters` ({unit: the child's parameters}) as a flow run of
-    the run's `variant_deployment`, all at once, each allowed `variant_attempts` crashes
-    and `fanout_deadline_hours`; returns their results in the same order. `on_change`
-    gets the unit's label and its row for the UI's table."""
+    """Train each unit as a flow run of `variant_deployment`; results in `parameters`' order."""
     store, run_id, deployment = ctx.store, ctx.run_id, ctx.params.variant_deployment
     attempts, deadline_s = ctx.params.variant_attempts, ctx.params.fanout_deadline_hours * 3600
     results: dict[Unit, UnitResult] = {}
     live: dict[Unit, Child] = {}
-    first: dict[Unit, int] = {}  # each unit's first attempt in this execution
+    first: dict[Unit, int] = {}  # `variant_attempts` bounds crashes within one execution
 
     def start(u: Unit, attempt: int) -> None:
         while True:
@@ -85,8 +65,7 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
                                  idempotency_key=idempotency_key(run_id, u, attempt), tags=["train-cifar"])
             if not (run.state and (run.state.is_failed() or run.state.is_cancelled())):
                 break
-            # an earlier execution of this run (a Retry, or its run_id given again) ended this
-            # attempt: retrying the run means training the unit again, from its checkpoint
+            # ended by an earlier execution: retrying the run means training the unit again
             print(f"{u.label}: {child_name(run_id, u, attempt)} {run.state.name.lower()} in an earlier execution "
                   f"of this run; starting attempt {attempt + 1}")
             attempt += 1
@@ -103,7 +82,7 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
         return UnitResult.failed(u.variant, error, attempts=attempt, seed=u.seed)
 
     for u in parameters:
-        done = UnitResult.read(store, run_id, u)  # trained by an earlier execution of this run
+        done = UnitResult.read(store, run_id, u)
         if done is not None:
             print(f"{u.label}: already trained ({done.status}); not started again")
             finish(u, done)
@@ -135,7 +114,7 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
                 elif state.is_cancelled():
                     _cancel(client, [c for c in live.values() if c is not child], f"{child.label} was cancelled")
                     raise RunCancelled(f"{u.label}: {child.label} was cancelled ({message}); the run is cancelled")
-                else:  # Failed: a bug or bad input, which another attempt would only repeat
+                else:
                     finish(u, failed(u, f"{child.label} failed: {message}", child.attempt))
             if live and time.monotonic() > deadline:
                 why = f"not finished within the fan-out deadline ({deadline_s / 3600:g} h)"
@@ -148,8 +127,7 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
 
 
 def _cancel(client, children: list[Child], why: str) -> None:
-    """Cancel children that are still going: a running one through Cancelling (its worker
-    stops the process), one that has not started yet directly."""
+    """A running child through Cancelling (its worker stops the process); one not started, directly."""
     for c in children:
         run = client.read_flow_run(c.flow_run.id)
         if run.state is None or run.state.is_final():

@@ -1,11 +1,6 @@
 """The train-cifar flow and its command line.
 
     python -m flows.train_cifar --dataset synthetic --variants none,flip,flip-crop --epochs 5
-
-fetch -> train every variant, `repeats` times each (parallel tasks, one lane per device
-slot; or, with --variant-deployment, one flow run per repeat on that deployment's work
-pool) -> score each variant with its interval -> select by validation, compare with the
-runner-up -> test the selected model (and the champion) once -> publish -> show it in the UI.
 """
 from __future__ import annotations
 
@@ -19,8 +14,7 @@ if __name__ == "__main__":
     # registered first, so it runs after every other exit handler: shutdown then skips
     # collecting cycles among the objects of torch, Prefect and pandas (1.1 s here)
     atexit.register(gc.freeze)
-# Run as the CLI with no Prefect API configured: the temporary API server boots in
-# its own process while this one imports Prefect, torch and the project below (cli/api.py)
+# the temporary API server boots in its own process while this one imports the rest
 _API = api.start() if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]) else None
 
 import argparse  # noqa: E402 - after the server start, on purpose
@@ -44,9 +38,8 @@ from store import require_conditional_writes
 from run.errors import is_user_error
 
 def stable_run_id() -> str:
-    """The run id of this flow run: its creation time and id, so that every execution of
-    the same flow run (a UI Retry, `prefect flow-run retry`, a reschedule after SIGTERM)
-    continues the same run. Outside a flow run, the time and this process."""
+    """From the flow run's creation time and id, so that every execution of it (a Retry,
+    a reschedule after SIGTERM) continues the same run."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
@@ -57,7 +50,6 @@ def stable_run_id() -> str:
 
 
 @flow(name="train-cifar", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-# every RunParams field, with its type, description, bounds, choices and default for the UI's form (run/params.py)
 @signed(RunParams.model_fields)
 def train_cifar(**params):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
@@ -74,37 +66,33 @@ def train_cifar(**params):
     from tasks.selection import select_variant
     from tasks.testing import test_model
 
-    # validate everything before any data is touched; a ValueError fails the run
     try:
         p = RunParams(**params)
-    except ValidationError as e:  # one line per parameter, naming it; the run ends Failed
+    except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
-    run = {"run_id": p.run_id or stable_run_id(), "flow_run_id": flow_run.get_id(),
-           "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    ctx = RunContext(p, **run)
-    interrupt.running(ctx.flow_run_id, ctx.run_id)  # what Ctrl-C at the command line cancels
-    store_uri = ctx.store_uri
-    # the test runs here: with fan-out that is the parent's machine (a CPU pod), whatever `device` says
+    ctx = RunContext(p, p.run_id or stable_run_id(), flow_run_id=flow_run.get_id(),
+                     created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    interrupt.running(ctx.flow_run_id, ctx.run_id)
+    # with fan-out the test runs on the parent's machine (a CPU pod), whatever `device` says
     test_device = devices_for("auto" if p.variant_deployment else p.device)[0]
-    print(f"run {ctx.run_id}: {len(p.variants)} variant(s) of {p.model} -> {store_uri}")
-    # before any data is touched: a store that never answers (a typo in AWS_ENDPOINT_URL) or
-    # that ignores conditional writes (the champion's and the leases' safety) fails the run here
+    print(f"run {ctx.run_id}: {len(p.variants)} variant(s) of {p.model} -> {ctx.store_uri}")
+    # fail early on a store that never answers or ignores conditional writes (leases, champion)
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 
     ctx = ctx.with_dataset(fetch_dataset(ctx))
     try:
-        units = train_units(ctx)  # one per repeat of each variant
+        units = train_units(ctx)
     except RunCancelled as e:
         return Cancelled(message=str(e))
-    if STOP.is_set():  # Ctrl-C or SIGTERM at the command line: every unit has stopped (cli/interrupt.py)
+    if STOP.is_set():
         return Cancelled(message=interrupt.resume_hint(ctx.run_id))
     scores = score_variants(ctx, units)
     selected = select_variant(scores, p.select_metric)
     comparison = compare_variants(ctx, units, scores, selected)
     test = test_model(ctx, selected, test_device)
     out = publish_run(ctx, scores, selected, test, comparison)
-    drop_local_copies(ctx.store, ctx.run_id)  # the manifest is stored: the run is safe there
-    create_run_artifacts(ctx)  # best-effort: never fails the run
+    drop_local_copies(ctx.store, ctx.run_id)
+    create_run_artifacts(ctx)
     _summary(scores, selected.name, out)
     return out
 
@@ -127,7 +115,6 @@ def _help(field) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Flags mirror RunParams: names, help and defaults come from its fields."""
     ap = argparse.ArgumentParser(prog="python -m flows.train_cifar", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for name, field in RunParams.model_fields.items():
@@ -150,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="show the traceback of every error, a user's mistake's too (not a run parameter)")
     try:
         args = parser.parse_args(argv)
-    except SystemExit:  # a refused flag: argparse has said which
+    except SystemExit:
         api.stop(_API, graceful=False)
         raise
     raw = {k: v for k, v in vars(args).items() if k != "debug"}
@@ -158,10 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         params = RunParams.model_validate(raw, strict=False)
     except ValidationError as e:
         print(f"error: invalid parameter\n{describe_errors(e, flag_style=True)}", file=sys.stderr)
-        api.stop(_API, graceful=False)  # it was never used
+        api.stop(_API, graceful=False)
         return 2
     state = error = None
-    # Ctrl-C, SIGTERM: the run stops at the next batch, Cancelled and resumable (cli/interrupt.py)
     with interrupt.Stopper() as stopper, _console_tracebacks(args.debug):
         try:
             api.ready(_API)
@@ -169,30 +155,28 @@ def main(argv: list[str] | None = None) -> int:
                 state = stopper.run(lambda: train_cifar(**params.model_dump(), return_state=True), _API)
         except Exception as e:  # the temporary server did not come up
             error = e
-    # the last word on stderr says what to do: it comes after the link to the run
     if _API is not None and state is not None:  # its "View at" link dies with the temporary server
         print(api.see_later(state.state_details.flow_run_id), file=sys.stderr)
     return _last_word(state, error, stopper.signum, args.debug)
 
 
 def _last_word(state, error: Exception | None, signum: int | None, debug: bool) -> int:
-    """The run's end as the last line on stderr (what to do next), and the exit code: 0
-    done (the manifest's path on stdout), 1 failed or cancelled, 128 + the signal stopped."""
+    """What to do next, last on stderr; the exit code: 0 done, 1 failed or cancelled,
+    128 + the signal stopped."""
     name = signal.Signals(signum).name if signum else None
     if state is None and error is None:
         print(f"{name}: stopped before the run began; nothing was trained", file=sys.stderr)
         return interrupt.exit_code(signum)
-    if state is not None and state.is_cancelled():  # by a signal here, or a child cancelled (fan-out)
+    if state is not None and state.is_cancelled():
         print(f"{name or 'cancelled'}: {state.message}", file=sys.stderr)
         return interrupt.exit_code(signum) if signum else 1
     try:
         if error is not None:
             raise error
-        out = state.result()  # raises what the flow raised
+        out = state.result()
     except Exception as e:
         if debug and state is None:  # the flow's own errors have their traceback in its log
             traceback.print_exc()
-        # a user's mistake: its message is the whole story; anything else is named by its type too
         print(f"error: {e}" if is_user_error(e) else f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(out["manifest"])  # the last line on stdout, for scripts
@@ -201,12 +185,10 @@ def _last_word(state, error: Exception | None, signum: int | None, debug: bool) 
 
 @contextlib.contextmanager
 def _console_tracebacks(shown: bool):
-    """Unless `shown`, the console drops the traceback of a record about a user's mistake
-    (run.layout.is_user_error; Prefect logs one for a failed task and again for the flow),
-    or about no variant having trained (each unit's own error was logged with its task run):
-    its message says what to do, and main ends with it. Only the console's copy: the run's
-    logger hands the record to the API's handler first (a logger's own handlers come before
-    its parents'; the console is the root's), so the UI's log keeps the traceback."""
+    """Unless `shown`, the console drops tracebacks of a user's mistake or of no variant
+    trained: the message says what to do. Only the console's copy: the run's logger hands
+    the record to the API's handler first (own handlers before the root's), so the UI's
+    log keeps the traceback."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     from tasks.selection import NoVariantTrained

@@ -1,12 +1,7 @@
-"""The train-variant flow: one repeat (seed) of one variant of one run, on whatever machine runs it.
+"""The train-variant flow: one unit of a run on its own machine (fan-out's child).
 
-The train-cifar flow starts one flow run of this per unit when it is given a
-`variant_deployment` (e.g. train-variant/gpu: one pod and one GPU each). All it needs
-is in its parameters (JSON values only) and the store; what it leaves is in the
-store: checkpoint and history after every epoch, the best weights, and the result
-record `metrics.json`, which the parent reads. Run again (a reschedule after
-SIGTERM, a resubmission after a crash) it resumes from the checkpoint, and a
-variant already trained is not trained again.
+All it needs is in its parameters (JSON values only) and the store, and all it leaves
+is in the store, so running it again resumes from the checkpoint.
 """
 from __future__ import annotations
 
@@ -20,10 +15,7 @@ from run.params import UNIT_PARAMS, RunParams, describe_errors, described, signe
 from store import join_key
 
 
-# the parent names each run <run-id>-<variant>-a<attempt> (with repeats <run-id>-<variant>-s<seed>-a<attempt>)
 @flow(name="train-variant", log_prints=True)
-# RunParams' unit settings (all but RUN_ONLY), each with its type, description, bounds,
-# choices and default for the UI's form (run/params.py), after what names the unit
 @signed(UNIT_PARAMS, required={"store"}, first={
     "run_id": described(str, "the run this variant belongs to (the parent's run id)"),
     "variant": described(str, "the augmentation variant to train", enum=list(VARIANTS)),
@@ -33,8 +25,6 @@ from store import join_key
                                 "archive; the prepared copy in the store must match it"),
 })
 def train_variant(**params) -> dict:
-    """Train one variant of one run with `seed` (with repeats above 1, into variants/<variant>/seed-<seed>/);
-    its checkpoint, history, weights, validation predictions and result go to the store."""
     from cnn.device import pick_device
     from run.context import RunContext
     from run.layout import Unit, probe_key
@@ -45,7 +35,6 @@ def train_variant(**params) -> dict:
     variant = params.pop("variant")
     dataset = DatasetRef(key=params.pop("dataset_key"), md5=params.pop("dataset_md5"),
                          sha256=params.pop("dataset_sha256"))
-    # the same checks as the run's own parameters (names, ranges, the store), before any work
     try:
         p = RunParams(**params, variants=[variant])
     except ValidationError as e:
@@ -61,7 +50,7 @@ def train_variant(**params) -> dict:
     ctx = RunContext(p, p.run_id).with_dataset(dataset)
     dev = str(pick_device(p.device))
     cfg = ctx.config(Unit(variant, p.seed), dev)
-    # this machine's store settings are its own: reachable, and honouring conditional writes (the lease's)?
+    # this machine's store settings are its own: check them here too
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
     result = train_unit(ctx, cfg, dev, repeated=p.repeats > 1)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "

@@ -1,7 +1,5 @@
-"""Training every unit of a run (each repeat of each variant): in lanes in this process,
-or as flow runs of their own on the variant deployment's work pool (flows/fanout.py).
-Either way the result is one `UnitResult` per unit, in the order of `units_of`;
-tasks/scoring.py combines each variant's repeats."""
+"""Training every unit of a run: in lanes in this process, or fanned out as flow runs
+(flows/fanout.py); either way one `UnitResult` per unit, in the order of `units_of`."""
 from __future__ import annotations
 
 from prefect import allow_failure
@@ -15,9 +13,7 @@ from run.report import variants_table
 
 
 class Board:
-    """The run's variant table in the UI (artifact `variant-comparison`), from the start:
-    every unit (a variant, or with repeats `<variant>-s<seed>`) pending, then its state
-    and attempts as they change, then its result."""
+    """The run's variant table in the UI, every unit listed from the start."""
 
     def __init__(self, run_id: str, names: list[str]):
         self.run_id = run_id
@@ -26,12 +22,12 @@ class Board:
         self.show()
 
     def update(self, name: str, row: dict) -> None:
-        self.rows[name] = {**self.rows[name], **row, "name": name}  # a repeat's row keeps its label
+        self.rows[name] = {**self.rows[name], **row, "name": name}
         self.show()
 
     def show(self) -> None:
         table = variants_table(list(self.rows.values()), None)
-        if table != self._shown:  # a new artifact version only when something changed
+        if table != self._shown:
             create_table_artifact(table, key="variant-comparison",
                                   description=f"Run {self.run_id}: augmentation variants so far")
             self._shown = table
@@ -59,8 +55,6 @@ def devices_for(device: str) -> list[str]:
 
 
 def train_units(ctx: RunContext) -> list[UnitResult]:
-    """Every unit's result: in this process's lanes, or, with `variant_deployment`,
-    each as its own flow run of that deployment."""
     p = ctx.params
     units = units_of(p.variants, p.seed, p.repeats)
     board = Board(ctx.run_id, [u.label for u in units])
@@ -72,10 +66,8 @@ def train_units(ctx: RunContext) -> list[UnitResult]:
 
 
 def child_parameters(ctx: RunContext, unit: Unit) -> dict:
-    """The train-variant flow's parameters for one unit: JSON values only. The run's
-    settings of a unit (every RunParams field but RUN_ONLY), the unit and the dataset's
-    reference. `repeats` only when above 1, so a run of one repeat starts its children
-    exactly as before."""
+    """The train-variant flow's parameters for one unit: JSON values only. `repeats`
+    only when above 1, so a run of one repeat starts its children exactly as before."""
     out = ctx.params.model_dump(mode="json", include=set(UNIT_PARAMS))
     out.update(run_id=ctx.run_id, store=ctx.store_uri, variant=unit.variant, seed=unit.seed,
                dataset_key=ctx.dataset.key, dataset_md5=ctx.dataset.md5, dataset_sha256=ctx.dataset.sha256)
@@ -90,29 +82,15 @@ def _in_lanes(ctx: RunContext, units: list[Unit], board: Board) -> list[UnitResu
     p, run_id = ctx.params, ctx.run_id
     devices = devices_for(p.device)
     cfgs = {u.label: ctx.config(u, devices[0]) for u in units}
-    # a reused run id names the same parameters: every unit is checked before any trains
-    # (a child of a fan-out checks its own: its precision depends on its device)
+    # every unit checked before any trains (a fan-out child checks its own: precision depends on its device)
     for u in units:
         refuse_other_parameters(ctx, u, unit_facts(ctx, cfgs[u.label]))
     by_label = {u.label: u for u in units}
-    # one lane per device slot; a lane's variants run in turn, lanes run side by side.
-    # The CPU gets one lane: each variant already uses every core, and training several
-    # at once in threads measured 1-9% slower (benchmarks/README.md, cpu_lanes)
-    per_device = 1
-    if devices[0].startswith("cuda"):  # as many as asked for, and as fit in the GPU's free memory
-        import torch
-
-        from cnn.train import variants_that_fit
-
-        train_size = min(ctx.dataset.train, p.subset or ctx.dataset.train)
-        per_device = variants_that_fit(cfgs[units[0].label], torch.device(devices[0]), train_size, p.variants_per_gpu)
-        if per_device < p.variants_per_gpu:
-            print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {devices[0]}'s free memory")
-    lanes = plan_lanes(list(by_label), devices, per_device)
+    lanes = plan_lanes(list(by_label), devices, _lanes_per_device(ctx, cfgs[units[0].label], devices[0]))
     print(f"run {run_id}: {len(p.variants)} variant(s) x {p.repeats} repeat(s) of {p.model} in {len(lanes)} lane(s) "
           f"on {', '.join(devices)}")
-    # a single CPU lane trains in this, the flow's own thread: up to 10% faster than in
-    # a task-runner thread (benchmarks/README.md, cpu_lanes); other lanes are submitted
+    # a single CPU lane trains in the flow's own thread: up to 10% faster than in a
+    # task-runner thread (benchmarks/README.md, cpu_lanes)
     here = len(lanes) == 1 and not devices[0].startswith("cuda")
     results: dict[str, UnitResult] = {}
     futures = {}
@@ -133,11 +111,29 @@ def _in_lanes(ctx: RunContext, units: list[Unit], board: Board) -> list[UnitResu
     return [results[u.label] for u in units]
 
 
+def _lanes_per_device(ctx: RunContext, cfg, device: str) -> int:
+    """The CPU gets one lane: each variant already uses every core, and several at once in
+    threads measured 1-9% slower (benchmarks/README.md, cpu_lanes). A GPU as many as asked
+    for and as fit in its free memory."""
+    if not device.startswith("cuda"):
+        return 1
+    import torch
+
+    from cnn.train import variants_that_fit
+
+    p = ctx.params
+    train_size = min(ctx.dataset.train, p.subset or ctx.dataset.train)
+    per_device = variants_that_fit(cfg, torch.device(device), train_size, p.variants_per_gpu)
+    if per_device < p.variants_per_gpu:
+        print(f"variants_per_gpu {p.variants_per_gpu}: only {per_device} fit in {device}'s free memory")
+    return per_device
+
+
 def _result(unit: Unit, state) -> UnitResult:
     """A finished train-in-lane task's result, or a failed one saying why (the others go on)."""
     if state.is_completed():
         return state.result()
-    if state.is_cancelled():  # the run is stopping (cli/interrupt.py)
+    if state.is_cancelled():
         print(f"{unit.label}: {state.message}")
         return UnitResult.failed(unit.variant, state.message, seed=unit.seed)
     try:

@@ -1,8 +1,5 @@
-"""create_run_artifacts: the run's page in the Prefect UI, best-effort, after publish.
-
-Kept out of publish-run so that a hiccup of the Prefect API never re-runs the
-champion decision, and a failure here never fails a run whose files are sealed.
-"""
+"""The run's page in the Prefect UI, best-effort, after publish: kept out of publish-run
+so an API hiccup never re-runs the champion decision or fails a sealed run."""
 from __future__ import annotations
 
 from prefect import get_run_logger, task
@@ -18,8 +15,7 @@ from tasks.publish import REPORT_FILES
 
 @task(name="create-run-artifacts", cache_policy=NO_CACHE)
 def create_run_artifacts(ctx: RunContext) -> bool:
-    """The variant table, the report and links to the run's files; False if the UI
-    could not be updated (logged, the run stays as published)."""
+    """False if the UI could not be updated (logged; the run stays as published)."""
     try:
         _create(ctx.run_id, ctx.store_uri, ctx.params.link_expiry_hours)
         return True
@@ -49,8 +45,6 @@ def _create(run_id: str, store_uri: str, link_expiry_hours: int) -> None:
 
 
 def _inline_images(store, run_id: str) -> dict[str, str]:
-    """The report's figures as data URIs: the UI shows them with nothing to serve them
-    (a local store's file:// link is one a browser will not open from a web page, and a
-    presigned one expires); a figure the run lacks is left out."""
+    """Data URIs: a browser will not open a file:// link from a web page, and a presigned one expires."""
     found = {name: store.read_versioned(run_key(run_id, *name.split("/")))[0] for name in REPORT_IMAGES}
     return {name: data_uri(png) for name, png in found.items() if png is not None}

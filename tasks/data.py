@@ -1,11 +1,9 @@
-"""fetch_dataset: get the archive, verify it, prepare it once per MD5 in the store.
+"""Get the dataset archive, verify it, prepare it once per MD5 in the store.
 
-The store's prepared copy (`datasets/<name>/<md5>/`) is trusted by one thing only:
-its SHA-256 (`cnn.data.prepared_sha256`) equals what this run derived from the
-verified archive, an expected hash that lives in the run's dataset reference (and
-so in Prefect: a child flow run gets it as a parameter), never in the store. Any
-store writer can rewrite the copy and its meta.json; a copy that does not match is
-prepared again over (fetch_dataset) or refused (`load_dataset`), naming both hashes.
+The store's prepared copy (`datasets/<name>/<md5>/`) is trusted only if its SHA-256
+equals what this run derived from the verified archive. That hash lives in the run's
+DatasetRef (so in Prefect), never in the store: any store writer can rewrite the copy
+and its meta.json. A mismatch is prepared again over (fetch) or refused (load).
 """
 from __future__ import annotations
 
@@ -28,8 +26,7 @@ PREPARED_FILES = [cd.PREPARED_FILE, cd.PREPARED_META]
 
 
 def _s3_archive(uri: str, md5: str, outage_minutes: float | None) -> tuple[Path, bool]:
-    """Download `s3://bucket/key` into the local cache; (local path, downloaded by this call).
-    A cached copy is reused only if it has the expected `md5`."""
+    """(local path, downloaded by this call); a cached copy is reused only with `md5`."""
     try:  # also checked by RunParams; this task may be called without them
         bucket, key = parse_uri(uri)
     except ValueError as e:
@@ -47,42 +44,36 @@ def _s3_archive(uri: str, md5: str, outage_minutes: float | None) -> tuple[Path,
     return local, True
 
 
-def _locate(dataset: str, data_dir: str | None, data_source: str | None, data_md5: str | None,
-            synthetic_train: int, synthetic_test: int) -> tuple[str, str, Path | None, str | None]:
-    """(name, source, local archive or None if not fetched yet, expected md5 or None)."""
-    if dataset == "synthetic":
+def _locate(p) -> tuple[str, str, Path | None, str | None]:
+    """(name, source, local archive or None, expected md5 or None)."""
+    if p.dataset == "synthetic":
         root = cache_dir() / "synthetic"
-        out = beneath(root, root / f"train{synthetic_train}-test{synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
+        out = beneath(root, root / f"train{p.synthetic_train}-test{p.synthetic_test}" / cd.ARCHIVE_NAME, "dataset").parent
         path, md5 = (out / cd.ARCHIVE_NAME, None)
         if path.is_file():
             mark_used(out)
         else:
-            path, md5 = write_archive(out, synthetic_train, synthetic_test, seed=0)
-        return "synthetic", f"synthetic(train={synthetic_train}, test={synthetic_test}, seed=0)", path, md5 or cd.md5_of(path)
-    if data_dir:
-        return "cifar10", str(Path(data_dir).expanduser().resolve()), cd.find_archive(Path(data_dir).expanduser()), data_md5
-    if data_source:
-        return "cifar10", data_source, None, data_md5 or cd.ARCHIVE_MD5
+            path, md5 = write_archive(out, p.synthetic_train, p.synthetic_test, seed=0)
+        return ("synthetic", f"synthetic(train={p.synthetic_train}, test={p.synthetic_test}, seed=0)", path,
+                md5 or cd.md5_of(path))
+    if p.data_dir:
+        return "cifar10", str(Path(p.data_dir).expanduser().resolve()), cd.find_archive(Path(p.data_dir).expanduser()), p.data_md5
+    if p.data_source:
+        return "cifar10", p.data_source, None, p.data_md5 or cd.ARCHIVE_MD5
     return "cifar10", cd.ARCHIVE_URL, None, cd.ARCHIVE_MD5
 
 
 @task(name="fetch-dataset", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=is_io_error)
 def fetch_dataset(ctx: RunContext) -> DatasetRef:
-    """Fetch, verify and prepare the run's dataset once; returns where the prepared tensors are.
-
-    The store is the cache: `datasets/<name>/<md5>/` is reused by every later run
-    and every machine, so a rerun neither downloads nor decodes. A store or mirror
-    outage is waited out for the run's `store_outage_minutes`."""
-    p = ctx.params
+    """The store is the cache: a rerun on any machine neither downloads nor decodes."""
+    p, store = ctx.params, ctx.store
     data_md5, data_source = p.data_md5, p.data_source
-    removed = prune_cache()  # this machine's cached files unused for TRAIN_CIFAR_CACHE_DAYS
+    removed = prune_cache()
     if removed:
         print(f"cache {cache_dir()}: removed {len(removed)} file(s) unused for {cache_days():g} days")
-    store = ctx.store
-    name, source, path, md5 = _locate(p.dataset, p.data_dir, data_source, data_md5, p.synthetic_train,
-                                      p.synthetic_test)
-    if md5 is not None:  # known before fetching: maybe nothing to do
+    name, source, path, md5 = _locate(p)
+    if md5 is not None:
         found, _ = _stored(store, name, source, md5)
         if found is not None:
             print(f"dataset {name} {md5}: prepared copy found in the store and checked, nothing to download")
@@ -92,15 +83,15 @@ def fetch_dataset(ctx: RunContext) -> DatasetRef:
         path, downloaded = _s3_archive(data_source, md5, p.store_outage_minutes)
     elif path is None:
         path = cd.download_cifar10(cache_dir() / "downloads")
-        mark_used(path)  # reused rather than downloaded: still counts as a use
-    # a user's MD5 if given; else the official checks (the synthetic set is checked against itself)
+        mark_used(path)
+    # no MD5 given: the official archive's checks (the synthetic set is checked against itself)
     try:
         md5 = cd.verify(path, data_md5 or (md5 if name == "synthetic" else None))
     except cd.DataError as e:
         if not data_source:
             raise
         if downloaded:
-            path.unlink(missing_ok=True)  # a bad download is not kept: a fixed mirror is fetched again
+            path.unlink(missing_ok=True)  # so a fixed mirror is fetched again
         raise cd.DataError(f"--data-source {data_source}: {e}") from None
     local, prepared = _prepared_dir(name, md5), False
     if _expected_sha256(name, md5) is None:  # never decoded here: learn the SHA-256 the store's copy must have
@@ -123,14 +114,12 @@ def fetch_dataset(ctx: RunContext) -> DatasetRef:
 
 
 def _prepared_dir(name: str, md5: str) -> Path:
-    """This machine's own prepared copy of a verified archive: its meta.json's `sha256`
-    is the expected hash (the machine-local shortcut to decoding the archive again)."""
+    """This machine's prepared copy: its meta.json's `sha256` is the expected hash."""
     root = cache_dir() / "prepared"
     return beneath(root, root / name / md5, "dataset")
 
 
 def _expected_sha256(name: str, md5: str) -> str | None:
-    """What the archive with `md5` decodes to, if this machine has prepared it before."""
     meta = _prepared_dir(name, md5) / cd.PREPARED_META
     try:
         return json.loads(cd.read_bounded(meta, cd.MAX_PREPARED_META_BYTES, "a dataset's meta.json"))["sha256"]
@@ -139,10 +128,7 @@ def _expected_sha256(name: str, md5: str) -> str | None:
 
 
 def _stored(store, name: str, source: str, md5: str) -> tuple[DatasetRef | None, str | None]:
-    """(the run's dataset reference, None) if the store holds a prepared copy of the archive
-    `md5` that matches the SHA-256 this machine derived from it; else (None, why): the
-    SHA-256 is not known here (the archive must be decoded), or the copy is absent or does
-    not match (it is prepared again over)."""
+    """(ref, None) if the store's prepared copy matches the SHA-256 derived here; else (None, why)."""
     sha256 = _expected_sha256(name, md5)
     key = join_key("datasets", name, md5)
     if sha256 is None:
@@ -158,10 +144,8 @@ def _stored(store, name: str, source: str, md5: str) -> tuple[DatasetRef | None,
 
 
 def _checked(store, key: str, read, fresh: bool = False):
-    """`read(folder)` of the store's prepared copy at `key` (a cnn.data reader that checks
-    it); `fresh`: downloaded now, not a copy this machine downloaded before. A downloaded
-    copy that fails is dropped and downloaded once more: it may be older than a repair of
-    the store's copy."""
+    """`read(folder)` of the store's prepared copy at `key`. A cached download that fails
+    is downloaded once more: it may predate a repair of the store's copy."""
     def download_again() -> None:  # materialize's cache (nothing there for a local store)
         for f in PREPARED_FILES:
             (cache_dir() / "store-cache" / key / f).unlink(missing_ok=True)
@@ -186,6 +170,4 @@ def _checked(store, key: str, read, fresh: bool = False):
 
 
 def load_dataset(store, dataset: DatasetRef, split_seed: int, subset: int | None = None) -> cd.Splits:
-    """The splits of the run's dataset (`fetch_dataset`'s reference) from the store's prepared
-    copy, refused unless it matches the reference's SHA-256 (naming the file and both hashes)."""
     return _checked(store, dataset.key, lambda folder: cd.load_splits(folder, split_seed, subset, dataset.sha256))

@@ -1,4 +1,4 @@
-"""publish_run: the report, the manifest and the champion decision (the UI's artifacts: tasks/artifacts.py)."""
+"""publish_run: the report, the manifest and the champion decision."""
 from __future__ import annotations
 
 import json
@@ -25,7 +25,7 @@ from store import MAX_DOCUMENT_BYTES
 from store.files import write_durably
 from tasks.testing import face_champion_again
 
-NOT_COMPARED = "train-cifar.champion.not-compared"  # the Prefect event a run with no champion to face emits
+NOT_COMPARED = "train-cifar.champion.not-compared"
 
 def git_sha() -> str:
     """The code's commit: GIT_SHA (set in the image, which has no .git), else git's answer."""
@@ -49,7 +49,7 @@ def versions() -> dict:
 
 def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: VariantScore, test: TestResult,
                    comparison: VariantComparison | None = None) -> dict:
-    """The run's manifest (README, "What a run writes"), less the promotion and the artifacts, which publish adds."""
+    """The manifest (README, "What a run writes") less what publish adds: promotion, artifacts."""
     p, ds = ctx.params, ctx.dataset
     n_val, n_test = split_sizes(ds.holdout)
     return {
@@ -85,15 +85,13 @@ def champion_record(manifest: dict, store) -> ChampionRecord:
     )
 
 
-# the run's files the report links to, relative to its folder (where report.md is)
 REPORT_FILES = [MANIFEST, REPORT, "model/weights.safetensors", "model/model.pt2", CURVES]
 
 
 class ChampionJudge:
-    """champions.Judge for publish: the test's paired comparison with the champion it faced
-    (`tested`); a champion that changed since the test (another run won meanwhile) is faced
-    now, with `face_again(current)`, once: the decision and each try of promote()'s
-    conditional write ask again. `final` is the comparison the last answer rests on."""
+    """champions.Judge: the test's comparison with the champion it faced; a champion that
+    changed since (another run won meanwhile) is faced again, once. `final` is the
+    comparison the last answer rests on."""
 
     def __init__(self, tested: ChampionComparison | None, face_again: Callable[[dict], ChampionComparison]):
         self.tested, self.face_again = tested, face_again
@@ -110,33 +108,20 @@ class ChampionJudge:
       retry_condition_fn=is_io_error)
 def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantScore, test: TestResult,
                 comparison: VariantComparison | None = None) -> dict:
-    """Write report.md and manifest.json (last, so it is the run's seal); promote if it wins.
+    """Write report.md and manifest.json (last: the run's seal); promote if it wins.
 
-    Safe to retry: every write replaces itself, and a champion that already names
-    this run records the promotion that was made (registry.champions). The UI's
-    artifacts are another step (tasks/artifacts.py), so no UI hiccup repeats this."""
-    store = ctx.store  # waits out an outage
+    Safe to retry: every write replaces itself, and a champion that already names this
+    run records the promotion that was made."""
+    store = ctx.store
     run_id = ctx.run_id
     out = local_run_dir(run_id)
     out.mkdir(parents=True, exist_ok=True)
     manifest = build_manifest(ctx, scores, selected, test, comparison)
-    artifacts: dict[str, dict] = {}
-    for s in scores:
-        artifacts.update(s.artifacts)
-    artifacts.update(test.artifacts)
+    artifacts = {**{k: v for s in scores for k, v in s.artifacts.items()}, **test.artifacts}
 
-    histories: dict[str, list[pd.DataFrame]] = {}  # every repeat's, drawn as their mean and band
-    for unit in units_of([s.name for s in scores], ctx.params.seed, ctx.params.repeats):
-        key = stored_key(store, run_id, unit, HISTORY)  # from the store: it may have trained elsewhere
-        if key is not None:
-            # one row per epoch: a few kB; a planted huge one is refused (TooLarge) before it is downloaded
-            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), HISTORY),
-                                   limit=MAX_DOCUMENT_BYTES)
-            if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
-                histories.setdefault(unit.variant, []).append(pd.read_csv(local))
-    plot_curves(histories, out / CURVES)
+    plot_curves(_histories(ctx, scores), out / CURVES)
     artifacts[CURVES] = store.put_file(run_key(run_id, CURVES), out / CURVES)
-    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS_PLOT)  # dots and intervals
+    plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS_PLOT)
     artifacts[VARIANTS_PLOT] = store.put_file(run_key(run_id, VARIANTS_PLOT), out / VARIANTS_PLOT)
 
     candidate = champion_record(manifest, store).to_dict()
@@ -144,12 +129,11 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
     manifest["dataset"]["identity"] = ident
     judge = ChampionJudge(test.champion_comparison, lambda current: face_champion_again(ctx, current))
 
-    # every file of the run is stored, the manifest included, before the champion is
-    # touched; the manifest claims a promotion only once the champion names this run
+    # the manifest is stored before the champion is touched, and claims a promotion only
+    # once the champion names this run
     current = champions.read(store, ident)
     promoted, reason = champions.decide(current, candidate, judge)
-    # report.md stays in the store for good: relative links, never presigned ones (they
-    # carry credentials and expire); the UI gets presigned links in tasks/artifacts.py
+    # report.md stays in the store: relative links, never presigned ones (credentials, expiry)
     folder = store.uri_for(run_key(run_id))
 
     def seal(promoted: bool, reason: str, compared_with: str | None) -> dict:
@@ -177,9 +161,23 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
             "dataset_identity": ident, "compared_with": decision.compared_with}
 
 
+def _histories(ctx: RunContext, scores: list[VariantScore]) -> dict[str, list[pd.DataFrame]]:
+    """Every repeat's history by variant, from the store: a unit may have trained elsewhere."""
+    store, run_id = ctx.store, ctx.run_id
+    histories: dict[str, list[pd.DataFrame]] = {}
+    for unit in units_of([s.name for s in scores], ctx.params.seed, ctx.params.repeats):
+        key = stored_key(store, run_id, unit, HISTORY)
+        if key is not None:
+            # a few kB; a planted huge one is refused (TooLarge) before it is downloaded
+            local = store.get_file(key, local_run_dir(run_id, "variants", *unit.folder.split("/"), HISTORY),
+                                   limit=MAX_DOCUMENT_BYTES)
+            if local.stat().st_size > 1:  # a variant that diverged in its first epoch has an empty one
+                histories.setdefault(unit.variant, []).append(pd.read_csv(local))
+    return histories
+
+
 def not_compared(store, run_id: str, ident: str, decision: champions.Decision) -> None:
-    """Say, and tell Prefect (an automation can alert on it), that this run had no
-    champion of its dataset identity to be compared with."""
+    """Said, and emitted for an automation to alert on."""
     others = sorted(set(champions.documents(store)) - {ident})
     print(f"not compared: no champion of dataset {ident} to compare with"
           + (f" (champions of other datasets: {', '.join(others)})" if others else ""))

@@ -1,6 +1,6 @@
-"""score_variants and compare_variants: each variant's repeats combined into one score
-with its 95% interval, and the selected variant against the runner-up, paired on the
-same validation images (cnn/stats.py). Only validation predictions are read here."""
+"""Each variant's repeats combined into one score with its 95% interval, and the selected
+variant against the runner-up, paired on the same validation images. Only validation
+predictions are read here."""
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +36,7 @@ def outcomes(store: Store, repeats: list[UnitResult], labels: np.ndarray) -> np.
 
 
 def right(raw: bytes, where: str, labels: np.ndarray) -> np.ndarray:
-    """(N,) bool from a stored predictions file (`where` names it in errors): whether each
-    image's predicted class is its label."""
+    """(N,) bool: whether each image's stored predicted class is its label."""
     try:
         predicted = load_tensors(raw).get("predicted")
     except SafetensorError as e:
@@ -50,9 +49,8 @@ def right(raw: bytes, where: str, labels: np.ndarray) -> np.ndarray:
 
 
 def combine(name: str, repeats: list[UnitResult], correct: np.ndarray | None, metric: str) -> VariantScore:
-    """The variant's score: the mean and interval over its selectable repeats (`correct`,
-    (R_ok, N_val) bool, in their order), every repeat listed, and its best repeat by
-    `metric` (whose model would be tested). No repeat selectable: the first one's failure."""
+    """Mean and interval over the selectable repeats (`correct`: (R_ok, N_val)), the model
+    of the best by `metric`; with none selectable, the first one's failure."""
     listed = [r.repeat_summary() for r in repeats]
     artifacts = {k: v for r in repeats for k, v in r.artifacts.items()}
     ok = [r for r in repeats if r.selectable]
@@ -68,7 +66,6 @@ def combine(name: str, repeats: list[UnitResult], correct: np.ndarray | None, me
 
 
 def _score(model: UnitResult, repeats: list[dict], artifacts: dict, **aggregate) -> VariantScore:
-    """A VariantScore whose own numbers and model are `model`'s (its best repeat's)."""
     return VariantScore(name=model.name, status=model.status, repeats=repeats, epochs_run=model.epochs_run,
                         best_epoch=model.best_epoch, val_loss=model.val_loss, val_accuracy=model.val_accuracy,
                         seconds=model.seconds, attempts=model.attempts, seed=model.seed, device=model.device,
@@ -77,8 +74,6 @@ def _score(model: UnitResult, repeats: list[dict], artifacts: dict, **aggregate)
 
 @task(name="score-variants", cache_policy=NO_CACHE)
 def score_variants(ctx: RunContext, units: list[UnitResult]) -> list[VariantScore]:
-    """One score per variant, in the order the units came: its repeats' mean validation
-    accuracy with its 95% interval, and its best repeat's model and metrics."""
     groups: dict[str, list[UnitResult]] = {}
     for u in units:
         groups.setdefault(u.name, []).append(u)
@@ -98,9 +93,7 @@ def score_variants(ctx: RunContext, units: list[UnitResult]) -> list[VariantScor
 @task(name="compare-variants", cache_policy=NO_CACHE)
 def compare_variants(ctx: RunContext, units: list[UnitResult], scores: list[VariantScore],
                      selected: VariantScore) -> VariantComparison | None:
-    """The selected variant minus the runner-up (the next by the run's select_metric),
-    paired on the same validation images over all their repeats; None when no other
-    variant was selectable."""
+    """The selected variant minus the runner-up; None when no other was selectable."""
     others = [s for s in scores if s.selectable and s.name != selected.name]
     if not others:
         return None

@@ -1,7 +1,4 @@
-"""select_variant: choose by validation only; the test split is not looked at here.
-
-A variant is ranked by its mean over its repeats; its model is its best repeat's
-(tasks/scoring.py)."""
+"""select_variant: by validation only, a variant ranked by its mean over its repeats."""
 from __future__ import annotations
 
 from prefect import task
@@ -30,7 +27,6 @@ class NoVariantTrained(RuntimeError):
 
 @task(name="select-variant")
 def select_variant(scores: list[VariantScore], metric: str) -> VariantScore:
-    """The best variant by `metric` (its mean over repeats); diverged or failed variants are never chosen."""
     ok = [s for s in scores if s.selectable]
     if not ok:
         why = "; ".join(f"{s.name}: {s.status}" + (f" ({s.error})" if s.error else "") for s in scores)

@@ -1,6 +1,5 @@
 """test_model: the only task that reads the test split, once, for the selected model and
-the champion it faces (on the same images: the promotion is decided on their paired
-difference, cnn.stats.promotion)."""
+the champion it faces (same images: promotion rests on their paired difference)."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +35,7 @@ from tasks.scoring import right
 
 
 def champion_model(store: Store, record: dict, num_classes: int, device: str, workdir: Path) -> tuple[nn.Module, TrainConfig]:
-    """The champion's model, rebuilt from its run's model/config.json and weights.safetensors
-    (nothing unpickled), on `device`; and its config."""
+    """Rebuilt from config.json and weights.safetensors: nothing unpickled."""
     workdir.mkdir(parents=True, exist_ok=True)
     key = model_key(record["run_id"], CONFIG)
     # a few kB; bounded before it is downloaded (TooLarge: the champion is not loaded, naming it)
@@ -48,9 +46,7 @@ def champion_model(store: Store, record: dict, num_classes: int, device: str, wo
 
 def face_champion(ctx: RunContext, current: dict, correct_new: np.ndarray, data: Splits, device: str,
                   workdir: Path, amp: bool = False) -> ChampionComparison:
-    """The new model minus the champion `current` on the same test images, evaluated as the
-    new model was (same device, precision, normalisation and batches), and whether that
-    promotes it by the run's promote_confidence and promote_margin."""
+    """The champion is evaluated as the new model was (device, precision, normalisation, batches)."""
     who = safe_name(current["run_id"], "champion run id")  # read from the store: it names a local folder
     try:
         model, cfg = champion_model(ctx.store, current, len(data.classes), device, workdir / "champion" / who)
@@ -68,8 +64,7 @@ def face_champion(ctx: RunContext, current: dict, correct_new: np.ndarray, data:
 
 
 def face_champion_again(ctx: RunContext, current: dict) -> ChampionComparison:
-    """face_champion for a champion that changed after the test (publish's race): the new
-    model's stored test predictions against `current`'s model, on the CPU."""
+    """For a champion that changed after the test: the stored test predictions, on the CPU."""
     store = ctx.store
     data = load_dataset(store, ctx.dataset, ctx.params.split_seed)
     where = store.uri_for(model_key(ctx.run_id, TEST_PREDICTIONS))
@@ -83,9 +78,8 @@ def face_champion_again(ctx: RunContext, current: dict) -> ChampionComparison:
 
 @task(name="test-model", cache_policy=NO_CACHE)
 def test_model(ctx: RunContext, selected: VariantScore, device: str) -> TestResult:
-    """Test the selected variant's best weights, and the champion of the same test images if
-    there is one; write the model folder to the store. The precision is the run's, resolved
-    for `device`: with fan-out the variants trained in bf16 on GPUs and the test runs here."""
+    """Test the selected model and the champion, if any; store the model folder. Precision
+    is resolved for `device`: with fan-out the variants trained in bf16 on GPUs."""
     store = ctx.store
     out = local_run_dir(ctx.run_id, "model")
     out.mkdir(parents=True, exist_ok=True)

@@ -1,21 +1,11 @@
-"""Training one repeat of one variant of a run: the unit of work, checkpointed to the store every epoch.
+"""Training one unit (one repeat of one variant), checkpointed to the store every epoch.
 
-`train_unit` is the same whether it runs in a lane of the train-cifar flow (the
-`train_in_lane` task below) or in a flow run of its own on another machine
-(flows/train_variant.py). Everything it needs to restart is in the store, so any
-machine can pick it up: a unit whose result record (`metrics.json`) is stored is not
-trained again, an unfinished one resumes from its newest checkpoint (the store's, or
-this machine's if an outage kept the store behind), and a lease makes sure that one
-writer at a time trains it: every file goes up as an object of the writer's
-generation and becomes current only through the lease (store/lease.py), so a writer
-that lost its lease changes nothing current. A run id names one set of parameters: a
-unit stored with others is refused before anything trains.
-
-A store outage costs no work: each epoch's checkpoint and history go up in the
-background (store/uploader.py) and training goes on while the store is away; the
-variant fails only when the store has been unreachable for longer than
-`store_outage_minutes`. Its result record is written only once every upload before
-it has landed, so a stored `metrics.json` never sits beside a stale checkpoint.
+Everything a restart needs is in the store, so any machine can pick a unit up: a
+stored `metrics.json` means done, otherwise it resumes from the newest checkpoint.
+A lease fences writers: files go up as objects of the writer's generation and become
+current only through the lease, so a writer that lost it changes nothing current.
+Uploads run in the background through outages; `metrics.json` goes up last, only
+after every earlier upload landed, so it never sits beside a stale checkpoint.
 """
 from __future__ import annotations
 
@@ -72,7 +62,6 @@ def terminal_progress(variant: str, epochs: int, batch_size: int, images: int,
 
 
 def device_name(device: str) -> str:
-    """The device as a person would name it: `cuda:0 (NVIDIA H200)`, `cpu (x86_64, 2 threads)`."""
     import platform
 
     if device.startswith("cuda"):
@@ -81,11 +70,8 @@ def device_name(device: str) -> str:
 
 
 def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False) -> UnitResult:
-    """Train `cfg.variant` with `cfg.seed` in the run of `ctx` (or return its stored result)
-    on the run's dataset, checked against its reference's SHA-256; resume from its
-    checkpoint in the store if there is one. `repeated`: the run trains several seeds of
-    each variant, so this one's files go to variants/<variant>/seed-<seed>/. Store outages
-    up to the run's `store_outage_minutes` are waited out."""
+    """Train one unit, or return its stored result. `repeated`: the run trains several
+    seeds per variant, so files go to variants/<variant>/seed-<seed>/."""
     store, run_id = ctx.store, ctx.run_id
     unit = Unit(cfg.variant, cfg.seed, repeated)
     facts = unit_facts(ctx, cfg)
@@ -101,12 +87,10 @@ def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = 
     with Lease(store.inner, unit.key(run_id, LEASE), owner, owner_is_gone=flow_run_is_over,
                outage=store.outage) as lease:
         out = _train_leased(ctx, cfg, unit, lease, device, owner, facts)
-    # everything it wrote is in the store now, its SHA-256 checked there
     drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
     return out
 
 
-# what a unit's facts may differ in without changing its model
 _NOT_THE_MODEL = {"compile"}
 
 
@@ -118,8 +102,7 @@ def unit_facts(ctx: RunContext, cfg: TrainConfig) -> dict:
 
 
 def refuse_other_parameters(ctx: RunContext, unit: Unit, facts: dict) -> None:
-    """A ValueError naming the run, the unit and the fields if the store holds this unit
-    trained (or being trained) with other parameters: a reused run id would otherwise
+    """Refuse a reused run id whose stored unit has other parameters: it would otherwise
     return, or resume, another model."""
     store, run_id = ctx.store, ctx.run_id
     stored = (committed(store, unit.key(run_id, LEASE)) or {}).get("unit")
@@ -137,7 +120,6 @@ def refuse_other_parameters(ctx: RunContext, unit: Unit, facts: dict) -> None:
 
 
 def _checkpoint_epochs(path, cfg: TrainConfig) -> int | None:
-    """Epochs finished in the checkpoint at `path` if it is a valid one of this config, else None."""
     try:
         config, epochs = read_progress(path)
     except ValueError as e:
@@ -150,8 +132,8 @@ def _checkpoint_epochs(path, cfg: TrainConfig) -> int | None:
 
 
 def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> None:
-    """Leave in `workdir` the newest checkpoint of this unit, this machine's or the store's
-    (the store's on a tie: it is the one that is current), or none."""
+    """Leave in `workdir` the newest checkpoint, this machine's or the store's (the
+    store's on a tie: it is the current one)."""
     local = workdir / CHECKPOINT
     ours = _checkpoint_epochs(local, cfg) if local.exists() else None
     if local.exists() and ours is None:
@@ -187,12 +169,10 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
     workdir.mkdir(parents=True, exist_ok=True)
     _resume_from(store, run_id, unit, cfg, workdir)
 
-    data = load_dataset(store, ctx.dataset, ctx.params.split_seed, ctx.params.subset)  # checked against its SHA-256
+    data = load_dataset(store, ctx.dataset, ctx.params.split_seed, ctx.params.subset)
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
     history_csv = workdir / "history.csv"
 
-    # every upload is fenced: new objects of this generation, made current by the lease
-    # (LeaseLost: another writer claimed the unit; this one stops, having changed nothing)
     def publish(files: dict) -> dict[str, dict]:
         return lease.publish(files, unit=facts)
 
@@ -201,15 +181,14 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
         result, artifacts = _train_epochs(cfg, unit, data, device, workdir, uploader, progress_id, history_csv,
                                           # the checkpoint first: the history never claims an epoch it lacks
                                           {CHECKPOINT: workdir / CHECKPOINT, "history.csv": history_csv})
-    final: dict = {}  # name -> local file: the best weights, predictions and, last, the result record
-    if result["best_state"] is not None:
-        with publishing(workdir / "best.safetensors") as tmp:
-            save_file({k: t.contiguous() for k, t in result["best_state"].items()}, str(tmp))
-        final["best.safetensors"] = workdir / "best.safetensors"
-    if result["best_predictions"] is not None:
-        with publishing(workdir / PREDICTIONS) as tmp:
-            save_file({"predicted": result["best_predictions"].contiguous()}, str(tmp))
-        final[PREDICTIONS] = workdir / PREDICTIONS
+    final: dict = {}
+    predicted = result["best_predictions"]
+    for name, tensors in {"best.safetensors": result["best_state"],
+                          PREDICTIONS: None if predicted is None else {"predicted": predicted}}.items():
+        if tensors is not None:
+            with publishing(workdir / name) as tmp:
+                save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
+            final[name] = workdir / name
     stored = store.outage.call(publish, final) if final else {}
     artifacts.update({f"{unit.folder}/{name}": _artifact(rec) for name, rec in stored.items()})
     out = UnitResult(
@@ -225,30 +204,28 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
 
 
 def _artifact(rec: dict) -> dict:
-    """A manifest artifact entry, {uri, sha256, bytes}, of a stored file's record."""
     return {k: rec[k] for k in ("uri", "sha256", "bytes")}
 
 
 def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, progress_id, history_csv,
                   files: dict) -> tuple[dict, dict[str, dict]]:
-    """Train, handing each epoch's checkpoint and history (`files`: name -> local path) to
-    the uploader; (the training result, the stored files' records by artifact name once all have landed)."""
+    """Train, handing each epoch's `files` to the uploader; (result, stored artifacts)."""
     v = unit.label
-    earlier: list[dict] = []  # epochs trained before a resume, so the CSV stays whole
+    earlier: list[dict] = []  # epochs before a resume, so the CSV stays whole
     if (workdir / CHECKPOINT).exists():
         earlier = read_history(workdir / CHECKPOINT)  # the JSON part alone: nothing unpickled
-    trained: list[dict] = []  # epochs trained by this call, each uploaded with its checkpoint
+    trained: list[dict] = []
 
     def upload(history: list[dict]) -> None:
-        pd.DataFrame(history).to_csv(history_csv, index=False)  # the local copy first: it is the truth
-        uploader.submit(files)  # raises if the store was gone for longer than the window, or the lease lost
+        pd.DataFrame(history).to_csv(history_csv, index=False)
+        uploader.submit(files)  # raises past the outage window, or on a lost lease
 
     def on_epoch(row: dict, ckpt_path) -> None:
         print(_fmt(row, v, cfg.epochs, len(data.train_y)))
         trained.append(row)
         upload(earlier + trained)
         update_progress_artifact(progress_id, 100.0 * row["epoch"] / cfg.epochs)
-        show_curves(v, earlier + trained, cfg.epochs)  # the UI's picture, redrawn every 30 s at most
+        show_curves(v, earlier + trained, cfg.epochs)
 
     result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch,
                    on_progress=terminal_progress(v, cfg.epochs, cfg.batch_size, len(data.train_y)))
@@ -258,7 +235,7 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
     # last good epoch) or a resume with nothing left to train leaves the store behind
     if (result["status"] == "diverged" or not trained) and (workdir / CHECKPOINT).exists():
         upload(result["history"])
-    uploader.flush()  # within the outage window, before anything claims the variant is done
+    uploader.flush()
     return result, {f"{unit.folder}/{name}": _artifact(rec) for name, rec in uploader.uploaded.items()}
 
 
@@ -266,9 +243,7 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
 @task(name="train-in-lane", cache_policy=NO_CACHE, task_run_name="train-{label}")
 def train_in_lane(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False,
                   label: str = "") -> UnitResult:
-    """Train one repeat of one variant in this process; resume from its checkpoint in the store if one exists."""
-    # the run is stopping (Ctrl-C at the command line): start nothing; stop what trains at
-    # its next batch, its last finished epoch stored for a resume. Cancelled, not failed.
+    # Ctrl-C: start nothing; what trains stops at its next batch, its last epoch stored.
     if STOP.is_set():
         return Cancelled(message="not started: the run is stopping")
     try:
