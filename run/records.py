@@ -9,10 +9,7 @@ from dataclasses import dataclass, field
 
 from store import Store
 from store.base import json_object
-from run.layout import Unit, stored_key
-
-METRICS = "metrics.json"
-
+from run.layout import UNIT_RESULT, Unit, stored_key
 
 @dataclass(frozen=True, kw_only=True)
 class DatasetRef:
@@ -78,7 +75,7 @@ class UnitResult:
     @classmethod
     def read(cls, store: Store, run_id: str, unit: Unit) -> UnitResult | None:
         """The unit's current record, or None if it has not finished."""
-        key = stored_key(store, run_id, unit, METRICS)
+        key = stored_key(store, run_id, unit, UNIT_RESULT)
         raw = None if key is None else store.read_versioned(key)[0]  # deleted by hand: the unit resumes
         return None if raw is None else cls.from_dict(_checked(raw, store.uri_for(key)))
 

@@ -31,13 +31,12 @@ from store.lease import Lease, committed
 from store.uploader import Uploader
 from run.cache import drop_local_copies, local_run_dir
 from run.context import RunContext
-from run.layout import LEASE, Unit, stored_key
+from run.layout import BEST_WEIGHTS, HISTORY, LEASE, UNIT_RESULT, VAL_PREDICTIONS, Unit, stored_key
 from run.owner import current_owner, flow_run_is_over
 from tasks.data import load_dataset
 from run.live import show_curves
-from run.records import METRICS, UnitResult
+from run.records import UnitResult
 
-PREDICTIONS = "val_predictions.safetensors"  # tensor "predicted": (N_val,) uint8, the best epoch's classes
 
 
 def _fmt(row: dict, variant: str, epochs: int, images: int) -> str:
@@ -78,7 +77,7 @@ def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = 
     refuse_other_parameters(ctx, unit, facts)
     done = UnitResult.read(store, run_id, unit)
     if done is not None:
-        where = store.uri_for(stored_key(store, run_id, unit, METRICS))
+        where = store.uri_for(stored_key(store, run_id, unit, UNIT_RESULT))
         print(f"{unit.label}: already trained ({done.status}, {where}); not again")
         return done
     owner = current_owner()
@@ -171,7 +170,7 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
 
     data = load_dataset(store, ctx.dataset, ctx.params.split_seed, ctx.params.subset)
     progress_id = create_progress_artifact(0.0, key=f"progress-{v}", description=f"{v}: epochs done of at most {cfg.epochs}")
-    history_csv = workdir / "history.csv"
+    history_csv = workdir / HISTORY
 
     def publish(files: dict) -> dict[str, dict]:
         return lease.publish(files, unit=facts)
@@ -180,11 +179,11 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
     with Uploader(lease.store, store.outage, workdir / ".uploading", send=publish) as uploader:
         result, artifacts = _train_epochs(cfg, unit, data, device, workdir, uploader, progress_id, history_csv,
                                           # the checkpoint first: the history never claims an epoch it lacks
-                                          {CHECKPOINT: workdir / CHECKPOINT, "history.csv": history_csv})
+                                          {CHECKPOINT: workdir / CHECKPOINT, HISTORY: history_csv})
     final: dict = {}
     predicted = result["best_predictions"]
-    for name, tensors in {"best.safetensors": result["best_state"],
-                          PREDICTIONS: None if predicted is None else {"predicted": predicted}}.items():
+    for name, tensors in {BEST_WEIGHTS: result["best_state"],
+                          VAL_PREDICTIONS: None if predicted is None else {"predicted": predicted}}.items():
         if tensors is not None:
             with publishing(workdir / name) as tmp:
                 save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp))
@@ -194,12 +193,12 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
     out = UnitResult(
         name=cfg.variant, status=result["status"], epochs_run=result["epochs_run"], best_epoch=result["best_epoch"],
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
-        error=result["error"], weights_key=stored.get("best.safetensors", {}).get("key"), config=cfg.__dict__,
-        artifacts=artifacts, flow_run_id=owner, seed=cfg.seed, predictions_key=stored.get(PREDICTIONS, {}).get("key"))
-    write_durably(workdir / METRICS, out.to_json().encode())
+        error=result["error"], weights_key=stored.get(BEST_WEIGHTS, {}).get("key"), config=cfg.__dict__,
+        artifacts=artifacts, flow_run_id=owner, seed=cfg.seed, predictions_key=stored.get(VAL_PREDICTIONS, {}).get("key"))
+    write_durably(workdir / UNIT_RESULT, out.to_json().encode())
     # the record last: once it is current, the unit is done
-    record = store.outage.call(publish, {METRICS: workdir / METRICS})[METRICS]
-    out.artifacts[f"{unit.folder}/{METRICS}"] = _artifact(record)
+    record = store.outage.call(publish, {UNIT_RESULT: workdir / UNIT_RESULT})[UNIT_RESULT]
+    out.artifacts[f"{unit.folder}/{UNIT_RESULT}"] = _artifact(record)
     return out
 
 
