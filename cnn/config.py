@@ -19,7 +19,7 @@ class TrainConfig:
     model: str
     variant: str
     epochs: int  # maximum; early stopping may end sooner
-    patience: int  # epochs without a better validation loss before stopping
+    patience: int
     batch_size: int
     lr: float
     momentum: float

@@ -22,7 +22,7 @@ def pick_device(name: str = "auto") -> torch.device:
 # step pays one page fault (kernel zeroing; in a VM, a hypervisor exit too) per 4 KiB
 # of activations. On the 2-core benchmark VM that made a seed step erratic, 100 to 480
 # images/s; with freed memory kept in the heap and reused it is a steady ~590.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _heap_kept = False
 
 

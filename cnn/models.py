@@ -17,7 +17,7 @@ class Recipe:
     lr: float  # peak learning rate, for the mean loss over a batch
     batch_size: int
     weight_decay: float  # PyTorch SGD's coefficient, on weights (not biases)
-    momentum: float = 0.9  # Nesterov
+    momentum: float = 0.9
     label_smoothing: float = 0.0
     schedule: str = "onecycle"
     warmup: float = 0.2  # warmup-linear: fraction of steps to the peak

@@ -228,7 +228,7 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     flip_bits = None
     if cfg.alt_flip:
         flip_bits = (torch.rand(len(y_train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5).to(device)
-    pad_eval = cfg.compile or device.type == "cuda"  # fixed eval shapes: no recompile, no cudnn re-plan
+    pad_eval = cfg.compile or device.type == "cuda"
     while state.epoch < cfg.epochs:
         epoch = state.epoch + 1
         t0 = time.perf_counter()
