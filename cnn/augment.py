@@ -1,21 +1,11 @@
 """Batched, on-device augmentation: a variant is a list of steps over whole batches.
 
-Every step maps a batch (B, 3, H, W) to one of the same shape on the same device,
-drawing its randomness from the generator it is given, so a seeded run is
-repeatable. No PIL, no per-image Python loop, no DataLoader workers (the
-airbench way). Two kinds of step:
-
-- moves (`flip`, `translate`) only change where each output pixel is read from.
-  A move draws, per image, the source row of every output row (B, H) and the
-  source column of every output column (B, W). Moves work on any dtype and
-  commute with normalisation, so `make_batch` composes a variant's leading moves
-  into one index map and applies it with a single gather on the uint8 batch
-  (a quarter of the bytes of float32, and one pass instead of one per step).
-- paints (`cutout`, `jitter`) change values of the normalised float batch.
-
-`make_batch` is what training uses: uint8 dataset + indices -> augmented,
-normalised float batch. `augment` applies a variant to an already normalised
-batch, step by step (the plain definition; tests compare the two).
+Randomness comes only from the generator each step is given, so a seeded run is
+repeatable. Moves (`flip`, `translate`) only choose where each pixel is read from,
+so they commute with normalisation: `make_batch` composes a variant's leading moves
+into one gather on the uint8 batch (a quarter of float32's bytes, one pass). Paints
+(`cutout`, `jitter`) change the normalised float batch. `augment` is the plain
+step-by-step definition that tests compare `make_batch` with.
 """
 from __future__ import annotations
 
@@ -24,19 +14,15 @@ from typing import Callable
 
 import torch
 
-# CIFAR-10 training-set channel statistics, on the 0..1 scale
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 
 Step = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-Coords = tuple[torch.Tensor, torch.Tensor]  # rows (B, H), cols (B, W): int64 source indices
+Coords = tuple[torch.Tensor, torch.Tensor]  # source rows (B, H), cols (B, W)
 
 
 def _to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float in x's layout: x * (1/std) - mean/std.
-
-    A multiply and an add in place over a (1, 3, 1, 1) broadcast: fast on an NCHW
-    batch (the broadcast is not over the innermost dimension)."""
+    """In x's layout: an in-place multiply and add, fast on NCHW (not broadcast innermost)."""
     if x.dtype != torch.uint8:
         raise ValueError(f"normalize: expected a uint8 image batch, found {x.dtype}")
     scale = torch.tensor([1 / (255 * s) for s in STD], device=x.device, dtype=dtype).view(1, 3, 1, 1)
@@ -45,7 +31,7 @@ def _to_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tens
 
 
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> normalised float, channels_last (what the models take)."""
+    """uint8 -> normalised float, channels_last (what the models take)."""
     return _to_float(x, dtype).contiguous(memory_format=torch.channels_last)
 
 
@@ -60,18 +46,15 @@ def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def gather_pixels(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """out[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]] for any dtype, in one gather.
-
-    Returns an NCHW-contiguous tensor of x's shape and dtype."""
+    """out[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]] for any dtype, in one gather."""
     n, c, h, w = x.shape
-    lin = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w)  # (B, 1, H*W) flat source index
+    lin = (rows[:, :, None] * w + cols[:, None, :]).view(n, 1, h * w)
     return x.reshape(n, c, h * w).gather(2, lin.expand(n, c, h * w)).view(n, c, h, w)
 
 
 @dataclass(frozen=True)
 class Move:
-    """A step that only moves pixels; `coords(n, h, w, g, device, **kw)` draws its
-    per-image source rows (B, H) and columns (B, W). Calling it moves a batch."""
+    """A step that only moves pixels: `coords(n, h, w, g, device, **kw)` draws where from."""
 
     name: str
     coords: Callable[..., Coords]
@@ -82,24 +65,23 @@ class Move:
 
 
 def _flip_coords(n, h, w, g, device, mask: torch.Tensor | None = None) -> Coords:
-    """Mirror each image left-right with probability 1/2; `mask` (B,) bool overrides the draw."""
+    """`mask` (B,) bool overrides the coin."""
     if mask is None:
         mask = _uniform(n, g, device) < 0.5
     j = torch.arange(w, device=device)
-    cols = torch.where(mask.view(n, 1), w - 1 - j, j)  # (B, W)
+    cols = torch.where(mask.view(n, 1), w - 1 - j, j)
     return torch.arange(h, device=device).expand(n, h), cols
 
 
 def _translate_coords(n, h, w, g, device, pad: int = 4, offsets: torch.Tensor | None = None) -> Coords:
-    """Pad-and-crop: output pixel (i, j) reads input (i + dy, j + dx), reflected at the border,
-    with (dy, dx) uniform in [-pad, pad]; `offsets` (B, 2) int overrides the draw."""
+    """Pad-and-crop, reflected at the border; `offsets` (B, 2) int overrides the draw."""
     if not 0 <= pad < min(h, w):
         raise ValueError(f"translate: pad must be in [0, {min(h, w) - 1}] for {h}x{w} images, found {pad}")
     if offsets is None:
         offsets = (_uniform(2 * n, g, device).view(n, 2) * (2 * pad + 1)).long() - pad
     offsets = offsets.to(device=device, dtype=torch.long)
-    rows = _reflect(torch.arange(h, device=device) + offsets[:, :1], h)  # (B, H)
-    cols = _reflect(torch.arange(w, device=device) + offsets[:, 1:], w)  # (B, W)
+    rows = _reflect(torch.arange(h, device=device) + offsets[:, :1], h)
+    cols = _reflect(torch.arange(w, device=device) + offsets[:, 1:], w)
     return rows, cols
 
 
@@ -108,40 +90,33 @@ translate = Move("translate", _translate_coords)
 
 
 def cutout(x: torch.Tensor, g: torch.Generator, size: int = 8, centers: torch.Tensor | None = None) -> torch.Tensor:
-    """Zero a size x size square (clipped at the border) centred at a random pixel.
-
-    Zero is the mean after normalisation. `centers` (B, 2) int overrides the draw."""
+    """Zero (the mean, normalised) a size x size square; `centers` (B, 2) overrides the draw."""
     n, _, h, w = x.shape
     if centers is None:
         centers = (_uniform(2 * n, g, x.device).view(n, 2) * torch.tensor([h, w], device=x.device)).long()
-    lo = centers.to(x.device).long() - size // 2  # (B, 2) top-left corner, may be off the image
+    lo = centers.to(x.device).long() - size // 2
     ys = torch.arange(h, device=x.device).view(1, h)
     xs = torch.arange(w, device=x.device).view(1, w)
-    in_rows = ((ys >= lo[:, :1]) & (ys < lo[:, :1] + size)).to(x.dtype)  # (B, H) 1 inside
-    in_cols = ((xs >= lo[:, 1:]) & (xs < lo[:, 1:] + size)).to(x.dtype)  # (B, W)
-    # a multiply by a (B, 1, H, W) 0/1 mask: ten times faster than masked_fill's broadcast
+    in_rows = ((ys >= lo[:, :1]) & (ys < lo[:, :1] + size)).to(x.dtype)
+    in_cols = ((xs >= lo[:, 1:]) & (xs < lo[:, 1:] + size)).to(x.dtype)
+    # a multiply by a 0/1 mask: ten times faster than masked_fill's broadcast
     keep = 1 - in_rows[:, None, :, None] * in_cols[:, None, None, :]
     return x * keep
 
 
 def jitter(x: torch.Tensor, g: torch.Generator, brightness: float = 0.3, contrast: float = 0.3,
            saturation: float = 0.3) -> torch.Tensor:
-    """Colour jitter per image, in this order: brightness shift, contrast and saturation scale.
-
-    With u ~ U[-1, 1) per image and factor: beta = u0 * brightness / 0.25 (a shift of
-    `brightness` on the 0..1 scale is ~1/0.25 std units), c = 1 + u1 * contrast,
-    s = 1 + u2 * saturation:
-        x1 = x + beta;  x2 = (x1 - mean(x1)) * c + mean(x1);  x3 = (x2 - grey(x2)) * s + grey(x2)
-    where mean is over the whole image and grey over channels. All three are affine
-    in the pixel's colour, so x3 = A x + t with A = c (s I + (1 - s) J / C) and
-    t = beta + (1 - c) mean(x): one batched (C x C) matrix product per image."""
+    """Brightness shift, then contrast and saturation scale, per image. All three are affine
+    in the pixel's colour, so together x3 = A x + t with A = c (s I + (1 - s) J / C) and
+    t = beta + (1 - c) mean(x): one batched (C x C) matrix product. Brightness is divided by
+    0.25, about one std on the 0..1 scale."""
     n, ch, h, w = x.shape
-    u = _uniform(3 * n, g, x.device).view(3, n) * 2 - 1  # in [-1, 1)
-    beta, c, s = u[0] * brightness / 0.25, 1 + u[1] * contrast, 1 + u[2] * saturation  # (B,) each
+    u = _uniform(3 * n, g, x.device).view(3, n) * 2 - 1
+    beta, c, s = u[0] * brightness / 0.25, 1 + u[1] * contrast, 1 + u[2] * saturation
     eye = torch.eye(ch, device=x.device, dtype=x.dtype)
     avg = torch.full((ch, ch), 1 / ch, device=x.device, dtype=x.dtype)
-    a = c.view(n, 1, 1) * (s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * avg)  # (B, C, C)
-    t = beta + (1 - c) * x.mean(dim=(1, 2, 3))  # (B,)
+    a = c.view(n, 1, 1) * (s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * avg)
+    t = beta + (1 - c) * x.mean(dim=(1, 2, 3))
     out = torch.baddbmm(t.view(n, 1, 1).to(x.dtype), a.to(x.dtype), x.reshape(n, ch, h * w))
     return out.view(n, ch, h, w)
 
@@ -157,7 +132,6 @@ VARIANTS: dict[str, list[Step]] = {
 
 
 def check_variants(names: list[str]) -> None:
-    """The one refusal of a list of variant names: empty, or naming one that is not in VARIANTS."""
     if not names:
         raise ValueError(f"at least one variant is needed; known variants: {', '.join(VARIANTS)}")
     unknown = [n for n in names if n not in VARIANTS]
@@ -171,7 +145,6 @@ def _steps(variant: str) -> list[Step]:
 
 
 def augment(x: torch.Tensor, variant: str, g: torch.Generator) -> torch.Tensor:
-    """Apply the variant's steps in order to a normalised float batch."""
     for step in _steps(variant):
         x = step(x, g)
     return x
@@ -179,16 +152,11 @@ def augment(x: torch.Tensor, variant: str, g: torch.Generator) -> torch.Tensor:
 
 def make_batch(x_u8: torch.Tensor, idx: torch.Tensor, variant: str, g: torch.Generator,
                flip_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The training batch: images `idx` of the uint8 dataset (N, 3, H, W), augmented by
-    `variant`, normalised, float (B, 3, H, W).
-
-    The variant's leading moves run as one gather on uint8; the rest on the float
-    batch. `flip_mask` (B,) bool replaces `flip`'s coin (the alternating flip).
-    The batch stays NCHW: a model with channels_last weights reorders it in its first
-    convolution at no measurable cost, while a separate copy here would be a third of
-    the pipeline's time."""
+    """Images `idx` of the uint8 dataset, augmented and normalised; `flip_mask` replaces
+    `flip`'s coin. The batch stays NCHW: a channels_last model reorders it in its first
+    convolution at no measurable cost, while a copy here would be a third of the time."""
     steps = _steps(variant)
-    xb = x_u8.index_select(0, idx)  # (B, 3, H, W) uint8: a row copy per image
+    xb = x_u8.index_select(0, idx)
     n, _, h, w = xb.shape
     k = 0
     while k < len(steps) and isinstance(steps[k], Move):

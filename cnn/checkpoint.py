@@ -1,27 +1,11 @@
 """Checkpoints: a variant's whole training state in one safetensors file, nothing pickled.
 
-A checkpoint comes back from a store that others may write, so reading one must
-never run code (unpickling does: torch.load with weights_only=False). The file is
-safetensors: tensors by name, and one JSON document in its metadata header (a
-str -> str map) for everything else. One file, written under a temporary name and
-renamed, so a reader sees the previous checkpoint or the new one, never a mix.
-
-Tensors (all on the CPU in the file):
-    model/<name>          model.state_dict()
-    optimizer/<i>/<name>  the optimizer's state of parameter i (SGD: momentum_buffer)
-    lookahead/<name>      the lookahead average, once it exists
-    best/<name>           the best epoch's weights, once there is a best epoch
-    best/val_predictions  the best epoch's predicted class per validation image, (N,) uint8
-    rng                   the shuffling and augmentation generator's state, (S,) uint8
-
-Metadata: "format" (FORMAT) and "document", JSON with
-    config     the TrainConfig as a dict
-    loop       LoopState without its tensors (epoch, history, best_epoch, ...)
-    optimizer  param_groups (lrs, momentum, ...) and the non-tensor per-parameter state
-    scheduler  the scheduler's state_dict (step counts, base lrs: all numbers)
-
-A file that is not this, holds a tensor not listed above, or does not fit the
-model it is loaded into is refused with a ValueError naming it.
+A checkpoint comes back from a store that others may write, so reading one must never
+run code (torch.load unpickles). Tensors: model/<name>, optimizer/<i>/<name>,
+lookahead/<name>, best/<name>, best/val_predictions, rng. Metadata: "format" and
+"document", JSON with config, loop (LoopState without tensors), optimizer (param_groups
+and non-tensor state) and scheduler. Anything else, or a tensor that does not fit the
+model, is refused with a ValueError naming the file.
 """
 from __future__ import annotations
 
@@ -49,21 +33,18 @@ LOOP_STATES = ("running", "completed", "early_stopped", "diverged")
 
 @dataclass
 class LoopState:
-    """The training loop's progress; saved in every checkpoint, so a resume continues it."""
-
     epoch: int = 0  # epochs finished
-    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    history: list[dict] = field(default_factory=list)
     best_epoch: int = 0  # 0 until an epoch has a finite validation loss
     best_val_loss: float = math.inf
     bad_epochs: int = 0  # epochs since the best one
-    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights, on the CPU
-    best_predictions: torch.Tensor | None = None  # (N_val,) uint8: the best epoch's predicted classes
-    seconds: float = 0.0  # training and validation time, summed over epochs
-    status: str = "running"  # one of LOOP_STATES
-    error: str | None = None  # why it diverged
+    best_state: dict[str, torch.Tensor] | None = None
+    best_predictions: torch.Tensor | None = None  # (N_val,) uint8: comparisons pair on these images
+    seconds: float = 0.0
+    status: str = "running"
+    error: str | None = None
 
 
-# the JSON part of a LoopState: every field but the tensors, with the types it must have
 _LOOP_FIELDS = {"epoch": int, "history": list, "best_epoch": int, "best_val_loss": (int, float),
                 "bad_epochs": int, "seconds": (int, float), "status": str, "error": (str, type(None))}
 _DOCUMENT_KEYS = {"config", "loop", "optimizer", "scheduler"}
@@ -71,10 +52,9 @@ _DOCUMENT_KEYS = {"config", "loop", "optimizer", "scheduler"}
 
 def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched, gen: torch.Generator,
                     lookahead: Lookahead | None, cfg: TrainConfig, state: LoopState) -> None:
-    """Write everything a resume needs to `path`, atomically."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     opt_state = opt.state_dict()
-    opt_scalars: dict[str, dict] = {}  # JSON keys are strings: parameter index i as "i"
+    opt_scalars: dict[str, dict] = {}  # JSON keys are strings
     for i, entries in opt_state["state"].items():
         for k, v in entries.items():
             if isinstance(v, torch.Tensor):
@@ -102,8 +82,7 @@ def save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
 
 def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched, gen: torch.Generator,
                     lookahead: Lookahead | None, cfg: TrainConfig) -> LoopState:
-    """Restore model, optimizer, scheduler, generator and lookahead from `path`, written
-    by save_checkpoint under the same config; returns the loop's state."""
+    """Restore everything save_checkpoint wrote under the same config; returns the loop's state."""
     with _open(path) as f:
         document = _document(path, f.metadata())
         try:
@@ -113,18 +92,7 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     if document["config"] != dataclasses.asdict(cfg):
         raise ValueError(f"{path}: checkpoint was written with a different config; "
                          f"expected {dataclasses.asdict(cfg)}, found {document['config']}")
-    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "lookahead": {}, "best": {}}
-    rng = tensors.pop("rng", None)
-    for name, t in tensors.items():
-        prefix, _, key = name.partition("/")
-        if prefix not in groups or not key:
-            raise ValueError(f"{path}: unexpected tensor {name!r}; a checkpoint holds model/, optimizer/, "
-                             f"lookahead/ and best/ tensors and rng")
-        groups[prefix][key] = t
-    if rng is None or rng.dtype != torch.uint8 or rng.ndim != 1:
-        found = "none" if rng is None else f"{rng.dtype} {tuple(rng.shape)}"
-        raise ValueError(f"{path}: tensor 'rng': expected the generator state, (S,) uint8; found {found}")
-
+    groups, rng = _grouped(path, tensors)
     live = model.state_dict()
     _check_like(path, "model", groups["model"], live)
     state = LoopState(**document["loop"])
@@ -150,15 +118,27 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sc
     return state
 
 
+def _grouped(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor]:
+    groups: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "lookahead": {}, "best": {}}
+    rng = tensors.pop("rng", None)
+    for name, t in tensors.items():
+        prefix, _, key = name.partition("/")
+        if prefix not in groups or not key:
+            raise ValueError(f"{path}: unexpected tensor {name!r}; a checkpoint holds model/, optimizer/, "
+                             f"lookahead/ and best/ tensors and rng")
+        groups[prefix][key] = t
+    if rng is None or rng.dtype != torch.uint8 or rng.ndim != 1:
+        found = "none" if rng is None else f"{rng.dtype} {tuple(rng.shape)}"
+        raise ValueError(f"{path}: tensor 'rng': expected the generator state, (S,) uint8; found {found}")
+    return groups, rng
+
+
 def read_history(path: Path) -> list[dict]:
-    """The per-epoch history in the checkpoint at `path`, from its JSON alone (no tensors read)."""
     with _open(path) as f:
         return _document(path, f.metadata())["loop"]["history"]
 
 
 def read_progress(path: Path) -> tuple[dict, int]:
-    """(config, epochs finished) of the checkpoint at `path`, from its JSON alone; a ValueError
-    naming it if it is not one."""
     with _open(path) as f:
         document = _document(path, f.metadata())
     return document["config"], document["loop"]["epoch"]
@@ -173,7 +153,6 @@ def _open(path: Path):
 
 
 def _document(path: Path, metadata: dict[str, str] | None) -> dict:
-    """The checkpoint's JSON document, checked for its keys and the loop state's types."""
     metadata = metadata or {}
     if metadata.get("format") != FORMAT or set(metadata) != {"format", "document"}:
         raise ValueError(f"{path}: expected safetensors metadata {{'format': {FORMAT!r}, 'document': ...}}, "
@@ -199,7 +178,6 @@ def _document(path: Path, metadata: dict[str, str] | None) -> dict:
 
 
 def _predictions(path: Path, saved: torch.Tensor | None, best_epoch: int) -> torch.Tensor | None:
-    """The best epoch's predictions: (N,) uint8 exactly when there is a best epoch."""
     misshapen = saved is not None and (saved.dtype != torch.uint8 or saved.ndim != 1)
     if (saved is not None) != bool(best_epoch) or misshapen:
         found = "none" if saved is None else f"{saved.dtype} {tuple(saved.shape)}"
@@ -220,7 +198,6 @@ def _check_like(path: Path, group: str, saved: dict[str, torch.Tensor], live: di
 
 
 def _optimizer_state(path: Path, opt: torch.optim.Optimizer, scalars: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    """An optimizer state_dict from the document's param_groups and scalars and the optimizer/ tensors."""
     params = [p for g in opt.param_groups for p in g["params"]]  # state_dict numbers them in this order
     if not isinstance(scalars, dict) or set(scalars) != {"param_groups", "state"}:
         raise ValueError(f"{path}: optimizer: expected param_groups and state, found {scalars!r:.200}")
@@ -231,8 +208,7 @@ def _optimizer_state(path: Path, opt: torch.optim.Optimizer, scalars: dict, tens
         if p is None or not key or (t.ndim and t.shape != p.shape):
             raise ValueError(f"{path}: unexpected tensor 'optimizer/{name}': expected optimizer/<i>/<name> for "
                              f"one of {len(params)} parameters, a scalar or of that parameter's shape")
-        # the layout of its parameter (channels_last for convolutions), as the buffer made
-        # from the gradient had in the uninterrupted run
+        # its parameter's layout (channels_last), as the uninterrupted run's buffer had
         state.setdefault(int(i), {})[key] = _layout_of(p, t) if t.ndim else t
     for i, entries in scalars["state"].items():
         if not i.isdigit() or int(i) >= len(params) or not isinstance(entries, dict):
@@ -248,7 +224,6 @@ def _layout_of(like: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _refusing(path: Path, what: str):
-    """Turns the errors torch raises for state that does not fit into a ValueError naming the file."""
     try:
         yield
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:

@@ -14,20 +14,19 @@ PRECISIONS = ("fp32", "bf16")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything that decides a variant's training; saved inside every checkpoint, which
-    resumes only under the config it was written with."""
+    """Saved in every checkpoint, which resumes only under the config it was written with."""
 
     model: str
     variant: str
     epochs: int  # maximum; early stopping may end sooner
-    patience: int  # epochs without a better validation loss before stopping
+    patience: int
     batch_size: int
     lr: float
     momentum: float
     weight_decay: float
     label_smoothing: float
     schedule: str
-    tta: int  # 0 none, 1 mirror, 2 mirror + 1-pixel shifts (True/False mean 1/0)
+    tta: int  # True/False mean 1/0
     seed: int
     compile: bool = False
     warmup: float = 0.2
@@ -37,7 +36,7 @@ class TrainConfig:
     norm_decay: bool = False
     lookahead: bool = False
     alt_flip: bool = False
-    precision: str = "fp32"  # fp32, or bf16: bf16 autocast (weights, optimizer and BatchNorm stay fp32)
+    precision: str = "fp32"  # bf16 is autocast: weights, optimizer and BatchNorm stay fp32
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
@@ -52,8 +51,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 def make_config(model: str, variant: str, *, epochs: int, patience: int, seed: int,
                 batch_size: int | None = None, lr: float | None = None, compile: bool = False,
                 precision: str = "fp32") -> TrainConfig:
-    """A config from the model's recipe, with the run's overrides. `precision` is fp32
-    or bf16 (resolve 'auto' for the device first: resolve_precision)."""
+    """`precision` is fp32 or bf16: resolve 'auto' first (resolve_precision)."""
     check_model(model)
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, found {precision!r}")

@@ -1,16 +1,10 @@
 """CIFAR-10 data: find the archive, verify it, decode it once, split the hold-out.
 
-The python-format archive (`cifar-10-python.tar.gz`, or its extracted
-`cifar-10-batches-py/`) is checked before it is read: official files against
-torchvision's MD5s, anything else against an MD5 the user passes. Its pickles
-then go through `CifarUnpickler`, which rebuilds dicts, lists, strings, numbers
-and numpy arrays only: an archive from a mirror or a shared folder cannot run code.
-Every file and archive member is read through the bounded reader (store/base.py,
-stdlib only): one larger than a CIFAR file can be is refused unread, naming it.
-Prepared tensors are uint8 (N, 3, 32, 32) and saved with safetensors under
-`<cache>/<archive-md5>/`, so a second run never decodes again. Their SHA-256
-(`prepared_sha256`, of the tensors and class names, not of the file's layout) is
-computed from the verified archive and checked whenever a prepared copy is loaded.
+The archive is checked (official MD5s, or one the user passes) before it is read,
+every file through the bounded reader, and its pickles through `CifarUnpickler`, so
+an archive from a mirror or a shared folder can neither run code nor exhaust memory.
+Prepared tensors are cached under `<cache>/<archive-md5>/` and trusted only by their
+`prepared_sha256`, computed from the verified archive.
 """
 from __future__ import annotations
 
@@ -30,31 +24,28 @@ from safetensors.torch import load as load_safetensors, save_file
 from torchvision.datasets import CIFAR10
 from torchvision.datasets.utils import download_url
 
-# stdlib only, no boto3: the one bounded reader and the one way to publish a file
 from store.base import TooLarge, check_size, read_at_most
 from store.files import publishing, write_durably
 
-ARCHIVE_NAME = CIFAR10.filename  # cifar-10-python.tar.gz
+ARCHIVE_NAME = CIFAR10.filename
 ARCHIVE_MD5 = CIFAR10.tgz_md5
 ARCHIVE_URL = CIFAR10.url
-BATCH_DIR = CIFAR10.base_folder  # cifar-10-batches-py
+BATCH_DIR = CIFAR10.base_folder
 TRAIN_FILES = [name for name, _ in CIFAR10.train_list]
-HOLDOUT_FILE = CIFAR10.test_list[0][0]  # test_batch
-META_FILE = CIFAR10.meta["filename"]  # batches.meta
+HOLDOUT_FILE = CIFAR10.test_list[0][0]
+META_FILE = CIFAR10.meta["filename"]
 # batches.meta too: its class names end up in every manifest and report
 OFFICIAL_FILE_MD5 = dict(CIFAR10.train_list + CIFAR10.test_list + [(META_FILE, CIFAR10.meta["md5"])])
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-VAL_FRACTION = 0.65  # of the hold-out: 6,500 of the official 10,000
+VAL_FRACTION = 0.65
 
 PREPARED_FILE = "tensors.safetensors"
 PREPARED_META = "meta.json"
-# (N, 3, 32, 32) uint8 images and (N,) int64 labels of the training set and the hold-out
 PREPARED_MEMBERS = {"train_x": torch.uint8, "train_y": torch.int64, "holdout_x": torch.uint8,
                     "holdout_y": torch.int64}
 
-# The most each file another party wrote can hold; anything larger is refused unread.
-# A batch of 10,000 images is 31 MB (RunParams keeps a synthetic set's batches to that);
-# the official archive is 170 MB; it holds 8 entries; decoded, six files at their limit.
+# Anything another party wrote that is larger is refused unread. A batch of 10,000 images
+# is 31 MB (RunParams keeps synthetic batches to that); the official archive 170 MB, 8 entries.
 MAX_FILE_BYTES = 64 << 20
 OFFICIAL_ARCHIVE_BYTES = 170_498_071
 MAX_ARCHIVE_BYTES = 2 * OFFICIAL_ARCHIVE_BYTES
@@ -82,10 +73,8 @@ def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
-# Every global a CIFAR pickle may name: what rebuilds a numpy array, nothing else.
-# The official files (Python 2, numpy 1.x) name numpy.core.multiarray._reconstruct,
-# numpy.ndarray and numpy.dtype; files written under numpy 2 name numpy._core; protocol 5
-# uses _frombuffer; protocol 2 under Python 3 adds _codecs.encode for bytes.
+# What rebuilds a numpy array, nothing else: numpy.core (official, numpy 1.x) or numpy._core
+# (numpy 2) names, _frombuffer for protocol 5, _codecs.encode for protocol 2 under Python 3.
 _ALLOWED_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
@@ -102,8 +91,7 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 
 class CifarUnpickler(pickle.Unpickler):
-    """Unpickles the CIFAR python format (dicts, lists, str, bytes, ints, numpy arrays) and
-    refuses every other global, so that a pickle cannot call os.system or the like."""
+    """Refuses every global outside `_ALLOWED_GLOBALS`, so a pickle cannot call os.system."""
 
     def find_class(self, module: str, name: str):
         try:
@@ -126,8 +114,7 @@ def load_cifar_pickle(raw: bytes, member: str, source: Path):
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of `path`, a file another party may have written; a DataError naming it
-    and `limit` (the most `what` can be) if it is larger, before it is read."""
+    """The bytes of `path`; a DataError, before reading, if it is larger than `limit`."""
     try:
         with open(path, "rb") as f:
             check_size(str(path), os.fstat(f.fileno()).st_size, limit, what)
@@ -166,7 +153,7 @@ def download_cifar10(root: Path) -> Path:
         return path
     try:
         download_url(ARCHIVE_URL, str(root), ARCHIVE_NAME, ARCHIVE_MD5)
-    except Exception as e:  # URLError, socket errors, MD5 RuntimeError
+    except Exception as e:
         raise DataError(
             f"could not download CIFAR-10 from {ARCHIVE_URL}: {e}. Without internet, "
             f"pass a local copy with --data-dir DIR (holding {ARCHIVE_NAME} or {BATCH_DIR}/), "
@@ -193,8 +180,7 @@ def find_archive(data_dir: Path) -> Path:
 
 
 def _members_md5(members: dict[str, bytes]) -> str:
-    """MD5 of a folder's files concatenated in order: train batches, the hold-out, then
-    batches.meta when there is one (its class names are data too)."""
+    """MD5 of the files concatenated in order, batches.meta too (its class names are data)."""
     h = hashlib.md5()
     for name in TRAIN_FILES + [HOLDOUT_FILE, META_FILE]:
         if name in members:
@@ -218,8 +204,7 @@ def dataset_md5(path: Path) -> str:
 
 
 def verify(path: Path, expected_md5: str | None) -> str:
-    """Check `path` against `expected_md5`, or against the official MD5s when none is
-    given. Returns the dataset MD5."""
+    """The dataset MD5, checked against `expected_md5` or else the official MD5s."""
     path = Path(path)
     found = dataset_md5(path)
     if expected_md5 is not None:
@@ -253,9 +238,8 @@ def _folder_members(path: Path) -> dict[str, bytes]:
 
 
 def _read_members(path: Path, md5: str | None = None) -> dict[str, bytes]:
-    """Raw bytes of the batch files, from a .tar.gz or a folder. With `md5`, the bytes
-    read here are checked against it, so what is unpickled is what was verified (a file
-    swapped after `verify` is refused, not decoded)."""
+    """Raw bytes of the batch files; with `md5`, checked, so that a file swapped after
+    `verify` is refused, not unpickled."""
     if path.is_dir():
         out = _folder_members(path)
         found = _members_md5(out)
@@ -273,8 +257,7 @@ def _tar_members(raw: bytes, path: Path) -> dict[str, bytes]:
     out, where = {}, {}
     try:
         with tarfile.open(fileobj=io.BytesIO(raw), mode="r:gz") as tar:
-            # member by member, each refused by the size in its header before it is read
-            # or skipped: a small gzip can inflate to a member of many GB (a gzip bomb)
+            # each member refused by its header's size before it is read or skipped (gzip bomb)
             for count, member in enumerate(tar, 1):
                 if count > MAX_ARCHIVE_ENTRIES:
                     raise DataError(f"{path}: more than {MAX_ARCHIVE_ENTRIES} entries (limit); a CIFAR-10 "
@@ -302,7 +285,7 @@ def _decode_batch(name: str, raw: bytes, source: Path) -> tuple[torch.Tensor, to
     try:
         data = torch.as_tensor(np.asarray(batch["data"]))
         labels = torch.as_tensor(list(batch["labels"]), dtype=torch.int64)
-    except (TypeError, ValueError) as e:  # strings, objects, a number instead of a list
+    except (TypeError, ValueError) as e:
         raise DataError(f"{source}: {name}: expected 'data' a uint8 array (N, 3072) and 'labels' a list of "
                         f"ints, found {type(batch['data']).__name__} and {type(batch['labels']).__name__} "
                         f"({e})") from None
@@ -318,8 +301,7 @@ def _decode_batch(name: str, raw: bytes, source: Path) -> tuple[torch.Tensor, to
 
 
 def decode(path: Path, md5: str | None = None) -> dict[str, torch.Tensor | list[str]]:
-    """Decode the archive into uint8 train/hold-out tensors; counts come from the files.
-    With `md5` (from `verify`), the bytes decoded must still have that MD5."""
+    """Train/hold-out tensors and class names; with `md5`, the bytes must still have it."""
     path = Path(path)
     members = _read_members(path, md5)
     missing = [n for n in TRAIN_FILES + [HOLDOUT_FILE] if n not in members]
@@ -340,7 +322,7 @@ def decode(path: Path, md5: str | None = None) -> dict[str, torch.Tensor | list[
 
 
 def _class_names(meta, source: Path) -> list[str]:
-    key = CIFAR10.meta["key"]  # label_names
+    key = CIFAR10.meta["key"]
     names = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         found = sorted(map(str, meta)) if isinstance(meta, dict) else type(meta).__name__
@@ -349,20 +331,18 @@ def _class_names(meta, source: Path) -> list[str]:
 
 
 def prepared_sha256(tensors: dict[str, torch.Tensor], classes: list[str]) -> str:
-    """The prepared dataset's SHA-256: of its tensors' names, dtypes, shapes and bytes and of
-    its class names, not of the file (safetensors' layout may change between versions).
-    Decoding is deterministic, so the verified archive's MD5 fixes it."""
+    """SHA-256 of the tensors (names, dtypes, shapes, bytes) and class names, not of the file:
+    safetensors' layout may change between versions."""
     layout = {k: [str(t.dtype), list(t.shape)] for k, t in tensors.items()}
     h = hashlib.sha256(json.dumps({"classes": classes, "tensors": layout}, sort_keys=True).encode())
     for k in sorted(tensors):
-        h.update(tensors[k].contiguous().numpy())  # the buffer itself, not a copy
+        h.update(tensors[k].contiguous().numpy())
     return h.hexdigest()
 
 
 def prepare(path: Path, md5: str, out_dir: Path) -> Path:
-    """Decode `path` into `out_dir` (tensors, then meta with their `prepared_sha256`), each
-    written whole and durably or not at all (two runs may prepare at once); the bytes
-    decoded must have the verified `md5`."""
+    """Decode `path` into `out_dir`; each file written whole and durably or not at all
+    (two runs may prepare at once)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     decoded = decode(path, md5)
     tensors = {k: v.contiguous() for k, v in decoded.items() if isinstance(v, torch.Tensor)}
@@ -375,9 +355,8 @@ def prepare(path: Path, md5: str, out_dir: Path) -> Path:
 
 
 def read_prepared(prepared_dir: Path, sha256: str | None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(tensors, class names) of a prepared copy, checked: every member with its dtype and
-    shape, and, given `sha256` (what the verified archive decodes to), their `prepared_sha256`.
-    A copy read back from a store is trusted by that hash only, never by its meta.json."""
+    """(tensors, class names), checked; a copy from a store is trusted by `sha256` only,
+    never by its meta.json."""
     path = Path(prepared_dir) / PREPARED_FILE
     try:
         tensors = load_safetensors(read_bounded(path, MAX_PREPARED_BYTES, "a prepared CIFAR dataset"))
@@ -387,7 +366,7 @@ def read_prepared(prepared_dir: Path, sha256: str | None) -> tuple[dict[str, tor
     raw = read_bounded(meta_path, MAX_PREPARED_META_BYTES, "a dataset's meta.json")
     try:
         classes = json.loads(raw).get("classes")
-    except (ValueError, AttributeError):  # not JSON, or not an object
+    except (ValueError, AttributeError):
         classes = None
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{meta_path}: expected a JSON object with 'classes', a list of class names")
@@ -418,7 +397,6 @@ def split_sizes(n: int) -> tuple[int, int]:
 
 
 def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(validation, test) indices of a hold-out of `n` images, a seeded permutation cut at `split_sizes`."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val, _ = split_sizes(n)
     # sorted so that evaluation order is the file order, never shuffled
@@ -426,8 +404,7 @@ def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None, sha256: str | None = None) -> Splits:
-    """Load prepared tensors (checked by `read_prepared`: against `sha256` when given, as it
-    must be for a copy from a store) and split the hold-out; `subset` caps training images."""
+    """`subset` caps the training images."""
     tensors, classes = read_prepared(prepared_dir, sha256)
     val_idx, test_idx = split_holdout(len(tensors["holdout_y"]), split_seed)
     train_x, train_y = tensors["train_x"], tensors["train_y"]

@@ -22,25 +22,24 @@ def pick_device(name: str = "auto") -> torch.device:
 # step pays one page fault (kernel zeroing; in a VM, a hypervisor exit too) per 4 KiB
 # of activations. On the 2-core benchmark VM that made a seed step erratic, 100 to 480
 # images/s; with freed memory kept in the heap and reused it is a steady ~590.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _heap_kept = False
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc to serve every block from the heap and never give it back (the process
-    keeps its peak memory). Returns False where the C library is not glibc."""
+    """The process keeps its peak memory; False where the C library is not glibc."""
     global _heap_kept
     if not _heap_kept:
         try:
             libc = ctypes.CDLL("libc.so.6")
             _heap_kept = bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-        except (OSError, AttributeError):  # not Linux/glibc: leave the allocator alone
+        except (OSError, AttributeError):
             return False
     return _heap_kept
 
 
 def prepare_device(device: torch.device) -> None:
-    """Process-wide settings for training on `device`; idempotent, safe from any thread."""
+    """Idempotent, safe from any thread."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: each convolution is planned once
     else:

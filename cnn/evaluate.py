@@ -34,11 +34,8 @@ def tta_views(x: torch.Tensor, tta: int) -> list[tuple[float, torch.Tensor]]:
 @torch.inference_mode()
 def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta: int = 0, amp: bool = False,
                    pad_last: bool = False) -> torch.Tensor:
-    """Logits (N, classes) in float32 on the CPU, in the order of `x_u8`.
-
-    `pad_last` pads the ragged last batch to `batch_size` (and drops the padding's
-    logits) so every call to the model has one shape: no torch.compile recompile and
-    no cudnn re-plan. With the model in eval mode, padding cannot change other rows."""
+    """Float32 logits on the CPU. `pad_last` pads the last batch so that every call has one
+    shape (no recompile, no cudnn re-plan); in eval mode padding cannot change other rows."""
     was_training = model.training
     model.eval()
     out = []
@@ -47,7 +44,7 @@ def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta
         n = len(chunk)
         if pad_last and n < batch_size:
             chunk = torch.cat([chunk, chunk.new_zeros((batch_size - n, *chunk.shape[1:]))])
-        xb = normalize(chunk)  # (B, 3, 32, 32) float, channels_last
+        xb = normalize(chunk)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             views = tta_views(xb, int(tta))
             logits = sum(w * model(v.contiguous(memory_format=torch.channels_last)).float() for w, v in views)
@@ -58,8 +55,7 @@ def predict_logits(model, x_u8: torch.Tensor, device, batch_size: int = 512, tta
 
 def evaluate(model, x_u8: torch.Tensor, y: torch.Tensor, device, batch_size: int = 512,
              tta: int = 0, amp: bool = False, num_classes: int | None = None, pad_last: bool = False) -> dict:
-    """Metrics on one split. `confusion[i][j]` counts true class i predicted as j;
-    `predicted` (N,) uint8 is each image's predicted class, in the split's order."""
+    """`confusion[i][j]` counts true class i predicted as j."""
     logits = predict_logits(model, x_u8, device, batch_size, tta, amp, pad_last)
     y = y.cpu()
     k = num_classes or logits.shape[1]

@@ -5,10 +5,9 @@ It loads with torch alone, no project code:
     m = torch.export.load("model.pt2").module()
     logits = m(images)  # images: float (B, 3, 32, 32), RGB in 0..1
 
-but torch's loader unpickles parts of the archive, falling back to a full unpickle
-(arbitrary globals: code) when the safe one fails. An archive from anywhere else goes
-through `load_portable`, which refuses any archive whose loading could unpickle
-more than tensors before torch opens it.
+but torch's loader falls back to a full unpickle (code) when the safe one fails, so an
+archive from anywhere else goes through `load_portable`, which first refuses any archive
+whose loading could unpickle more than tensors.
 """
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ from store.files import publishing
 
 
 class Portable(nn.Module):
-    """0..1 RGB images in, logits out, with the recipe's test-time augmentation
-    (the same views as `cnn.evaluate`, so it reproduces the reported metrics)."""
+    """0..1 RGB images in, logits out, with `cnn.evaluate`'s views, so it reproduces the metrics."""
 
     def __init__(self, model: nn.Module, tta: int):
         super().__init__()
@@ -62,23 +60,21 @@ def export_portable(model: nn.Module, path: Path, tta: int = 0) -> Path:
     return Path(path)
 
 
-# The members torch.export.save writes for one plain program named "model" (below the
-# archive's top folder). Everything else torch's loader would act on is refused: legacy
-# pickled state (data/weights/model.pt, serialized_*.pt), opaque and custom-object
-# constants (pickle.loads and TorchScript's unpickler), AOTInductor libraries, extras.
+# What torch.export.save writes for one plain program named "model". Everything else torch's
+# loader would act on is refused: legacy pickled state, opaque and custom-object constants
+# (pickle.loads, TorchScript's unpickler), AOTInductor libraries, extras.
 SAMPLE_INPUTS = "data/sample_inputs/model.pt"
 PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": "data/weights/",
                    "data/constants/model_constants_config.json": "data/constants/"}
 MEMBERS = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id",
            "models/model.json", SAMPLE_INPUTS, *PAYLOAD_CONFIGS}
 TENSOR_MEMBER = re.compile(r"data/weights/weight_\d+|data/constants/tensor_\d+")
-# torch's own switch: every torch.load runs weights_only, whatever its caller asked for
+# every torch.load runs weights_only, whatever its caller asked for
 FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def load_portable(path: Path) -> nn.Module:
-    """The program in a .pt2 that `check_archive` accepts, in eval mode (fixed at export),
-    loaded with torch.load pinned to weights_only: the sample inputs' fallback to a full
+    """Loaded with torch.load pinned to weights_only, so the sample inputs' fallback to a full
     unpickle fails instead of running. ValueError (naming what, not the file) otherwise."""
     check_archive(path)
     saved = {k: os.environ.pop(k, None) for k in (FORCE_WEIGHTS_ONLY, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
@@ -95,13 +91,8 @@ def load_portable(path: Path) -> nn.Module:
 
 def check_archive(path: Path) -> None:
     """Refuse, without executing anything, a .pt2 whose loading could unpickle more than
-    tensors: ValueError naming the member and what it holds (the caller names the file).
-
-    Accepted: only MEMBERS and tensor members, each once, under one top folder, stored
-    (as torch.export.save writes them; nothing to inflate); payload configs naming tensor
-    members only; and every member torch would torch.load (the sample inputs, any payload
-    marked `use_pickle`) a torch.save checkpoint whose pickle names no global beyond what
-    torch's weights_only unpickler allows (tensors, storages, dtypes, OrderedDict...)."""
+    tensors: only MEMBERS and tensor members, once each, stored (nothing to inflate), and
+    every member torch would torch.load holding only what weights_only allows."""
     try:
         with zipfile.ZipFile(path) as z:
             members = _members(z)
@@ -136,12 +127,11 @@ def _members(z: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
 
 
 def _pickled_payloads(config: str, raw: bytes, folder: str) -> list[str]:
-    """The members `config` asks torch to torch.load; a ValueError if it names anything
-    but a tensor member (its name decides how torch reads it)."""
+    """The members `config` asks torch to torch.load; only tensor members (a name decides how torch reads it)."""
     try:
         entries = list(json.loads(raw)["config"].values())
         paths = [(folder + e["path_name"], bool(e.get("use_pickle"))) for e in entries]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not its shape
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"member {config}: not a payload config ({type(e).__name__}: {e})") from None
     for member, _ in paths:
         if not TENSOR_MEMBER.fullmatch(member):
@@ -150,8 +140,7 @@ def _pickled_payloads(config: str, raw: bytes, folder: str) -> list[str]:
 
 
 def _check_checkpoint(name: str, data: bytes) -> None:
-    """`data` is a torch.save checkpoint whose pickle torch's weights_only unpickler
-    would load: its globals read statically (torch's own scan), nothing executed."""
+    """Its globals read statically (torch's own scan), nothing executed."""
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
     except Exception as e:  # not a torch.save zip, a TorchScript archive, an opcode the scan refuses

@@ -1,10 +1,4 @@
-"""The models: each is one builder function, one name, and its recipe.
-
-    @register("seed", Recipe(lr=0.05, ...))
-    def seed(num_classes=10, **kw) -> nn.Module: ...
-
-`build_model(name)` builds it; `RECIPES[name]` holds its training defaults.
-"""
+"""The models: each is one builder function registered under a name with its `Recipe`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,17 +17,17 @@ class Recipe:
     lr: float  # peak learning rate, for the mean loss over a batch
     batch_size: int
     weight_decay: float  # PyTorch SGD's coefficient, on weights (not biases)
-    momentum: float = 0.9  # Nesterov
+    momentum: float = 0.9
     label_smoothing: float = 0.0
-    schedule: str = "onecycle"  # onecycle | warmup-linear
+    schedule: str = "onecycle"
     warmup: float = 0.2  # warmup-linear: fraction of steps to the peak
     lr_start: float = 0.0  # warmup-linear: first and last learning rate, as fractions of the peak
     lr_end: float = 0.0
-    norm_lr_scale: float = 1.0  # BatchNorm parameters train at this multiple of the learning rate
-    norm_decay: bool = False  # weight decay on BatchNorm parameters (divided by norm_lr_scale)
-    lookahead: bool = False  # airbench's lookahead/EMA of the weights (cnn.fast.Lookahead)
+    norm_lr_scale: float = 1.0
+    norm_decay: bool = False
+    lookahead: bool = False
     alt_flip: bool = False  # `flip` alternates per image every epoch instead of a fresh coin
-    tta: int = 0  # test-time augmentation at evaluation: 0 none, 1 mirror, 2 mirror + 1-pixel shifts
+    tta: int = 0  # cnn.evaluate's levels
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
@@ -50,7 +44,6 @@ def register(name: str, recipe: Recipe):
 
 
 def check_model(name: str) -> None:
-    """The one refusal of a model name that is not registered."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
 
@@ -64,6 +57,7 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
+@register("seed", Recipe(lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9))
 class SeedNet(nn.Module):
     """The notebook's CNN: 6 conv(3x3)+BN+ReLU, max-pool after conv 3 and 6, 2 FC layers."""
 
@@ -74,39 +68,28 @@ class SeedNet(nn.Module):
         c = [3, *widths]
         self.features = nn.Sequential(
             *conv_bn(c[0], c[1]), *conv_bn(c[1], c[2]), *conv_bn(c[2], c[3]),
-            nn.MaxPool2d(2),  # 32x32 -> 16x16
+            nn.MaxPool2d(2),
             *conv_bn(c[3], c[4]), *conv_bn(c[4], c[5]), *conv_bn(c[5], c[6]),
-            nn.MaxPool2d(2),  # 16x16 -> 8x8
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(c[6] * 8 * 8, hidden),
             nn.ReLU(inplace=True),
-            nn.Linear(hidden, num_classes),  # logits: no ReLU on the output
+            nn.Linear(hidden, num_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 32, 32) float -> (B, classes)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-@register("seed", Recipe(lr=0.05, batch_size=128, weight_decay=5e-4, momentum=0.9))
-def seed(num_classes: int = 10, widths: tuple[int, ...] = (32, 32, 64, 64, 128, 128), hidden: int = 256) -> nn.Module:
-    return SeedNet(widths, hidden, num_classes)
-
-
-# airbench94's hyperparameters are for a loss summed over the batch: lr 11.5 and weight
-# decay 0.0153 per 1024 images, divided by 1 + 1/(1 - momentum) = 7.67. For PyTorch SGD
-# on the mean loss that is lr = 11.5 / 7.67 = 1.5, and a decay coefficient 0.0153 / 11.5
-# so that lr x decay (the fraction of each weight removed per step) is airbench's
-# 0.0153 / 7.67. BatchNorm biases train at 64x the lr with the same decay per step.
+# airbench94's lr 11.5 and decay 0.0153 per 1024 images are for a summed loss, divided by
+# 1 + 1/(1 - momentum) = 7.67: on the mean loss lr = 11.5 / 7.67 = 1.5, and decay 0.0153 / 11.5
+# keeps lr x decay (the fraction of each weight removed per step) at airbench's.
 FAST_RECIPE = Recipe(
     lr=1.5, batch_size=1024, weight_decay=0.0153 / 11.5, momentum=0.85, label_smoothing=0.2,
     schedule="warmup-linear", warmup=0.23, lr_start=0.2, lr_end=0.07,
     norm_lr_scale=64.0, norm_decay=True, lookahead=True, alt_flip=True, tta=2,
 )
 
-
-@register("fast", FAST_RECIPE)
-def fast(num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256)) -> nn.Module:
-    """airbench94's network (cnn/fast.py): whitening conv, three conv-pool-BN-GELU blocks."""
-    return FastNet(num_classes, widths)
+register("fast", FAST_RECIPE)(FastNet)

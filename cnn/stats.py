@@ -1,43 +1,25 @@
 """Is the winner really better? Intervals and paired comparisons on per-image outcomes.
 
-What an interval means: we trained each model a few times on a sample of images,
-so its accuracy is measured, not known. A 95% interval is a range built so that,
-if we repeated the whole experiment (new seeds, a new sample of images) many
-times, 95 ranges in 100 would contain the true value. When the interval for the
-difference of two models contains zero, the data cannot tell which is better:
-the gap we saw could be luck of the seeds and of the images.
+`correct[r, i]` is True when repeat r classified image i right at its best epoch.
+Comparisons are paired: both sides were scored on the same images, so an image easy
+(or hard) for both cancels out. Accuracies are fractions; sentences print points.
 
-Inputs are per-image outcomes: `correct[r, i]` is True when repeat r (seed
-`seed + r`) classified image i right at its best epoch, a (repeats, images) bool
-array. Comparisons are paired: both sides were scored on the same images, so an
-image that is easy (or hard) for both cancels out. Accuracies and differences
-are fractions (0.0042 = 0.42 points); sentences print points.
-
-Method (the default, "analytic"). The estimate varies for two reasons: which
-images happened to be sampled, and which seeds happened to be trained. Repeats
-and images are crossed (every repeat sees every image), so both parts are
-measured from the data, as in a two-way random-effects layout (R repeats, n images):
+Method ("analytic"): repeats and images are crossed, so both sources of variation are
+measured, as in a two-way random-effects layout (R repeats, n images):
 
     image part = s2(per-image value) / n - MS_interaction / (n R)     (n - 1 df)
     seed part  = s2(per-repeat accuracy) / R                          (R - 1 df)
 
-The per-image value is the image's mean over repeats (for a difference: A's minus
-B's on that image, which is what pairing buys); the interaction is subtracted
-once because the seed part counts it too. For a difference the seed part is
-pooled over both sides (the same recipe spreads alike) and counted for each.
-The interval is estimate +/- sqrt(t_image^2 * image part + t_seed^2 * seed part),
-each t from Student's t on its own degrees of freedom: Banerjee's (1960) interval,
-built to err wide rather than narrow, and honest that 2 repeats barely measure
-the seed-to-seed spread. Pseudo-images widen it when only a handful of images decide:
-one each way for a difference (Bonett & Price 2012, paired proportions), z^2/2
-right and wrong for one accuracy (Agresti & Coull 1998). With one repeat per side
-the seed part cannot be measured and the interval covers the images only.
+The interaction is subtracted once because the seed part counts it too; for a
+difference the seed part is pooled over both sides (the same recipe spreads alike).
+The interval is estimate +/- sqrt(t_image^2 * image part + t_seed^2 * seed part)
+(Banerjee 1960), erring wide: 2 repeats barely measure the seed spread. Pseudo-images
+widen it when a handful of images decide: one each way for a difference (Bonett & Price
+2012), z^2/2 right and wrong for one accuracy (Agresti & Coull 1998).
 
-Why not the percentile bootstrap (kept as method="bootstrap" to cross-check):
-with a handful of differing images its distribution is lumpy and too narrow (it
-calls 4 wins to 0 losses a difference; an exact sign test needs 6, and so does
-this interval), and with 2 repeats it treats their spread as known, so it is too
-narrow when seeds dominate (87% coverage where this interval keeps 94-95%).
+The percentile bootstrap (method="bootstrap", kept to cross-check) is too narrow: it
+calls 4 wins to 0 losses a difference (an exact sign test needs 6, as does this
+interval), and with 2 repeats it has 87% coverage where this interval keeps 94-95%.
 """
 from __future__ import annotations
 
@@ -52,8 +34,7 @@ METHODS = ("analytic", "bootstrap")
 
 @dataclass(frozen=True)
 class Comparison:
-    """A minus B on the same images. `difference` and `ci` are accuracy fractions
-    (0.0042 = A ahead by 0.42 points)."""
+    """A minus B on the same images, in accuracy fractions."""
 
     difference: float
     ci: tuple[float, float]
@@ -76,9 +57,7 @@ class Verdict:
 
 def variant_interval(correct: np.ndarray, rng_seed: int = 0, n_boot: int = 2000, level: float = 0.95,
                      method: str = "analytic") -> tuple[float, float, float]:
-    """(mean, low, high): the variant's accuracy (mean over repeats of each repeat's
-    accuracy, a fraction) and its interval over seeds and images. `rng_seed` and
-    `n_boot` are used by method="bootstrap" only."""
+    """(mean accuracy over repeats, low, high); `rng_seed` and `n_boot` are for the bootstrap."""
     c = _outcomes(correct, "correct")
     _check_level(level)
     mean = float(c.mean())
@@ -94,10 +73,7 @@ def variant_interval(correct: np.ndarray, rng_seed: int = 0, n_boot: int = 2000,
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, rng_seed: int = 0, n_boot: int = 2000,
                       level: float = 0.95, method: str = "analytic") -> Comparison:
-    """A's accuracy minus B's, each the mean over its repeats, on the same images.
-
-    correct_a (repeats_a, n) and correct_b (repeats_b, n) bool; image i is the same
-    image on both sides. `rng_seed` and `n_boot` are used by method="bootstrap" only."""
+    """A's accuracy minus B's, each the mean over its repeats; column i is the same image on both sides."""
     a, b = _outcomes(correct_a, "correct_a"), _outcomes(correct_b, "correct_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"correct_a and correct_b must score the same images: found {a.shape[1]} and "
@@ -110,7 +86,6 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, rng_seed: in
         low, high = _bootstrap(a, b, rng_seed, n_boot, level)
         label = f"paired bootstrap over {n:,} images and {repeats}, {n_boot} draws, {level:.0%}"
     elif method == "analytic":
-        # (n,) per-image difference of the two sides' means over repeats, in [-1, 1]
         low, high = _analytic(difference, a.mean(0) - b.mean(0), [a, b], level, pseudo=((1.0, 1.0), (-1.0, 1.0)))
         label = f"paired t interval over {n:,} images and {repeats} (image and seed variance), {level:.0%}"
     else:
@@ -120,11 +95,8 @@ def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, rng_seed: in
 
 def promotion(correct_new: np.ndarray, correct_champion: np.ndarray, confidence: float, margin: float,
               rng_seed: int = 0, champion_run: str | None = None, method: str = "analytic") -> Verdict:
-    """Promote the new model only when its interval's lower bound beats the champion
-    by more than `margin` (an accuracy fraction) on the same test images.
-
-    correct_new and correct_champion are (n,) bool over the test split. With
-    `confidence` 0 the interval is the point estimate: promote iff difference > margin."""
+    """Promote only when the interval's lower bound beats the champion by more than `margin`;
+    with `confidence` 0 the interval is the point estimate."""
     _check_level(confidence, "confidence")
     if margin < 0:
         raise ValueError(f"margin: expected an accuracy fraction >= 0, found {margin!r}")
@@ -157,14 +129,9 @@ def sentence(selected: str, runner_up: str, comparison: Comparison, n_images: in
     return f"{head}: not distinguishable on {n:,} images; more repeats or more data would decide"
 
 
-# ---- the interval's parts -------------------------------------------------------
-
 def _analytic(centre: float, per_image: np.ndarray, sides: list[np.ndarray], level: float,
               pseudo: tuple[tuple[float, float], ...]) -> tuple[float, float]:
-    """centre +/- sqrt(t_images^2 * image part + t_seeds^2 * seed part) (Banerjee 1960).
-
-    per_image (n,) is what each image contributes to the estimate (mean over repeats,
-    or the two sides' difference of it); sides are the (R, n) outcomes behind it."""
+    """`sides` are the (R, n) outcomes behind `per_image`, each image's part of the estimate."""
     n = len(per_image)
     seed_var, seed_df, interaction = _seed_part(sides)
     image_var = max(0.0, _image_variance(per_image, pseudo) - interaction)
@@ -174,8 +141,7 @@ def _analytic(centre: float, per_image: np.ndarray, sides: list[np.ndarray], lev
 
 
 def _image_variance(values: np.ndarray, pseudo: tuple[tuple[float, float], ...]) -> float:
-    """Variance of the mean of (n,) per-image values, with (value, weight) pseudo-images
-    added so a handful of deciding images cannot give a near-zero width."""
+    """With (value, weight) pseudo-images, so a handful of deciding images cannot give a near-zero width."""
     w = np.array([p[1] for p in pseudo])
     v = np.array([p[0] for p in pseudo])
     total = len(values) + w.sum()
@@ -185,27 +151,22 @@ def _image_variance(values: np.ndarray, pseudo: tuple[tuple[float, float], ...])
 
 
 def _seed_part(sides: list[np.ndarray]) -> tuple[float, int, float]:
-    """(variance the seeds add to the estimate, its degrees of freedom, the repeat x
-    image interaction that the image part counts and the seed part counts again).
-
-    The seed part is the spread of each repeat's accuracy, pooled over the sides:
-    the same network and recipe under another augmentation spreads alike, 2 + 2
-    repeats then give 2 degrees of freedom where each alone gives 1, and a side
-    with one repeat still counts its seed's luck. (0, 0, 0) when no side repeats."""
+    """(seed variance, its degrees of freedom, the repeat x image interaction); pooled, 2 + 2
+    repeats give 2 degrees of freedom and a side with one repeat still counts its seed's luck."""
     spreads, dfs, interaction = [], [], 0.0
     for c in sides:
         r, n = c.shape
         if r < 2:
             continue
         y = c.astype(np.float64)
-        per_repeat, per_image = y.mean(1), y.mean(0)  # (R,), (n,) accuracies
-        resid = y - per_repeat[:, None] - per_image[None, :] + y.mean()  # (R, n)
+        per_repeat, per_image = y.mean(1), y.mean(0)
+        resid = y - per_repeat[:, None] - per_image[None, :] + y.mean()
         interaction += (resid**2).sum() / ((r - 1) * max(n - 1, 1)) / (n * r)
         spreads.append(per_repeat.var(ddof=1))
         dfs.append(r - 1)
     if not dfs:
         return 0.0, 0, 0.0
-    pooled = float(np.dot(spreads, dfs) / sum(dfs))  # variance of one repeat's accuracy
+    pooled = float(np.dot(spreads, dfs) / sum(dfs))
     return pooled * sum(1 / c.shape[0] for c in sides), sum(dfs), interaction
 
 
@@ -216,23 +177,19 @@ def _normal_quantile(level: float) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _t_quantile(level: float, df: float) -> float:
-    """Two-sided Student t quantile (12.71 for 0.95 at df 1, 2.00 at df 60).
-
-    With T = sqrt(df) tan(theta), theta's density is proportional to
-    cos(theta)^(df - 1) on [0, pi/2): bounded for df >= 1, so a cumulative sum on a
-    fine grid, inverted by interpolation, is within 1e-4 of exact."""
+    """Two-sided Student t quantile. With T = sqrt(df) tan(theta), theta's density is
+    cos(theta)^(df - 1), bounded for df >= 1: a fine grid is within 1e-4 of exact."""
     if df > 1e4:  # within 1e-4 of the normal; the grid below is too coarse for its narrow peak
         return _normal_quantile(level)
     theta = np.linspace(0.0, np.pi / 2, 20_001)
     density = np.cos(theta) ** (max(df, 1.0) - 1)
-    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])  # trapezoid, unnormalised
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
     angle = np.interp(level * cdf[-1], cdf, theta)
     return float(df**0.5 * np.tan(angle))
 
 
 def _bootstrap(a: np.ndarray, b: np.ndarray | None, rng_seed: int, n_boot: int, level: float) -> tuple[float, float]:
-    """Percentile interval of mean(a) [- mean(b)] over draws that resample images
-    (the same images for every repeat and both sides) and each side's repeats."""
+    """Resamples images (the same for every repeat and both sides) and each side's repeats."""
     if n_boot < 1:
         raise ValueError(f"n_boot: expected a number of draws >= 1, found {n_boot!r}")
     sides = [a] if b is None else [a, b]
@@ -243,20 +200,18 @@ def _bootstrap(a: np.ndarray, b: np.ndarray | None, rng_seed: int, n_boot: int, 
     n = a.shape[1]
     # an image is its column of outcomes over all repeats; there are few distinct
     # columns, so resampling n images is one multinomial draw over the columns
-    columns, counts = np.unique(np.concatenate(sides).T, axis=0, return_counts=True)  # (K, R_total), (K,)
-    draws = rng.multinomial(n, counts / n, size=n_boot)  # (B, K) images drawn per column
-    acc = draws @ columns.astype(np.float64) / n  # (B, R_total) each repeat's accuracy per draw
+    columns, counts = np.unique(np.concatenate(sides).T, axis=0, return_counts=True)
+    draws = rng.multinomial(n, counts / n, size=n_boot)
+    acc = draws @ columns.astype(np.float64) / n
     means, start = [], 0
     for c in sides:
-        picks = rng.integers(0, c.shape[0], (n_boot, c.shape[0]))  # (B, R) repeats drawn
+        picks = rng.integers(0, c.shape[0], (n_boot, c.shape[0]))
         means.append(np.take_along_axis(acc[:, start : start + c.shape[0]], picks, 1).mean(1))
         start += c.shape[0]
     stats = means[0] - (means[1] if b is not None else 0.0)
     low, high = np.quantile(stats, [0.5 - level / 2, 0.5 + level / 2])
     return float(low), float(high)
 
-
-# ---- checks and words -----------------------------------------------------------
 
 def _outcomes(x: np.ndarray, name: str) -> np.ndarray:
     x = np.asarray(x)

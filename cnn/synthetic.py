@@ -31,7 +31,6 @@ _CLASS_STYLE = [
 
 
 def _shape_mask(shape: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 32, 32) bool masks of one shape at random centres and radii."""
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
     cy = rng.uniform(10, 22, (n, 1, 1))
     cx = rng.uniform(10, 22, (n, 1, 1))
@@ -59,7 +58,6 @@ def _shape_mask(shape: str, n: int, rng: np.random.Generator) -> np.ndarray:
 def make_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
     """(n, 3072) uint8 images in CIFAR's channel-major layout and their labels."""
     labels = rng.integers(0, 10, n)
-    # background: a random dim colour with a low-frequency texture
     bg = rng.uniform(20, 120, (n, 3, 1, 1))
     yy, xx = np.mgrid[0:32, 0:32].astype(np.float32)
     freq = rng.uniform(0.1, 0.5, (n, 1, 1, 1))
@@ -70,7 +68,7 @@ def make_images(n: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]
         idx = np.flatnonzero(labels == c)
         if len(idx) == 0:
             continue
-        mask = _shape_mask(shape, len(idx), rng)[:, None]  # (k, 1, 32, 32)
+        mask = _shape_mask(shape, len(idx), rng)[:, None]
         tint = np.asarray(colour, np.float32)[None, :, None, None] * rng.uniform(0.7, 1.1, (len(idx), 1, 1, 1))
         img[idx] = np.where(mask, tint, img[idx])
     img += rng.normal(0, 18, img.shape)
@@ -84,7 +82,6 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_archive(out_dir: Path, n_train: int = 5000, n_test: int = 1000, seed: int = 0) -> tuple[Path, str]:
-    """Write `out_dir/cifar-10-python.tar.gz`; returns its path and MD5."""
     if n_train < len(TRAIN_FILES) or n_test < 2:
         raise ValueError(f"--train must be >= {len(TRAIN_FILES)} and --test >= 2, found {n_train} and {n_test}")
     rng = np.random.default_rng(seed)

@@ -1,14 +1,8 @@
 """Train one model on one augmentation variant: the loop, early stopping, checkpoints.
 
-After every epoch a full checkpoint (cnn.checkpoint) is written, so a restarted
-variant resumes at the next epoch with the same history and the same random
-streams. A non-finite loss ends the variant as `diverged`; STOP ends it at the
-next batch with `Stopped`, the last finished epoch's checkpoint in place.
-
-`train()` is re-entrant: several variants may train at once in threads of one
-process (each on its own CUDA stream). All randomness comes from per-call
-generators; the one use of the global RNG, a model's initialisation, runs under
-a lock with the global state saved and restored.
+A checkpoint after every epoch lets a restarted variant resume with the same history
+and random streams. `train()` is re-entrant: variants may train at once in threads of
+one process, so all randomness comes from per-call generators.
 """
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ from cnn.evaluate import evaluate, predict_logits
 from cnn.fast import Lookahead
 from cnn.models import build_model
 
-EVAL_BATCH = 512  # validation batch; the last one is padded to it on CUDA or when compiled
+EVAL_BATCH = 512
 
 
 class Diverged(RuntimeError):
@@ -42,22 +36,17 @@ class Diverged(RuntimeError):
 
 
 class Stopped(Exception):
-    """Training was asked to stop (STOP): the epoch in progress is dropped; the last
-    finished epoch's checkpoint, written when it finished, is where a resume starts."""
+    """STOP was set: the epoch in progress is dropped; a resume starts after the last one."""
 
 
-# Set by whoever owns the process (the command line, on Ctrl-C or SIGTERM: cli/interrupt.py)
-# to stop every training loop in it at its next batch. Process-wide, like the signal.
+# Process-wide, like the signal that sets it (cli/interrupt.py): every loop stops at its next batch.
 STOP = threading.Event()
 
 
 def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int, wanted: int,
                       headroom: float = 0.8) -> int:
-    """How many variants of `cfg` may train at once on `device`, at most `wanted`.
-
-    On CUDA: `headroom` of the free memory divided by one variant's need, the measured
-    peak of a training step and a validation batch of a throwaway model plus its uint8
-    training images. On CPU: `wanted` (the variants share the host's memory and cores)."""
+    """How many variants of `cfg` may train at once on `device`, at most `wanted`. On CUDA,
+    `headroom` of the free memory over a throwaway model's measured peak plus its images."""
     if wanted < 1:
         raise ValueError(f"variants per device must be at least 1, found {wanted}")
     if device.type != "cuda":
@@ -82,9 +71,8 @@ def variants_that_fit(cfg: TrainConfig, device: torch.device, train_images: int,
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Nesterov SGD in three groups: weights (decayed), other biases (not decayed), and
-    BatchNorm parameters at `norm_lr_scale` x lr, decayed only with `norm_decay`, by
-    weight_decay / norm_lr_scale so that the fraction removed per step matches the weights'."""
+    """Nesterov SGD; BatchNorm parameters, at `norm_lr_scale` x lr, are decayed (with `norm_decay`)
+    by weight_decay / norm_lr_scale so that the fraction removed per step matches the weights'."""
     norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
             for p in m.parameters(recurse=False)}
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -106,8 +94,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, total_steps=max(total, 4),
                                                    pct_start=max(0.25, 2.0 / max(total, 4)))
     if cfg.schedule == "warmup-linear":
-        # linear from lr_start to the peak over `warmup` of the steps, then linear to lr_end
-        # (fractions of the peak). Step s's factor is the value after s + 1 steps.
+        # step s's factor is the value after s + 1 steps
         warm = max(1, int(cfg.warmup * total))
         a, b = cfg.lr_start, cfg.lr_end
 
@@ -124,11 +111,8 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
                     epoch: int = 1, flip_bits: torch.Tensor | None = None, lookahead: Lookahead | None = None,
                     on_progress: Callable[[int, int, float], None] | None = None,
                     progress_every: float = 15.0) -> float:
-    """One pass over the shuffled training set; returns the mean training loss.
-
-    x_u8 (N, 3, 32, 32) uint8 and y (N,) live on the device. `flip_bits` (N,) bool is
-    the alternating flip: image k is mirrored in epoch e iff flip_bits[k] xor (e even).
-    `on_progress(step, steps, images_per_second)` is called at most every
+    """One pass over the shuffled training set; returns the mean training loss. Image k is
+    mirrored in epoch e iff flip_bits[k] xor (e even). `on_progress` runs at most every
     `progress_every` seconds, so a long epoch (a CPU's) shows signs of life."""
     model.train()
     n = len(y)
@@ -141,7 +125,7 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
             raise Stopped(f"stopped at step {i} of {steps} of epoch {epoch}")
         idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
         flip_mask = None if flip_bits is None else flip_bits[idx] ^ (epoch % 2 == 0)
-        xb = make_batch(x_u8, idx, cfg.variant, gen, flip_mask=flip_mask)  # (B, 3, 32, 32) float
+        xb = make_batch(x_u8, idx, cfg.variant, gen, flip_mask=flip_mask)
         yb = y[idx]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
@@ -167,9 +151,8 @@ def train_one_epoch(model, opt, sched, x_u8, y, cfg: TrainConfig, gen: torch.Gen
     return mean
 
 
-# Model initialisation draws from the global RNG (nn.Module.reset_parameters has no
-# generator argument). Under this lock, with the global state saved and restored, a
-# seeded model is the same whether or not other variants are training in other threads.
+# Initialisation draws from the global RNG (reset_parameters takes no generator): under this
+# lock, with the state saved and restored, a seeded model is the same whatever other threads do.
 _INIT_LOCK = threading.Lock()
 
 
@@ -180,11 +163,9 @@ def init_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> nn.M
     return model.to(device, memory_format=torch.channels_last)
 
 
-# torch.compile caches compiled code on the model class's forward, guarded on input
-# shapes, dtypes, strides, grad mode and train/eval: a second model of the same
-# architecture (the next variant) reuses it. Each (model, shapes, device) is warmed
-# once per process, on a throwaway copy so the real model's state is untouched, and
-# under a lock so that variants starting together in threads do not compile twice.
+# torch.compile's cache (guarded on shapes, dtypes, grad mode, train/eval) is shared by every
+# model of the class, so each key is warmed once per process, on a copy so the real model's
+# state is untouched, under a lock so that variants starting together do not compile twice.
 _COMPILE_LOCK = threading.Lock()
 _WARMED: set[tuple] = set()
 
@@ -195,7 +176,7 @@ def compile_model(model: nn.Module, cfg: TrainConfig, device: torch.device, amp:
     with _COMPILE_LOCK:
         if key not in _WARMED:
             twin = torch.compile(copy.deepcopy(model), dynamic=False)
-            x = torch.zeros((cfg.batch_size, 3, 32, 32), device=device)  # NCHW, like make_batch's
+            x = torch.zeros((cfg.batch_size, 3, 32, 32), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = twin(x)
             out.float().sum().backward()  # compiles the backward graph too
@@ -213,13 +194,8 @@ def train(
     on_epoch: Callable[[dict, Path], None] | None = None,
     on_progress: Callable[[int, int, int, float], None] | None = None,
 ) -> dict:
-    """Train `cfg.variant`, resuming from its checkpoint `workdir/CHECKPOINT` if present.
-
-    `on_epoch(row, checkpoint_path)` is called after each epoch's checkpoint is
-    written; `on_progress(epoch, step, steps, images_per_second)` within an epoch.
-    Returns status, epochs_run, best_epoch, val_loss, val_accuracy, seconds, history,
-    error, `best_state` (the best epoch's weights, on the CPU) and `best_predictions`
-    (its predicted class per validation image, (N_val,) uint8)."""
+    """Train `cfg.variant`, resuming from `workdir/CHECKPOINT` if present. `on_epoch` is
+    called after each epoch's checkpoint is written."""
     workdir.mkdir(parents=True, exist_ok=True)
     # on CUDA each call has its own stream, so variants sharing a GPU in threads overlap
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -234,7 +210,7 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     opt = make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(data.train_y) // cfg.batch_size)
     sched = make_scheduler(opt, cfg, steps_per_epoch)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling and augmentation
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     lookahead = Lookahead(model, cfg.epochs * steps_per_epoch) if cfg.lookahead else None
     state = LoopState()
 
@@ -243,17 +219,16 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
         if state.status != "running":
             return _result(state)
     elif hasattr(model, "init_from_data"):
-        # data-dependent initialisation (the fast model's whitening layer), once per
-        # variant: on resume the checkpoint already holds the result
+        # not on resume: the checkpoint holds the result
         model.init_from_data(normalize(data.train_x[:5000].to(device)))
 
     fwd = compile_model(model, cfg, device, amp) if cfg.compile else model
-    x_train, y_train = data.train_x.to(device), data.train_y.to(device)  # uint8 on the device, moved once
+    x_train, y_train = data.train_x.to(device), data.train_y.to(device)
     # alternating flip: a fixed coin per image, drawn from the seed (the same after a resume)
     flip_bits = None
     if cfg.alt_flip:
         flip_bits = (torch.rand(len(y_train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5).to(device)
-    pad_eval = cfg.compile or device.type == "cuda"  # fixed eval shapes: no recompile, no cudnn re-plan
+    pad_eval = cfg.compile or device.type == "cuda"
     while state.epoch < cfg.epochs:
         epoch = state.epoch + 1
         t0 = time.perf_counter()
@@ -270,18 +245,7 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
         state.seconds += seconds
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"],
                "val_accuracy": val["accuracy"], "lr": opt.param_groups[0]["lr"], "seconds": seconds}
-        state.history.append(row)
-        state.epoch = epoch
-        if val["loss"] < state.best_val_loss:
-            state.best_epoch, state.best_val_loss, state.bad_epochs = epoch, val["loss"], 0
-            state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            state.best_predictions = val["predicted"]  # (N_val,) uint8: comparisons pair on these images
-        else:
-            state.bad_epochs += 1
-        if state.bad_epochs >= cfg.patience:
-            state.status = "early_stopped"
-        elif epoch == cfg.epochs:
-            state.status = "completed"
+        _record_epoch(state, cfg, model, row, val["predicted"])
         save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
         if on_epoch:
             on_epoch(row, ckpt_path)
@@ -290,6 +254,21 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     if state.status == "diverged":
         save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
     return _result(state)
+
+
+def _record_epoch(state: LoopState, cfg: TrainConfig, model: nn.Module, row: dict, predicted: torch.Tensor) -> None:
+    state.history.append(row)
+    state.epoch = row["epoch"]
+    if row["val_loss"] < state.best_val_loss:
+        state.best_epoch, state.best_val_loss, state.bad_epochs = state.epoch, row["val_loss"], 0
+        state.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        state.best_predictions = predicted
+    else:
+        state.bad_epochs += 1
+    if state.bad_epochs >= cfg.patience:
+        state.status = "early_stopped"
+    elif state.epoch == cfg.epochs:
+        state.status = "completed"
 
 
 def _result(state: LoopState) -> dict:
