@@ -153,11 +153,22 @@ def main(argv: list[str] | None = None) -> int:
             api.ready(_API)
             with api.using(_API):
                 state = stopper.run(lambda: train_cifar(**params.model_dump(), return_state=True), _API)
+                _send_prefect_backlog()
         except Exception as e:  # the temporary server did not come up
             error = e
     if _API is not None and state is not None:  # its "View at" link dies with the temporary server
         print(api.see_later(state.state_details.flow_run_id), file=sys.stderr)
     return _last_word(state, error, stopper.signum, args.debug)
+
+
+def _send_prefect_backlog(timeout: float = 30.0) -> None:
+    """Prefect's queued events and API logs, sent now: drained at exit instead, a slow
+    queue prints "Still processing items" after the run's last word."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    EventsWorker.drain_all(timeout=timeout)
+    APILogWorker.drain_all(timeout=timeout)
 
 
 def _last_word(state, error: Exception | None, signum: int | None, debug: bool) -> int:
