@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 from store.base import PreconditionFailed, Store, StoreError, join_key, safe_name
 
 FOLDER = "champions"
+LEGACY_KEY = "champion.json"  # the one champion per store of versions before 2026-12-01
 IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size")
 
 
@@ -98,9 +99,34 @@ def _parse(raw: bytes, where: str) -> dict:
     return doc
 
 
+def _legacy(store: Store) -> tuple[str, dict] | None:
+    """(identity, record) of a root champion.json, as stores written before champions/
+    have it: it stays the champion of its identity until a per-identity object replaces it."""
+    raw = store.read_versioned(LEGACY_KEY)[0]
+    if raw is None:
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{store.uri_for(LEGACY_KEY)}: expected a champion record (JSON), found unreadable content "
+                         f"({e}); restore an earlier version of it") from None
+    _check_record(rec, store.uri_for(LEGACY_KEY))
+    if "dataset_name" not in rec:  # the oldest records lack it; their run's manifest has it
+        manifest = store.read_json(join_key("runs", safe_name(rec["run_id"], "run_id"), "manifest.json")) or {}
+        rec = {**rec, "dataset_name": manifest.get("dataset", {}).get("name", "unknown")}
+    return identity(rec), rec
+
+
 def _load(store: Store, ident: str) -> tuple[dict | None, str | None]:
+    """(document, version) of an identity; a matching legacy champion.json counts as one
+    with no history (version None: the first write creates the object)."""
     raw, version = store.read_versioned(key_for(ident))
-    return (None, None) if raw is None else (_parse(raw, store.uri_for(key_for(ident))), version)
+    if raw is not None:
+        return _parse(raw, store.uri_for(key_for(ident))), version
+    legacy = _legacy(store)
+    if legacy is not None and legacy[0] == ident:
+        return {"identity": ident, "champion": legacy[1], "history": []}, None
+    return None, None
 
 
 def read(store: Store, ident: str) -> dict | None:
@@ -116,6 +142,9 @@ def documents(store: Store) -> dict[str, dict]:
             raw = store.read_versioned(key)[0]
             if raw is not None:  # removed since it was listed
                 docs[name.removesuffix(".json")] = _parse(raw, store.uri_for(key))
+    legacy = _legacy(store)
+    if legacy is not None and legacy[0] not in docs:
+        docs[legacy[0]] = {"identity": legacy[0], "champion": legacy[1], "history": []}
     return docs
 
 
@@ -155,7 +184,7 @@ def _already(doc: dict, candidate: dict) -> Decision:
     """The decision that made `candidate` champion, found again: a retried publish
     records the promotion it made, not a comparison of the run with itself."""
     made = next((e for e in reversed(doc["history"]) if e["champion"]["run_id"] == candidate["run_id"]), None)
-    if made is None:  # a document edited by hand: its history does not say how
+    if made is None:  # a legacy champion.json names it, or a hand edit: no history says how
         return Decision(True, f"already the champion of dataset {identity(candidate)}", None)
     return Decision(True, made["reason"], None if made["previous"] is None else made["previous"]["run_id"])
 

@@ -239,6 +239,24 @@ def test_history_and_rollback_on_s3_with_a_lost_answer(s3_bucket, monkeypatch):
     assert doc["champion"]["run_id"] == "r1"
 
 
+def test_a_legacy_champion_json_stays_the_champion_of_its_identity(tmp_path):
+    """A store from before this layout: its champion.json (no dataset name; the run's
+    manifest has it) is compared with, then replaced by the per-identity object."""
+    st = LocalStore(tmp_path)
+    legacy = {k: v for k, v in _record("old", 0.70).items() if k != "dataset_name"}
+    st.write_if("champion.json", json.dumps(legacy).encode(), None)
+    st.write_if("runs/old/manifest.json", json.dumps({"dataset": {"name": "cifar10"}}).encode(), None)
+    assert champions.read(st, NIGHTLY)["run_id"] == "old"
+
+    ok, why, against = champions.promote(st, _record("worse", 0.60), promote_by_accuracy(0.0))
+    assert not ok and against == "old"
+    assert champions.promote(st, _record("better", 0.75), promote_by_accuracy(0.0)).promoted
+    doc = champions.documents(st)[NIGHTLY]
+    assert doc["champion"]["run_id"] == "better" and doc["history"][0]["previous"]["run_id"] == "old"
+    champions.rollback(st, NIGHTLY, "old", "back to the legacy champion")
+    assert champions.read(st, NIGHTLY)["run_id"] == "old"
+
+
 @pytest.mark.parametrize("body, found", [(b"{not json", "unreadable content"),
                                          (b'{"champion": {"run_id": "a"}}', "found ['champion']"),
                                          (b"[]", "found list")])
@@ -291,6 +309,11 @@ def test_a_champion_record_missing_a_field_is_refused_naming_the_document(plante
     with pytest.raises(ValueError) as err:
         champions.promote(st, _record("new", 0.9), promote_by_accuracy(0.0))
     assert str(err.value) == f"{where}: {expected}; restore an earlier version of it"
+    legacy = tmp_path / "legacy"
+    (legacy).mkdir()
+    (legacy / champions.LEGACY_KEY).write_text(json.dumps(planted))
+    with pytest.raises(ValueError, match=f"^{legacy / champions.LEGACY_KEY}: the champion record: expected"):
+        champions.documents(LocalStore(legacy))
 
 
 def test_a_planted_huge_history_is_refused_naming_it(tmp_path, cache, events):
