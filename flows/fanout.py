@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from prefect import get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling
 
@@ -100,10 +100,14 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
                                         "attempts": child.attempt})
                     continue
                 message = state.message or state.name
+                cancelled = state.is_cancelled() or (state.is_crashed() and _cancel_asked(client, run.id))
                 if state.is_completed():
                     got = UnitResult.read(store, run_id, u)
                     finish(u, dataclasses.replace(got, attempts=child.attempt) if got else failed(
                         u, f"{child.label} completed but left no result record in {store.uri}", child.attempt))
+                elif cancelled:
+                    _cancel(client, [c for c in live.values() if c is not child], f"{child.label} was cancelled")
+                    raise RunCancelled(f"{u.label}: {child.label} was cancelled ({message}); the run is cancelled")
                 elif state.is_crashed() and child.attempt - first[u] + 1 < attempts:
                     print(f"{u.label}: {child.label} crashed ({message}); starting attempt {child.attempt + 1} "
                           f"({attempts} allowed), which resumes from the checkpoint")
@@ -111,9 +115,6 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
                 elif state.is_crashed():
                     finish(u, failed(u, f"crashed in all {attempts} attempts; the last, {child.label}: {message}",
                                      child.attempt))
-                elif state.is_cancelled():
-                    _cancel(client, [c for c in live.values() if c is not child], f"{child.label} was cancelled")
-                    raise RunCancelled(f"{u.label}: {child.label} was cancelled ({message}); the run is cancelled")
                 else:
                     finish(u, failed(u, f"{child.label} failed: {message}", child.attempt))
             if live and time.monotonic() > deadline:
@@ -124,6 +125,12 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
             if live:
                 time.sleep(POLL_S)
     return [results[u] for u in parameters]
+
+
+def _cancel_asked(client, flow_run_id) -> bool:
+    """Someone cancelled the child: a process killed while Cancelling can report its
+    SIGTERM as a crash before its worker records Cancelled (seen under load)."""
+    return any(s.type == StateType.CANCELLING for s in client.read_flow_run_states(flow_run_id))
 
 
 def _cancel(client, children: list[Child], why: str) -> None:
