@@ -437,3 +437,21 @@ def test_an_oversized_model_file_is_refused_before_it_is_downloaded(name, flags,
     err = capsys.readouterr().err
     assert err.startswith(f"error: {planted}: {2 * MAX_MODEL_BYTES:,} bytes, larger than this download can be "
                           f"(limit {MAX_MODEL_BYTES:,} bytes)"), err
+
+
+def test_a_planted_training_config_is_refused_naming_where_it_came_from(tmp_path):
+    """A result record in the store names the config the selected model is rebuilt from;
+    a planted one with a field TrainConfig does not have, or a model nobody registered, is
+    refused naming the record, before any weights are downloaded."""
+    from run.model import rebuild
+    from store import LocalStore
+
+    good = dataclasses.asdict(make_config("seed", "none", epochs=1, patience=1, seed=0, precision="fp32"))
+    st = LocalStore(tmp_path / "store")
+    for config, found in [({**good, "evil": 1}, "evil"), ({**good, "model": "no-such-model"}, "no-such-model")]:
+        with pytest.raises(ValueError) as err:
+            rebuild(st, config, "runs/r/variants/none/metrics.json", "runs/r/none.safetensors", tmp_path, 10)
+        msg = str(err.value)
+        assert msg.startswith("runs/r/variants/none/metrics.json: expected a training config naming a known model")
+        assert found in msg, msg
+    assert not (tmp_path / "weights.safetensors").exists()
