@@ -44,9 +44,32 @@ def stable_run_id() -> str:
 
     ctx = FlowRunContext.get()
     if ctx is not None and ctx.flow_run is not None:
-        created = ctx.flow_run.created or datetime.now(timezone.utc)
-        return f"{created.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{str(ctx.flow_run.id)[:8]}"
+        return run_id_of(ctx.flow_run.created or datetime.now(timezone.utc), ctx.flow_run.id)
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{os.getpid()}"
+
+
+def run_id_of(created: datetime, flow_run_id) -> str:
+    """`<created>-<last 8 hex digits of the flow run id>`. Not the first 8: Prefect's ids are
+    UUIDv7, whose first 12 digits are the creation millisecond, so runs created together
+    (a backfill of missed nights) would share them; the last digits are random."""
+    return f"{created.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{str(flow_run_id)[-8:]}"
+
+
+def _superseded() -> Cancelled | None:
+    """With late_runs=latest: Cancelled, named Superseded, when this scheduled night is stale
+    (run/nightly.py); None to train."""
+    from prefect.context import FlowRunContext
+
+    from run.nightly import superseded_message, superseding_run
+
+    ctx = FlowRunContext.get()
+    me = ctx.flow_run if ctx is not None else None
+    newer = superseding_run(me) if me is not None else None
+    if newer is None:
+        return None
+    message = superseded_message(me, newer)
+    print(message)
+    return Cancelled(name="Superseded", message=message)
 
 
 @flow(name="train-cifar", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
@@ -70,6 +93,8 @@ def train_cifar(**params):
         p = RunParams(**params)
     except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
+    if p.late_runs == "latest" and (stale := _superseded()) is not None:
+        return stale  # before the store is opened or data fetched: a stale night touches nothing
     ctx = RunContext(p, p.run_id or stable_run_id(), flow_run_id=flow_run.get_id(),
                      created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     interrupt.running(ctx.flow_run_id, ctx.run_id)

@@ -1,0 +1,186 @@
+"""One run per missed night (late_runs): the decision on lists of runs, the run id of runs
+created together, and missed nights through a real Prefect server and process worker.
+
+The server's backfill endpoint (`POST /deployments/{id}/schedule` with times in the past,
+what the scheduler does for a deployment) creates three auto-scheduled nights of
+train-cifar/local while no worker polls its pool: what a worker finds after a weekend's
+outage. Then a worker starts and runs them all at once.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.prefect_fixtures import LOCAL_POOL, cli, client, eventually, settled, start_worker
+
+NIGHT = datetime(2026, 12, 4, 2, 0, tzinfo=timezone.utc)
+NOW = NIGHT + timedelta(days=2, hours=10)
+
+
+def _run(night: datetime, state: str = "SCHEDULED", auto: bool = True, deployment=None, name: str | None = None):
+    from prefect.client.schemas.objects import FlowRun, StateType
+
+    return FlowRun(id=uuid.uuid4(), name=name or f"night-{night:%d}", flow_id=uuid.UUID(int=1),
+                   deployment_id=deployment or uuid.UUID(int=2), auto_scheduled=auto,
+                   expected_start_time=night, state_type=StateType(state))
+
+
+# ---------------------------------------------------------------- the decision
+
+
+def test_a_due_newer_night_supersedes_whatever_its_state_unless_it_will_not_train():
+    from run.nightly import newest_due
+
+    me = _run(NIGHT, "RUNNING")
+    for state in ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "COMPLETED"):
+        newer = _run(NIGHT + timedelta(days=1), state)
+        assert newest_due(me, [me, newer], NOW) is newer, state
+    # cancelled (by someone, or by a concurrency limit's CANCEL_NEW), failed or crashed: no model
+    for state in ("CANCELLED", "CANCELLING", "FAILED", "CRASHED"):
+        assert newest_due(me, [me, _run(NIGHT + timedelta(days=1), state)], NOW) is None, state
+
+
+def test_the_newest_of_several_due_nights_is_named():
+    from run.nightly import newest_due
+
+    a, b, c = (_run(NIGHT + timedelta(days=d)) for d in range(3))
+    assert newest_due(a, [a, b, c], NOW) is c
+    assert newest_due(b, [a, b, c], NOW) is c
+    assert newest_due(c, [a, b, c], NOW) is None  # the newest trains
+
+
+def test_only_due_auto_scheduled_runs_of_the_same_deployment_count():
+    from run.nightly import newest_due
+
+    me = _run(NIGHT)
+    tomorrow = _run(NOW + timedelta(hours=1))  # created ahead by the scheduler, not due
+    by_hand = _run(NIGHT + timedelta(days=1), auto=False)
+    elsewhere = _run(NIGHT + timedelta(days=1), deployment=uuid.UUID(int=3))
+    older = _run(NIGHT - timedelta(days=1))
+    same_night = _run(NIGHT)
+    assert newest_due(me, [me, tomorrow, by_hand, elsewhere, older, same_night], NOW) is None
+    # a run started by hand is never stale
+    manual = _run(NIGHT, auto=False)
+    assert newest_due(manual, [manual, _run(NIGHT + timedelta(days=1))], NOW) is None
+
+
+def test_the_message_names_the_newer_run():
+    from run.nightly import superseded_message
+
+    me, newer = _run(NIGHT), _run(NIGHT + timedelta(days=2), "RUNNING", name="brave-otter")
+    msg = superseded_message(me, newer)
+    assert "brave-otter" in msg and str(newer.id) in msg
+    assert "2026-12-04 02:00 UTC" in msg and "2026-12-06 02:00 UTC" in msg and "late_runs=all" in msg
+
+
+def test_runs_created_in_the_same_millisecond_get_different_run_ids():
+    """Prefect's flow run ids are UUIDv7: the first 12 hex digits are the millisecond."""
+    from prefect._internal.uuid7 import uuid7
+
+    from flows.train_cifar import run_id_of
+
+    ids = [uuid7() for _ in range(2000)]
+    by_ms: dict[str, list] = {}
+    for i in ids:
+        by_ms.setdefault(str(i)[:13], []).append(i)
+    a, b = next(same for same in by_ms.values() if len(same) > 1)[:2]
+    assert str(a)[:8] == str(b)[:8]  # what the run id used to take
+    created = datetime(2026, 12, 6, 19, 0, 0, tzinfo=timezone.utc)
+    assert run_id_of(created, a) != run_id_of(created, b)
+    assert run_id_of(created, a) == f"20261206-190000-{str(a)[-8:]}"
+
+
+# ---------------------------------------------------------------- missed nights, end to end
+
+TINY = {"dataset": "synthetic", "synthetic_train": 200, "synthetic_test": 100, "variants": ["none"],
+        "epochs": 1, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def local_deployment(server) -> dict:
+    """train-cifar/local, deployed with `make deploy`'s command; no worker yet."""
+    cli(server, "work-pool", "create", LOCAL_POOL, "--type", "process")
+    cli(server, "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "train-cifar/local")
+    return server
+
+
+def missed_nights(env: dict, store: Path, late_runs: str, hour: int) -> list:
+    """Three nights (daily at `hour`:00 UTC) of train-cifar/local backfilled into the past, as the
+    scheduler creates them: auto-scheduled, Scheduled, then Late. Returns them oldest first."""
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+
+    now = datetime.now(timezone.utc)
+    with client(env) as c:
+        d = c.read_deployment_by_name("train-cifar/local")
+        [schedule] = c.create_deployment_schedules(d.id, [DeploymentScheduleCreate(
+            schedule=CronSchedule(cron=f"0 {hour} * * *", timezone="UTC"), active=True,
+            parameters={**TINY, "store": str(store), "late_runs": late_runs})])
+        r = c.request("POST", "/deployments/{id}/schedule", path_params={"id": d.id},
+                      json={"start_time": (now - timedelta(days=3)).isoformat(), "end_time": now.isoformat()})
+        r.raise_for_status()
+        runs = [f for f in c.read_flow_runs() if f.deployment_id == d.id and f.auto_scheduled
+                and f.expected_start_time <= now and f.parameters.get("late_runs") == late_runs]
+    runs.sort(key=lambda f: f.expected_start_time)
+    assert len(runs) == 3 and all(f.state_type.value == "SCHEDULED" for f in runs), runs
+    return runs
+
+
+def run_with_worker(procs, env: dict, name: str, runs: list, timeout: float = 360) -> list:
+    """Starts a worker on the local pool, waits for `runs` to end, stops the worker; returns them read again."""
+    proc, log = start_worker(procs, env, LOCAL_POOL, name)
+    try:
+        def read():
+            with client(env) as c:
+                return [c.read_flow_run(f.id) for f in runs]
+        final = eventually(read, lambda fs: all(f.state is not None and f.state.is_final() for f in fs),
+                           timeout=timeout, every=2)
+        settled([f.id for f in runs])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert all(f.state.is_final() for f in final), (
+        f"{[(f.name, f.state.name) for f in final]}; worker log:\n{log.read_text()[-4000:]}")
+    return final
+
+
+def stored_runs(store: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((store / "runs").iterdir())} if (store / "runs").is_dir() else {}
+
+
+@pytest.mark.slow
+def test_only_the_newest_missed_night_trains(local_deployment, procs, tmp_path):
+    store = tmp_path / "store"
+    runs = missed_nights(local_deployment, store, "latest", hour=2)
+    old, older_still, newest = runs[1], runs[0], runs[2]
+    final = run_with_worker(procs, local_deployment, "late-latest", runs)
+    by_id = {f.id: f for f in final}
+    done = by_id[newest.id]
+    assert done.state.is_completed(), (done.state.name, done.state.message)
+    for stale in (by_id[older_still.id], by_id[old.id]):
+        assert stale.state.is_cancelled() and stale.state.name == "Superseded", (stale.state.name, stale.state.message)
+        assert done.name in stale.state.message and str(done.id) in stale.state.message, stale.state.message
+    # the stale nights touched nothing: one run in the store, the newest's, with its manifest
+    stored = stored_runs(store)
+    assert len(stored) == 1, stored
+    [(run_id, path)] = stored.items()
+    assert run_id.endswith(str(done.id)[-8:]) and (path / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_late_runs_all_trains_every_missed_night(local_deployment, procs, tmp_path):
+    store = tmp_path / "store"
+    runs = missed_nights(local_deployment, store, "all", hour=3)
+    created = {f.created.replace(microsecond=0) for f in runs}
+    final = run_with_worker(procs, local_deployment, "late-all", runs)
+    assert all(f.state.is_completed() for f in final), [(f.name, f.state.name, f.state.message) for f in final]
+    # three runs in the store, one each, though the backfill created them together
+    stored = stored_runs(store)
+    assert len(stored) == 3 and all((p / "manifest.json").is_file() for p in stored.values()), stored
+    assert {i[-8:] for i in stored} == {str(f.id)[-8:] for f in final}
+    print(f"created at {sorted(created)}; run ids {sorted(stored)}")
