@@ -109,15 +109,15 @@ def local_deployment(server) -> dict:
     return server
 
 
-def missed_nights(env: dict, store: Path, late_runs: str, hour: int) -> list:
-    """Three nights (daily at `hour`:00 UTC) of train-cifar/local backfilled into the past, as the
+def missed_nights(env: dict, store: Path, late_runs: str, hour: int, deployment: str = "train-cifar/local") -> list:
+    """Three nights (daily at `hour`:00 UTC) of `deployment` backfilled into the past, as the
     scheduler creates them: auto-scheduled, Scheduled, then Late. Returns them oldest first."""
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import CronSchedule
 
     now = datetime.now(timezone.utc)
     with client(env) as c:
-        d = c.read_deployment_by_name("train-cifar/local")
+        d = c.read_deployment_by_name(deployment)
         [schedule] = c.create_deployment_schedules(d.id, [DeploymentScheduleCreate(
             schedule=CronSchedule(cron=f"0 {hour} * * *", timezone="UTC"), active=True,
             parameters={**TINY, "store": str(store), "late_runs": late_runs})])
@@ -184,3 +184,53 @@ def test_late_runs_all_trains_every_missed_night(local_deployment, procs, tmp_pa
     assert len(stored) == 3 and all((p / "manifest.json").is_file() for p in stored.values()), stored
     assert {i[-8:] for i in stored} == {str(f.id)[-8:] for f in final}
     print(f"created at {sorted(created)}; run ids {sorted(stored)}")
+
+
+# ---------------------------------------------------------------- with a deployment concurrency limit
+
+
+def limited_copy(env: dict, strategy: str) -> str:
+    """train-cifar/local again as train-cifar/limited-<strategy>, with train-cifar/nightly's
+    concurrency limit (one run at a time) and the collision strategy `strategy`."""
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
+
+    name = f"limited-{strategy.lower().replace('_', '-')}"
+    with client(env) as c:
+        d = c.read_deployment_by_name("train-cifar/local")
+        c.create_deployment(flow_id=d.flow_id, name=name, entrypoint=d.entrypoint, work_pool_name=LOCAL_POOL,
+                            pull_steps=d.pull_steps, parameters=d.parameters,
+                            parameter_openapi_schema=d.parameter_openapi_schema, enforce_parameter_schema=True,
+                            concurrency_limit=1,
+                            concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy(strategy)))
+    return f"train-cifar/{name}"
+
+
+@pytest.mark.slow
+def test_with_cancel_new_the_limit_cancels_the_newer_nights_and_one_trains(local_deployment, procs, tmp_path):
+    """train-cifar/nightly's setting. The worker asks for all three slots at once (Pending),
+    before any of them runs code: the night it submits first gets the slot and the server
+    cancels the others. A cancelled night will not train, so it supersedes nothing."""
+    store = tmp_path / "store"
+    runs = missed_nights(local_deployment, store, "latest", hour=4, deployment=limited_copy(local_deployment, "CANCEL_NEW"))
+    final = run_with_worker(procs, local_deployment, "late-cancel-new", runs)
+    states = [(f.name, f.state.name, f.state.message) for f in final]
+    print(f"oldest first: {states}")
+    done = [f for f in final if f.state.is_completed()]
+    assert len(done) == 1, states
+    assert all(f.state.is_cancelled() and f.state.name != "Superseded" for f in final if f is not done[0]), states
+    assert len(stored_runs(store)) == 1
+
+
+@pytest.mark.slow
+def test_with_enqueue_the_queued_stale_nights_are_superseded_and_the_newest_trains(local_deployment, procs, tmp_path):
+    """The newer nights wait for the slot (AwaitingConcurrencySlot, Scheduled), so they count:
+    each older night that gets the slot ends Superseded in seconds."""
+    store = tmp_path / "store"
+    runs = missed_nights(local_deployment, store, "latest", hour=5, deployment=limited_copy(local_deployment, "ENQUEUE"))
+    final = run_with_worker(procs, local_deployment, "late-enqueue", runs)
+    states = [(f.name, f.state.name, f.state.message) for f in final]
+    print(f"oldest first: {states}")
+    *stale, newest = final
+    assert newest.state.is_completed(), states
+    assert all(f.state.name == "Superseded" and str(newest.id) in f.state.message for f in stale), states
+    assert len(stored_runs(store)) == 1
