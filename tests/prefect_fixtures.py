@@ -116,8 +116,9 @@ def procs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(procs, tmp_path_factory) -> dict:
-    """A Prefect server (SQLite) on a free port; returns the env for CLI calls."""
+def server(procs, tmp_path_factory, request) -> dict:
+    """A Prefect server (SQLite) on a free port; returns the env for CLI calls. A test module
+    may set server settings of its own in SERVER_SETTINGS (a dict of PREFECT_SERVER_* variables)."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -133,6 +134,7 @@ def server(procs, tmp_path_factory) -> dict:
         "COLUMNS": "200",
         # a run's scratch files (prepared tensors, checkpoints) stay in the test's folder
         "TRAIN_CIFAR_CACHE": str(tmp_path_factory.mktemp("cache")),
+        **getattr(request.module, "SERVER_SETTINGS", {}),
     }
     proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             {k: v for k, v in env.items() if k != "PREFECT_API_URL"})

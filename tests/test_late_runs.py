@@ -18,6 +18,8 @@ import pytest
 
 from tests.prefect_fixtures import LOCAL_POOL, cli, client, eventually, settled, start_worker
 
+# A night that waits for the deployment's concurrency slot (ENQUEUE) asks again after 3 s, not 30
+SERVER_SETTINGS = {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "3"}
 NIGHT = datetime(2026, 12, 4, 2, 0, tzinfo=timezone.utc)
 NOW = NIGHT + timedelta(days=2, hours=10)
 
