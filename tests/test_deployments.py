@@ -125,7 +125,7 @@ def test_nightly_deployment(deployed):
     assert d.job_variables["cpu_request"] and d.job_variables["memory_request"]
     assert d.job_variables["image"] == TEST_IMAGE
     assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
-    assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+    assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     assert d.parameters["dataset"] == "cifar10" and d.parameters["store"].startswith("s3://")
     assert d.parameters["variant_deployment"] == "train-variant/gpu"
     assert d.enforce_parameter_schema
