@@ -74,6 +74,8 @@ class RunParams(BaseModel):
                                   "counting resubmissions after a crash (each resumes from the checkpoint)")
     fanout_deadline_hours: float = Field(24.0, gt=0, description="with variant_deployment: variants unfinished "
                                          "after this long are cancelled and reported as failed")
+    force: bool = Field(False, description="train even when the run's fingerprint equals the champion's run's, "
+                        "or another run of the same scheduled night claimed it")
     run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "
                                "(default: derived from the flow run, so a retried flow run continues its own run)")
 
@@ -166,7 +168,7 @@ class RunParams(BaseModel):
 RUN_ONLY = frozenset({
     "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
     "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
-    "variant_deployment", "variant_attempts", "fanout_deadline_hours"})
+    "variant_deployment", "variant_attempts", "fanout_deadline_hours", "force"})
 assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_fields)
 UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
 
