@@ -169,6 +169,11 @@ def _installed(name: str) -> str | None:
 
 def environment() -> dict:
     """What runs the code: the installed versions (None: not installed), and the image."""
-    # flat, so that what changed since the champion names the package
+    import torch
+    import torchvision
+
+    # flat, so that what changed since the champion names the package; torch's own versions
+    # carry the build (2.14.1+cu130), which the installed metadata may not
     return {"python": platform.python_version(), "image": os.environ.get(IMAGE_ENV) or None,
-            **{name: _installed(name) for name in ("torch", "torchvision", *locked_names(_constraints()))}}
+            **{name: _installed(name) for name in locked_names(_constraints())},
+            "torch": torch.__version__, "torchvision": torchvision.__version__}
