@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,23 @@ def test_a_champion_manifest_whose_parts_do_not_hash_to_the_record_is_not_believ
     store.put_bytes(run_key("r1", MANIFEST), json.dumps({"fingerprint": {"digest": digest, "parts": {"code": "x"}}}
                                                         ).encode(), tmp_path / "tmp")
     assert _champion_parts(store, "r1", digest) is None
+
+
+@pytest.mark.slow
+def test_the_command_line_says_what_a_skipped_run_matched(tmp_path, monkeypatch, prefect_harness, capsys):
+    """In-process, under the test harness: the second identical run's state and the CLI's last word."""
+    from flows.train_cifar import _last_word, train_cifar
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    params = RunParams(dataset="synthetic", synthetic_train=300, synthetic_test=100, variants=["none"], epochs=1,
+                       subset=100, store=str(tmp_path / "store"), device="cpu").model_dump()
+    first = train_cifar(**params, return_state=True)
+    assert first.name == "Completed"
+    again = train_cifar(**params, return_state=True)
+    assert again.is_completed() and again.name == "Skipped"
+    capsys.readouterr()
+    assert _last_word(again, None, None, False) == 0
+    out, err = capsys.readouterr()
+    skipped = Path(out.strip().splitlines()[-1])
+    assert skipped.name == "skipped.json" and skipped.is_file()
+    assert first.result()["run_id"] in err and "force" in err
