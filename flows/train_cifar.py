@@ -63,8 +63,8 @@ def train_cifar(**params):
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
     from tasks.scoring import compare_variants, score_variants
-    from tasks.skip import fingerprint_run, skip_run
     from tasks.selection import select_variant
+    from tasks.skip import fingerprint_run, skip_run
     from tasks.testing import test_model
 
     try:
