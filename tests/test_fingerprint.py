@@ -140,3 +140,22 @@ def test_the_command_line_says_what_a_skipped_run_matched(tmp_path, monkeypatch,
     skipped = Path(out.strip().splitlines()[-1])
     assert skipped.name == "skipped.json" and skipped.is_file()
     assert first.result()["run_id"] in err and "force" in err
+
+
+def test_only_a_scheduled_run_of_a_deployment_has_a_night(monkeypatch):
+    """The night is the scheduled start's date in UTC; a run started by hand has none."""
+    from datetime import datetime, timedelta, timezone
+    from types import SimpleNamespace
+
+    import prefect.context
+    from prefect.runtime import deployment, flow_run
+
+    from tasks.skip import scheduled_night
+
+    start = datetime(2026, 12, 7, 1, 30, tzinfo=timezone(timedelta(hours=2)))  # 23:30 UTC the day before
+    monkeypatch.setattr(deployment, "name", "nightly", raising=False)
+    monkeypatch.setattr(flow_run, "scheduled_start_time", start, raising=False)
+    for auto, expected in ((True, ("nightly", "2026-12-06")), (False, None)):
+        run = SimpleNamespace(flow_run=SimpleNamespace(auto_scheduled=auto))
+        monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls, run=run: run))
+        assert scheduled_night() == expected
