@@ -100,7 +100,7 @@ def dataset_part(ctx) -> dict:
     ds = ctx.dataset
     if ds is None:
         raise ValueError("the fingerprint needs the fetched dataset: call it after fetch-dataset")
-    checks = getattr(ctx, "data_checks", None)
+    checks = ctx.data_checks
     return {"name": ds.name, "md5": ds.md5, "sha256": ds.sha256, "split_seed": ctx.params.split_seed,
             "test_size": split_sizes(ds.holdout)[1],
             "data_checks": None if checks is None else checks["digest"]}
