@@ -87,6 +87,7 @@ def train_cifar(**params):
     from tasks.publish import publish_run
     from tasks.scoring import compare_variants, score_variants
     from tasks.selection import select_variant
+    from tasks.skip import fingerprint_run, skip_run
     from tasks.testing import test_model
 
     try:
@@ -105,6 +106,12 @@ def train_cifar(**params):
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 
     ctx = ctx.with_dataset(fetch_dataset(ctx))
+
+    # before anything trains or any child flow run is asked for
+    fingerprint, matched = fingerprint_run(ctx)
+    if matched is not None:
+        return skip_run(ctx, fingerprint, matched)
+    ctx = ctx.with_fingerprint(fingerprint)
     try:
         units = train_units(ctx)
     except RunCancelled as e:
@@ -206,6 +213,10 @@ def _last_word(state, error: Exception | None, signum: int | None, debug: bool) 
     if state is not None and state.is_cancelled():
         print(f"{name or 'cancelled'}: {state.message}", file=sys.stderr)
         return interrupt.exit_code(signum) if signum else 1
+    if state is not None and state.is_completed() and state.name == "Skipped":
+        print(f"skipped: {state.message}", file=sys.stderr)
+        print(state.result()["skipped"])  # the skip record: the last line on stdout, for scripts
+        return 0
     try:
         if error is not None:
             raise error

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from cnn.config import TrainConfig, make_config, resolve_precision
+from run.fingerprint import Fingerprint
 from run.layout import Unit
 from run.params import RunParams
 from run.records import DatasetRef
@@ -21,7 +22,9 @@ class RunContext:
     run_id: str
     flow_run_id: str | None = None  # the parent's, or a child's own
     created_at: str | None = None
+    fingerprint: Fingerprint | None = None  # None before fingerprint-run
     dataset: DatasetRef | None = None  # None before fetch-dataset
+    data_checks: dict | None = None  # None before check-data
 
     @property
     def store_uri(self) -> str:
@@ -40,6 +43,12 @@ class RunContext:
     def __getstate__(self) -> dict:
         # the open store (clients, an outage clock) stays in its process; a copy opens its own
         return {k: v for k, v in self.__dict__.items() if k != "store"}
+
+    def with_fingerprint(self, fingerprint: Fingerprint) -> RunContext:
+        out = dataclasses.replace(self, fingerprint=fingerprint)
+        if "store" in self.__dict__:
+            out.__dict__["store"] = self.__dict__["store"]
+        return out
 
     def precision(self, device: str) -> str:
         """fp32 or bf16."""

@@ -2,6 +2,7 @@
 
     runs/<run-id>/
         manifest.json  report.md  curves.png  variants.png   the run's seal and its report
+        skipped.json   instead, when its fingerprint matched (tasks/skip.py): nothing trained
         model/         the tested model (MODEL_FILES)
         variants/<variant>/[seed-<seed>/]                    one folder per unit (`Unit.folder`)
             lease.json                                       its writer, and which files are current:
@@ -10,6 +11,7 @@
         conditional-write-probe
     datasets/<name>/<md5>/                                   the prepared tensors (tasks/data.py)
     champions/<identity>.json                                the registry (registry/champions.py)
+    nights/<deployment>/<YYYY-MM-DD>/<digest>.json           a scheduled night's claim on a fingerprint
 
 This machine's cache keeps a run's files under the same names (run/cache.py).
 """
@@ -22,6 +24,7 @@ from store.lease import committed
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
+SKIPPED = "skipped.json"  # a run that trained nothing: what it matched
 CURVES = "curves.png"
 VARIANTS_PLOT = "variants.png"
 
@@ -45,6 +48,12 @@ UNIT_RESULT = "metrics.json"  # the unit's result record, written last: once cur
 
 def run_key(run_id: str, *parts: str) -> str:
     return join_key("runs", safe_name(run_id, "run id"), *parts)
+
+
+def night_key(deployment: str, night: str, digest: str) -> str:
+    """The claim of the fingerprint `digest` by one run of the deployment's scheduled night (YYYY-MM-DD)."""
+    return join_key("nights", safe_name(deployment, "deployment name"), safe_name(night, "night"),
+                    safe_name(digest, "fingerprint digest") + ".json")
 
 
 def model_key(run_id: str, name: str = "") -> str:

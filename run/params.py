@@ -78,6 +78,8 @@ class RunParams(BaseModel):
         "latest", description="a scheduled run that starts after a newer scheduled night of its deployment is due "
         "(the server or workers were down): latest: it ends Cancelled (Superseded) without training, so only the "
         "newest missed night trains; all: every missed night trains. Runs started by hand always train")
+    force: bool = Field(False, description="train even when the run's fingerprint equals the champion's run's, "
+                        "or another run of the same scheduled night claimed it")
     run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "
                                "(default: derived from the flow run, so a retried flow run continues its own run)")
 
@@ -170,7 +172,7 @@ class RunParams(BaseModel):
 RUN_ONLY = frozenset({
     "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
     "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
-    "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs"})
+    "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs", "force"})
 assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_fields)
 UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
 

@@ -195,6 +195,8 @@ class ChampionRecord:
     split_seed: int
     test_size: int
     created_at: str | None
+    # the run's fingerprint digest (run/fingerprint.py); None in records written before it
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

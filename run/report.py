@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -175,6 +176,7 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
                      ).to_markdown(index=False),
         "",
         *image(CONFUSION),
+        *changed_lines(manifest),
         f"Dataset `{d['source']}` md5 `{d['md5']}`, split seed {d['split_seed']}, sizes {d['sizes']}. "
         f"Device {manifest['device']}; git {manifest['git_sha']}.",
         "",
@@ -185,3 +187,43 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
         "",
     ]
     return "\n".join(lines)
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def changed_lines(manifest: dict) -> list[str]:
+    """What changed since the champion's run, by fingerprint part (run/fingerprint.py)."""
+    fp, changed = manifest.get("fingerprint"), manifest.get("changed_since_champion")
+    if not fp:
+        return []
+    head = f"Fingerprint `{fp['digest'][:12]}`"
+    champion = manifest.get("fingerprint_compared_with")
+    if changed is None or champion is None:
+        return [f"{head}; no champion to compare it with.", ""]
+    if not changed:
+        return [f"{head}: the same as the champion's run `{champion}` (trained anyway: force).", ""]
+    lines = [f"{head}. Changed since the champion's run `{champion}`:", ""]
+    for part, both in changed.items():
+        lines.append(f"- **{part}**: champion {_short(both['champion'])}, now {_short(both['now'])}")
+    return [*lines, ""]
+
+
+def render_skipped(record: dict, uri: str) -> str:
+    """The UI's page of a run that trained nothing: what it matched."""
+    m = record["matched"]
+    what = "the champion's run" if m["why"] == "champion" else "the run that claimed this scheduled night"
+    return "\n".join([
+        f"# train-cifar run `{record['run_id']}`: skipped",
+        "",
+        f"Nothing that decides the model changed since {what}: nothing was trained.",
+        "",
+        "| matched run | its date | fingerprint digest |",
+        "|---|---|---|",
+        f"| `{m['run_id']}` | {m['created_at'] or 'unknown'} | `{record['digest']}` |",
+        "",
+        f"Record: `{uri}`. Run with `force=true` to train anyway.",
+        "",
+    ])

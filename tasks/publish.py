@@ -69,7 +69,18 @@ def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: Varian
         "device": selected.device,
         "flow_run_id": ctx.flow_run_id,
         "variant_deployment": p.variant_deployment,
+        **fingerprint_fields(ctx),
     }
+
+
+def fingerprint_fields(ctx: RunContext) -> dict:
+    """The manifest's `fingerprint` ({digest, parts}) and, against the champion's run it was
+    compared with, `changed_since_champion` ({part: {champion, now}}; null: no champion)."""
+    fp = ctx.fingerprint
+    if fp is None:
+        return {"fingerprint": None, "fingerprint_compared_with": None, "changed_since_champion": None}
+    return {"fingerprint": fp.to_dict(), "fingerprint_compared_with": fp.champion_run_id,
+            "changed_since_champion": fp.changed_since_champion}
 
 
 def champion_record(manifest: dict, store) -> ChampionRecord:
@@ -82,6 +93,7 @@ def champion_record(manifest: dict, store) -> ChampionRecord:
         variant=manifest["selected"], model=manifest["params"]["model"], test=manifest["test"],
         dataset_name=d["name"], dataset_md5=d["md5"], split_seed=d["split_seed"],
         test_size=d["sizes"]["test"], created_at=manifest["created_at"],
+        fingerprint=(manifest.get("fingerprint") or {}).get("digest"),
     )
 
 

@@ -21,12 +21,12 @@ pytest_plugins = ["tests.s3_fixtures", "tests.prefect_fixtures"]
 
 # The modules that take longest, longest first. They are handed out first so that their
 # waiting on servers and workers overlaps everything else.
-LONGEST = ["test_fanout.py", "test_deployments.py", "test_retry.py", "test_s3_run.py", "test_flow.py",
+LONGEST = ["test_fanout.py", "test_deployments.py", "test_retry.py", "test_s3_run.py", "test_flow.py", "test_skip.py",
            "test_pictures.py", "test_cli.py", "test_portable_trust.py", "test_resume.py", "test_late_runs.py"]
 # The modules whose tests share a module-scoped fixture (a server and its workers, the
 # fan-out's cluster, a trained model): each is one group, run on one worker in file order.
 # Every other test goes on its own to whichever worker is free.
-GROUPED = {"test_fanout.py", "test_deployments.py", "test_retry.py", "test_pictures.py", "test_fast.py",
+GROUPED = {"test_fanout.py", "test_deployments.py", "test_retry.py", "test_skip.py", "test_pictures.py", "test_fast.py",
            "test_train.py", "test_checkpoint.py", "test_late_runs.py"}
 # Grouped modules whose tests are dealt, in turn, into this many groups. Each group runs on a
 # worker of its own with its own module fixtures (the fan-out's server, workers and moto), so

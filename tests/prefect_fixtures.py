@@ -193,6 +193,7 @@ def deploy_all(env: dict, tmp: Path) -> None:
         if d["name"] in ("nightly", "gpu"):
             d["build"] = d["push"] = None
             d["work_pool"]["job_variables"]["image"] = TEST_IMAGE
+            d["work_pool"]["job_variables"]["env"]["TRAIN_CIFAR_IMAGE"] = TEST_IMAGE
     no_docker = tmp / "prefect.yaml"
     no_docker.write_text(yaml.safe_dump(doc, sort_keys=False))
     cli(env, "deploy", "--prefect-file", str(no_docker), "--name", "train-cifar/nightly", "--name", "train-variant/gpu")

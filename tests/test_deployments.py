@@ -124,6 +124,7 @@ def test_nightly_deployment(deployed):
     assert sched.cron == "0 2 * * *" and sched.timezone == "UTC"
     assert d.job_variables["cpu_request"] and d.job_variables["memory_request"]
     assert d.job_variables["image"] == TEST_IMAGE
+    assert d.job_variables["env"]["TRAIN_CIFAR_IMAGE"] == TEST_IMAGE  # the fingerprint's image
     assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
     assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     assert d.parameters["dataset"] == "cifar10" and d.parameters["store"].startswith("s3://")

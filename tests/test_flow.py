@@ -200,7 +200,8 @@ def test_rerun_with_same_run_id_resumes_and_promotion_needs_a_better_model(run_e
     m = json.loads((store / "runs/run-a/manifest.json").read_text())
     assert m["promotion_reason"].startswith("no champion yet for dataset")
     # another run training an identical model on the same split does not beat the champion
-    other = train_cifar(run_id="run-b", **kw)
+    # (forced: with the champion's fingerprint it would be skipped, trained nothing)
+    other = train_cifar(run_id="run-b", force=True, **kw)
     assert other["promoted"] is False and other["compared_with"] == "run-a"
     m = json.loads((store / "runs/run-b/manifest.json").read_text())
     # the champion's model was tested on the same images: (nearly) the same predictions
