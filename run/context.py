@@ -22,6 +22,7 @@ class RunContext:
     flow_run_id: str | None = None  # the parent's, or a child's own
     created_at: str | None = None
     dataset: DatasetRef | None = None  # None before fetch-dataset
+    data_checks: dict | None = None  # None before check-data
 
     @property
     def store_uri(self) -> str:
@@ -33,6 +34,12 @@ class RunContext:
 
     def with_dataset(self, dataset: DatasetRef) -> RunContext:
         out = dataclasses.replace(self, dataset=dataset)
+        if "store" in self.__dict__:  # not opened again
+            out.__dict__["store"] = self.__dict__["store"]
+        return out
+
+    def with_data_checks(self, record: dict) -> RunContext:
+        out = dataclasses.replace(self, data_checks=record)
         if "store" in self.__dict__:  # not opened again
             out.__dict__["store"] = self.__dict__["store"]
         return out
