@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from cnn import datachecks as dc
 from cnn.data import Splits
-from cnn.device import pick_device
+from cnn.device import pick_device, prepare_device
 from run.cache import cache_dir
 from run.context import RunContext
 from run.report import data_uri
@@ -65,6 +65,7 @@ def check_data(ctx: RunContext) -> dict:
     record = _memoised(memo)
     if record is None:
         device = pick_device("auto" if p.variant_deployment else p.device)
+        prepare_device(device)
         record, _ = dc.run_checks(splits, thresholds(p), device)
         write_durably(memo, json.dumps(record, indent=1).encode())
     else:
