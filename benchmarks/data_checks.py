@@ -69,6 +69,14 @@ def main() -> None:
         dc.exact_duplicates(splits, thresholds.max_exact_duplicates)
     with Timer() as full:
         record, _ = dc.run_checks(splits, thresholds, device)
+    parts = {"labels_outside_classes": lambda: dc.labels_outside_classes(splits),
+             "class_balance": lambda: dc.class_balance(splits, thresholds.class_balance_tolerance),
+             "blank_images": lambda: dc.blank_images(splits, thresholds.max_blank_images)}
+    part_seconds = {}
+    for name, fn in parts.items():
+        with Timer() as t:
+            fn()
+        part_seconds[name] = round(t.seconds, 2)
     # the near-duplicate step alone, at a lower threshold, to show what the run's threshold buys
     with Timer() as near:
         found = dc.near_duplicates(splits.train_x, x[n_train:], device, correlation=0.98)
@@ -85,7 +93,8 @@ def main() -> None:
                      "clean_flagged": flagged, "clean_flagged_fraction": round(flagged / (n_query - len(planted)), 5)})
     timings = [{"what": "baseline: exact duplicates only (hash of bytes)", "seconds": round(base.seconds, 2)},
                {"what": "every check (run_checks)", "seconds": round(full.seconds, 2)},
-               {"what": "near-duplicates alone", "seconds": round(near.seconds, 2)}]
+               {"what": "near-duplicates alone (second time: warm heap)", "seconds": round(near.seconds, 2)},
+               *({"what": f"{name} alone", "seconds": v} for name, v in part_seconds.items())]
     images = n_train + n_query
     print(f"{images:,} images (train {n_train:,}, val {args.val:,}, test {args.test:,}), {args.planted} planted "
           "near-duplicates, CPU")

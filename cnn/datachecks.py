@@ -220,7 +220,8 @@ def blank_images(splits: Splits, threshold: int) -> dict:
     """Images whose pixel standard deviation is below BLANK_STD (constant, or nearly)."""
     examples, count = [], 0
     for split, (x, y) in _split_tensors(splits).items():
-        std = x.reshape(len(x), -1).float().std(1) if len(x) else torch.zeros(0)
+        flat = x.reshape(len(x), -1)
+        std = torch.cat([flat[i:i + 4096].float().std(1) for i in range(0, len(x), 4096)] or [torch.zeros(0)])
         idx = torch.nonzero(std < BLANK_STD).flatten().tolist()
         count += len(idx)
         examples += [{"split": split, "index": i, "label": int(y[i]), "std": round(float(std[i]), 3)}
