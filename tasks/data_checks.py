@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from cnn import datachecks as dc
 from cnn.data import Splits
 from cnn.device import pick_device, prepare_device
-from run.cache import cache_dir
+from run.cache import cache_dir, mark_used
 from run.context import RunContext
 from run.report import data_uri
 from store.files import write_durably
@@ -69,6 +69,7 @@ def check_data(ctx: RunContext) -> dict:
         record, _ = dc.run_checks(splits, thresholds(p), device)
         write_durably(memo, json.dumps(record, indent=1).encode())
     else:
+        mark_used(memo)  # the cache's age rule counts from this use
         print(f"data checks of {ctx.dataset.sha256[:12]}: memoised in {memo}")
     for c in record["checks"]:
         print(f"data check {c['name']}: {c['count']} (threshold {c['threshold']}): "
