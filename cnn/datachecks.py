@@ -23,10 +23,9 @@ import torch.nn.functional as F
 
 from cnn.data import DataError, Splits
 
-SPLITS = ("train", "val", "test")
 BLANK_STD = 1.0  # per-image pixel std (0..255) below which an image is blank: no real photo is that flat
 MAX_SHIFT = 2
-NEAR_CORRELATION = 0.995  # 0.99 flagged 0.4% of clean synthetic images (benchmarks/data_checks.py)
+NEAR_CORRELATION = 0.995  # 0.99 flagged 0.6% of clean synthetic images (benchmarks/data_checks.py)
 NEAR_CANDIDATES = 16
 MAX_EXAMPLES = 10
 # A change to what the checks compute changes this, so that no memoised result of an older
