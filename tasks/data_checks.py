@@ -72,8 +72,8 @@ def check_data(ctx: RunContext) -> dict:
         mark_used(memo)  # the cache's age rule counts from this use
         print(f"data checks of {ctx.dataset.sha256[:12]}: memoised in {memo}")
     for c in record["checks"]:
-        print(f"data check {c['name']}: {c['count']} (threshold {c['threshold']}): "
-              + ("passed" if c["passed"] else "FAILED"))
+        count = f"{c['count']} ({c['fraction']:.2%})" if "fraction" in c else c["count"]
+        print(f"data check {c['name']}: {count}, threshold {c['threshold']}: " + ("passed" if c["passed"] else "FAILED"))
     _artifact(ctx, record, splits)
     error = dc.failure(record)
     if error is not None:
