@@ -165,6 +165,21 @@ def test_the_markdown_has_the_table_and_thumbnails():
     assert md.count("data:image/png;base64,") == 3  # the pair and the blank image
 
 
+def test_a_memoised_result_is_used_only_while_it_is_consistent(tmp_path):
+    from tasks.data_checks import _memoised
+
+    x, y = _images(600, 12)
+    record, _ = dc.run_checks(_splits((x[:400], y[:400]), (x[400:500], y[400:500]), (x[500:], y[500:])), LOOSE)
+    memo = tmp_path / "memo.json"
+    memo.write_text(json.dumps(record))
+    assert _memoised(memo) == record
+    record["checks"][2]["count"] += 5  # edited by hand: the digest no longer agrees
+    memo.write_text(json.dumps(record))
+    assert _memoised(memo) is None
+    memo.write_text("{")  # cut short
+    assert _memoised(memo) is None and _memoised(tmp_path / "none.json") is None
+
+
 # -- a real run, in-process, on synthetic data ------------------------------------------------
 
 def _write_archive(out: Path, train: tuple, hold: tuple, classes: list[str]) -> tuple[Path, str]:
@@ -188,6 +203,15 @@ def _write_archive(out: Path, train: tuple, hold: tuple, classes: list[str]) -> 
     path = out / cd.ARCHIVE_NAME
     path.write_bytes(buf.getvalue())
     return path, cd.md5_of(path)
+
+
+def _artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: a for a in arts}
 
 
 @pytest.fixture
@@ -221,18 +245,20 @@ def test_a_fault_in_the_data_stops_the_run_before_training(run_env, fault, check
 
     path, md5 = _faulty(run_env, fault)
     store = run_env / "store"
+    state = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=1, store=str(store),
+                        device="cpu", return_state=True)
+    assert state.is_failed()
     with pytest.raises(dc.DataCheckFailed, match=rf"data check\(s\) failed before training: .*{check}: \d+ ") as e:
-        train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none"], epochs=1, store=str(store),
-                    device="cpu")
+        state.result()
     assert isinstance(e.value, cd.DataError) and is_user_error(e.value)
     assert not list(store.glob("runs/*/variants/*")) and not list(store.glob("runs/*/manifest.json"))
+    # the UI shows why: the table, with the failed check
+    md = _artifacts(state.state_details.flow_run_id)["data-checks"].data
+    assert f"| {check} |" in md and "**failed**" in md
 
 
 @pytest.mark.slow
 def test_a_run_records_its_checks_in_the_manifest_and_the_ui(run_env, synthetic_archive):
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
     from flows.train_cifar import train_cifar
 
     path, md5 = synthetic_archive
@@ -243,10 +269,7 @@ def test_a_run_records_its_checks_in_the_manifest_and_the_ui(run_env, synthetic_
     assert record["passed"] and record["digest"] == dc.digest(record["checks"])
     assert {c["name"] for c in record["checks"]} == {"labels_outside_classes", "class_balance", "blank_images",
                                                      "exact_duplicates", "near_duplicates"}
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[manifest["flow_run_id"]])))
-    md = next(a.data for a in arts if a.key == "data-checks")
+    md = _artifacts(manifest["flow_run_id"])["data-checks"].data
     assert "| check | count | threshold | result |" in md and "| near_duplicates |" in md
     # memoised on this machine: the same data and thresholds are not checked again
     memo = list((run_env / "cache" / "data-checks").glob("*.json"))
