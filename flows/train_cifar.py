@@ -83,6 +83,7 @@ def train_cifar(**params):
     from run.cache import drop_local_copies
     from run.layout import probe_key
     from tasks.data import fetch_dataset
+    from tasks.data_checks import check_data
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
     from tasks.scoring import compare_variants, score_variants
@@ -106,6 +107,7 @@ def train_cifar(**params):
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 
     ctx = ctx.with_dataset(fetch_dataset(ctx))
+    ctx = ctx.with_data_checks(check_data(ctx))  # bad data stops the run here
 
     # before anything trains or any child flow run is asked for
     fingerprint, matched = fingerprint_run(ctx)

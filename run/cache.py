@@ -45,7 +45,7 @@ def materialize(store: Store, key: str, filenames: list[str], limits: dict[str, 
 
 
 DEFAULT_CACHE_DAYS = 14.0  # a weekly or nightly job reuses its data well within this
-PRUNED = ("downloads", "prepared", "store-cache", "synthetic")
+PRUNED = ("downloads", "prepared", "store-cache", "synthetic", "data-checks")
 
 
 def cache_days() -> float:

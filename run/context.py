@@ -40,6 +40,12 @@ class RunContext:
             out.__dict__["store"] = self.__dict__["store"]
         return out
 
+    def with_data_checks(self, record: dict) -> RunContext:
+        out = dataclasses.replace(self, data_checks=record)
+        if "store" in self.__dict__:  # not opened again
+            out.__dict__["store"] = self.__dict__["store"]
+        return out
+
     def __getstate__(self) -> dict:
         # the open store (clients, an outage clock) stays in its process; a copy opens its own
         return {k: v for k, v in self.__dict__.items() if k != "store"}

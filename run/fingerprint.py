@@ -57,6 +57,10 @@ NOT_IN_PARAMS = {
     "late_runs": "what happens to a run that starts late, not what it trains",
     "force": "trains even when nothing changed: the fingerprint it would match is the same",
     "run_id": "names the run; the same training under another name is the same model",
+    "class_balance_tolerance": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
+    "max_blank_images": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
+    "max_exact_duplicates": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
+    "max_near_duplicates": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
 }
 
 

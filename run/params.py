@@ -80,6 +80,16 @@ class RunParams(BaseModel):
         "newest missed night trains; all: every missed night trains. Runs started by hand always train")
     force: bool = Field(False, description="train even when the run's fingerprint equals the champion's run's, "
                         "or another run of the same scheduled night claimed it")
+    class_balance_tolerance: float = Field(
+        5.0, gt=0, description="check-data: binomial standard deviations a class's count in a split may stray "
+        "from an equal share before the run stops (a class missing from train always stops it)")
+    max_blank_images: int = Field(0, ge=0, description="check-data: blank images (pixel std below 1) allowed "
+                                  "across the splits before the run stops")
+    max_exact_duplicates: int = Field(100, ge=0, description="check-data: images identical to another, within or "
+                                      "across splits, allowed before the run stops")
+    max_near_duplicates: float = Field(0.05, ge=0, le=1, description="check-data: fraction of validation and test "
+                                       "images with a near-duplicate in train (shifted, re-lit or re-encoded) "
+                                       "allowed before the run stops; CIFAR-10's test set has about 3.3%")
     run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "
                                "(default: derived from the flow run, so a retried flow run continues its own run)")
 
@@ -172,7 +182,8 @@ class RunParams(BaseModel):
 RUN_ONLY = frozenset({
     "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
     "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
-    "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs", "force"})
+    "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs", "force",
+    "class_balance_tolerance", "max_blank_images", "max_exact_duplicates", "max_near_duplicates"})
 assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_fields)
 UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
 

@@ -61,6 +61,7 @@ def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: Varian
         "dataset": {"name": ds.name, "source": ds.source, "md5": ds.md5,
                     "sizes": {"train": min(ds.train, p.subset or ds.train), "val": n_val, "test": n_test},
                     "split_seed": p.split_seed, "classes": ds.classes},
+        "data_checks": ctx.data_checks,
         "variants": [s.summary() for s in scores],
         "selected": selected.name,
         "comparison": None if comparison is None else comparison.to_dict(),
