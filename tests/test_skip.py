@@ -63,7 +63,7 @@ def run_local(env: dict, **params):
 
 
 def run_dir(env: dict, run) -> Path:
-    found = list(Path(env["store"], "runs").glob(f"*-{str(run.id)[:8]}"))
+    found = list(Path(env["store"], "runs").glob(f"*-{str(run.id)[-8:]}"))
     assert len(found) == 1, found
     return found[0]
 
