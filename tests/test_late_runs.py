@@ -8,6 +8,7 @@ outage. Then a worker starts and runs them all at once.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import uuid
@@ -112,25 +113,27 @@ def local_deployment(server) -> dict:
     return server
 
 
-def missed_nights(env: dict, store: Path, late_runs: str, hour: int, deployment: str = "train-cifar/local") -> list:
+def missed_nights(env: dict, store: Path, late_runs: str, hour: int, deployment: str = "train-cifar/local",
+                  schedules: int = 1, **params) -> list:
     """Three nights (daily at `hour`:00 UTC) of `deployment` backfilled into the past, as the
-    scheduler creates them: auto-scheduled, Scheduled, then Late. Returns them oldest first."""
+    scheduler creates them: auto-scheduled, Scheduled, then Late; with `schedules` identical
+    schedules, that many runs a night. Returns them oldest first."""
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import CronSchedule
 
     now = datetime.now(timezone.utc)
     with client(env) as c:
         d = c.read_deployment_by_name(deployment)
-        [schedule] = c.create_deployment_schedules(d.id, [DeploymentScheduleCreate(
+        c.create_deployment_schedules(d.id, [DeploymentScheduleCreate(
             schedule=CronSchedule(cron=f"0 {hour} * * *", timezone="UTC"), active=True,
-            parameters={**TINY, "store": str(store), "late_runs": late_runs})])
+            parameters={**TINY, "store": str(store), "late_runs": late_runs, **params})] * schedules)
         r = c.request("POST", "/deployments/{id}/schedule", path_params={"id": d.id},
                       json={"start_time": (now - timedelta(days=3)).isoformat(), "end_time": now.isoformat()})
         r.raise_for_status()
         runs = [f for f in c.read_flow_runs() if f.deployment_id == d.id and f.auto_scheduled
-                and f.expected_start_time <= now and f.parameters.get("late_runs") == late_runs]
+                and f.expected_start_time <= now and f.parameters.get("store") == str(store)]
     runs.sort(key=lambda f: f.expected_start_time)
-    assert len(runs) == 3 and all(f.state_type.value == "SCHEDULED" for f in runs), runs
+    assert len(runs) == 3 * schedules and all(f.state_type.value == "SCHEDULED" for f in runs), runs
     return runs
 
 
@@ -178,7 +181,9 @@ def test_only_the_newest_missed_night_trains(local_deployment, procs, tmp_path):
 @pytest.mark.slow
 def test_late_runs_all_trains_every_missed_night(local_deployment, procs, tmp_path):
     store = tmp_path / "store"
-    runs = missed_nights(local_deployment, store, "all", hour=3)
+    # force: every night trains even though nothing changed between them (else the
+    # nights after the first champion could skip, as a week of unchanged nights should)
+    runs = missed_nights(local_deployment, store, "all", hour=3, force=True)
     created = {f.created.replace(microsecond=0) for f in runs}
     final = run_with_worker(procs, local_deployment, "late-all", runs)
     assert all(f.state.is_completed() for f in final), [(f.name, f.state.name, f.state.message) for f in final]
@@ -187,6 +192,35 @@ def test_late_runs_all_trains_every_missed_night(local_deployment, procs, tmp_pa
     assert len(stored) == 3 and all((p / "manifest.json").is_file() for p in stored.values()), stored
     assert {i[-8:] for i in stored} == {str(f.id)[-8:] for f in final}
     print(f"created at {sorted(created)}; run ids {sorted(stored)}")
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_night_with_one_fingerprint_train_once(local_deployment, procs, tmp_path):
+    """Two identical schedules (a schedule added twice): two runs a night. The older nights
+    are Superseded; of the newest night's two, one claims the night and trains, the other
+    ends Skipped naming it (the night's claim, or the champion it has become by then)."""
+    store = tmp_path / "store"
+    runs = missed_nights(local_deployment, store, "latest", hour=6, schedules=2)
+    final = run_with_worker(procs, local_deployment, "late-twice", runs)
+    states = [(f.name, f.state.name, f.state.message) for f in final]
+    newest_night = max(f.expected_start_time for f in final)
+    tonight = [f for f in final if f.expected_start_time == newest_night]
+    assert len(tonight) == 2, states
+    assert all(f.state.name == "Superseded" for f in final if f not in tonight), states
+    [trained] = [f for f in tonight if f.state.name == "Completed"]
+    [skipped] = [f for f in tonight if f.state.name == "Skipped"]
+    stored = stored_runs(store)
+    assert set(stored) == {next(i for i in stored if i.endswith(str(trained.id)[-8:])),
+                           next(i for i in stored if i.endswith(str(skipped.id)[-8:]))}, stored
+    trained_dir, skipped_dir = (next(p for i, p in stored.items() if i.endswith(str(f.id)[-8:]))
+                                for f in (trained, skipped))
+    assert (trained_dir / "manifest.json").is_file()
+    record = json.loads((skipped_dir / "skipped.json").read_text())
+    assert record["matched"]["run_id"] == trained_dir.name, record
+    assert not (skipped_dir / "variants").exists() and not (skipped_dir / "manifest.json").exists()
+    assert trained_dir.name in skipped.state.message, skipped.state.message
+    claims = list((store / "nights" / "local").glob("*/*.json"))
+    assert len(claims) == 1 and json.loads(claims[0].read_text())["run_id"] == trained_dir.name, claims
 
 
 # ---------------------------------------------------------------- with a deployment concurrency limit
