@@ -107,10 +107,12 @@ def train_cifar(**params):
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 
     ctx = ctx.with_dataset(fetch_dataset(ctx))
-    ctx = ctx.with_data_checks(check_data(ctx))  # bad data stops the run here
-
-    # before anything trains or any child flow run is asked for
-    fingerprint, matched = fingerprint_run(ctx)
+    # before anything trains or any child flow run is asked for. A run that matches the
+    # champion's run, which checked this same data the same way, skips without checking it
+    fingerprint, matched = fingerprint_run(ctx, before_checks=True)
+    if matched is None:
+        ctx = ctx.with_data_checks(check_data(ctx))  # bad data stops the run here
+        fingerprint, matched = fingerprint_run(ctx)
     if matched is not None:
         return skip_run(ctx, fingerprint, matched)
     ctx = ctx.with_fingerprint(fingerprint)

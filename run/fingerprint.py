@@ -57,10 +57,10 @@ NOT_IN_PARAMS = {
     "late_runs": "what happens to a run that starts late, not what it trains",
     "force": "trains even when nothing changed: the fingerprint it would match is the same",
     "run_id": "names the run; the same training under another name is the same model",
-    "class_balance_tolerance": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
-    "max_blank_images": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
-    "max_exact_duplicates": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
-    "max_near_duplicates": "a data check's threshold: the dataset part has the checks' record, thresholds in it",
+    "class_balance_tolerance": "a data check's threshold: in the dataset part, beside the checks' result",
+    "max_blank_images": "a data check's threshold: in the dataset part, beside the checks' result",
+    "max_exact_duplicates": "a data check's threshold: in the dataset part, beside the checks' result",
+    "max_near_duplicates": "a data check's threshold: in the dataset part, beside the checks' result",
 }
 
 
@@ -89,6 +89,21 @@ class Fingerprint:
         return dataclasses.replace(self, champion_run_id=champion_run_id, changed_since_champion=changed)
 
 
+    def with_checks_of(self, champion_parts: dict | None) -> Fingerprint:
+        """Taken before the data checks: with the champion run's check result when that run
+        checked the same data with the same thresholds, code, environment and parameters
+        (everything the result depends on), so that its digest is then the champion's;
+        else unchanged (its data_checks None: it matches nothing)."""
+        def but_checks(parts: dict) -> dict:
+            return {**parts, "dataset": {k: v for k, v in (parts.get("dataset") or {}).items() if k != "data_checks"}}
+
+        if not champion_parts or but_checks(champion_parts) != but_checks(self.parts):
+            return self
+        parts = {**self.parts, "dataset": {**self.parts["dataset"],
+                                           "data_checks": champion_parts["dataset"].get("data_checks")}}
+        return Fingerprint(parts, digest_of(parts))
+
+
 def digest_of(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -104,9 +119,13 @@ def dataset_part(ctx) -> dict:
     ds = ctx.dataset
     if ds is None:
         raise ValueError("the fingerprint needs the fetched dataset: call it after fetch-dataset")
-    checks = ctx.data_checks
-    return {"name": ds.name, "md5": ds.md5, "sha256": ds.sha256, "split_seed": ctx.params.split_seed,
+    checks, p = ctx.data_checks, ctx.params
+    return {"name": ds.name, "md5": ds.md5, "sha256": ds.sha256, "split_seed": p.split_seed,
             "test_size": split_sizes(ds.holdout)[1],
+            "check_thresholds": {"class_balance_tolerance": p.class_balance_tolerance,
+                                 "max_blank_images": p.max_blank_images,
+                                 "max_exact_duplicates": p.max_exact_duplicates,
+                                 "max_near_duplicates": p.max_near_duplicates},
             "data_checks": None if checks is None else checks["digest"]}
 
 

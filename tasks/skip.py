@@ -64,19 +64,27 @@ def _champion_parts(store, run_id: str, digest: str | None) -> dict | None:
 
 @task(name="fingerprint-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20],
       retry_condition_fn=is_io_error)
-def fingerprint_run(ctx: RunContext) -> tuple[Fingerprint, Match | None]:
+def fingerprint_run(ctx: RunContext, before_checks: bool = False) -> tuple[Fingerprint, Match | None]:
     """The run's fingerprint, compared with the champion's run's, and what it matched
-    (None: train). `force` trains whatever matched."""
+    (None: train). `force` trains whatever matched. `before_checks`: the data is not
+    checked yet; it matches only a champion whose run checked the same data with the same
+    thresholds, code, environment and parameters (the check would give its result again),
+    and claims no night."""
     fp = fingerprints.take(ctx)
     store = ctx.store
     champion = champions.read(store, champion_identity(ctx))
     match = None
     if champion is not None:
         digest = champion.get("fingerprint")
-        fp = fp.compared(champion["run_id"], _champion_parts(store, champion["run_id"], digest))
+        parts = _champion_parts(store, champion["run_id"], digest)
+        if before_checks:
+            fp = fp.with_checks_of(parts)
+        fp = fp.compared(champion["run_id"], parts)
         # a retried flow run of the champion itself goes on (it finds its own promotion)
         if digest == fp.digest and champion["run_id"] != ctx.run_id:
             match = Match(champion["run_id"], champion.get("created_at"), digest, "champion")
+    if before_checks:
+        return fp, None if ctx.params.force else match
     if match is None:
         night = scheduled_night()
         if night is not None and not ctx.params.force:

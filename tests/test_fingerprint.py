@@ -159,3 +159,22 @@ def test_only_a_scheduled_run_of_a_deployment_has_a_night(monkeypatch):
         run = SimpleNamespace(flow_run=SimpleNamespace(auto_scheduled=auto))
         monkeypatch.setattr(prefect.context.FlowRunContext, "get", classmethod(lambda cls, run=run: run))
         assert scheduled_night() == expected
+
+
+def test_before_the_checks_only_a_champion_that_checked_the_same_inputs_lends_its_result():
+    def parts(**dataset):
+        base = {"name": "synthetic", "md5": "m", "sha256": "s", "split_seed": 0, "test_size": 350,
+                "check_thresholds": {"max_blank_images": 0}, "data_checks": "c" * 64}
+        return {"dataset": {**base, **dataset}, "code": "k", "environment": {"torch": "2.14.1"},
+                "params": {"epochs": 1}}
+
+    champion = parts()
+    unchecked = fp.Fingerprint(parts(data_checks=None), fp.digest_of(parts(data_checks=None)))
+    lent = unchecked.with_checks_of(champion)
+    assert lent.digest == fp.digest_of(champion) and lent.parts["dataset"]["data_checks"] == "c" * 64
+    # anything the check's result depends on differs: nothing lent, so it matches nothing
+    for other in (parts(sha256="t"), parts(check_thresholds={"max_blank_images": 5}),
+                  {**parts(), "code": "k2"}, {**parts(), "params": {"epochs": 2}}):
+        mine = {**other, "dataset": {**other["dataset"], "data_checks": None}}
+        assert fp.Fingerprint(mine, fp.digest_of(mine)).with_checks_of(champion).digest != fp.digest_of(champion)
+    assert unchecked.with_checks_of(None) is unchecked

@@ -113,6 +113,8 @@ def test_the_same_run_again_is_skipped_quickly_naming_the_champion(worker, first
         assert children == []
         tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[again.id])))
         assert not [t.name for t in tasks if t.name.startswith(("train-", "test-model", "publish-run"))]
+        # the champion's run checked the same data the same way: not checked again
+        assert not [t.name for t in tasks if t.name.startswith("check-data")], [t.name for t in tasks]
         artifacts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[again.id])))
         page = next(a for a in artifacts if a.key == "skipped")
