@@ -83,7 +83,7 @@ def train_cifar(**params):
     from run.cache import drop_local_copies
     from run.layout import probe_key
     from tasks.data import fetch_dataset
-    from tasks.data_checks import check_data
+    from tasks.data_checks import check_data, purged_dataset
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
     from tasks.scoring import compare_variants, score_variants
@@ -108,6 +108,7 @@ def train_cifar(**params):
 
     ctx = ctx.with_dataset(fetch_dataset(ctx))
     ctx = ctx.with_data_checks(check_data(ctx))  # bad data stops the run here
+    ctx = ctx.with_dataset(purged_dataset(ctx.dataset, ctx.data_checks))  # before the fingerprint: it counts
 
     # before anything trains or any child flow run is asked for
     fingerprint, matched = fingerprint_run(ctx)
