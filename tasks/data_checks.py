@@ -100,7 +100,11 @@ def check_data(ctx: RunContext) -> dict:
 def purged_dataset(dataset: DatasetRef, record: dict) -> DatasetRef:
     """The run's DatasetRef with the hold-out images check-data purged (none without
     purge_test_duplicates): every split of the run, a child's too, is made from it."""
-    return dataclasses.replace(dataset, purged=tuple(record.get("purged", ())))
+    purged = tuple(record.get("purged", ()))
+    if purged and dataset.holdout is not None and dataset.holdout - len(purged) < 2:
+        raise dc.DataCheckFailed(f"purge_test_duplicates: {len(purged)} of the {dataset.holdout} hold-out images "
+                                 "have a near-duplicate in train, leaving too few to validate and test on")
+    return dataclasses.replace(dataset, purged=purged)
 
 
 def _artifact(ctx: RunContext, record: dict, splits: Splits) -> None:
