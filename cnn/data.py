@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -396,17 +397,30 @@ def split_sizes(n: int) -> tuple[int, int]:
     return n_val, n - n_val
 
 
-def split_holdout(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val, _ = split_sizes(n)
+def split_holdout(n: int, seed: int, purged: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(validation, test) indices into the hold-out of `n` images. The `purged` hold-out
+    indices are dropped first, and the rest split as a hold-out of their own; with none
+    purged, the split is the one it always was."""
+    kept = torch.arange(n)
+    if len(purged):
+        drop = torch.as_tensor(list(purged), dtype=torch.int64)
+        if drop.min() < 0 or drop.max() >= n:
+            raise DataError(f"purged hold-out indices must lie in 0..{n - 1}, found {drop.min()}..{drop.max()}")
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[drop] = False
+        kept = kept[mask]
+    perm = kept[torch.randperm(len(kept), generator=torch.Generator().manual_seed(seed))]
+    n_val, _ = split_sizes(len(kept))
     # sorted so that evaluation order is the file order, never shuffled
     return perm[:n_val].sort().values, perm[n_val:].sort().values
 
 
-def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None, sha256: str | None = None) -> Splits:
-    """`subset` caps the training images."""
+def load_splits(prepared_dir: Path, split_seed: int, subset: int | None = None, sha256: str | None = None,
+                purged: Sequence[int] = ()) -> Splits:
+    """`subset` caps the training images; the `purged` hold-out indices are in neither
+    validation nor test (split_holdout)."""
     tensors, classes = read_prepared(prepared_dir, sha256)
-    val_idx, test_idx = split_holdout(len(tensors["holdout_y"]), split_seed)
+    val_idx, test_idx = split_holdout(len(tensors["holdout_y"]), split_seed, purged)
     train_x, train_y = tensors["train_x"], tensors["train_y"]
     if subset is not None and subset < len(train_y):
         # a seeded, class-balanced-in-expectation sample (same seed as the split)

@@ -198,15 +198,28 @@ def near_duplicate_pairs(splits: Splits, device: torch.device) -> list[NearPair]
     return sorted(pairs, key=lambda p: (-p.correlation, p.split, p.index))
 
 
-def near_duplicates_check(splits: Splits, pairs: list[NearPair], threshold: float) -> dict:
+def holdout_near_duplicates(train_x: torch.Tensor, holdout_x: torch.Tensor, device: torch.device) -> list[int]:
+    """Sorted indices into the whole hold-out (before its split into validation and test)
+    of the images with a near-duplicate among all of `train_x` (not a subset's): what
+    purge_test_duplicates drops, the same whatever the split seed or subset."""
+    return sorted({q for q, _, _ in near_duplicates(train_x, holdout_x, device)})
+
+
+def near_duplicates_check(splits: Splits, pairs: list[NearPair], threshold: float,
+                          purged: list[int] | None = None) -> dict:
+    """With `purged` (purge_test_duplicates on), the near-duplicates are still counted but
+    pass whatever their number: the hold-out images in `purged` are dropped before the split."""
     n = len(splits.val_y) + len(splits.test_y)
     fraction = len(pairs) / n if n else 0.0
     examples = [{"split": p.split, "index": p.index, "label": int(_labels(splits, p.split)[p.index]),
                  "train_index": p.train_index, "train_label": int(splits.train_y[p.train_index]),
                  "correlation": round(p.correlation, 4)} for p in pairs[:MAX_EXAMPLES]]
     by_split = {s: sum(p.split == s for p in pairs) for s in ("val", "test")}
-    return _check("near_duplicates", len(pairs), threshold, fraction <= threshold, examples,
-                  fraction=round(fraction, 6), by_split=by_split)
+    if purged is None:
+        return _check("near_duplicates", len(pairs), threshold, fraction <= threshold, examples,
+                      fraction=round(fraction, 6), by_split=by_split)
+    return _check("near_duplicates", len(pairs), threshold, True, examples, fraction=round(fraction, 6),
+                  by_split=by_split, purged=list(purged))
 
 
 def _labels(splits: Splits, split: str) -> torch.Tensor:
@@ -245,8 +258,11 @@ def digest(checks: list[dict]) -> str:
     return hashlib.sha256(json.dumps(checks, sort_keys=True).encode()).hexdigest()
 
 
-def run_checks(splits: Splits, thresholds: Thresholds, device: torch.device | str = "cpu") -> tuple[dict, list[NearPair]]:
-    """The record {checks, passed, digest} and every near-duplicate pair (worst first)."""
+def run_checks(splits: Splits, thresholds: Thresholds, device: torch.device | str = "cpu",
+               purged: list[int] | None = None) -> tuple[dict, list[NearPair]]:
+    """The record {checks, passed, digest} and every near-duplicate pair (worst first).
+    With `purged` (the hold-out indices purge_test_duplicates drops, holdout_near_duplicates),
+    the near-duplicate check passes and records them, and so does the record, as `purged`."""
     device = torch.device(device)
     pairs = near_duplicate_pairs(splits, device)
     checks = [
@@ -254,9 +270,12 @@ def run_checks(splits: Splits, thresholds: Thresholds, device: torch.device | st
         class_balance(splits, thresholds.class_balance_tolerance),
         blank_images(splits, thresholds.max_blank_images),
         exact_duplicates(splits, thresholds.max_exact_duplicates),
-        near_duplicates_check(splits, pairs, thresholds.max_near_duplicates),
+        near_duplicates_check(splits, pairs, thresholds.max_near_duplicates, purged),
     ]
-    return {"checks": checks, "passed": all(c["passed"] for c in checks), "digest": digest(checks)}, pairs
+    record = {"checks": checks, "passed": all(c["passed"] for c in checks), "digest": digest(checks)}
+    if purged is not None:
+        record["purged"] = list(purged)
+    return record, pairs
 
 
 def failure(record: dict) -> DataCheckFailed | None:

@@ -83,7 +83,7 @@ def train_cifar(**params):
     from run.cache import drop_local_copies
     from run.layout import probe_key
     from tasks.data import fetch_dataset
-    from tasks.data_checks import check_data
+    from tasks.data_checks import check_data, purged_dataset
     from tasks.artifacts import create_run_artifacts
     from tasks.publish import publish_run
     from tasks.scoring import compare_variants, score_variants
@@ -109,9 +109,11 @@ def train_cifar(**params):
     ctx = ctx.with_dataset(fetch_dataset(ctx))
     # before anything trains or any child flow run is asked for. A run that matches the
     # champion's run, which checked this same data the same way, skips without checking it
+    # (a run with purge_test_duplicates on never does: its purge is known only once checked)
     fingerprint, matched = fingerprint_run(ctx, before_checks=True)
     if matched is None:
         ctx = ctx.with_data_checks(check_data(ctx))  # bad data stops the run here
+        ctx = ctx.with_dataset(purged_dataset(ctx.dataset, ctx.data_checks))  # before the fingerprint: it counts
         fingerprint, matched = fingerprint_run(ctx)
     if matched is not None:
         return skip_run(ctx, fingerprint, matched)

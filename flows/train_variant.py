@@ -23,6 +23,10 @@ from store import join_key
     "dataset_md5": described(str, "MD5 of the dataset's archive"),
     "dataset_sha256": described(str, "SHA-256 of the prepared tensors, derived by the parent from the verified "
                                 "archive; the prepared copy in the store must match it"),
+}, last={
+    "dataset_purged": (described(list[int], "hold-out indices the parent run dropped before the split into "
+                                 "validation and test (purge_test_duplicates); the validation split is made "
+                                 "without them, as the parent's is"), []),
 })
 def train_variant(**params) -> dict:
     from cnn.device import pick_device
@@ -33,8 +37,11 @@ def train_variant(**params) -> dict:
     from tasks.training import train_unit
 
     variant = params.pop("variant")
+    purged = params.pop("dataset_purged", None) or []
+    if not isinstance(purged, list) or not all(type(i) is int and i >= 0 for i in purged):
+        raise ValueError(f"dataset_purged: expected a list of hold-out indices (integers >= 0), found {purged!r}")
     dataset = DatasetRef(key=params.pop("dataset_key"), md5=params.pop("dataset_md5"),
-                         sha256=params.pop("dataset_sha256"))
+                         sha256=params.pop("dataset_sha256"), purged=tuple(purged))
     try:
         p = RunParams(**params, variants=[variant])
     except ValidationError as e:

@@ -67,12 +67,15 @@ def train_units(ctx: RunContext) -> list[UnitResult]:
 
 def child_parameters(ctx: RunContext, unit: Unit) -> dict:
     """The train-variant flow's parameters for one unit: JSON values only. `repeats`
-    only when above 1, so a run of one repeat starts its children exactly as before."""
+    only when above 1, so a run of one repeat starts its children exactly as before;
+    `dataset_purged` only when the run purged hold-out images."""
     out = ctx.params.model_dump(mode="json", include=set(UNIT_PARAMS))
     out.update(run_id=ctx.run_id, store=ctx.store_uri, variant=unit.variant, seed=unit.seed,
                dataset_key=ctx.dataset.key, dataset_md5=ctx.dataset.md5, dataset_sha256=ctx.dataset.sha256)
     if not unit.repeated:
         del out["repeats"]
+    if ctx.dataset.purged:  # only then, as with repeats: a run without purge starts its children as before
+        out["dataset_purged"] = list(ctx.dataset.purged)
     return out
 
 

@@ -1,10 +1,10 @@
 """Champions: one per dataset identity, each with its audit history, changed by CAS only.
 
-A dataset identity is (name, archive MD5, split seed, test size): runs are compared
-only when measured on the same test images. Each identity has one object,
-`champions/<identity>.json`:
+A dataset identity is (name, archive MD5, split seed, test size, and the purged hold-out
+images if any): runs are compared only when measured on the same test images. Each
+identity has one object, `champions/<identity>.json`:
 
-    {"identity": "<name>-<md5>-split<seed>-test<size>", "champion": <record>,
+    {"identity": "<name>-<md5>-split<seed>-test<size>[-purged<count>-<hash>]", "champion": <record>,
      "history": [{id, at, action, champion, previous, reason, flow_run_id, by}, ...]}
 
 Champion and history share one object so a change and its entry are one conditional
@@ -22,7 +22,9 @@ from store.base import PreconditionFailed, Store, StoreError, join_key, safe_nam
 
 FOLDER = "champions"
 LEGACY_KEY = "champion.json"  # the one champion per store of versions before 2026-12-01
-IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size")
+# dataset_purged: the purged hold-out's tag (run/records.py purged_tag), absent (None)
+# unless purge_test_duplicates dropped images: other test images, another identity
+IDENTITY_FIELDS = ("dataset_name", "dataset_md5", "split_seed", "test_size", "dataset_purged")
 
 
 class Decision(NamedTuple):
@@ -32,8 +34,9 @@ class Decision(NamedTuple):
 
 
 def identity(record: dict) -> str:
-    name, md5, seed, size = (record.get(k) for k in IDENTITY_FIELDS)
-    return safe_name(f"{name}-{md5}-split{seed}-test{size}", "dataset identity")
+    name, md5, seed, size, purged = (record.get(k) for k in IDENTITY_FIELDS)
+    suffix = f"-purged{purged}" if purged else ""
+    return safe_name(f"{name}-{md5}-split{seed}-test{size}{suffix}", "dataset identity")
 
 
 def key_for(ident: str) -> str:

@@ -22,9 +22,9 @@ class RunContext:
     run_id: str
     flow_run_id: str | None = None  # the parent's, or a child's own
     created_at: str | None = None
-    fingerprint: Fingerprint | None = None  # None before fingerprint-run
     dataset: DatasetRef | None = None  # None before fetch-dataset
     data_checks: dict | None = None  # None before check-data
+    fingerprint: Fingerprint | None = None  # None before fingerprint-run
 
     @property
     def store_uri(self) -> str:

@@ -1,7 +1,8 @@
 """The run's fingerprint: what decides the model, taken before any training. Four parts:
 
     dataset      the data's content (archive MD5, prepared tensors' SHA-256), split seed,
-                 test size, and the data checks' digest once they ran
+                 test size, the data checks' digest once they ran, and the purged
+                 hold-out images' tag if purge_test_duplicates dropped any
     code         the product packages' source, parsed: comments and formatting do not count
     environment  Python, torch, torchvision, the locked dependencies' installed versions,
                  and the pod's image (TRAIN_CIFAR_IMAGE)
@@ -25,7 +26,6 @@ from importlib import metadata
 from pathlib import Path
 
 from cnn.config import make_config
-from cnn.data import split_sizes
 from run.params import RunParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,13 +120,16 @@ def dataset_part(ctx) -> dict:
     if ds is None:
         raise ValueError("the fingerprint needs the fetched dataset: call it after fetch-dataset")
     checks, p = ctx.data_checks, ctx.params
-    return {"name": ds.name, "md5": ds.md5, "sha256": ds.sha256, "split_seed": p.split_seed,
-            "test_size": split_sizes(ds.holdout)[1],
+    part = {"name": ds.name, "md5": ds.md5, "sha256": ds.sha256, "split_seed": p.split_seed,
+            "test_size": ds.split_sizes()[1],
             "check_thresholds": {"class_balance_tolerance": p.class_balance_tolerance,
                                  "max_blank_images": p.max_blank_images,
                                  "max_exact_duplicates": p.max_exact_duplicates,
                                  "max_near_duplicates": p.max_near_duplicates},
             "data_checks": None if checks is None else checks["digest"]}
+    if ds.purged:  # only then: a run that purged nothing has the part it always had
+        part["purged"] = ds.purged_tag
+    return part
 
 
 def params_part(p: RunParams) -> dict:

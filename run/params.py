@@ -90,6 +90,11 @@ class RunParams(BaseModel):
     max_near_duplicates: float = Field(0.05, ge=0, le=1, description="check-data: fraction of validation and test "
                                        "images with a near-duplicate in train (shifted, re-lit or re-encoded) "
                                        "allowed before the run stops; CIFAR-10's test set has about 3.3%")
+    purge_test_duplicates: bool = Field(
+        False, description="drop the validation and test images that have a near-duplicate in train (the same "
+        "check as max_near_duplicates, against the whole hold-out and every train image) before the hold-out is "
+        "split; this changes the dataset identity, so a purged run has a champion of its own, and the "
+        "near-duplicates found no longer stop the run")
     run_id: str | None = Field(None, description="reuse a run id to resume its variants from their checkpoints "
                                "(default: derived from the flow run, so a retried flow run continues its own run)")
 
@@ -183,7 +188,8 @@ RUN_ONLY = frozenset({
     "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
     "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
     "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs", "force",
-    "class_balance_tolerance", "max_blank_images", "max_exact_duplicates", "max_near_duplicates"})
+    "class_balance_tolerance", "max_blank_images", "max_exact_duplicates", "max_near_duplicates",
+    "purge_test_duplicates"})
 assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_fields)
 UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
 
@@ -202,10 +208,12 @@ def form(name: str) -> Any:
 
 
 def signed(names: Iterable[str], *, first: dict[str, Any] | None = None,
-           required: Iterable[str] = ()) -> Callable[[Callable], Callable]:
+           required: Iterable[str] = (), last: dict[str, tuple[Any, Any]] | None = None
+           ) -> Callable[[Callable], Callable]:
     """Give the decorated `def f(**params)` the keyword-only parameters `first` (name ->
     annotation), then RunParams' fields `names` (with RunParams' default unless
-    `required`), so a new RunParams field reaches every flow signed with it."""
+    `required`), so a new RunParams field reaches every flow signed with it, then `last`
+    (name -> (annotation, default))."""
     first = dict(first or {})
     required = set(required)
     names = [n for n in names if n not in first]
@@ -216,6 +224,7 @@ def signed(names: Iterable[str], *, first: dict[str, Any] | None = None,
     params += [inspect.Parameter(n, kw, annotation=form(n),
                                  default=RunParams.model_fields[n].get_default(call_default_factory=True))
                for n in names if n not in required]
+    params += [inspect.Parameter(n, kw, annotation=a, default=d) for n, (a, d) in (last or {}).items()]
 
     def sign(fn: Callable) -> Callable:
         fn.__signature__ = inspect.Signature(params, return_annotation=inspect.signature(fn).return_annotation)

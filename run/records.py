@@ -4,6 +4,7 @@ tasks/scoring.py `combine`."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -25,9 +26,34 @@ class DatasetRef:
     train: int | None = None
     holdout: int | None = None  # split into validation and test by the run's split_seed
     classes: list[str] | None = None
+    # hold-out indices (before the split) dropped for a near-duplicate in train
+    # (purge_test_duplicates), sorted; every split of the run is made without them
+    purged: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "purged", tuple(sorted({int(i) for i in self.purged})))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def split_sizes(self) -> tuple[int, int]:
+        """(validation, test) sizes of the hold-out less the purged images."""
+        from cnn.data import split_sizes
+
+        return split_sizes(self.holdout - len(self.purged))
+
+    @property
+    def purged_tag(self) -> str | None:
+        """`<count>-<first 8 hex digits of the indices' SHA-256>`, None if nothing was purged:
+        part of the dataset identity, as a purged hold-out is other test images."""
+        return purged_tag(self.purged)
+
+
+def purged_tag(purged) -> str | None:
+    if not purged:
+        return None
+    digest = hashlib.sha256(json.dumps(sorted(int(i) for i in purged)).encode()).hexdigest()
+    return f"{len(purged)}-{digest[:8]}"
 
 
 UNIT_STATUSES = ("completed", "early_stopped", "diverged", "failed")
@@ -197,9 +223,14 @@ class ChampionRecord:
     created_at: str | None
     # the run's fingerprint digest (run/fingerprint.py); None in records written before it
     fingerprint: str | None = None
+    # DatasetRef.purged_tag: only in the record of a run that purged hold-out images
+    dataset_purged: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["dataset_purged"] is None:
+            del d["dataset_purged"]
+        return d
 
 
 # a stored record's fields that scoring and selection compute with

@@ -170,4 +170,12 @@ def _checked(store, key: str, read, fresh: bool = False):
 
 
 def load_dataset(store, dataset: DatasetRef, split_seed: int, subset: int | None = None) -> cd.Splits:
-    return _checked(store, dataset.key, lambda folder: cd.load_splits(folder, split_seed, subset, dataset.sha256))
+    """The run's splits; the hold-out images the run purged (`dataset.purged`) are in
+    neither validation nor test, wherever the splits are loaded (parent or child)."""
+    return _checked(store, dataset.key,
+                    lambda folder: cd.load_splits(folder, split_seed, subset, dataset.sha256, dataset.purged))
+
+
+def load_prepared(store, dataset: DatasetRef) -> tuple[dict, list[str]]:
+    """The whole prepared dataset (every train and hold-out image), unsplit."""
+    return _checked(store, dataset.key, lambda folder: cd.read_prepared(folder, dataset.sha256))

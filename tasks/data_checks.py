@@ -8,6 +8,7 @@ the store is writable by others, and a record there could claim a pass.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -23,9 +24,10 @@ from cnn.data import Splits
 from cnn.device import pick_device, prepare_device
 from run.cache import cache_dir, mark_used
 from run.context import RunContext
+from run.records import DatasetRef
 from run.report import data_uri
 from store.files import write_durably
-from tasks.data import load_dataset
+from tasks.data import load_dataset, load_prepared
 
 ARTIFACT_KEY = "data-checks"
 THUMB_SCALE = 2  # 32 px images shown at 64 px
@@ -41,6 +43,8 @@ def memo_path(ctx: RunContext):
     key = {"version": dc.VERSION, "sha256": ctx.dataset.sha256, "split_seed": p.split_seed, "subset": p.subset,
            "thresholds": vars(thresholds(p)), "near_correlation": dc.NEAR_CORRELATION, "blank_std": dc.BLANK_STD,
            "max_shift": dc.MAX_SHIFT, "candidates": dc.NEAR_CANDIDATES}
+    if p.purge_test_duplicates:  # only then: the memo of a run without purge is the one it always was
+        key["purge_test_duplicates"] = True
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     return cache_dir() / "data-checks" / f"{name}.json"
 
@@ -53,6 +57,9 @@ def _memoised(path) -> dict | None:
     ok = (isinstance(record, dict) and isinstance(record.get("checks"), list)
           and record.get("digest") == dc.digest(record["checks"])
           and record.get("passed") == all(c.get("passed") for c in record["checks"]))
+    if ok and "purged" in record:  # the list the digest covers, in the near-duplicate check
+        near = [c for c in record["checks"] if c.get("name") == "near_duplicates"]
+        ok = len(near) == 1 and near[0].get("purged") == record["purged"]
     return record if ok else None
 
 
@@ -63,10 +70,16 @@ def check_data(ctx: RunContext) -> dict:
     splits = load_dataset(ctx.store, ctx.dataset, p.split_seed, p.subset)
     memo = memo_path(ctx)
     record = _memoised(memo)
+    if record is not None and p.purge_test_duplicates != ("purged" in record):
+        record = None
     if record is None:
         device = pick_device("auto" if p.variant_deployment else p.device)
         prepare_device(device)
-        record, _ = dc.run_checks(splits, thresholds(p), device)
+        purged = None
+        if p.purge_test_duplicates:  # against the whole hold-out and every train image, not the subset
+            tensors, _ = load_prepared(ctx.store, ctx.dataset)
+            purged = dc.holdout_near_duplicates(tensors["train_x"], tensors["holdout_x"], device)
+        record, _ = dc.run_checks(splits, thresholds(p), device, purged)
         write_durably(memo, json.dumps(record, indent=1).encode())
     else:
         mark_used(memo)  # the cache's age rule counts from this use
@@ -74,11 +87,24 @@ def check_data(ctx: RunContext) -> dict:
     for c in record["checks"]:
         count = f"{c['count']} ({c['fraction']:.2%})" if "fraction" in c else c["count"]
         print(f"data check {c['name']}: {count}, threshold {c['threshold']}: " + ("passed" if c["passed"] else "FAILED"))
+    if "purged" in record:
+        print(f"purge_test_duplicates: {len(record['purged'])} of {ctx.dataset.holdout} hold-out images have a "
+              "near-duplicate in train and are dropped before the split into validation and test")
     _artifact(ctx, record, splits)
     error = dc.failure(record)
     if error is not None:
         raise error
     return record
+
+
+def purged_dataset(dataset: DatasetRef, record: dict) -> DatasetRef:
+    """The run's DatasetRef with the hold-out images check-data purged (none without
+    purge_test_duplicates): every split of the run, a child's too, is made from it."""
+    purged = tuple(record.get("purged", ()))
+    if purged and dataset.holdout is not None and dataset.holdout - len(purged) < 2:
+        raise dc.DataCheckFailed(f"purge_test_duplicates: {len(purged)} of the {dataset.holdout} hold-out images "
+                                 "have a near-duplicate in train, leaving too few to validate and test on")
+    return dataclasses.replace(dataset, purged=purged)
 
 
 def _artifact(ctx: RunContext, record: dict, splits: Splits) -> None:
@@ -115,6 +141,8 @@ def render_markdown(record: dict, splits: Splits) -> str:
         count = c["count"]
         if c["name"] == "near_duplicates":
             count = f"{count} ({c['fraction']:.2%} of validation + test)"
+            if "purged" in c:
+                count += f"; {len(c['purged'])} hold-out images dropped (purge_test_duplicates)"
         threshold = f"{c['threshold']:.2%}" if c["name"] == "near_duplicates" else c["threshold"]
         lines.append(f"| {c['name']} | {count} | {threshold} | {'passed' if c['passed'] else '**failed**'} |")
     per_class = checks["class_balance"]["per_class"]

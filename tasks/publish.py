@@ -13,7 +13,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from cnn.data import split_sizes
 from registry import champions
 from run.cache import local_run_dir
 from run.context import RunContext
@@ -51,7 +50,9 @@ def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: Varian
                    comparison: VariantComparison | None = None) -> dict:
     """The manifest (README, "What a run writes") less what publish adds: promotion, artifacts."""
     p, ds = ctx.params, ctx.dataset
-    n_val, n_test = split_sizes(ds.holdout)
+    n_val, n_test = ds.split_sizes()  # less the purged hold-out images
+    purge = ({"purged": len(ds.purged), "purged_tag": ds.purged_tag}
+             if p.purge_test_duplicates or ds.purged else {})
     return {
         "run_id": ctx.run_id,
         "created_at": ctx.created_at,
@@ -60,7 +61,7 @@ def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: Varian
         "configs": {s.name: s.config for s in scores if s.config},
         "dataset": {"name": ds.name, "source": ds.source, "md5": ds.md5,
                     "sizes": {"train": min(ds.train, p.subset or ds.train), "val": n_val, "test": n_test},
-                    "split_seed": p.split_seed, "classes": ds.classes},
+                    "split_seed": p.split_seed, "classes": ds.classes, **purge},
         "data_checks": ctx.data_checks,
         "variants": [s.summary() for s in scores],
         "selected": selected.name,
@@ -95,6 +96,7 @@ def champion_record(manifest: dict, store) -> ChampionRecord:
         dataset_name=d["name"], dataset_md5=d["md5"], split_seed=d["split_seed"],
         test_size=d["sizes"]["test"], created_at=manifest["created_at"],
         fingerprint=(manifest.get("fingerprint") or {}).get("digest"),
+        dataset_purged=d.get("purged_tag"),
     )
 
 

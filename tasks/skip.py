@@ -19,7 +19,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.states import Completed, State
 
-from cnn.data import split_sizes
 from registry import champions
 from run import fingerprint as fingerprints
 from run.cache import local_run_dir
@@ -43,10 +42,11 @@ class Match:
 
 
 def champion_identity(ctx: RunContext) -> str:
-    """The dataset identity the run would publish under (tasks/publish.py champion_record)."""
+    """The dataset identity the run publishes under (tasks/publish.py champion_record
+    builds the same from the manifest), its test phase faces the champion of."""
     ds = ctx.dataset
     return champions.identity({"dataset_name": ds.name, "dataset_md5": ds.md5, "split_seed": ctx.params.split_seed,
-                               "test_size": split_sizes(ds.holdout)[1]})
+                               "test_size": ds.split_sizes()[1], "dataset_purged": ds.purged_tag})
 
 
 def _champion_parts(store, run_id: str, digest: str | None) -> dict | None:

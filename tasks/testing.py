@@ -97,7 +97,8 @@ def test_model(ctx: RunContext, selected: VariantScore, device: str) -> TestResu
     with publishing(out / TEST_PREDICTIONS) as tmp:
         save_file({"predicted": m["predicted"].contiguous()}, str(tmp))
     ident = champions.identity({"dataset_name": ctx.dataset.name, "dataset_md5": ctx.dataset.md5,
-                               "split_seed": ctx.params.split_seed, "test_size": m["n"]})
+                               "split_seed": ctx.params.split_seed, "test_size": m["n"],
+                               "dataset_purged": ctx.dataset.purged_tag})
     current = champions.read(store, ident)
     if current is not None and current["run_id"] != ctx.run_id:  # a retried run is not compared with itself
         correct = (m["predicted"].long() == data.test_y).numpy()

@@ -96,8 +96,11 @@ _NOT_THE_MODEL = {"compile"}
 def unit_facts(ctx: RunContext, cfg: TrainConfig) -> dict:
     """What a unit's model depends on, recorded in its lease with its files."""
     p = ctx.params
-    return {"config": dataclasses.asdict(cfg), "dataset_md5": ctx.dataset.md5, "split_seed": p.split_seed,
-            "subset": p.subset}
+    facts = {"config": dataclasses.asdict(cfg), "dataset_md5": ctx.dataset.md5, "split_seed": p.split_seed,
+             "subset": p.subset}
+    if ctx.dataset.purged:  # the validation split it selected its best epoch on (purge_test_duplicates)
+        facts["purged"] = ctx.dataset.purged_tag
+    return facts
 
 
 def refuse_other_parameters(ctx: RunContext, unit: Unit, facts: dict) -> None:
@@ -109,6 +112,8 @@ def refuse_other_parameters(ctx: RunContext, unit: Unit, facts: dict) -> None:
         return
     diffs = [f"{k} {stored[k]!r} (stored) vs {facts[k]!r} (asked)" for k in facts
              if k != "config" and k in stored and stored[k] != facts[k]]
+    if stored.get("purged") != facts.get("purged"):  # absent: nothing purged, on either side
+        diffs.append(f"purged hold-out {stored.get('purged')!r} (stored) vs {facts.get('purged')!r} (asked)")
     config = stored.get("config") if isinstance(stored.get("config"), dict) else {}
     diffs += [f"{k} {config.get(k)!r} (stored) vs {v!r} (asked)" for k, v in facts["config"].items()
               if k not in _NOT_THE_MODEL and k in config and config[k] != v]

@@ -55,7 +55,8 @@ def test_train_cifar_choices_and_ranges():
 def test_train_variant_shares_the_run_parameters_schema():
     """The parameters the child shares with the parent read the same in both forms."""
     strip = lambda prop: {k: v for k, v in prop.items() if k not in ("position", "default")}  # noqa: E731
-    own = {"run_id", "variant", "dataset_key", "dataset_md5", "dataset_sha256"}  # run_id: required here, so described here
+    own = {"run_id", "variant", "dataset_key", "dataset_md5", "dataset_sha256",  # run_id: required here, so described here
+           "dataset_purged"}
     shared = set(VARIANT["properties"]) - own
     assert shared <= set(RunParams.model_fields)
     for name in shared:
@@ -137,7 +138,7 @@ def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_p
     unit_fields = set(RunParams.model_fields) - RUN_ONLY
     assert RUN_ONLY < set(RunParams.model_fields)
     own = {"variant", "dataset_key", "dataset_md5", "dataset_sha256"}
-    assert set(VARIANT["properties"]) == unit_fields | own
+    assert set(VARIANT["properties"]) == unit_fields | own | {"dataset_purged"}  # sent only when a run purged
     p = RunParams(store=str(tmp_path / "store"), variants=["flip"], model="fast", epochs=3, patience=2, batch_size=16,
                   lr=0.01, subset=50, seed=4, repeats=2, split_seed=3, store_outage_minutes=1.5, device="cpu",
                   precision="fp32")
@@ -157,3 +158,14 @@ def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_p
     expected = {**p.model_dump(), "seed": 5, "run_id": "run", "store": ctx.store_uri}
     assert {n: getattr(child.params, n) for n in unit_fields} == {n: expected[n] for n in unit_fields}
     assert child.run_id == "run" and child.dataset == ctx.dataset and got["repeated"]
+
+    # a run that purged hold-out images (purge_test_duplicates) sends them: the child's
+    # validation split is the parent's
+    purged = ctx.with_dataset(DatasetRef(key=ctx.dataset.key, md5=ctx.dataset.md5, sha256=ctx.dataset.sha256,
+                                         purged=(3, 40)))
+    sent = child_parameters(purged, Unit("flip", 5, repeated=True))
+    assert sent["dataset_purged"] == [3, 40]
+    train_variant.fn(**train_variant.validate_parameters(sent))
+    assert got["ctx"].dataset == purged.dataset and got["ctx"].dataset.purged == (3, 40)
+    with pytest.raises(ValueError, match=r"^dataset_purged: expected a list of hold-out indices"):
+        train_variant.fn(**train_variant.validate_parameters({**sent, "dataset_purged": [-1]}))
