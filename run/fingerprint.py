@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the product; tests/ and benchmarks/ do not decide a model
 PACKAGES = ("cnn", "run", "store", "tasks", "flows", "registry", "cli")
 CONSTRAINTS = "constraints.txt"
-IMAGE_ENV = "TRAIN_CIFAR_IMAGE"  # set in the pods by deployments/prefect.yaml
+IMAGE_ENV = "TRAIN_CIFAR_IMAGE"  # set in the pods by deployments/prefect.yaml: repository:commit
+IMAGE_ID_ENV = "TRAIN_CIFAR_IMAGE_ID"  # and the image's ID, the SHA-256 of its content
 
 # RunParams fields that do not decide the model, and why. Every other field is in the
 # params part: a new field changes the fingerprint until it is listed here.
@@ -201,5 +202,6 @@ def environment() -> dict:
     # flat, so that what changed since the champion names the package; torch's own versions
     # carry the build (2.14.1+cu130), which the installed metadata may not
     return {"python": platform.python_version(), "image": os.environ.get(IMAGE_ENV) or None,
+            "image_id": os.environ.get(IMAGE_ID_ENV) or None,
             **{name: _installed(name) for name in locked_names(_constraints())},
             "torch": torch.__version__, "torchvision": torchvision.__version__}

@@ -161,6 +161,7 @@ def client(env: dict):
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 FLOW_OF_ENTRYPOINT = {"flows/train_cifar.py:train_cifar": "train-cifar", "flows/train_variant.py:train_variant": "train-variant"}
 TEST_IMAGE = "ghcr.io/your-org/train-cifar:test"
+TEST_IMAGE_ID = "sha256:" + "0" * 64  # what build_docker_image would give as the image's ID
 
 
 def load_prefect_yaml() -> dict:
@@ -194,6 +195,7 @@ def deploy_all(env: dict, tmp: Path) -> None:
             d["build"] = d["push"] = None
             d["work_pool"]["job_variables"]["image"] = TEST_IMAGE
             d["work_pool"]["job_variables"]["env"]["TRAIN_CIFAR_IMAGE"] = TEST_IMAGE
+            d["work_pool"]["job_variables"]["env"]["TRAIN_CIFAR_IMAGE_ID"] = TEST_IMAGE_ID
     no_docker = tmp / "prefect.yaml"
     no_docker.write_text(yaml.safe_dump(doc, sort_keys=False))
     cli(env, "deploy", "--prefect-file", str(no_docker), "--name", "train-cifar/nightly", "--name", "train-variant/gpu")

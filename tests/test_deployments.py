@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.browser import Page
-from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, PREFECT_FILE, REPO, TEST_IMAGE, VARIANT_POOL, cli,
+from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, PREFECT_FILE, REPO, TEST_IMAGE, TEST_IMAGE_ID, VARIANT_POOL, cli,
                                     client, create_pools, deploy_all, eventually, load_prefect_yaml, settled,
                                     start_worker)
 
@@ -125,6 +125,7 @@ def test_nightly_deployment(deployed):
     assert d.job_variables["cpu_request"] and d.job_variables["memory_request"]
     assert d.job_variables["image"] == TEST_IMAGE
     assert d.job_variables["env"]["TRAIN_CIFAR_IMAGE"] == TEST_IMAGE  # the fingerprint's image
+    assert d.job_variables["env"]["TRAIN_CIFAR_IMAGE_ID"] == TEST_IMAGE_ID  # and its content's ID
     assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
     assert d.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     assert d.parameters["dataset"] == "cifar10" and d.parameters["store"].startswith("s3://")

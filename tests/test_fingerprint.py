@@ -77,11 +77,15 @@ def test_the_environment_part_reads_the_image_and_locked_versions(monkeypatch):
     import torch
 
     monkeypatch.delenv(fp.IMAGE_ENV, raising=False)
+    monkeypatch.delenv(fp.IMAGE_ID_ENV, raising=False)
     env = fp.environment()
-    assert env["image"] is None and env["torch"] == torch.__version__ and env["torchvision"]
+    assert env["image"] is None and env["image_id"] is None
+    assert env["torch"] == torch.__version__ and env["torchvision"]
     assert env["boto3"] and env["prefect"]  # from constraints.txt
-    monkeypatch.setenv(fp.IMAGE_ENV, "ghcr.io/your-org/train-cifar@sha256:" + "a" * 64)
-    assert fp.environment()["image"].endswith("a" * 64)
+    monkeypatch.setenv(fp.IMAGE_ENV, "ghcr.io/your-org/train-cifar:0123abc")
+    monkeypatch.setenv(fp.IMAGE_ID_ENV, "sha256:" + "a" * 64)
+    env = fp.environment()
+    assert env["image"] == "ghcr.io/your-org/train-cifar:0123abc" and env["image_id"] == "sha256:" + "a" * 64
 
 
 def test_changed_parts_name_only_what_differs():
