@@ -132,6 +132,11 @@ def server(procs, tmp_path_factory, request) -> dict:
         "PREFECT_LOGGING_LEVEL": "INFO",
         "PREFECT_CLI_WRAP_LINES": "false",
         "COLUMNS": "200",
+        # the suite runs several servers, workers and trainings on 2 cores: there a SQLite write
+        # that meets another (SQLITE_BUSY) is answered 503, for the client to retry, and five
+        # retries (the default) ran out once in a full run; every client here (CLI, worker,
+        # flow run) retries ten times, with Prefect's growing backoff
+        "PREFECT_CLIENT_MAX_RETRIES": "10",
         # a run's scratch files (prepared tensors, checkpoints) stay in the test's folder
         "TRAIN_CIFAR_CACHE": str(tmp_path_factory.mktemp("cache")),
         **getattr(request.module, "SERVER_SETTINGS", {}),
