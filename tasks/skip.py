@@ -28,6 +28,7 @@ from run.fingerprint import Fingerprint
 from run.layout import MANIFEST, SKIPPED, night_key, run_key
 from run.report import render_skipped
 from store.base import PreconditionFailed, json_object
+from tasks.testing import champion_identity
 
 SKIPPED_EVENT = "train-cifar.skipped"
 
@@ -39,14 +40,6 @@ class Match:
     created_at: str | None
     digest: str
     why: str  # "champion" or "night"
-
-
-def champion_identity(ctx: RunContext) -> str:
-    """The dataset identity the run publishes under (tasks/publish.py champion_record
-    builds the same from the manifest), its test phase faces the champion of."""
-    ds = ctx.dataset
-    return champions.identity({"dataset_name": ds.name, "dataset_md5": ds.md5, "split_seed": ctx.params.split_seed,
-                               "test_size": ds.split_sizes()[1], "dataset_purged": ds.purged_tag})
 
 
 def _champion_parts(store, run_id: str, digest: str | None) -> dict | None:

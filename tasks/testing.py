@@ -76,6 +76,14 @@ def face_champion_again(ctx: RunContext, current: dict) -> ChampionComparison:
     return face_champion(ctx, current, correct, data, "cpu", local_run_dir(ctx.run_id))
 
 
+def champion_identity(ctx: RunContext) -> str:
+    """The dataset identity the run's model is tested, compared and published under
+    (tasks/publish.py champion_record builds the same from the manifest)."""
+    ds = ctx.dataset
+    return champions.identity({"dataset_name": ds.name, "dataset_md5": ds.md5, "split_seed": ctx.params.split_seed,
+                               "test_size": ds.split_sizes()[1], "dataset_purged": ds.purged_tag})
+
+
 @task(name="test-model", cache_policy=NO_CACHE)
 def test_model(ctx: RunContext, selected: VariantScore, device: str) -> TestResult:
     """Test the selected model and the champion, if any; store the model folder. Precision
@@ -96,10 +104,7 @@ def test_model(ctx: RunContext, selected: VariantScore, device: str) -> TestResu
     print(f"test ({m['n']} images, {cfg.variant}): loss {m['loss']:.4f} accuracy {m['accuracy']:.4f}")
     with publishing(out / TEST_PREDICTIONS) as tmp:
         save_file({"predicted": m["predicted"].contiguous()}, str(tmp))
-    ident = champions.identity({"dataset_name": ctx.dataset.name, "dataset_md5": ctx.dataset.md5,
-                               "split_seed": ctx.params.split_seed, "test_size": m["n"],
-                               "dataset_purged": ctx.dataset.purged_tag})
-    current = champions.read(store, ident)
+    current = champions.read(store, champion_identity(ctx))
     if current is not None and current["run_id"] != ctx.run_id:  # a retried run is not compared with itself
         correct = (m["predicted"].long() == data.test_y).numpy()
         result = dataclasses.replace(result, champion_comparison=face_champion(ctx, current, correct, data, device,
