@@ -193,17 +193,23 @@ def train(
     workdir: Path,
     on_epoch: Callable[[dict, Path], None] | None = None,
     on_progress: Callable[[int, int, int, float], None] | None = None,
+    until: int | None = None,
+    may_start: Callable[[int, float | None], bool] | None = None,
 ) -> dict:
     """Train `cfg.variant`, resuming from `workdir/CHECKPOINT` if present. `on_epoch` is
-    called after each epoch's checkpoint is written."""
+    called after each epoch's checkpoint is written. `until`: pause after that epoch (status
+    `paused`; the checkpoint resumes). `may_start(epoch, last_epoch_seconds)`: asked before
+    each epoch; False stops the loop with status `stopped_by_budget` (the checkpoint, still
+    running, resumes too)."""
     workdir.mkdir(parents=True, exist_ok=True)
     # on CUDA each call has its own stream, so variants sharing a GPU in threads overlap
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-        return _train(cfg, data, device, workdir / CHECKPOINT, on_epoch, on_progress)
+        return _train(cfg, data, device, workdir / CHECKPOINT, on_epoch, on_progress, until, may_start)
 
 
-def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch, on_progress=None) -> dict:
+def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path, on_epoch, on_progress=None,
+           until: int | None = None, may_start=None) -> dict:
     amp = cfg.precision == "bf16"
     prepare_device(device)
     model = init_model(cfg, len(data.classes), device)
@@ -229,8 +235,11 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
     if cfg.alt_flip:
         flip_bits = (torch.rand(len(y_train), generator=torch.Generator().manual_seed(cfg.seed)) < 0.5).to(device)
     pad_eval = cfg.compile or device.type == "cuda"
-    while state.epoch < cfg.epochs:
+    stop = cfg.epochs if until is None else min(until, cfg.epochs)
+    while state.epoch < stop:
         epoch = state.epoch + 1
+        if may_start is not None and not may_start(epoch, state.history[-1]["seconds"] if state.history else None):
+            return _result(state, "stopped_by_budget")
         t0 = time.perf_counter()
         progress = None if on_progress is None else functools.partial(on_progress, epoch)
         try:
@@ -253,7 +262,7 @@ def _train(cfg: TrainConfig, data: Splits, device: torch.device, ckpt_path: Path
             break
     if state.status == "diverged":
         save_checkpoint(ckpt_path, model, opt, sched, gen, lookahead, cfg, state)
-    return _result(state)
+    return _result(state, "paused" if state.status == "running" else state.status)
 
 
 def _record_epoch(state: LoopState, cfg: TrainConfig, model: nn.Module, row: dict, predicted: torch.Tensor) -> None:
@@ -271,10 +280,11 @@ def _record_epoch(state: LoopState, cfg: TrainConfig, model: nn.Module, row: dic
         state.status = "completed"
 
 
-def _result(state: LoopState) -> dict:
+def _result(state: LoopState, status: str | None = None) -> dict:
+    """`status` overrides a checkpoint's `running`: paused at a rung, or stopped by the budget."""
     best = next((r for r in state.history if r["epoch"] == state.best_epoch), None)
     return {
-        "status": state.status,
+        "status": status or state.status,
         "epochs_run": state.epoch,
         "best_epoch": state.best_epoch or None,
         "val_loss": best["val_loss"] if best else None,
