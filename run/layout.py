@@ -2,12 +2,16 @@
 
     runs/<run-id>/
         manifest.json  report.md  curves.png  variants.png   the run's seal and its report
+        rungs.png      with halving on: the rungs' scores and cutoffs
         skipped.json   instead, when its fingerprint matched (tasks/skip.py): nothing trained
+        budget.json    device seconds used and reserved per unit, with budget_gpu_hours (run/budget.py)
+        halving/rung-<k>.json                                successive halving's decision at rung k
         model/         the tested model (MODEL_FILES)
         variants/<variant>/[seed-<seed>/]                    one folder per unit (`Unit.folder`)
             lease.json                                       its writer, and which files are current:
             gen-<g>/a|b/<file>                               checkpoint, history, best weights,
-                                                             validation predictions, result record
+                                                             validation predictions, result record,
+                                                             or paused.json at a rung (halving)
         conditional-write-probe
     datasets/<name>/<md5>/                                   the prepared tensors (tasks/data.py)
     champions/<identity>.json                                the registry (registry/champions.py)
@@ -27,6 +31,7 @@ REPORT = "report.md"
 SKIPPED = "skipped.json"  # a run that trained nothing: what it matched
 CURVES = "curves.png"
 VARIANTS_PLOT = "variants.png"
+RUNGS_PLOT = "rungs.png"  # with halving on: validation accuracy per unit per rung, the cutoffs drawn
 
 MODEL = "model"
 WEIGHTS = "weights.safetensors"  # state dict, safetensors: nothing unpickled to read it
@@ -44,6 +49,12 @@ HISTORY = "history.csv"
 BEST_WEIGHTS = "best.safetensors"
 VAL_PREDICTIONS = "val_predictions.safetensors"  # tensor "predicted": (N_val,) uint8, the best epoch's classes
 UNIT_RESULT = "metrics.json"  # the unit's result record, written last: once current, the unit is done
+PAUSED = "paused.json"  # instead, at a halving rung: the unit's result so far; it resumes from its checkpoint
+BUDGET = "budget.json"
+
+
+def rung_key(run_id: str, rung: int) -> str:
+    return run_key(run_id, "halving", f"rung-{rung}.json")
 
 
 def run_key(run_id: str, *parts: str) -> str:

@@ -74,6 +74,15 @@ class RunParams(BaseModel):
                                   "counting resubmissions after a crash (each resumes from the checkpoint)")
     fanout_deadline_hours: float = Field(24.0, gt=0, description="with variant_deployment: variants unfinished "
                                          "after this long are cancelled and reported as failed")
+    budget_gpu_hours: float | None = Field(
+        None, gt=0, description="ceiling on the device time of all the run's units together (GPU hours; CPU hours "
+        "on a CPU): no unit starts an epoch that would pass it, and selection uses what was trained. Default: none")
+    halving: Literal["off", "on"] = Field(
+        "off", description="successive halving: at rungs of halving_min_epochs x halving_factor^k epochs, the "
+        "variants behind (mean validation accuracy over repeats) stop and the top 1/halving_factor go on")
+    halving_min_epochs: int = Field(1, ge=1, description="with halving on: the first rung, in epochs")
+    halving_factor: int = Field(3, ge=2, description="with halving on: 1/halving_factor of the variants go on at "
+                                "each rung, and rungs are this factor apart")
     late_runs: Literal["latest", "all"] = Field(
         "latest", description="a scheduled run that starts after a newer scheduled night of its deployment is due "
         "(the server or workers were down): latest: it ends Cancelled (Superseded) without training, so only the "
@@ -176,6 +185,9 @@ class RunParams(BaseModel):
             raise ValueError("dataset: synthetic is generated; do not combine it with data_dir or data_source")
         if self.data_dir and self.data_source:
             raise ValueError("data_dir and data_source: give one source, not both")
+        if self.halving == "on" and self.halving_min_epochs >= self.epochs:
+            raise ValueError(f"halving_min_epochs: the first rung must come before the last epoch (epochs "
+                             f"{self.epochs}), found {self.halving_min_epochs}")
         if self.variant_deployment and not is_shared(self.store):
             raise ValueError(f"store {self.store!r} with variant_deployment {self.variant_deployment!r}: every "
                              "worker must reach the store, so give an s3:// store or an absolute path")
@@ -189,7 +201,7 @@ RUN_ONLY = frozenset({
     "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
     "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs", "force",
     "class_balance_tolerance", "max_blank_images", "max_exact_duplicates", "max_near_duplicates",
-    "purge_test_duplicates"})
+    "purge_test_duplicates", "halving", "halving_min_epochs", "halving_factor"})
 assert RUN_ONLY <= set(RunParams.model_fields), RUN_ONLY - set(RunParams.model_fields)
 UNIT_PARAMS = tuple(n for n in RunParams.model_fields if n not in RUN_ONLY)
 

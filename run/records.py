@@ -56,8 +56,10 @@ def purged_tag(purged) -> str | None:
     return f"{len(purged)}-{digest[:8]}"
 
 
-UNIT_STATUSES = ("completed", "early_stopped", "diverged", "failed")
-SELECTABLE = ("completed", "early_stopped")
+# paused: at a halving rung, its checkpoint to resume (paused.json, never metrics.json);
+# pruned: stopped there by successive halving; stopped_by_budget: the run's budget_gpu_hours ran out
+UNIT_STATUSES = ("completed", "early_stopped", "diverged", "failed", "paused", "pruned", "stopped_by_budget")
+SELECTABLE = ("completed", "early_stopped", "pruned", "stopped_by_budget")
 
 
 @dataclass
@@ -79,6 +81,7 @@ class UnitResult:
     flow_run_id: str | None = None
     seed: int | None = None
     predictions_key: str | None = None  # store key of the best epoch's val predictions, (N_val,) uint8
+    pruned: dict | None = None  # halving's reason (cnn/halving.py Stop) when status is pruned
 
     @classmethod
     def failed(cls, name: str, error: str, **known) -> UnitResult:
@@ -99,15 +102,16 @@ class UnitResult:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def read(cls, store: Store, run_id: str, unit: Unit) -> UnitResult | None:
-        """The unit's current record, or None if it has not finished."""
-        key = stored_key(store, run_id, unit, UNIT_RESULT)
+    def read(cls, store: Store, run_id: str, unit: Unit, name: str = UNIT_RESULT) -> UnitResult | None:
+        """The unit's current record (`name`: PAUSED for its record at a rung), or None if it has not finished."""
+        key = stored_key(store, run_id, unit, name)
         raw = None if key is None else store.read_versioned(key)[0]  # deleted by hand: the unit resumes
         return None if raw is None else cls.from_dict(_checked(raw, store.uri_for(key)))
 
     def summary(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
-                                               "val_accuracy", "seconds", "attempts", "error")}
+        out = {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
+                                              "val_accuracy", "seconds", "attempts", "error")}
+        return {**out, "pruned": self.pruned} if self.pruned else out
 
     def repeat_summary(self) -> dict:
         return {k: getattr(self, k) for k in ("seed", "status", "best_epoch", "val_loss", "val_accuracy", "seconds")}
@@ -136,15 +140,17 @@ class VariantScore:
     config: dict | None = None
     weights_key: str | None = None
     artifacts: dict[str, dict] = field(default_factory=dict)  # every repeat's
+    pruned: dict | None = None  # halving's reason, when the variant was pruned (cnn/halving.py Stop)
 
     @property
     def selectable(self) -> bool:
         return self.val_accuracy_mean is not None
 
     def summary(self) -> dict:
-        return {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
-                                               "val_accuracy", "seconds", "attempts", "error", "repeats",
-                                               "val_accuracy_mean", "val_accuracy_ci", "val_loss_mean")}
+        out = {k: getattr(self, k) for k in ("name", "status", "epochs_run", "best_epoch", "val_loss",
+                                              "val_accuracy", "seconds", "attempts", "error", "repeats",
+                                              "val_accuracy_mean", "val_accuracy_ci", "val_loss_mean")}
+        return {**out, "pruned": self.pruned} if self.pruned else out
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def _score(model: UnitResult, repeats: list[dict], artifacts: dict, **aggregate)
     return VariantScore(name=model.name, status=model.status, repeats=repeats, epochs_run=model.epochs_run,
                         best_epoch=model.best_epoch, val_loss=model.val_loss, val_accuracy=model.val_accuracy,
                         seconds=model.seconds, attempts=model.attempts, seed=model.seed, device=model.device,
-                        config=model.config, weights_key=model.weights_key, artifacts=artifacts, **aggregate)
+                        config=model.config, weights_key=model.weights_key, artifacts=artifacts, pruned=model.pruned,
+                        **aggregate)
 
 
 @task(name="score-variants", cache_policy=NO_CACHE)

@@ -31,7 +31,8 @@ def select_variant(scores: list[VariantScore], metric: str) -> VariantScore:
     if not ok:
         why = "; ".join(f"{s.name}: {s.status}" + (f" ({s.error})" if s.error else "") for s in scores)
         raise NoVariantTrained(f"no variant finished training, nothing to select: {why}")
-    best = min(ok, key=lambda s: rank_key(s, metric))
+    # a variant successive halving stopped is chosen only if none that went on has a model
+    best = min([s for s in ok if s.status != "pruned"] or ok, key=lambda s: rank_key(s, metric))
     print(f"selected {best.name} by {metric}: val_acc {best.val_accuracy_mean:.4f} val_loss {best.val_loss_mean:.4f}"
           + (f" (means over {len(best.repeats)} repeats; tested: seed {best.seed}'s model)"
              if len(best.repeats) > 1 else ""))

@@ -31,7 +31,8 @@ from store.lease import Lease, committed
 from store.uploader import Uploader
 from run.cache import drop_local_copies, local_run_dir
 from run.context import RunContext
-from run.layout import BEST_WEIGHTS, HISTORY, LEASE, UNIT_RESULT, VAL_PREDICTIONS, Unit, stored_key
+from run.budget import Budget
+from run.layout import BEST_WEIGHTS, HISTORY, LEASE, PAUSED, UNIT_RESULT, VAL_PREDICTIONS, Unit, stored_key
 from run.owner import current_owner, flow_run_is_over
 from tasks.data import load_dataset
 from run.live import show_curves
@@ -68,9 +69,11 @@ def device_name(device: str) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False) -> UnitResult:
+def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False,
+               until: int | None = None) -> UnitResult:
     """Train one unit, or return its stored result. `repeated`: the run trains several
-    seeds per variant, so files go to variants/<variant>/seed-<seed>/."""
+    seeds per variant, so files go to variants/<variant>/seed-<seed>/. `until`: a halving
+    rung; the unit pauses after that epoch (its record is PAUSED, not UNIT_RESULT)."""
     store, run_id = ctx.store, ctx.run_id
     unit = Unit(cfg.variant, cfg.seed, repeated)
     facts = unit_facts(ctx, cfg)
@@ -80,13 +83,18 @@ def train_unit(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = 
         where = store.uri_for(stored_key(store, run_id, unit, UNIT_RESULT))
         print(f"{unit.label}: already trained ({done.status}, {where}); not again")
         return done
+    paused = None if until is None else UnitResult.read(store, run_id, unit, PAUSED)
+    if paused is not None and paused.epochs_run >= until:
+        print(f"{unit.label}: already at epoch {paused.epochs_run} (rung at {until}); not again")
+        return paused
     owner = current_owner()
     # the lease renews itself (and is renewed before each upload) on the store that fails
     # fast: its callers try again; only the claim waits out an outage
     with Lease(store.inner, unit.key(run_id, LEASE), owner, owner_is_gone=flow_run_is_over,
                outage=store.outage) as lease:
-        out = _train_leased(ctx, cfg, unit, lease, device, owner, facts)
-    drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
+        out = _train_leased(ctx, cfg, unit, lease, device, owner, facts, until)
+    if out.status != "paused":  # a paused unit resumes from its local checkpoint, if it stays here
+        drop_local_copies(store, run_id, "variants", *unit.folder.split("/"))
     return out
 
 
@@ -167,7 +175,7 @@ def _resume_from(store, run_id: str, unit: Unit, cfg: TrainConfig, workdir) -> N
 
 
 def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, device: str, owner,
-                  facts: dict) -> UnitResult:
+                  facts: dict, until: int | None = None) -> UnitResult:
     store, run_id, v = ctx.store, ctx.run_id, unit.label
     workdir = local_run_dir(run_id, "variants", *unit.folder.split("/"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -181,10 +189,12 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
         return lease.publish(files, unit=facts)
 
     # uploads go to the store that fails fast: the uploader does its own waiting, in the background
+    budget = None if ctx.params.budget_gpu_hours is None else Budget(store, run_id, ctx.params.budget_gpu_hours * 3600)
     with Uploader(lease.store, store.outage, workdir / ".uploading", send=publish) as uploader:
         result, artifacts = _train_epochs(cfg, unit, data, device, workdir, uploader, progress_id, history_csv,
                                           # the checkpoint first: the history never claims an epoch it lacks
-                                          {CHECKPOINT: workdir / CHECKPOINT, HISTORY: history_csv})
+                                          {CHECKPOINT: workdir / CHECKPOINT, HISTORY: history_csv},
+                                          until=until, budget=budget)
     final: dict = {}
     predicted = result["best_predictions"]
     for name, tensors in {BEST_WEIGHTS: result["best_state"],
@@ -200,10 +210,11 @@ def _train_leased(ctx: RunContext, cfg: TrainConfig, unit: Unit, lease: Lease, d
         val_loss=result["val_loss"], val_accuracy=result["val_accuracy"], seconds=result["seconds"], device=device_name(device),
         error=result["error"], weights_key=stored.get(BEST_WEIGHTS, {}).get("key"), config=cfg.__dict__,
         artifacts=artifacts, flow_run_id=owner, seed=cfg.seed, predictions_key=stored.get(VAL_PREDICTIONS, {}).get("key"))
-    write_durably(workdir / UNIT_RESULT, out.to_json().encode())
-    # the record last: once it is current, the unit is done
-    record = store.outage.call(publish, {UNIT_RESULT: workdir / UNIT_RESULT})[UNIT_RESULT]
-    out.artifacts[f"{unit.folder}/{UNIT_RESULT}"] = _artifact(record)
+    # the record last: once it is current, the unit is done (or, paused at a rung, known to be there)
+    name = PAUSED if out.status == "paused" else UNIT_RESULT
+    write_durably(workdir / name, out.to_json().encode())
+    record = store.outage.call(publish, {name: workdir / name})[name]
+    out.artifacts[f"{unit.folder}/{name}"] = _artifact(record)
     return out
 
 
@@ -212,7 +223,7 @@ def _artifact(rec: dict) -> dict:
 
 
 def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, progress_id, history_csv,
-                  files: dict) -> tuple[dict, dict[str, dict]]:
+                  files: dict, until: int | None = None, budget: Budget | None = None) -> tuple[dict, dict[str, dict]]:
     """Train, handing each epoch's `files` to the uploader; (result, stored artifacts)."""
     v = unit.label
     earlier: list[dict] = []  # epochs before a resume, so the CSV stays whole
@@ -230,9 +241,22 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
         upload(earlier + trained)
         update_progress_artifact(progress_id, 100.0 * row["epoch"] / cfg.epochs)
         show_curves(v, earlier + trained, cfg.epochs)
+        if budget is not None:
+            budget.book(v, used(), row["seconds"])
+
+    def used() -> float:
+        return sum(r["seconds"] for r in earlier + trained)
+
+    def may_start(epoch: int, last_seconds: float | None) -> bool:
+        if budget.may_start(v, used(), last_seconds):
+            return True
+        print(f"{v}: epoch {epoch} not started: the run's budget of {budget.limit_s:.0f} device seconds would be "
+              f"passed ({used():.1f} s used by this unit)")
+        return False
 
     result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch,
-                   on_progress=terminal_progress(v, cfg.epochs, cfg.batch_size, len(data.train_y)))
+                   on_progress=terminal_progress(v, cfg.epochs, cfg.batch_size, len(data.train_y)),
+                   until=until, may_start=None if budget is None else may_start)
     update_progress_artifact(progress_id, 100.0, description=f"{v}: {result['status']} after {result['epochs_run']} epochs")
     show_curves(v, result["history"], cfg.epochs, status=result["status"])
     # every epoch uploaded itself; only a divergence (its checkpoint is saved after the
@@ -246,11 +270,11 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
 # never served from cache: a run always trains; resuming is the checkpoint's job
 @task(name="train-in-lane", cache_policy=NO_CACHE, task_run_name="train-{label}")
 def train_in_lane(ctx: RunContext, cfg: TrainConfig, device: str, repeated: bool = False,
-                  label: str = "") -> UnitResult:
+                  label: str = "", until: int | None = None) -> UnitResult:
     # Ctrl-C: start nothing; what trains stops at its next batch, its last epoch stored.
     if STOP.is_set():
         return Cancelled(message="not started: the run is stopping")
     try:
-        return train_unit(ctx, cfg, device, repeated)
+        return train_unit(ctx, cfg, device, repeated, until)
     except Stopped as e:
         return Cancelled(message=f"{e}; the last finished epoch is kept")
