@@ -19,7 +19,7 @@ from prefect.deployments import run_deployment
 from prefect.states import Cancelled, Cancelling
 
 from run.context import RunContext
-from run.layout import Unit
+from run.layout import PAUSED, Unit
 from run.records import UnitResult
 
 POLL_S = 5.0  # how often the parent looks at its children; each look is one API call per child
@@ -40,18 +40,21 @@ class Child:
         return f"flow run {self.flow_run.name} ({self.flow_run.id})"
 
 
-def child_name(run_id: str, unit: Unit, attempt: int) -> str:
-    return f"{run_id}-{unit.label}-a{attempt}"
+def child_name(run_id: str, unit: Unit, attempt: int, rung: int | None = None) -> str:
+    return f"{run_id}-{unit.label}-{'' if rung is None else f'r{rung}-'}a{attempt}"
 
 
-def idempotency_key(run_id: str, unit: Unit, attempt: int) -> str:
+def idempotency_key(run_id: str, unit: Unit, attempt: int, rung: int | None = None) -> str:
     seed = f"s{unit.seed}:" if unit.repeated else ""
-    return f"{run_id}:{unit.variant}:{seed}{attempt}"
+    return f"{run_id}:{unit.variant}:{seed}{'' if rung is None else f'r{rung}:'}{attempt}"
 
 
 def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
-            on_change: Callable[[str, dict], None] = lambda label, row: None) -> list[UnitResult]:
-    """Train each unit as a flow run of `variant_deployment`; results in `parameters`' order."""
+            on_change: Callable[[str, dict], None] = lambda label, row: None,
+            rung: int | None = None) -> list[UnitResult]:
+    """Train each unit as a flow run of `variant_deployment`; results in `parameters`' order.
+    `rung` (successive halving): the children train to their `until_epoch` and pause; a
+    unit's result is then its paused record (or its final one, if it ended sooner)."""
     store, run_id, deployment = ctx.store, ctx.run_id, ctx.params.variant_deployment
     attempts, deadline_s = ctx.params.variant_attempts, ctx.params.fanout_deadline_hours * 3600
     results: dict[Unit, UnitResult] = {}
@@ -61,12 +64,12 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
     def start(u: Unit, attempt: int) -> None:
         while True:
             run = run_deployment(deployment, parameters=parameters[u], timeout=0, as_subflow=True,
-                                 flow_run_name=child_name(run_id, u, attempt),
-                                 idempotency_key=idempotency_key(run_id, u, attempt), tags=["train-cifar"])
+                                 flow_run_name=child_name(run_id, u, attempt, rung),
+                                 idempotency_key=idempotency_key(run_id, u, attempt, rung), tags=["train-cifar"])
             if not (run.state and (run.state.is_failed() or run.state.is_cancelled())):
                 break
             # ended by an earlier execution: retrying the run means training the unit again
-            print(f"{u.label}: {child_name(run_id, u, attempt)} {run.state.name.lower()} in an earlier execution "
+            print(f"{u.label}: {child_name(run_id, u, attempt, rung)} {run.state.name.lower()} in an earlier execution "
                   f"of this run; starting attempt {attempt + 1}")
             attempt += 1
         first.setdefault(u, attempt)
@@ -81,8 +84,17 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
     def failed(u: Unit, error: str, attempt: int) -> UnitResult:
         return UnitResult.failed(u.variant, error, attempts=attempt, seed=u.seed)
 
-    for u in parameters:
+    def stored(u: Unit) -> UnitResult | None:
+        """The unit's final record, or at a rung its paused one once it reached the rung."""
         done = UnitResult.read(store, run_id, u)
+        until = parameters[u].get("until_epoch")
+        if done is None and until is not None:
+            paused = UnitResult.read(store, run_id, u, PAUSED)
+            done = paused if paused is not None and paused.epochs_run >= until else None
+        return done
+
+    for u in parameters:
+        done = stored(u)
         if done is not None:
             print(f"{u.label}: already trained ({done.status}); not started again")
             finish(u, done)
@@ -102,7 +114,7 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
                 message = state.message or state.name
                 cancelled = state.is_cancelled() or (state.is_crashed() and _cancel_asked(client, run.id))
                 if state.is_completed():
-                    got = UnitResult.read(store, run_id, u)
+                    got = stored(u)
                     finish(u, dataclasses.replace(got, attempts=child.attempt) if got else failed(
                         u, f"{child.label} completed but left no result record in {store.uri}", child.attempt))
                 elif cancelled:
@@ -125,6 +137,13 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
             if live:
                 time.sleep(POLL_S)
     return [results[u] for u in parameters]
+
+
+def mark_pruned(flow_run_id: str, why: str) -> None:
+    """The child that paused at the rung where its unit was stopped ends Cancelled, named
+    Pruned, as the UI shows it. Its run had completed (paused): the state is forced."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(uuid.UUID(str(flow_run_id)), Cancelled(name="Pruned", message=why), force=True)
 
 
 def _cancel_asked(client, flow_run_id) -> bool:

@@ -27,6 +27,9 @@ from store import join_key
     "dataset_purged": (described(list[int], "hold-out indices the parent run dropped before the split into "
                                  "validation and test (purge_test_duplicates); the validation split is made "
                                  "without them, as the parent's is"), []),
+    "until_epoch": (described(int | None, "a successive-halving rung: pause after this epoch (the parent "
+                              "decides whether the unit goes on, from its checkpoint); default: train to the end"),
+                    None),
 })
 def train_variant(**params) -> dict:
     from cnn.device import pick_device
@@ -38,6 +41,9 @@ def train_variant(**params) -> dict:
 
     variant = params.pop("variant")
     purged = params.pop("dataset_purged", None) or []
+    until = params.pop("until_epoch", None)
+    if until is not None and (type(until) is not int or until < 1):
+        raise ValueError(f"until_epoch: expected an epoch (an integer >= 1) or none, found {until!r}")
     if not isinstance(purged, list) or not all(type(i) is int and i >= 0 for i in purged):
         raise ValueError(f"dataset_purged: expected a list of hold-out indices (integers >= 0), found {purged!r}")
     dataset = DatasetRef(key=params.pop("dataset_key"), md5=params.pop("dataset_md5"),
@@ -59,7 +65,7 @@ def train_variant(**params) -> dict:
     cfg = ctx.config(Unit(variant, p.seed), dev)
     # this machine's store settings are its own: check them here too
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
-    result = train_unit(ctx, cfg, dev, repeated=p.repeats > 1)
+    result = train_unit(ctx, cfg, dev, repeated=p.repeats > 1, until=until)
     print(f"{variant}: {result.status} after {result.epochs_run} epochs, best epoch {result.best_epoch} "
           f"(val_acc {result.val_accuracy})")
     return result.summary()

@@ -58,11 +58,22 @@ def train_units(ctx: RunContext) -> list[UnitResult]:
     p = ctx.params
     units = units_of(p.variants, p.seed, p.repeats)
     board = Board(ctx.run_id, [u.label for u in units])
-    if p.variant_deployment:
-        from flows.fanout import fan_out
 
-        return fan_out(ctx, {u: child_parameters(ctx, u) for u in units}, on_change=board.update)
-    return _in_lanes(ctx, units, board)
+    def dispatch(some: list[Unit], until: int | None = None, rung: int | None = None) -> list[UnitResult]:
+        """`some` trained to epoch `until` (a halving rung), or to the end."""
+        if p.variant_deployment:
+            from flows.fanout import fan_out
+
+            extra = {} if until is None else {"until_epoch": until}
+            return fan_out(ctx, {u: {**child_parameters(ctx, u), **extra} for u in some}, on_change=board.update,
+                           rung=rung)
+        return _in_lanes(ctx, some, board, until)
+
+    if p.halving == "on":
+        from flows.halving import halve
+
+        return halve(ctx, units, dispatch, on_change=board.update)
+    return dispatch(units)
 
 
 def child_parameters(ctx: RunContext, unit: Unit) -> dict:
@@ -79,7 +90,7 @@ def child_parameters(ctx: RunContext, unit: Unit) -> dict:
     return out
 
 
-def _in_lanes(ctx: RunContext, units: list[Unit], board: Board) -> list[UnitResult]:
+def _in_lanes(ctx: RunContext, units: list[Unit], board: Board, until: int | None = None) -> list[UnitResult]:
     from tasks.training import refuse_other_parameters, train_in_lane, unit_facts
 
     p, run_id = ctx.params, ctx.run_id
@@ -90,8 +101,8 @@ def _in_lanes(ctx: RunContext, units: list[Unit], board: Board) -> list[UnitResu
         refuse_other_parameters(ctx, u, unit_facts(ctx, cfgs[u.label]))
     by_label = {u.label: u for u in units}
     lanes = plan_lanes(list(by_label), devices, _lanes_per_device(ctx, cfgs[units[0].label], devices[0]))
-    print(f"run {run_id}: {len(p.variants)} variant(s) x {p.repeats} repeat(s) of {p.model} in {len(lanes)} lane(s) "
-          f"on {', '.join(devices)}")
+    to = "" if until is None else f" to epoch {until}"
+    print(f"run {run_id}: {len(units)} unit(s) of {p.model}{to} in {len(lanes)} lane(s) on {', '.join(devices)}")
     # a single CPU lane trains in the flow's own thread: up to 10% faster than in a
     # task-runner thread (benchmarks/README.md, cpu_lanes)
     here = len(lanes) == 1 and not devices[0].startswith("cuda")
@@ -100,7 +111,7 @@ def _in_lanes(ctx: RunContext, units: list[Unit], board: Board) -> list[UnitResu
     for dev, names in lanes:
         previous = None
         for v in names:
-            args = (ctx, cfgs[v], dev, by_label[v].repeated, v)
+            args = (ctx, cfgs[v], dev, by_label[v].repeated, v, until)
             if here:
                 board.update(v, {"status": "running", "attempts": 1})
                 results[v] = _result(by_label[v], train_in_lane(*args, return_state=True))

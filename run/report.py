@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: its global state is not thread-safe, and lanes are threads
 from PIL import Image
 
-from run.layout import CONFUSION_PNG, CURVES, MODEL, VARIANTS_PLOT
+from run.layout import CONFUSION_PNG, CURVES, MODEL, RUNGS_PLOT, VARIANTS_PLOT
 from store.files import write_durably
 
 DPI = 80
@@ -22,7 +22,7 @@ COLOURS = 64  # plots are a few flat colours and their antialiased edges
 # relative to the run's folder -> title in the report
 VARIANTS, CONFUSION = VARIANTS_PLOT, f"{MODEL}/{CONFUSION_PNG}"
 REPORT_IMAGES = {CURVES: "Validation curves", VARIANTS: "Validation accuracy by variant",
-                 CONFUSION: "Confusion matrix (test)"}
+                 CONFUSION: "Confusion matrix (test)", RUNGS_PLOT: "Successive halving: validation accuracy per rung"}
 
 
 def save_png(fig: Figure, path: Path | None = None) -> bytes:
@@ -117,6 +117,63 @@ def plot_variants(variants: list[dict], selected: str | None, path: Path) -> Pat
     return path
 
 
+def shown_status(row: dict) -> str:
+    """`pruned at rung k` and `stopped by budget` as a reader says them; the others as stored."""
+    if row["status"] == "pruned" and row.get("pruned"):
+        return f"pruned at rung {row['pruned']['rung']}"
+    return "stopped by budget" if row["status"] == "stopped_by_budget" else row["status"]
+
+
+def plot_rungs(rungs: list[dict], path: Path) -> Path:
+    """Each unit's validation accuracy (best so far) at each rung, a line per unit that ends
+    with a cross where it was stopped, and each rung's cutoff (the lowest score that went on)."""
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.subplots()
+    stopped = {s["variant"]: r["rung"] for r in rungs for s in r["stops"]}
+    labels = list(dict.fromkeys(label for r in rungs for label in r.get("units", {})))
+    for i, label in enumerate(labels):
+        head, _, seed = label.rpartition("-s")  # a repeat's label is <variant>-s<seed>
+        variant = head if head and seed.isdigit() and label not in stopped else label
+        points = [(r["epoch"], r["units"][label]) for r in rungs if r.get("units", {}).get(label) is not None]
+        if not points:
+            continue
+        colour = f"C{i % 10}"
+        ax.plot(*zip(*points), "-o", color=colour, label=label, markersize=4)
+        if variant in stopped:
+            ax.plot(*points[-1], "x", color=colour, markersize=11, markeredgewidth=2)
+    for r in rungs:
+        if r["stops"]:
+            cut = r["stops"][0]["cutoff"]
+            ax.hlines(cut, r["epoch"] - 0.3, r["epoch"] + 0.3, colors="black", linestyles="dashed")
+            ax.annotate(f"cutoff {cut:.3f}", (r["epoch"] + 0.32, cut), fontsize=7, va="center")
+    ax.set_xticks([r["epoch"] for r in rungs], [f"rung {r['rung']}\nepoch {r['epoch']}" for r in rungs])
+    ax.set_ylabel("validation accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_png(fig, path)
+    return path
+
+
+def halving_lines(manifest: dict) -> list[str]:
+    """The rungs and the budget in sentences (absent when the run had neither)."""
+    lines = []
+    halving, budget = manifest.get("halving"), manifest.get("budget")
+    if halving:
+        lines += ["## Successive halving", "",
+                  f"Rungs at {', '.join(str(r['epoch']) for r in halving['rungs']) or 'no epoch'} "
+                  f"(first rung {halving['min_epochs']} epoch(s), factor {halving['factor']}).", ""]
+        for r in halving["rungs"]:
+            lines.append(f"- Rung {r['rung']} (epoch {r['epoch']}): {', '.join(r['kept'])} went on.")
+            lines += [f"  - {s['sentence']}." for s in r["stops"]]
+        lines.append("")
+    if budget:
+        ended = (f"it stopped {', '.join(budget['stopped'])}" if budget["ended_run"] else "no unit was stopped by it")
+        lines += [f"Budget: {budget['used_s']:.1f} of {budget['limit_s']:.1f} device seconds used "
+                  f"({budget['gpu_hours']:g} GPU hours); {ended}.", ""]
+    return lines
+
+
 def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
     """One row per variant for the UI's table and the report: the mean and interval
     decide, the other numbers are the best repeat's."""
@@ -126,7 +183,7 @@ def variants_table(variants: list[dict], selected: str | None) -> list[dict]:
     def interval(ci):
         return "" if not ci else f"{ci[0]:.4f} to {ci[1]:.4f}"
 
-    return [{"variant": v["name"], "selected": v["name"] == selected, "status": v["status"],
+    return [{"variant": v["name"], "selected": v["name"] == selected, "status": shown_status(v),
              "repeats": len(v.get("repeats") or [None]), "val_accuracy_mean": r(v.get("val_accuracy_mean")),
              "val_accuracy_95": interval(v.get("val_accuracy_ci")),
              "attempts": v.get("attempts", 1), "epochs_run": v.get("epochs_run"), "best_epoch": v.get("best_epoch"),
@@ -140,6 +197,8 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
     report.md (relative ones: nothing that expires or signs). `images` maps
     REPORT_IMAGES' names to where each is shown from; one left out is not shown."""
     images = {name: name for name in REPORT_IMAGES} if images is None else images
+    if not manifest.get("halving"):
+        images = {k: v for k, v in images.items() if k != RUNGS_PLOT}
 
     def image(name: str) -> list[str]:
         return [f"![{REPORT_IMAGES[name]}]({images[name]})", ""] if name in images else []
@@ -170,6 +229,8 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
         "",
         *([f"Selected against the runner-up on the same validation images: {comparison['sentence']}.", ""]
           if comparison else []),
+        *halving_lines(manifest),
+        *(image(RUNGS_PLOT) if manifest.get("halving") else []),
         "## Per-class test accuracy",
         "",
         pd.DataFrame({"class": list(t["per_class"]), "accuracy": [round(a, 4) for a in t["per_class"].values()]}

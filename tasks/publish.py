@@ -17,9 +17,9 @@ from registry import champions
 from run.cache import local_run_dir
 from run.context import RunContext
 from run.errors import is_io_error
-from run.layout import CURVES, HISTORY, MANIFEST, REPORT, VARIANTS_PLOT, run_key, stored_key, units_of
+from run.layout import CURVES, HISTORY, MANIFEST, REPORT, RUNGS_PLOT, VARIANTS_PLOT, run_key, stored_key, units_of
 from run.records import ChampionComparison, ChampionRecord, TestResult, VariantComparison, VariantScore
-from run.report import plot_curves, plot_variants, render_markdown
+from run.report import plot_curves, plot_rungs, plot_variants, render_markdown
 from store import MAX_DOCUMENT_BYTES
 from store.files import write_durably
 from tasks.testing import face_champion_again
@@ -72,7 +72,27 @@ def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: Varian
         "flow_run_id": ctx.flow_run_id,
         "variant_deployment": p.variant_deployment,
         **fingerprint_fields(ctx),
+        **effort_fields(ctx, scores),
     }
+
+
+def effort_fields(ctx: RunContext, scores: list[VariantScore]) -> dict:
+    """`halving` (with halving on: its settings and every rung's decision) and `budget` (with
+    budget_gpu_hours: the limit, the device seconds each unit used, whether it ended the run);
+    absent otherwise, so a manifest without them is as before."""
+    p, out = ctx.params, {}
+    if p.halving == "on":
+        from run.halving import decisions
+
+        out["halving"] = {"min_epochs": p.halving_min_epochs, "factor": p.halving_factor, "rungs": decisions(ctx)}
+    if p.budget_gpu_hours is not None:
+        from run.budget import Budget
+
+        used = Budget(ctx.store, ctx.run_id, p.budget_gpu_hours * 3600).summary()
+        stopped = [s.name + (f" seed {r['seed']}" if len(s.repeats) > 1 else "")
+                   for s in scores for r in s.repeats if r["status"] == "stopped_by_budget"]
+        out["budget"] = {**used, "gpu_hours": p.budget_gpu_hours, "ended_run": bool(stopped), "stopped": stopped}
+    return out
 
 
 def fingerprint_fields(ctx: RunContext) -> dict:
@@ -138,6 +158,9 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
     artifacts[CURVES] = store.put_file(run_key(run_id, CURVES), out / CURVES)
     plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS_PLOT)
     artifacts[VARIANTS_PLOT] = store.put_file(run_key(run_id, VARIANTS_PLOT), out / VARIANTS_PLOT)
+    if manifest.get("halving", {}).get("rungs"):
+        plot_rungs(manifest["halving"]["rungs"], out / RUNGS_PLOT)
+        artifacts[RUNGS_PLOT] = store.put_file(run_key(run_id, RUNGS_PLOT), out / RUNGS_PLOT)
 
     candidate = champion_record(manifest, store).to_dict()
     ident = champions.identity(candidate)
