@@ -66,10 +66,14 @@ class Cluster:
 def cluster(server, procs, s3_server, tmp_path_factory) -> Cluster:
     tmp = tmp_path_factory.mktemp("fanout")
     create_pools(server)
-    deploy_all(server, tmp)
+    # every process of the cluster knows `scramble`, a test-only variant (tests/scramble/), and
+    # the deployments' parameter schemas list it
+    scramble = {"PYTHONPATH": str(REPO / "tests" / "scramble")}
+    deploy_all({**server, **scramble}, tmp)
     # one thread per training process: three or four of them share two cores here, as
     # pods each have their own GPU (and it keeps the runs' arithmetic the same)
-    env = {**server, **aws_env(), "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), "OMP_NUM_THREADS": "1"}
+    env = {**server, **aws_env(), **scramble, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+           "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "deployments/add_automations.py", "--zombie-after", str(ZOMBIE_AFTER_S)],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -121,7 +125,8 @@ def flow_run(env: dict, run_id: uuid.UUID):
         return c.read_flow_run(run_id)
 
 
-def wait_final(cluster: Cluster, run_id: uuid.UUID, timeout: float = 420):
+# a bound, not a timing: a suite on 2 cores that is busy elsewhere once took 7 minutes for a run of 3 children
+def wait_final(cluster: Cluster, run_id: uuid.UUID, timeout: float = 900):
     return wait_for(f"flow run {run_id} to finish", lambda: (lambda r: r if r.state.is_final() else None)(
         flow_run(cluster.env, run_id)), timeout, cluster, every=2)
 
@@ -302,6 +307,37 @@ def test_fan_out_with_repeats_runs_a_child_per_seed_and_combines_them(cluster, b
     means = {v["name"]: v["val_accuracy_mean"] for v in m["variants"]}
     assert means[m["selected"]] == max(means.values())  # by the mean (a tie goes to the lower mean loss)
     assert m["comparison"]["runner_up"] == ({"none", "flip"} - {m["selected"]}).pop()
+
+
+def test_fan_out_halving_prunes_the_scrambled_child_at_the_first_rung(cluster, bucket):
+    """halving=on through real children: every unit's child trains to the rung (epoch 2) and
+    pauses; the scrambled unit, clearly behind, is stopped there and its child ends Cancelled,
+    named Pruned; the others' next children resume from their checkpoints to the end."""
+    cluster.ensure_nodes()
+    variants = ["none", "flip", "scramble"]
+    parent = wait_final(cluster, start_run(cluster.env, *SYNTHETIC, "epochs=3", "patience=3", "halving=on",
+                                           "halving_min_epochs=2", "halving_factor=2", *fanout(bucket, *variants)))
+    assert parent.state.is_completed(), f"{parent.state!r}\n{cluster.tail()}"
+    kids = children(cluster.env, parent.id)
+    run_id = run_id_of({n: k for n, k in kids.items() if n.endswith("-r1-a1")}, [f"{v}-r1" for v in variants])
+    assert sorted(kids) == sorted([f"{run_id}-{v}-r1-a1" for v in variants] + [f"{run_id}-{v}-a1" for v in ("none", "flip")])
+    pruned = kids[f"{run_id}-scramble-r1-a1"]
+    assert pruned.state.is_cancelled() and pruned.state.name == "Pruned", pruned.state
+    assert "clearly behind the leader" in pruned.state.message
+    assert all(k.state.is_completed() for n, k in kids.items() if n != f"{run_id}-scramble-r1-a1")
+    assert {kids[f"{run_id}-{v}-r1-a1"].parameters["until_epoch"] for v in variants} == {2}
+    assert all("until_epoch" not in kids[f"{run_id}-{v}-a1"].parameters for v in ("none", "flip"))
+
+    m = manifest(bucket, run_id)
+    by = {v["name"]: v for v in m["variants"]}
+    assert (by["scramble"]["status"], by["scramble"]["epochs_run"], by["scramble"]["pruned"]["rung"]) == ("pruned", 2, 1)
+    assert by["none"]["epochs_run"] == by["flip"]["epochs_run"] == 3 and m["selected"] in ("none", "flip")
+    assert [s["variant"] for s in m["halving"]["rungs"][0]["stops"]] == ["scramble"]
+    # the pruned unit keeps its checkpoint, and its record is the paused one, not a final one
+    store = open_store(f"s3://{bucket}/store")
+    unit = Unit("scramble", 0)
+    assert stored_key(store, run_id, unit, "checkpoint.safetensors") and stored_key(store, run_id, unit, "paused.json")
+    assert stored_key(store, run_id, unit, "metrics.json") is None
 
 
 def test_sigterm_reschedules_the_same_child_which_resumes(cluster, bucket):

@@ -14,7 +14,9 @@ from store import open_store
 # what the params part holds today; a new RunParams field fails this test until it is
 # added here (it decides the model) or to NOT_IN_PARAMS with the reason why not
 IN_PARAMS = {"model", "variants", "epochs", "patience", "batch_size", "lr", "subset", "seed", "repeats",
-             "select_metric", "compile", "precision", "purge_test_duplicates"}
+             "select_metric", "compile", "precision", "purge_test_duplicates",
+             # they decide which epochs are trained, so which model comes out
+             "budget_gpu_hours", "halving", "halving_min_epochs", "halving_factor"}
 
 
 @pytest.fixture

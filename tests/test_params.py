@@ -56,7 +56,7 @@ def test_train_variant_shares_the_run_parameters_schema():
     """The parameters the child shares with the parent read the same in both forms."""
     strip = lambda prop: {k: v for k, v in prop.items() if k not in ("position", "default")}  # noqa: E731
     own = {"run_id", "variant", "dataset_key", "dataset_md5", "dataset_sha256",  # run_id: required here, so described here
-           "dataset_purged"}
+           "dataset_purged", "until_epoch"}
     shared = set(VARIANT["properties"]) - own
     assert shared <= set(RunParams.model_fields)
     for name in shared:
@@ -138,7 +138,8 @@ def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_p
     unit_fields = set(RunParams.model_fields) - RUN_ONLY
     assert RUN_ONLY < set(RunParams.model_fields)
     own = {"variant", "dataset_key", "dataset_md5", "dataset_sha256"}
-    assert set(VARIANT["properties"]) == unit_fields | own | {"dataset_purged"}  # sent only when a run purged
+    # dataset_purged: sent only when a run purged; until_epoch: only at a halving rung
+    assert set(VARIANT["properties"]) == unit_fields | own | {"dataset_purged", "until_epoch"}
     p = RunParams(store=str(tmp_path / "store"), variants=["flip"], model="fast", epochs=3, patience=2, batch_size=16,
                   lr=0.01, subset=50, seed=4, repeats=2, split_seed=3, store_outage_minutes=1.5, device="cpu",
                   precision="fp32")
@@ -148,8 +149,8 @@ def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_p
 
     got = {}
 
-    def train_unit(ctx, cfg, device, repeated=False):
-        got.update(ctx=ctx, repeated=repeated)
+    def train_unit(ctx, cfg, device, repeated=False, until=None):
+        got.update(ctx=ctx, repeated=repeated, until=until)
         return UnitResult(name=cfg.variant, status="completed")
 
     monkeypatch.setattr(tasks.training, "train_unit", train_unit)
@@ -157,7 +158,11 @@ def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_p
     child = got["ctx"]
     expected = {**p.model_dump(), "seed": 5, "run_id": "run", "store": ctx.store_uri}
     assert {n: getattr(child.params, n) for n in unit_fields} == {n: expected[n] for n in unit_fields}
-    assert child.run_id == "run" and child.dataset == ctx.dataset and got["repeated"]
+    assert child.run_id == "run" and child.dataset == ctx.dataset and got["repeated"] and got["until"] is None
+    train_variant.fn(**train_variant.validate_parameters({**sent, "until_epoch": 2}))  # a halving rung
+    assert got["until"] == 2
+    with pytest.raises(ValueError, match=r"^until_epoch: expected an epoch \(an integer >= 1\) or none, found 0"):
+        train_variant.fn(**train_variant.validate_parameters({**sent, "until_epoch": 0}))
 
     # a run that purged hold-out images (purge_test_duplicates) sends them: the child's
     # validation split is the parent's
