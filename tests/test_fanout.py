@@ -312,19 +312,39 @@ def test_fan_out_with_repeats_runs_a_child_per_seed_and_combines_them(cluster, b
 def test_fan_out_halving_prunes_the_scrambled_child_at_the_first_rung(cluster, bucket):
     """halving=on through real children: every unit's child trains to the rung (epoch 2) and
     pauses; the scrambled unit, clearly behind, is stopped there and its child ends Cancelled,
-    named Pruned; the others' next children resume from their checkpoints to the end."""
+    named Pruned; the others' next children resume from their checkpoints to the end. The
+    parent is killed after it decided the rung and retried: it reads the decision back,
+    starts no child twice and ends as it would have."""
     cluster.ensure_nodes()
     variants = ["none", "flip", "scramble"]
-    parent = wait_final(cluster, start_run(cluster.env, *SYNTHETIC, "epochs=3", "patience=3", "halving=on",
-                                           "halving_min_epochs=2", "halving_factor=2", *fanout(bucket, *variants)))
+    parent_id = start_run(cluster.env, *SYNTHETIC, "epochs=3", "patience=3", "halving=on", "halving_min_epochs=2",
+                          "halving_factor=2", *fanout(bucket, *variants))
+    first = wait_for("the first rung's children", lambda: (k := children(cluster.env, parent_id)) and len(k) == 3 and k,
+                     180, cluster)
+    run_id = run_id_of(first, [f"{v}-r1" for v in variants])
+    s3, decision_key = aws_client("s3"), f"store/runs/{run_id}/halving/rung-1.json"
+
+    def decision():
+        try:
+            return s3.get_object(Bucket=bucket, Key=decision_key)
+        except s3.exceptions.NoSuchKey:
+            return None
+
+    # the parent is killed once it decided the rung, and retried as the UI's Retry does
+    made = wait_for("rung 1's decision in the store", decision, 600, cluster)
+    kill_and_wait(cluster, parent_id)
+    cli(cluster.env, "flow-run", "retry", str(parent_id))
+    parent = wait_final(cluster, parent_id)
     assert parent.state.is_completed(), f"{parent.state!r}\n{cluster.tail()}"
+    assert parent.run_count >= 2
+    again = decision()
+    assert again["ETag"] == made["ETag"] and again["Body"].read() == made["Body"].read()  # read back, not redecided
     kids = children(cluster.env, parent.id)
-    run_id = run_id_of({n: k for n, k in kids.items() if n.endswith("-r1-a1")}, [f"{v}-r1" for v in variants])
     assert sorted(kids) == sorted([f"{run_id}-{v}-r1-a1" for v in variants] + [f"{run_id}-{v}-a1" for v in ("none", "flip")])
     pruned = kids[f"{run_id}-scramble-r1-a1"]
     assert pruned.state.is_cancelled() and pruned.state.name == "Pruned", pruned.state
     assert "clearly behind the leader" in pruned.state.message
-    assert all(k.state.is_completed() for n, k in kids.items() if n != f"{run_id}-scramble-r1-a1")
+    assert all(k.state.is_completed() and k.run_count == 1 for n, k in kids.items() if n != f"{run_id}-scramble-r1-a1")
     assert {kids[f"{run_id}-{v}-r1-a1"].parameters["until_epoch"] for v in variants} == {2}
     assert all("until_epoch" not in kids[f"{run_id}-{v}-a1"].parameters for v in ("none", "flip"))
 
