@@ -124,9 +124,10 @@ def shown_status(row: dict) -> str:
     return "stopped by budget" if row["status"] == "stopped_by_budget" else row["status"]
 
 
-def plot_rungs(rungs: list[dict], path: Path) -> Path:
+def plot_rungs(rungs: list[dict], path: Path, final: dict[str, tuple[int, float]] | None = None) -> Path:
     """Each unit's validation accuracy (best so far) at each rung, a line per unit that ends
-    with a cross where it was stopped, and each rung's cutoff (the lowest score that went on)."""
+    with a cross where it was stopped, and each rung's cutoff (the lowest score that went on).
+    `final`: label -> (epochs run, best validation accuracy) of the units that went on to the end."""
     fig = Figure(figsize=(6.5, 3.6))
     ax = fig.subplots()
     stopped = {s["variant"]: r["rung"] for r in rungs for s in r["stops"]}
@@ -135,6 +136,8 @@ def plot_rungs(rungs: list[dict], path: Path) -> Path:
         head, _, seed = label.rpartition("-s")  # a repeat's label is <variant>-s<seed>
         variant = head if head and seed.isdigit() and label not in stopped else label
         points = [(r["epoch"], r["units"][label]) for r in rungs if r.get("units", {}).get(label) is not None]
+        if variant not in stopped and label in (final or {}) and final[label][1] is not None:
+            points.append(final[label])
         if not points:
             continue
         colour = f"C{i % 10}"
@@ -146,7 +149,9 @@ def plot_rungs(rungs: list[dict], path: Path) -> Path:
             cut = r["stops"][0]["cutoff"]
             ax.hlines(cut, r["epoch"] - 0.3, r["epoch"] + 0.3, colors="black", linestyles="dashed")
             ax.annotate(f"cutoff {cut:.3f}", (r["epoch"] + 0.32, cut), fontsize=7, va="center")
-    ax.set_xticks([r["epoch"] for r in rungs], [f"rung {r['rung']}\nepoch {r['epoch']}" for r in rungs])
+    ticks = {r["epoch"]: f"rung {r['rung']}\nepoch {r['epoch']}" for r in rungs}
+    ticks.update({e: f"end\nepoch {e}" for e, _ in (final or {}).values() if e not in ticks})
+    ax.set_xticks(list(ticks), list(ticks.values()))
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

@@ -159,7 +159,10 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
     plot_variants(manifest["variants"], manifest["selected"], out / VARIANTS_PLOT)
     artifacts[VARIANTS_PLOT] = store.put_file(run_key(run_id, VARIANTS_PLOT), out / VARIANTS_PLOT)
     if manifest.get("halving", {}).get("rungs"):
-        plot_rungs(manifest["halving"]["rungs"], out / RUNGS_PLOT)
+        # where the units that went on ended: their best, drawn at the last epoch (an early stop's best stays)
+        final = {s.name + (f"-s{r['seed']}" if len(s.repeats) > 1 else ""): (ctx.params.epochs, r["val_accuracy"])
+                 for s in scores for r in s.repeats}
+        plot_rungs(manifest["halving"]["rungs"], out / RUNGS_PLOT, final)
         artifacts[RUNGS_PLOT] = store.put_file(run_key(run_id, RUNGS_PLOT), out / RUNGS_PLOT)
 
     candidate = champion_record(manifest, store).to_dict()

@@ -257,7 +257,9 @@ def _train_epochs(cfg, unit: Unit, data, device, workdir, uploader: Uploader, pr
     result = train(cfg, data, torch.device(device), workdir, on_epoch=on_epoch,
                    on_progress=terminal_progress(v, cfg.epochs, cfg.batch_size, len(data.train_y)),
                    until=until, may_start=None if budget is None else may_start)
-    update_progress_artifact(progress_id, 100.0, description=f"{v}: {result['status']} after {result['epochs_run']} epochs")
+    # a unit paused at a halving rung is not done: its bar stays where it is
+    done = 100.0 * result["epochs_run"] / cfg.epochs if result["status"] == "paused" else 100.0
+    update_progress_artifact(progress_id, done, description=f"{v}: {result['status']} after {result['epochs_run']} epochs")
     show_curves(v, result["history"], cfg.epochs, status=result["status"])
     # every epoch uploaded itself; only a divergence (its checkpoint is saved after the
     # last good epoch) or a resume with nothing left to train leaves the store behind

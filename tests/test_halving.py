@@ -169,7 +169,9 @@ def test_halving_in_lanes_stops_the_scrambled_unit_and_selects_what_the_full_gri
     assert sum(v["epochs_run"] for v in halved["variants"]) == 10 < sum(v["epochs_run"] for v in full["variants"])
     assert "halving" not in full and "budget" not in full  # a run without them: the manifest as before
     report = (halving_env / "store" / "runs" / "halved" / "report.md").read_text()
-    assert "pruned at rung 1" in report
+    assert "pruned at rung 1" in report and "Rung 1 (epoch 2): " in report
+    assert "](rungs.png)" in report and (halving_env / "store" / "runs" / "halved" / "rungs.png").stat().st_size > 1000
+    assert "rungs.png" not in (halving_env / "store" / "runs" / "full" / "report.md").read_text()
 
     # the pruned unit kept its checkpoint and has no final record: the same run id with
     # halving off resumes it from epoch 2
