@@ -320,7 +320,7 @@ def test_fan_out_halving_prunes_the_scrambled_child_at_the_first_rung(cluster, b
     parent_id = start_run(cluster.env, *SYNTHETIC, "epochs=3", "patience=3", "halving=on", "halving_min_epochs=2",
                           "halving_factor=2", *fanout(bucket, *variants))
     first = wait_for("the first rung's children", lambda: (k := children(cluster.env, parent_id)) and len(k) == 3 and k,
-                     180, cluster)
+                     420, cluster)
     run_id = run_id_of(first, [f"{v}-r1" for v in variants])
     s3, decision_key = aws_client("s3"), f"store/runs/{run_id}/halving/rung-1.json"
 
@@ -331,7 +331,7 @@ def test_fan_out_halving_prunes_the_scrambled_child_at_the_first_rung(cluster, b
             return None
 
     # the parent is killed once it decided the rung, and retried as the UI's Retry does
-    made = wait_for("rung 1's decision in the store", decision, 600, cluster)
+    made = wait_for("rung 1's decision in the store", decision, 900, cluster)
     kill_and_wait(cluster, parent_id)
     cli(cluster.env, "flow-run", "retry", str(parent_id))
     parent = wait_final(cluster, parent_id)
