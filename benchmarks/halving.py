@@ -23,6 +23,7 @@ a CPU. Both sides of every comparison train the same network.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--rungs", default="1:3,2:3,3:3", help="first rung:factor settings to replay")
+    ap.add_argument("--replay", type=Path, help="a results file of this benchmark: replay its trainings, train nothing")
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--holdout", type=int, default=1000)
     ap.add_argument("--widths", default="16,16,32,32,32,32")
@@ -89,12 +91,17 @@ def main() -> None:
     variants = args.variants.split(",")
     settings = [tuple(int(x) for x in pair.split(":")) for pair in args.rungs.split(",")]
     rows, kept = [], []
+    earlier = json.loads(args.replay.read_text()) if args.replay else None
+    if earlier:
+        args.epochs, args.seeds = earlier["args"]["epochs"], len(earlier["histories"])
+        variants = list(earlier["histories"][0])
     with tempfile.TemporaryDirectory(prefix="bench-halving-") as tmp:
-        archive, md5 = write_archive(Path(tmp) / "data", n_train=args.train, n_test=args.holdout, seed=0)
-        data = load_splits(prepare(archive, md5, Path(tmp) / "prepared"), split_seed=0)
+        if not earlier:
+            archive, md5 = write_archive(Path(tmp) / "data", n_train=args.train, n_test=args.holdout, seed=0)
+            data = load_splits(prepare(archive, md5, Path(tmp) / "prepared"), split_seed=0)
         for seed in range(args.seeds):
-            histories: dict[str, list[list[dict]]] = {v: [] for v in variants}
-            for v in variants:
+            histories: dict[str, list[list[dict]]] = earlier["histories"][seed] if earlier else {v: [] for v in variants}
+            for v in variants if not earlier else []:
                 for r in range(args.repeats):
                     cfg = make_config("bench", v, epochs=args.epochs, patience=args.epochs, seed=100 * seed + r)
                     out = train(cfg, data, torch.device("cpu"), Path(tmp) / f"{seed}-{v}-{r}")
@@ -122,6 +129,8 @@ def main() -> None:
                         "full_s": full_total, "halving_s": halved_total, "saving": full_total / halved_total})
     print()
     print(table(summary, list(summary[0])))
+    if earlier:  # a replay writes nothing over the trainings it read
+        return
     write_result("halving", {"machine": machine(), "args": vars(args), "summary": summary, "rows": rows,
                              "histories": kept})
 
