@@ -22,7 +22,10 @@ COLOURS = 64  # plots are a few flat colours and their antialiased edges
 # relative to the run's folder -> title in the report
 VARIANTS, CONFUSION = VARIANTS_PLOT, f"{MODEL}/{CONFUSION_PNG}"
 REPORT_IMAGES = {CURVES: "Validation curves", VARIANTS: "Validation accuracy by variant",
-                 CONFUSION: "Confusion matrix (test)", RUNGS_PLOT: "Successive halving: validation accuracy per rung"}
+                 CONFUSION: "Confusion matrix (test)"}
+# only in the report of a run with halving on
+HALVING_IMAGES = {RUNGS_PLOT: "Successive halving: validation accuracy per rung"}
+TITLES = {**REPORT_IMAGES, **HALVING_IMAGES}
 
 
 def save_png(fig: Figure, path: Path | None = None) -> bytes:
@@ -201,12 +204,11 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
     """The report for the Prefect UI (presigned `links`, data-URI `images`) or for
     report.md (relative ones: nothing that expires or signs). `images` maps
     REPORT_IMAGES' names to where each is shown from; one left out is not shown."""
-    images = {name: name for name in REPORT_IMAGES} if images is None else images
-    if not manifest.get("halving"):
-        images = {k: v for k, v in images.items() if k != RUNGS_PLOT}
+    if images is None:
+        images = {name: name for name in {**REPORT_IMAGES, **(HALVING_IMAGES if manifest.get("halving") else {})}}
 
     def image(name: str) -> list[str]:
-        return [f"![{REPORT_IMAGES[name]}]({images[name]})", ""] if name in images else []
+        return [f"![{TITLES[name]}]({images[name]})", ""] if name in images else []
 
     t, d = manifest["test"], manifest["dataset"]
     not_compared = ("" if manifest.get("compared_with") or "identity" not in d else

@@ -8,7 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from run.context import RunContext
 from run.layout import MANIFEST, REPORT, run_key
-from run.report import REPORT_IMAGES, data_uri, render_markdown, variants_table
+from run.report import HALVING_IMAGES, REPORT_IMAGES, data_uri, render_markdown, variants_table
 from store import open_store
 from tasks.publish import REPORT_FILES
 
@@ -46,5 +46,6 @@ def _create(run_id: str, store_uri: str, link_expiry_hours: int) -> None:
 
 def _inline_images(store, run_id: str) -> dict[str, str]:
     """Data URIs: a browser will not open a file:// link from a web page, and a presigned one expires."""
-    found = {name: store.read_versioned(run_key(run_id, *name.split("/")))[0] for name in REPORT_IMAGES}
+    found = {name: store.read_versioned(run_key(run_id, *name.split("/")))[0]
+             for name in {**REPORT_IMAGES, **HALVING_IMAGES}}
     return {name: data_uri(png) for name, png in found.items() if png is not None}
