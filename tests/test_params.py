@@ -174,3 +174,16 @@ def test_a_new_run_parameter_reaches_a_child_flow_run_with_no_edit_outside_run_p
     assert got["ctx"].dataset == purged.dataset and got["ctx"].dataset.purged == (3, 40)
     with pytest.raises(ValueError, match=r"^dataset_purged: expected a list of hold-out indices"):
         train_variant.fn(**train_variant.validate_parameters({**sent, "dataset_purged": [-1]}))
+
+
+def test_halving_settings_that_cannot_work_are_refused_naming_them():
+    import pydantic
+
+    with pytest.raises(pydantic.ValidationError, match=r"halving_min_epochs: the first rung must come before the last epoch "
+                                              r"\(epochs 4\), found 4"):
+        RunParams(halving="on", halving_min_epochs=4, epochs=4)
+    RunParams(halving="off", halving_min_epochs=4, epochs=4)  # not used: not checked
+    with pytest.raises(pydantic.ValidationError, match="halving_factor"):
+        RunParams(halving="on", halving_factor=1)
+    with pytest.raises(pydantic.ValidationError, match="budget_gpu_hours"):
+        RunParams(budget_gpu_hours=0)
