@@ -30,8 +30,13 @@ class Budget:
         if raw is None:
             return {"limit_s": self.limit_s, "units": {}}
         doc = json_object(raw, self.store.uri_for(self.key), "the run's budget record")
-        if not isinstance(doc.get("units"), dict):
-            raise ValueError(f"{self.store.uri_for(self.key)}: expected an object 'units', found {doc.get('units')!r}")
+        units = doc.get("units")
+        bad = not isinstance(units, dict) or any(
+            not isinstance(u, dict) or any(type(v) not in (int, float) or not v >= 0 for v in u.values())
+            for u in units.values())
+        if bad:
+            raise ValueError(f"{self.store.uri_for(self.key)}: expected 'units' as {{unit: {{used_s, reserved_s, "
+                             f"epoch_s: seconds >= 0}}}}, found {str(units)[:200]}")
         return doc
 
     def _change(self, change) -> bool:

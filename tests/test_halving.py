@@ -232,3 +232,13 @@ def test_a_parent_that_crashed_after_a_rung_reads_its_decision_back(halving_env,
 
 class MachineLost(Exception):
     pass
+
+
+def test_a_planted_budget_record_that_is_not_seconds_is_refused_naming_it(tmp_path):
+    b = Budget(LocalStore(str(tmp_path)), "r1", limit_s=10.0)
+    path = tmp_path / "runs" / "r1" / "budget.json"
+    path.parent.mkdir(parents=True)
+    for units in ({"a": {"used_s": -50.0}}, {"a": {"used_s": "lots"}}, ["a"]):
+        path.write_text(json.dumps({"limit_s": 10.0, "units": units}))
+        with pytest.raises(ValueError, match=r"budget\.json: expected 'units' as \{unit: \{used_s"):
+            b.may_start("b", 0.0, 1.0)
