@@ -113,15 +113,31 @@ def local_deployment(server) -> dict:
     return server
 
 
-def missed_nights(env: dict, store: Path, late_runs: str, hour: int, deployment: str = "train-cifar/local",
-                  schedules: int = 1, **params) -> list:
-    """Three nights (daily at `hour`:00 UTC) of `deployment` backfilled into the past, as the
-    scheduler creates them: auto-scheduled, Scheduled, then Late; with `schedules` identical
-    schedules, that many runs a night. Returns them oldest first."""
+def copy_of_local(env: dict, name: str, **options) -> str:
+    """train-cifar/local again as train-cifar/<name> (its own runs, its own nights), with `options`."""
+    with client(env) as c:
+        d = c.read_deployment_by_name("train-cifar/local")
+        c.create_deployment(flow_id=d.flow_id, name=name, entrypoint=d.entrypoint, work_pool_name=LOCAL_POOL,
+                            pull_steps=d.pull_steps, parameters=d.parameters,
+                            parameter_openapi_schema=d.parameter_openapi_schema, enforce_parameter_schema=True,
+                            **options)
+    return f"train-cifar/{name}"
+
+
+def missed_nights(env: dict, store: Path, late_runs: str, deployment: str, schedules: int = 1, **params) -> list:
+    """Three nights of `deployment` backfilled into the past, as the scheduler creates them:
+    auto-scheduled, Scheduled, then Late; with `schedules` identical schedules, that many runs
+    a night. Returns them oldest first.
+
+    The nights fall at the hour opposite the clock's, so neither the last night nor the next
+    one the scheduler creates ahead (which becomes due when its hour passes) lies within hours
+    of the test. Each test has a deployment of its own: another test's newer nights would
+    otherwise supersede this one's."""
     from prefect.client.schemas.actions import DeploymentScheduleCreate
     from prefect.client.schemas.schedules import CronSchedule
 
     now = datetime.now(timezone.utc)
+    hour = (now.hour + 12) % 24
     with client(env) as c:
         d = c.read_deployment_by_name(deployment)
         c.create_deployment_schedules(d.id, [DeploymentScheduleCreate(
@@ -162,7 +178,7 @@ def stored_runs(store: Path) -> dict[str, Path]:
 @pytest.mark.slow
 def test_only_the_newest_missed_night_trains(local_deployment, procs, tmp_path):
     store = tmp_path / "store"
-    runs = missed_nights(local_deployment, store, "latest", hour=2)
+    runs = missed_nights(local_deployment, store, "latest", copy_of_local(local_deployment, "late-latest"))
     old, older_still, newest = runs[1], runs[0], runs[2]
     final = run_with_worker(procs, local_deployment, "late-latest", runs)
     by_id = {f.id: f for f in final}
@@ -183,7 +199,7 @@ def test_late_runs_all_trains_every_missed_night(local_deployment, procs, tmp_pa
     store = tmp_path / "store"
     # force: every night trains even though nothing changed between them (else the
     # nights after the first champion could skip, as a week of unchanged nights should)
-    runs = missed_nights(local_deployment, store, "all", hour=3, force=True)
+    runs = missed_nights(local_deployment, store, "all", copy_of_local(local_deployment, "late-all"), force=True)
     created = {f.created.replace(microsecond=0) for f in runs}
     final = run_with_worker(procs, local_deployment, "late-all", runs)
     assert all(f.state.is_completed() for f in final), [(f.name, f.state.name, f.state.message) for f in final]
@@ -200,7 +216,7 @@ def test_two_runs_of_one_night_with_one_fingerprint_train_once(local_deployment,
     are Superseded; of the newest night's two, one claims the night and trains, the other
     ends Skipped naming it (the night's claim, or the champion it has become by then)."""
     store = tmp_path / "store"
-    runs = missed_nights(local_deployment, store, "latest", hour=6, schedules=2)
+    runs = missed_nights(local_deployment, store, "latest", copy_of_local(local_deployment, "late-twice"), schedules=2)
     final = run_with_worker(procs, local_deployment, "late-twice", runs)
     states = [(f.name, f.state.name, f.state.message) for f in final]
     newest_night = max(f.expected_start_time for f in final)
@@ -219,7 +235,7 @@ def test_two_runs_of_one_night_with_one_fingerprint_train_once(local_deployment,
     assert record["matched"]["run_id"] == trained_dir.name, record
     assert not (skipped_dir / "variants").exists() and not (skipped_dir / "manifest.json").exists()
     assert trained_dir.name in skipped.state.message, skipped.state.message
-    claims = list((store / "nights" / "local").glob("*/*.json"))
+    claims = list((store / "nights" / "late-twice").glob("*/*.json"))
     assert len(claims) == 1 and json.loads(claims[0].read_text())["run_id"] == trained_dir.name, claims
 
 
@@ -231,15 +247,8 @@ def limited_copy(env: dict, strategy: str) -> str:
     concurrency limit (one run at a time) and the collision strategy `strategy`."""
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
 
-    name = f"limited-{strategy.lower().replace('_', '-')}"
-    with client(env) as c:
-        d = c.read_deployment_by_name("train-cifar/local")
-        c.create_deployment(flow_id=d.flow_id, name=name, entrypoint=d.entrypoint, work_pool_name=LOCAL_POOL,
-                            pull_steps=d.pull_steps, parameters=d.parameters,
-                            parameter_openapi_schema=d.parameter_openapi_schema, enforce_parameter_schema=True,
-                            concurrency_limit=1,
-                            concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy(strategy)))
-    return f"train-cifar/{name}"
+    return copy_of_local(env, f"limited-{strategy.lower().replace('_', '-')}", concurrency_limit=1,
+                         concurrency_options=ConcurrencyOptions(collision_strategy=ConcurrencyLimitStrategy(strategy)))
 
 
 def nightly_collision_strategy() -> str:
@@ -257,8 +266,7 @@ def test_under_the_nightlys_concurrency_limit_the_stale_nights_are_superseded_an
     the slot ends Superseded in seconds. (Under CANCEL_NEW the server cancelled the newer nights
     before they ran any code, so whichever night got the slot trained: README, Missed nights.)"""
     store = tmp_path / "store"
-    runs = missed_nights(local_deployment, store, "latest", hour=5,
-                         deployment=limited_copy(local_deployment, nightly_collision_strategy()))
+    runs = missed_nights(local_deployment, store, "latest", limited_copy(local_deployment, nightly_collision_strategy()))
     final = run_with_worker(procs, local_deployment, "late-enqueue", runs)
     states = [(f.name, f.state.name, f.state.message) for f in final]
     print(f"oldest first: {states}")
