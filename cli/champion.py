@@ -3,6 +3,7 @@
     python -m cli.champion --store s3://bucket/nightly                 # each dataset's champion
     python -m cli.champion --store S history [--dataset IDENTITY]     # every change, oldest first
     python -m cli.champion --store S rollback --to RUN_ID [--dataset IDENTITY] [--reason TEXT]
+    python -m cli.champion --store S trend [--dataset IDENTITY]       # night over night, oldest first
 
 A rollback makes an earlier champion of a dataset identity its champion again, by
 the same conditional write as a promotion (registry/champions.py), and is itself
@@ -16,7 +17,7 @@ import socket
 import sys
 
 from store import StoreError, join_key, open_store, require_conditional_writes
-from registry import champions
+from registry import champions, trends
 
 
 def _score(rec: dict | None) -> str:
@@ -38,10 +39,27 @@ def history(docs: dict) -> list[str]:
             f"{e.get('flow_run_id') or e.get('by') or '-'}" for at, ident, e in rows]
 
 
-def pick_identity(docs: dict, asked: str | None) -> str:
+def trend_lines(store, asked: str | None) -> list[str]:
+    """A dataset identity's trend (registry/trends.py) as a table, oldest first."""
+    import pandas as pd
+
+    from tasks.trend import table
+
+    ident = pick_identity(dict.fromkeys(trends.identities(store)), asked, "trend")
+    summary, entries = trends.read(store, ident)
+    lines = [f"dataset {ident}: {len(entries)} run(s)"]
+    if summary:
+        lines.append(f"before them, dropped for age and counted: {summary['entries']} run(s) from {summary['first']} "
+                     f"to {summary['last']}, {summary['promoted']} promoted, {summary['regressions']} regression(s), "
+                     f"by status {summary['by_status']}")
+    rows = list(reversed(table(entries)))
+    return [*lines, pd.DataFrame(rows).to_string(index=False) if rows else "no runs recorded yet"]
+
+
+def pick_identity(docs: dict, asked: str | None, what: str = "champion") -> str:
     if asked is not None:
         if asked not in docs:
-            raise LookupError(f"--dataset {asked}: no champion of that identity; known: {', '.join(docs) or 'none'}")
+            raise LookupError(f"--dataset {asked}: no {what} of that identity; known: {', '.join(docs) or 'none'}")
         return asked
     if len(docs) != 1:
         raise LookupError(f"--dataset: give the dataset identity, one of: {', '.join(docs) or 'none'}")
@@ -66,11 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--to", required=True, metavar="RUN_ID", help="an earlier champion of the dataset identity")
     r.add_argument("--dataset", default=None, metavar="IDENTITY", help="needed when the store has several")
     r.add_argument("--reason", default="rolled back by hand", help="recorded in the history")
+    t = sub.add_parser("trend", help="a dataset identity's runs night by night, oldest first")
+    t.add_argument("--dataset", default=None, metavar="IDENTITY", help="needed when the store has several")
     args = ap.parse_args(argv)
     try:
         store = open_store(args.store, must_exist=True)
         if args.command == "rollback":  # a compare-and-swap
             require_conditional_writes(store, join_key(champions.FOLDER, "probe", "conditional-writes"))
+        if args.command == "trend":
+            print("\n".join(trend_lines(store, args.dataset)))
+            return 0
         docs = champions.documents(store)
         if args.command == "history":
             if args.dataset is not None:

@@ -118,6 +118,18 @@ def promotion(correct_new: np.ndarray, correct_champion: np.ndarray, confidence:
     return Verdict(bool(promoted), c.difference, c.ci, c.method, reason)
 
 
+def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """One model's test accuracy on n images, when only the fraction is kept (a trend's
+    nights): the Agresti-Coull interval, z^2/2 pseudo-images right and wrong."""
+    _check_level(level)
+    if not 0 <= accuracy <= 1 or n < 1:
+        raise ValueError(f"accuracy {accuracy!r} of n {n!r} images: expected a fraction and n >= 1")
+    z2 = _normal_quantile(level) ** 2
+    centre = (accuracy * n + z2 / 2) / (n + z2)
+    half = (z2 * centre * (1 - centre) / (n + z2)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def sentence(selected: str, runner_up: str, comparison: Comparison, n_images: int | None = None) -> str:
     """The report's plain sentence for `selected` minus `runner_up`."""
     n = comparison.n_images if n_images is None else n_images

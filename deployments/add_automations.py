@@ -7,6 +7,8 @@
 - deployments/notify-on-failure.yaml, with --block: a notification when a train-cifar
   flow run fails, crashes or is cancelled. --block names an existing notification
   block as <block-type-slug>/<block-name> (`prefect block ls` lists them).
+- deployments/notify-on-regression.yaml, with --block: a notification when a run's
+  model is worse than the champion beyond noise (the train-cifar.regression event).
 
 An automation of the same name is replaced, so running this again after editing a
 YAML file updates it.
@@ -26,6 +28,7 @@ from store.scrub import scrub
 
 HERE = Path(__file__).parent
 NOTIFY, ZOMBIES = HERE / "notify-on-failure.yaml", HERE / "crash-zombie-runs.yaml"
+REGRESSION = HERE / "notify-on-regression.yaml"
 
 
 def replace(client, spec: dict) -> str:
@@ -61,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--block: no block {args.block!r} on {scrub(str(client.api_url))}; `prefect block ls` lists them",
                       file=sys.stderr)
                 return 1
-            notify = yaml.safe_load(NOTIFY.read_text())
-            for action in notify["actions"]:
-                if action["type"] == "send-notification":
-                    action["block_document_id"] = str(block.id)
-            print(f"automation {replace(client, notify)} notifies through {args.block}")
+            for path in (NOTIFY, REGRESSION):
+                notify = yaml.safe_load(path.read_text())
+                for action in notify["actions"]:
+                    if action["type"] == "send-notification":
+                        action["block_document_id"] = str(block.id)
+                print(f"automation {replace(client, notify)} notifies through {args.block}")
     return 0
 
 

@@ -55,12 +55,14 @@ def run_id_of(created: datetime, flow_run_id) -> str:
     return f"{created.astimezone(timezone.utc):%Y%m%d-%H%M%S}-{str(flow_run_id)[-8:]}"
 
 
-def _superseded() -> Cancelled | None:
+def _superseded(store_uri: str, run_id: str | None) -> Cancelled | None:
     """With late_runs=latest: Cancelled, named Superseded, when this scheduled night is stale
-    (run/nightly.py); None to train."""
+    (run/nightly.py); None to train. The night's trend entry waits in the store for the
+    next run of the deployment (registry/trends.py)."""
     from prefect.context import FlowRunContext
 
     from run.nightly import superseded_message, superseding_run
+    from tasks import trend
 
     ctx = FlowRunContext.get()
     me = ctx.flow_run if ctx is not None else None
@@ -69,6 +71,9 @@ def _superseded() -> Cancelled | None:
         return None
     message = superseded_message(me, newer)
     print(message)
+    night = trend.entry(run_id or stable_run_id(), "superseded", me.expected_start_time.isoformat(), flow_run_id=str(me.id),
+                        origin=trend.origin(), message=message)
+    trend.leave_superseded(store_uri, night)
     return Cancelled(name="Superseded", message=message)
 
 
@@ -76,27 +81,17 @@ def _superseded() -> Cancelled | None:
 @signed(RunParams.model_fields)
 def train_cifar(**params):
     """Train one CNN per augmentation variant, select by validation, test once, publish."""
-    from cnn.train import STOP
-    from flows.fanout import RunCancelled
-    from flows.variants import devices_for, train_units
+    from flows.variants import devices_for
     from run.context import RunContext
-    from run.cache import drop_local_copies
     from run.layout import probe_key
     from tasks.data import fetch_dataset
-    from tasks.data_checks import check_data, purged_dataset
-    from tasks.artifacts import create_run_artifacts
-    from tasks.publish import publish_run
-    from tasks.scoring import compare_variants, score_variants
-    from tasks.selection import select_variant
-    from tasks.skip import fingerprint_run, skip_run
-    from tasks.testing import test_model
 
     try:
         p = RunParams(**params)
     except ValidationError as e:
         raise ValueError(f"invalid parameter(s):\n{describe_errors(e)}") from None
-    if p.late_runs == "latest" and (stale := _superseded()) is not None:
-        return stale  # before the store is opened or data fetched: a stale night touches nothing
+    if p.late_runs == "latest" and (stale := _superseded(p.store, p.run_id)) is not None:
+        return stale  # before data is fetched: a stale night trains nothing and writes only its trend entry
     ctx = RunContext(p, p.run_id or stable_run_id(), flow_run_id=flow_run.get_id(),
                      created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     interrupt.running(ctx.flow_run_id, ctx.run_id)
@@ -107,6 +102,30 @@ def train_cifar(**params):
     require_conditional_writes(ctx.store, probe_key(ctx.run_id))
 
     ctx = ctx.with_dataset(fetch_dataset(ctx))
+    try:
+        return _train(ctx, test_device)
+    except Exception as e:
+        from tasks import trend
+
+        trend.record_failure(ctx, e)  # the dataset is known: the night goes in its trend
+        raise
+
+
+def _train(ctx, test_device: str):
+    """From the fetched dataset to the published run (or the skip)."""
+    from cnn.train import STOP
+    from flows.fanout import RunCancelled
+    from flows.variants import train_units
+    from run.cache import drop_local_copies
+    from tasks.artifacts import create_run_artifacts
+    from tasks.data_checks import check_data, purged_dataset
+    from tasks.publish import publish_run
+    from tasks.scoring import compare_variants, score_variants
+    from tasks.selection import select_variant
+    from tasks.skip import fingerprint_run, skip_run
+    from tasks.testing import test_model
+
+    p = ctx.params
     # before anything trains or any child flow run is asked for. A run that matches the
     # champion's run, which checked this same data the same way, skips without checking it
     # (a run with purge_test_duplicates on never does: its purge is known only once checked)

@@ -54,6 +54,7 @@ NOT_IN_PARAMS = {
     "fanout_deadline_hours": "a deadline, not a training setting",
     "promote_margin": "decides the promotion of a model, not the model",
     "promote_confidence": "decides the promotion of a model, not the model",
+    "regression_margin": "decides whether a worse model raises an alert, not the model",
     "link_expiry_hours": "how long the UI's links work",
     "late_runs": "what happens to a run that starts late, not what it trains",
     "force": "trains even when nothing changed: the fingerprint it would match is the same",

@@ -31,6 +31,7 @@ REPORT = "report.md"
 SKIPPED = "skipped.json"  # a run that trained nothing: what it matched
 CURVES = "curves.png"
 VARIANTS_PLOT = "variants.png"
+TREND_PLOT = "trend.png"  # the dataset identity's trend, night by night, as it was when the run published
 RUNGS_PLOT = "rungs.png"  # with halving on: validation accuracy per unit per rung, the cutoffs drawn
 
 MODEL = "model"

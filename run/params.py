@@ -65,6 +65,9 @@ class RunParams(BaseModel):
     promote_confidence: float = Field(0.95, ge=0, lt=1, description="confidence of the paired interval of (new minus "
                                       "champion) test accuracy whose lower bound must exceed promote_margin; 0: any "
                                       "improvement of the point estimate")
+    regression_margin: float = Field(0.0, ge=0, le=1, description="test accuracy by which a new model may trail the "
+                                     "champion (the paired interval's upper bound) before the run emits "
+                                     "train-cifar.regression")
     link_expiry_hours: int = Field(168, ge=1, le=168, description="hours the Prefect UI's links to an S3 "
                                    "store's files work (presigned at publish; 168, a week, is S3's maximum)")
     variant_deployment: str | None = Field(
@@ -198,7 +201,8 @@ class RunParams(BaseModel):
 # its source); every other field reaches each child flow run as a parameter (UNIT_PARAMS).
 RUN_ONLY = frozenset({
     "dataset", "data_dir", "data_source", "data_md5", "synthetic_train", "synthetic_test", "variants",
-    "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "link_expiry_hours",
+    "select_metric", "variants_per_gpu", "promote_margin", "promote_confidence", "regression_margin",
+    "link_expiry_hours",
     "variant_deployment", "variant_attempts", "fanout_deadline_hours", "late_runs", "force",
     "class_balance_tolerance", "max_blank_images", "max_exact_duplicates", "max_near_duplicates",
     "purge_test_duplicates", "halving", "halving_min_epochs", "halving_factor"})

@@ -13,7 +13,7 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: its global state is not thread-safe, and lanes are threads
 from PIL import Image
 
-from run.layout import CONFUSION_PNG, CURVES, MODEL, RUNGS_PLOT, VARIANTS_PLOT
+from run.layout import CONFUSION_PNG, CURVES, MODEL, RUNGS_PLOT, TREND_PLOT, VARIANTS_PLOT
 from store.files import write_durably
 
 DPI = 80
@@ -22,7 +22,7 @@ COLOURS = 64  # plots are a few flat colours and their antialiased edges
 # relative to the run's folder -> title in the report
 VARIANTS, CONFUSION = VARIANTS_PLOT, f"{MODEL}/{CONFUSION_PNG}"
 REPORT_IMAGES = {CURVES: "Validation curves", VARIANTS: "Validation accuracy by variant",
-                 CONFUSION: "Confusion matrix (test)"}
+                 CONFUSION: "Confusion matrix (test)", TREND_PLOT: "Test accuracy night by night"}
 # only in the report of a run with halving on
 HALVING_IMAGES = {RUNGS_PLOT: "Successive halving: validation accuracy per rung"}
 TITLES = {**REPORT_IMAGES, **HALVING_IMAGES}
@@ -115,6 +115,55 @@ def plot_variants(variants: list[dict], selected: str | None, path: Path) -> Pat
     missing = [v["name"] for v in variants if v not in shown]
     ax.set_xlabel("validation accuracy" + ("  (no model: " + ", ".join(missing) + ")" if missing else ""))
     ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    save_png(fig, path)
+    return path
+
+
+def plot_trend(entries: list[dict], path: Path, identity: str | None = None) -> Path:
+    """A dataset identity's trend (registry/trends.py), oldest left: each trained run's test
+    accuracy with its 95% interval, promotions as stars, regressions as red crosses, the
+    champion's accuracy after each night as a step line; nights that trained nothing
+    (skipped, superseded, failed) as grey marks along the bottom."""
+    fig = Figure(figsize=(9, 3.4))
+    ax = fig.subplots()
+    pct = lambda x: 100 * x  # noqa: E731
+    trained = [(i, e) for i, e in enumerate(entries) if e.get("test")]
+    if trained:
+        xs = [i for i, _ in trained]
+        ys = [pct(e["test"]["accuracy"]) for _, e in trained]
+        cis = [e["test"].get("ci") or [e["test"]["accuracy"]] * 2 for _, e in trained]
+        err = [[y - pct(c[0]) for y, c in zip(ys, cis)], [pct(c[1]) - y for y, c in zip(ys, cis)]]
+        ax.errorbar(xs, ys, yerr=err, fmt="o", color="tab:blue", capsize=3, markersize=5,
+                    label="test accuracy (95% interval)")
+        for marks, colour, symbol, size, label in (
+                ([(i, e) for i, e in trained if e.get("promoted")], "tab:green", "*", 15, "promoted"),
+                ([(i, e) for i, e in trained if e.get("regression")], "tab:red", "X", 12, "regression")):
+            if marks:
+                ax.plot([i for i, _ in marks], [pct(e["test"]["accuracy"]) for _, e in marks], symbol,
+                        color=colour, markersize=size, label=label, linestyle="none")
+    champion = [(i, pct(e["champion"]["accuracy"])) for i, e in enumerate(entries) if e.get("champion")]
+    if champion:
+        ax.step(*zip(*champion), where="post", color="tab:green", alpha=0.6, label="champion")
+    bottom = ax.get_xaxis_transform()  # x in nights, y in the axes' height
+    for status, symbol in (("skipped", "o"), ("superseded", ">"), ("failed", "v")):
+        xs = [i for i, e in enumerate(entries) if e["status"] == status]
+        if xs:
+            ax.plot(xs, [0.04] * len(xs), symbol, transform=bottom, color="grey", markerfacecolor="none",
+                    linestyle="none", label=status)
+    labels = [(e.get("night") or e["at"][:10])[5:] for e in entries]
+    if len(set(labels)) < len(labels):  # several runs a day: their times tell them apart
+        labels = [e["at"][5:16].replace("T", " ") for e in entries]
+    step = max(1, len(entries) // 12)
+    ax.set_xticks(range(0, len(entries), step), labels[::step], fontsize=7)
+    ax.set_xlim(-0.7, max(len(entries), 1) - 0.3)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Night by night: {identity}" if identity else "Night by night", fontsize=8)
+    ax.grid(alpha=0.3)
+    if entries:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no nights recorded yet", transform=ax.transAxes, ha="center")
     fig.tight_layout()
     save_png(fig, path)
     return path
@@ -228,6 +277,8 @@ def render_markdown(manifest: dict, links: dict[str, str], folder: str | None = 
         *([not_compared, ""] if not_compared else [""]),
         *([f"Against champion `{versus['champion_run_id']}` on the same test images: {versus['reason']}.", ""]
           if versus else []),
+        *([f"**Regression**: {manifest['regression']['sentence']}.", ""] if manifest.get("regression") else []),
+        *image(TREND_PLOT),
         "## Variants (validation)",
         "",
         *image(CURVES),

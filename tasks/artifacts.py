@@ -10,6 +10,7 @@ from run.context import RunContext
 from run.layout import MANIFEST, REPORT, run_key
 from run.report import HALVING_IMAGES, REPORT_IMAGES, data_uri, render_markdown, variants_table
 from store import open_store
+from tasks import trend
 from tasks.publish import REPORT_FILES
 
 
@@ -42,6 +43,8 @@ def _create(run_id: str, store_uri: str, link_expiry_hours: int) -> None:
     create_link_artifact(links["model/model.pt2"], "portable model", key="model",
                          description=f"Run {run_id}: torch.export program, loads with torch alone")
     create_link_artifact(links[REPORT], REPORT, key="report-file", description=f"Run {run_id} report")
+    if manifest["dataset"].get("identity"):
+        trend.show(store, manifest["dataset"]["identity"])
 
 
 def _inline_images(store, run_id: str) -> dict[str, str]:

@@ -17,11 +17,13 @@ from registry import champions
 from run.cache import local_run_dir
 from run.context import RunContext
 from run.errors import is_io_error
-from run.layout import CURVES, HISTORY, MANIFEST, REPORT, RUNGS_PLOT, VARIANTS_PLOT, run_key, stored_key, units_of
+from run.layout import (CURVES, HISTORY, MANIFEST, REPORT, RUNGS_PLOT, TREND_PLOT, VARIANTS_PLOT, run_key, stored_key,
+                        units_of)
 from run.records import ChampionComparison, ChampionRecord, TestResult, VariantComparison, VariantScore
-from run.report import plot_curves, plot_rungs, plot_variants, render_markdown
+from run.report import plot_curves, plot_rungs, plot_trend, plot_variants, render_markdown
 from store import MAX_DOCUMENT_BYTES
 from store.files import write_durably
+from tasks import trend
 from tasks.testing import face_champion_again
 
 NOT_COMPARED = "train-cifar.champion.not-compared"
@@ -177,29 +179,50 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
     # report.md stays in the store: relative links, never presigned ones (credentials, expiry)
     folder = store.uri_for(run_key(run_id))
 
-    def seal(promoted: bool, reason: str, compared_with: str | None) -> dict:
-        m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with}
+    def compose(promoted: bool, reason: str, compared_with: str | None) -> dict:
+        m = {**manifest, "promoted": promoted, "promotion_reason": reason, "compared_with": compared_with,
+             "regression": None}
         if judge.final is not None and judge.final.champion_run_id == compared_with:
             m["test"] = {**m["test"], "champion_comparison": judge.final.to_dict()}
+        versus = m["test"].get("champion_comparison")
+        if versus and not promoted:
+            # what changed is known against the champion the fingerprint was compared with
+            same = m.get("fingerprint_compared_with") == versus["champion_run_id"]
+            m["regression"] = trend.regression(versus, ctx.params.regression_margin,
+                                               m.get("changed_since_champion") if same else None,
+                                               ctx.params.promote_confidence)
+        return m
+
+    def seal(m: dict) -> dict:
         write_durably(out / REPORT, render_markdown(m, {name: name for name in REPORT_FILES}, folder).encode())
         arts = {**artifacts, REPORT: store.put_file(run_key(run_id, REPORT), out / REPORT)}
-        m["artifacts"] = arts
+        m = {**m, "artifacts": arts}
         write_durably(out / MANIFEST, json.dumps(m, indent=2).encode())
         store.put_file(run_key(run_id, MANIFEST), out / MANIFEST)
         return m
 
     decision = champions.Decision(False, f"pending: {reason}" if promoted else reason,
                                   None if current is None else current["run_id"])
-    final = seal(*decision)
+    seal(compose(*decision))
     if promoted:  # decided again inside promote(): another run may have won meanwhile
         decision = champions.promote(store, candidate, judge, flow_run_id=ctx.flow_run_id)
-        final = seal(*decision)
+    m = compose(*decision)
+    # the night in the dataset's trend, then its picture; the manifest is sealed again with it
+    entries = trend.record(store, ident, trend.trained_entry(m, champions.read(store, ident)))
+    if entries is not None:
+        plot_trend(entries, out / TREND_PLOT, ident)
+        artifacts[TREND_PLOT] = store.put_file(run_key(run_id, TREND_PLOT), out / TREND_PLOT)
+    final = seal(m)
+    if final["regression"]:
+        print(f"regression: {final['regression']['sentence']}")
+        trend.emit_regression(final, store.uri)
     print(f"promoted: {final['promoted']} ({final['promotion_reason']})")
     if decision.compared_with is None:
         not_compared(store, run_id, ident, decision)
     return {"run_id": run_id, "manifest": store.uri_for(run_key(run_id, MANIFEST)),
             "promoted": final["promoted"], "test_accuracy": final["test"]["accuracy"], "selected": final["selected"],
-            "dataset_identity": ident, "compared_with": decision.compared_with}
+            "dataset_identity": ident, "compared_with": decision.compared_with,
+            "regression": final["regression"]}
 
 
 def _histories(ctx: RunContext, scores: list[VariantScore]) -> dict[str, list[pd.DataFrame]]:

@@ -28,6 +28,7 @@ from run.fingerprint import Fingerprint
 from run.layout import MANIFEST, SKIPPED, night_key, run_key
 from run.report import render_skipped
 from store.base import PreconditionFailed, json_object
+from tasks import trend
 from tasks.testing import champion_identity
 
 SKIPPED_EVENT = "train-cifar.skipped"
@@ -138,6 +139,12 @@ def skip_run(ctx: RunContext, fp: Fingerprint, match: Match) -> State:
     print(f"skipped: {message}")
     create_markdown_artifact(render_skipped(record, store.uri_for(key)), key="skipped",
                              description=f"Run {ctx.run_id}: skipped, nothing changed")
+    ident = champion_identity(ctx)
+    entries = trend.record(store, ident, trend.entry(
+        ctx.run_id, "skipped", ctx.created_at, flow_run_id=ctx.flow_run_id, origin=trend.origin(), digest=fp.digest,
+        champion=champions.read(store, ident), message=message))
+    if entries is not None:
+        trend.show(store, ident, entries)
     emit_event(event=SKIPPED_EVENT, resource={"prefect.resource.id": f"train-cifar.run.{ctx.run_id}",
                                               "prefect.resource.name": ctx.run_id},
                payload={**record, "store": store.uri})

@@ -6,6 +6,8 @@ module-scoped, so each test module that uses them gets a server of its own.
 """
 from __future__ import annotations
 
+import contextlib
+
 import os
 import signal
 import socket
@@ -272,3 +274,41 @@ def kill(pids: list[int], sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def notification_webhook(env: dict, block: str = "train-cifar-test"):
+    """The automations of deployments/add_automations.py --block, sending through a
+    custom-webhook block to an HTTP endpoint on loopback; yields what it receives."""
+    import http.server
+    import json
+    import threading
+
+    received: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+        subprocess.run([sys.executable, "-c", (
+            "import sys; from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
+            "B(name=sys.argv[2], url=sys.argv[1], "
+            "json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save(sys.argv[2])"), url, block],
+            env=env, cwd=REPO, check=True, capture_output=True, timeout=60)
+        r = subprocess.run([sys.executable, "deployments/add_automations.py", "--block", f"custom-webhook/{block}"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield received
+    finally:
+        httpd.shutdown()
+        thread.join(timeout=10)

@@ -255,6 +255,12 @@ def test_a_fault_in_the_data_stops_the_run_before_training(run_env, fault, check
     # the UI shows why: the table, with the failed check
     md = _artifacts(state.state_details.flow_run_id)["data-checks"].data
     assert f"| {check} |" in md and "**failed**" in md
+    # and the night is in the dataset's trend, failed, with the reason
+    [trend] = list((store / "trends").glob("cifar10-*.jsonl"))
+    [entry] = [json.loads(line) for line in trend.read_text().splitlines()]
+    assert entry["status"] == "failed" and entry["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert entry["message"].startswith("DataCheckFailed: data check(s) failed") and check in entry["message"]
+    assert entry["test"] is None and not entry["promoted"]
 
 
 @pytest.mark.slow

@@ -7,23 +7,19 @@ everything is asserted through the Prefect client and the bucket.
 """
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import subprocess
-import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tests.browser import Page
-from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, PREFECT_FILE, REPO, TEST_IMAGE, TEST_IMAGE_ID, VARIANT_POOL, cli,
-                                    client, create_pools, deploy_all, eventually, load_prefect_yaml, settled,
-                                    start_worker)
+from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, REPO, TEST_IMAGE, TEST_IMAGE_ID, VARIANT_POOL, cli,
+                                    client, create_pools, deploy_all, eventually, load_prefect_yaml, notification_webhook,
+                                    settled, start_worker)
 
 pytestmark = pytest.mark.slow
 
@@ -200,37 +196,9 @@ def run_deployment(env: dict, *params: str, timeout: float = 420):
 
 @pytest.fixture(scope="module")
 def failure_webhook(deployed):
-    """The automation of deployments/notify-on-failure.yaml, sending through a
-    custom-webhook block to an HTTP endpoint on loopback; yields what it receives."""
-    received: list[dict] = []
-
-    class Hook(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
-        subprocess.run([sys.executable, "-c", (
-            "import sys; from prefect.blocks.notifications import CustomWebhookNotificationBlock as B; "
-            "B(name='train-cifar-test', url=sys.argv[1], "
-            "json_data={'subject': '{{subject}}', 'body': '{{body}}'}).save('train-cifar-test')"), url],
-            env=deployed, cwd=REPO, check=True, capture_output=True, timeout=60)
-        r = subprocess.run([sys.executable, "deployments/add_automations.py", "--block",
-                            "custom-webhook/train-cifar-test"], env=deployed, cwd=REPO, capture_output=True,
-                           text=True, timeout=60)
-        assert r.returncode == 0, r.stdout + r.stderr
+    """The automation of deployments/notify-on-failure.yaml, sending to loopback."""
+    with notification_webhook(deployed) as received:
         yield received
-    finally:
-        httpd.shutdown()
-        thread.join(timeout=10)
 
 
 def test_bad_parameter_fails_the_run_naming_it(worker, failure_webhook):

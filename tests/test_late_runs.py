@@ -192,6 +192,17 @@ def test_only_the_newest_missed_night_trains(local_deployment, procs, tmp_path):
     assert len(stored) == 1, stored
     [(run_id, path)] = stored.items()
     assert run_id.endswith(str(done.id)[-8:]) and (path / "manifest.json").is_file()
+    # the dataset's trend has every night: the stale ones (their entries left for the next
+    # run of the deployment, which was the newest night) and the one that trained
+    from registry import trends
+    from store import open_store
+
+    identity = json.loads((path / "manifest.json").read_text())["dataset"]["identity"]
+    _, entries = trends.read(open_store(str(store)), identity)
+    assert [(e["flow_run_id"], e["status"]) for e in entries] == [
+        (str(older_still.id), "superseded"), (str(old.id), "superseded"), (str(done.id), "trained")], entries
+    assert all(e["night"] == f"{f.expected_start_time:%Y-%m-%d}" for e, f in zip(entries, (older_still, old, done)))
+    assert done.name in entries[0]["message"]
 
 
 @pytest.mark.slow

@@ -2,9 +2,9 @@
 both seen loaded in a real headless Chromium on a real Prefect server's UI."""
 from __future__ import annotations
 
-import io
 import json
 import re
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +14,10 @@ from PIL import Image
 
 import cnn.augment
 import run.live
+from run.layout import TREND_PLOT
 from run.report import (CONFUSION, CURVES, REPORT_IMAGES, VARIANTS, data_uri, plot_confusion, plot_curves,
-                          plot_variants, render_markdown)
+                        plot_trend, plot_variants, render_markdown)
+from tasks import trend
 from tests.browser import Page
 from tests.prefect_fixtures import client
 
@@ -54,6 +56,13 @@ def test_a_full_report_with_its_pictures_inlined_stays_small(tmp_path):
     np.fill_diagonal(cm, 300)
     (tmp_path / "model").mkdir()
     plot_confusion(cm.tolist(), CLASSES, tmp_path / CONFUSION)
+    # a year of nights in the dataset's trend, a promotion a month, a regression now and then
+    t0 = datetime(2026, 1, 1, 2, tzinfo=timezone.utc)
+    year = [trend.entry(f"run-{d}", "skipped" if d % 7 == 3 else "trained", (t0 + timedelta(days=d)).isoformat(),
+                        test=None if d % 7 == 3 else {"accuracy": 0.85 + d / 5000 - (0.03 if d % 50 == 7 else 0)},
+                        n_test=3500, champion={"run_id": "c", "test": {"accuracy": 0.85 + d / 5000}},
+                        promoted=d % 30 == 0) for d in range(365)]
+    plot_trend(year, tmp_path / TREND_PLOT, "cifar10-c58f30108f718f92721af3b95e74349a-split0-test3500")
 
     sizes = {name: (tmp_path / name).stat().st_size for name in REPORT_IMAGES}
     print(f"figures (bytes): {sizes}")
@@ -62,7 +71,7 @@ def test_a_full_report_with_its_pictures_inlined_stays_small(tmp_path):
         assert img.mode == "P" and 300 < img.width < 1000, (name, img.mode, img.size)  # palette, screen-sized
     ui = render_markdown(_manifest(variants), {}, images={n: data_uri((tmp_path / n).read_bytes()) for n in REPORT_IMAGES})
     print(f"report in the UI: {len(ui.encode())} bytes")
-    assert len(DATA_URI.findall(ui)) == 3
+    assert len(DATA_URI.findall(ui)) == len(REPORT_IMAGES) == 4
     assert len(ui.encode()) < REPORT_LIMIT / 10  # well under: room for many more variants
 
     # the stored report links the same pictures relatively: nothing inlined, nothing that expires
@@ -151,9 +160,10 @@ def test_report_in_the_ui_shows_its_pictures(ui_run, tmp_path):
     report = _only(ui_run["artifacts"], "report")
     inlined = DATA_URI.findall(report.data)
     print(f"report artifact: {len(report.data.encode())} bytes, {len(inlined)} pictures")
-    assert len(inlined) == 3 and len(report.data.encode()) < REPORT_LIMIT
+    assert len(inlined) == len(REPORT_IMAGES) and len(report.data.encode()) < REPORT_LIMIT
+    assert "![Test accuracy night by night](data:image/png;base64," in report.data  # the trend's picture
     widths = _loaded_images(ui_run["ui"], report.id, tmp_path / "chromium")
-    assert len(widths) == 3 and all(w > 0 for w in widths), widths
+    assert len(widths) == len(REPORT_IMAGES) and all(w > 0 for w in widths), widths
 
     # the stored report and its pictures: relative links to files that are there
     run = ui_run["store"] / "runs" / ui_run["manifest"]["run_id"]

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from run import fingerprint
-from tests.prefect_fixtures import LOCAL_POOL, PREFECT, REPO, STARTUP_S, cli, client, eventually, start_worker
+from store import open_store
+from tests.prefect_fixtures import (LOCAL_POOL, PREFECT, REPO, STARTUP_S, cli, client, eventually,
+                                    notification_webhook, start_worker)
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +130,14 @@ def test_the_same_run_again_is_skipped_quickly_naming_the_champion(worker, first
     got = eventually(events, bool)
     assert got and got[0].payload["matched"]["run_id"] == record["matched"]["run_id"]
 
+    # the skipped night is in the dataset's trend, after the champion's
+    from registry import trends
+
+    ident = manifest(worker, first)["dataset"]["identity"]
+    _, entries = trends.read(open_store(worker["store"]), ident)
+    statuses = {e["run_id"]: e["status"] for e in entries}
+    assert statuses[manifest(worker, first)["run_id"]] == "trained" and statuses[record["run_id"]] == "skipped"
+
 
 def test_a_comment_in_the_code_still_skips(worker, tree, first):
     edit(tree / "cnn" / "train.py", "\n", "\n# a comment, and a blank line: not a change\n\n")
@@ -162,3 +172,103 @@ def test_a_changed_source_line_trains_naming_code(worker, tree, first):
     assert "code" in m["changed_since_champion"]
     assert m["fingerprint"]["parts"]["code"] == fingerprint.code_digest(tree) != fingerprint.code_digest(REPO)
 
+
+
+# ---------------------------------------------------------------- night over night: the regression alert
+
+# bigger than TINY: 210 test images, and a champion well above chance, so that a model
+# made much worse on purpose is worse beyond noise
+BIGGER = {"synthetic_train": 1000, "synthetic_test": 600, "epochs": 2, "subset": None}
+
+
+def _dir(store: str, run) -> Path:
+    [found] = Path(store, "runs").glob(f"*-{str(run.id)[-8:]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def nights(worker, tmp_path_factory):
+    """Three nights in a store of their own, the regression automation listening: a
+    champion; a model with a learning rate far too small; the champion's run again (force)."""
+    store = str(tmp_path_factory.mktemp("nights"))
+    with notification_webhook(worker) as received:
+        champion = run_local(worker, **BIGGER, store=store)
+        worse = run_local(worker, **BIGGER, store=store, lr=1e-6)
+        same = run_local(worker, **BIGGER, store=store, force=True)
+        for run in (champion, worse, same):
+            assert run.state.name == "Completed", run.state
+        ids = {name: json.loads((_dir(store, run) / "manifest.json").read_text())
+               for name, run in (("champion", champion), ("worse", worse), ("same", same))}
+        notes = eventually(lambda: [n for n in received if "regression" in n["subject"]], bool, timeout=90)
+        yield {"store": store, "manifests": ids, "notes": notes, "received": received}
+
+
+def _regression_events(env: dict) -> list:
+    from prefect.events.filters import EventFilter, EventNameFilter
+
+    with client(env) as c:
+        return c.read_events(EventFilter(event=EventNameFilter(name=["train-cifar.regression"])), limit=50).events
+
+
+def test_a_clearly_worse_model_raises_a_regression_naming_what_changed(worker, nights):
+    from registry import champions
+
+    champion, worse = nights["manifests"]["champion"], nights["manifests"]["worse"]
+    r = worse["regression"]
+    assert not worse["promoted"] and r is not None, worse["test"].get("champion_comparison")
+    assert r["champion_run_id"] == champion["run_id"] and r["ci"][1] < 0
+    assert r["changed"] == ["params.lr 0.05 -> 1e-06"], r
+    assert r["sentence"] in Path(nights["store"], "runs", worse["run_id"], "report.md").read_text()
+    # the champion stays
+    store = open_store(nights["store"])
+    assert champions.read(store, champion["dataset"]["identity"])["run_id"] == champion["run_id"]
+
+    # the event, read back from the server, with the numbers and what changed
+    events = [e for e in eventually(lambda: _regression_events(worker), bool)
+              if e.payload["run_id"] == worse["run_id"]]
+    assert len(events) == 1, events
+    payload = events[0].payload
+    assert payload["champion_run_id"] == champion["run_id"] and payload["difference"] == r["difference"]
+    assert payload["changed_since_champion"]["params"] == {"champion": {"lr": 0.05}, "now": {"lr": 1e-6}}
+    assert payload["dataset_identity"] == champion["dataset"]["identity"]
+
+    # the automation is on the server and turned the event into a notification
+    with client(worker) as c:
+        [automation] = c.read_automations_by_name("train-cifar regression")
+    assert automation.trigger.expect == {"train-cifar.regression"} and automation.enabled
+    [note] = nights["notes"]
+    assert worse["run_id"] in note["subject"]
+    assert "params.lr 0.05 -> 1e-06" in note["body"] and champion["run_id"] in note["body"]
+
+
+def test_a_model_no_worse_within_noise_raises_nothing(worker, nights):
+    same = nights["manifests"]["same"]
+    assert same["regression"] is None and not same["promoted"]
+    assert same["test"]["champion_comparison"]["ci"][1] >= 0
+    time.sleep(5)  # the worse run's event and note are in; the later run's would be too
+    assert not [e for e in _regression_events(worker) if e.payload["run_id"] == same["run_id"]]
+    assert len([n for n in nights["received"] if "regression" in n["subject"]]) == 1
+
+
+def test_the_trend_holds_every_night_and_shows_in_the_ui(worker, nights):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from registry import trends
+    from tasks.trend import artifact_key
+
+    m = nights["manifests"]
+    ident = m["champion"]["dataset"]["identity"]
+    _, entries = trends.read(open_store(nights["store"]), ident)
+    assert [(e["run_id"], e["status"], e["promoted"], e["regression"]) for e in entries] == [
+        (m["champion"]["run_id"], "trained", True, False), (m["worse"]["run_id"], "trained", False, True),
+        (m["same"]["run_id"], "trained", False, False)]
+    assert all(e["champion"]["run_id"] == m["champion"]["run_id"] for e in entries)
+    assert entries[1]["test"]["accuracy"] == m["worse"]["test"]["accuracy"]
+    assert "trend.png" in m["same"]["artifacts"]
+    # the table artifact: one key per identity, its latest version has every night, newest first
+    with client(worker) as c:
+        [latest] = c.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[artifact_key(ident)])))
+    rows = json.loads(latest.data)
+    assert [r["run"] for r in rows] == [m["same"]["run_id"], m["worse"]["run_id"], m["champion"]["run_id"]]
+    assert rows[1]["regression"] == "REGRESSION"
