@@ -28,7 +28,7 @@ import random
 import time
 from datetime import datetime, timedelta, timezone
 
-from store.base import PreconditionFailed, Store, StoreError, join_key, json_object, safe_name
+from store.base import PreconditionFailed, Store, StoreError, join_key, json_object, name_part, safe_name
 
 FOLDER = "trends"
 PENDING = "superseded"  # trends/superseded/<deployment>/<run id>.json
@@ -44,7 +44,7 @@ def key_for(ident: str) -> str:
 
 
 def pending_key(deployment: str, run_id: str) -> str:
-    return join_key(FOLDER, PENDING, safe_name(deployment, "deployment name"), safe_name(run_id, "run_id") + ".json")
+    return join_key(FOLDER, PENDING, name_part(deployment), safe_name(run_id, "run_id") + ".json")
 
 
 def check_entry(entry, where: str) -> dict:
@@ -146,13 +146,17 @@ def _pending(store: Store, deployment: str | None, known: set[str], now: datetim
     """Superseded nights of `deployment` waiting for a trend, not in it yet and not too old."""
     if not deployment:
         return []
-    folder = join_key(FOLDER, PENDING, safe_name(deployment, "deployment name"))
+    folder = join_key(FOLDER, PENDING, name_part(deployment))
     out = []
     for key in store.list(folder):
         raw = store.read_versioned(key)[0]
         if raw is None:
             continue
-        entry = check_entry(json_object(raw, store.uri_for(key), "expected a trend entry"), store.uri_for(key))
+        try:
+            entry = check_entry(json_object(raw, store.uri_for(key), "expected a trend entry"), store.uri_for(key))
+        except ValueError as e:  # one damaged or planted file costs its own night, not the trend
+            print(f"left out of the trend: {e}")
+            continue
         if entry["run_id"] not in known and _when(entry) >= now - timedelta(days=RETENTION_DAYS):
             out.append(entry)
     return out

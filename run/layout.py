@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from store import Store, join_key, safe_name
+from store import Store, join_key, name_part, safe_name
 from store.lease import committed
 
 MANIFEST = "manifest.json"
@@ -64,7 +64,7 @@ def run_key(run_id: str, *parts: str) -> str:
 
 def night_key(deployment: str, night: str, digest: str) -> str:
     """The claim of the fingerprint `digest` by one run of the deployment's scheduled night (YYYY-MM-DD)."""
-    return join_key("nights", safe_name(deployment, "deployment name"), safe_name(night, "night"),
+    return join_key("nights", name_part(deployment), safe_name(night, "night"),
                     safe_name(digest, "fingerprint digest") + ".json")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from store.base import (MAX_DOCUMENT_BYTES, MAX_MODEL_BYTES, PreconditionFailed, Store, StoreError, StoreOutage, StoreUnavailable,
-                        StoreUnreachable, TooLarge, check_size, join_key, parse_uri, read_at_most, safe_name, sha256_of)
+                        StoreUnreachable, TooLarge, check_size, join_key, name_part, parse_uri, read_at_most, safe_name,
+                        sha256_of)
 from store.local import LocalStore
 from store.probe import require_conditional_writes
 from store.scrub import scrub
@@ -51,4 +52,5 @@ def open_store(uri: str, must_exist: bool = False, outage_minutes: float | None 
 
 __all__ = ["LocalStore", "MAX_DOCUMENT_BYTES", "MAX_MODEL_BYTES", "PreconditionFailed", "Store", "StoreError", "StoreOutage",
            "StoreUnavailable", "StoreUnreachable", "TooLarge", "check_size", "is_shared", "join_key", "normalize_uri",
-           "open_store", "parse_uri", "read_at_most", "require_conditional_writes", "safe_name", "scrub", "sha256_of"]
+           "name_part", "open_store", "parse_uri", "read_at_most", "require_conditional_writes", "safe_name", "scrub",
+           "sha256_of"]

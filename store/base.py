@@ -89,6 +89,18 @@ def safe_name(value: str, what: str) -> str:
     return value
 
 
+def name_part(value: str) -> str:
+    """A key part for a name someone else chose (a Prefect deployment's, which may hold
+    spaces or dots): the name itself when it is already a safe name, else its safe
+    characters and 8 hex digits of its SHA-256, so that two names never share a part."""
+    if _PART.fullmatch(value) and ".." not in value:
+        return value
+    import hashlib
+
+    kept = re.sub(r"[^A-Za-z0-9_-]+", "-", value).strip("-")[:100] or "name"
+    return f"{kept}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+
+
 def join_key(*parts: str) -> str:
     for p in parts:
         for piece in p.split("/"):

@@ -203,10 +203,12 @@ def record_failure(ctx, error: BaseException) -> None:
     try:
         store = open_store(ctx.store_uri)
         ident = champion_identity(ctx)
-        record(store, ident, entry(
+        entries = record(store, ident, entry(
             ctx.run_id, "failed", ctx.created_at, flow_run_id=ctx.flow_run_id, origin=origin(),
             digest=None if ctx.fingerprint is None else ctx.fingerprint.digest,
             message=f"{type(error).__name__}: {error}"[:500]))
-        print(f"trend of {ident}: this run recorded as failed")
+        if entries is not None:
+            print(f"trend of {ident}: this run recorded as failed")
+            show(store, ident, entries)
     except Exception as e:  # noqa: BLE001
         print(f"the failed run's trend entry was not stored ({type(e).__name__}: {e})")

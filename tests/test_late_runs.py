@@ -82,6 +82,17 @@ def test_the_message_names_the_newer_run():
     assert "2026-12-04 02:00 UTC" in msg and "2026-12-06 02:00 UTC" in msg and "late_runs=all" in msg
 
 
+def test_a_deployment_name_prefect_allows_makes_a_claim_key():
+    """Prefect allows spaces and dots in deployment names (not '/', '%', '&', '<', '>');
+    a night's claim of such a deployment has a folder of its own."""
+    from run.layout import night_key
+
+    digest = "a" * 64
+    keys = {name: night_key(name, "2026-12-07", digest) for name in ("nightly", "nightly run", "nightly-run", "v1.2")}
+    assert keys["nightly"] == f"nights/nightly/2026-12-07/{digest}.json"  # a safe name stays as it was
+    assert len(set(keys.values())) == 4 and all(" " not in k and ".." not in k for k in keys.values()), keys
+
+
 def test_runs_created_in_the_same_millisecond_get_different_run_ids():
     """Prefect's flow run ids are UUIDv7: the first 12 hex digits are the millisecond."""
     from prefect._internal.uuid7 import uuid7

@@ -88,6 +88,23 @@ def test_superseded_nights_wait_for_the_next_run_of_their_deployment(tmp_path):
     assert [e["run_id"] for e in entries].count("run-001") == 1 and len(entries) == 5
 
 
+def test_a_deployment_name_with_spaces_or_dots_gets_a_folder_of_its_own(tmp_path, capsys):
+    """Prefect allows spaces and dots in deployment names; store keys do not."""
+    st = LocalStore(tmp_path)
+    for i, name in enumerate(("nightly run", "nightly.run", "nightly"), 1):
+        trends.leave_superseded(st, name, night(i, "superseded", accuracy=None, deployment=name))
+    folders = sorted(p.name for p in (tmp_path / "trends" / "superseded").iterdir())
+    assert len(folders) == 3 and "nightly" in folders and all(" " not in f for f in folders), folders
+    # a damaged or planted file among the waiting ones costs only itself
+    (tmp_path / "trends" / "superseded" / "nightly" / "run-planted.json").write_text("[1, 2]")
+    _, entries = trends.add(st, IDENT, night(20, deployment="nightly run"), now=T0 + timedelta(days=30))
+    assert [(e["run_id"], e["deployment"]) for e in entries] == [("run-001", "nightly run"), ("run-020", "nightly run")]
+    _, entries = trends.add(st, IDENT, night(21, deployment="nightly"), now=T0 + timedelta(days=30))
+    assert [e["run_id"] for e in entries] == ["run-001", "run-003", "run-020", "run-021"]
+    assert "run-planted" not in str(entries)
+    assert "left out of the trend" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("line, found", [
     ("not json", "not JSON"),
     ('{"run_id": "r", "at": "2026-12-01T02:00:00+00:00", "status": "won"}', "'status' one of"),
