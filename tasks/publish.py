@@ -20,7 +20,7 @@ from run.errors import is_io_error
 from run.layout import (CURVES, HISTORY, MANIFEST, REPORT, RUNGS_PLOT, TREND_PLOT, VARIANTS_PLOT, run_key, stored_key,
                         units_of)
 from run.records import ChampionComparison, ChampionRecord, TestResult, VariantComparison, VariantScore
-from run.report import plot_curves, plot_rungs, plot_trend, plot_variants, render_markdown
+from run.report import TITLES, plot_curves, plot_rungs, plot_trend, plot_variants, render_markdown
 from store import MAX_DOCUMENT_BYTES
 from store.files import write_durably
 from tasks import trend
@@ -194,7 +194,9 @@ def publish_run(ctx: RunContext, scores: list[VariantScore], selected: VariantSc
         return m
 
     def seal(m: dict) -> dict:
-        write_durably(out / REPORT, render_markdown(m, {name: name for name in REPORT_FILES}, folder).encode())
+        shown = {name: name for name in TITLES if name in artifacts}  # a trend that could not be drawn is left out
+        write_durably(out / REPORT, render_markdown(m, {name: name for name in REPORT_FILES}, folder,
+                                                    images=shown).encode())
         arts = {**artifacts, REPORT: store.put_file(run_key(run_id, REPORT), out / REPORT)}
         m = {**m, "artifacts": arts}
         write_durably(out / MANIFEST, json.dumps(m, indent=2).encode())

@@ -134,8 +134,18 @@ def record(store, ident: str, new: dict) -> list[dict] | None:
     try:
         return trends.add(store, ident, new)[1]
     except ValueError as e:
-        print(f"the trend was not updated: {e}")
+        _warn(f"the trend was not updated: {e}")
         return None
+
+
+def _warn(message: str) -> None:
+    """A warning in the run's log (the UI shows it), or on stdout outside a run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        get_run_logger().warning(message)
+    except MissingContextError:
+        print(message)
 
 
 def artifact_key(ident: str) -> str:
@@ -175,7 +185,7 @@ def show(store, ident: str, entries: list[dict] | None = None) -> bool:
                               description=f"Dataset {ident}: every run's test accuracy night by night, newest first")
         return True
     except Exception as e:  # noqa: BLE001 - the trend is in the store; only its page was not updated
-        get_run_logger().warning(f"the trend's table for {ident} was not updated ({type(e).__name__}: {e})")
+        _warn(f"the trend's table for {ident} was not updated ({type(e).__name__}: {e})")
         return False
 
 

@@ -253,3 +253,29 @@ def test_the_cli_prints_the_trend_oldest_first(tmp_path, capsys):
     assert out.index("run-000") < out.index("run-001") and "REGRESSION" in out and "60.00" in out
     assert cli.main(["--store", str(tmp_path), "trend", "--dataset", "other"]) == 1
     assert f"--dataset other: no trend of that identity; known: {IDENT}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_that_finds_its_trend_damaged_publishes_without_it(tmp_path, monkeypatch, prefect_harness,
+                                                                 synthetic_archive, tiny, caplog):
+    """A planted line in the trend does not cost the night: the run is published and
+    promoted, says why the trend was left alone, and its report links no trend picture."""
+    from flows.train_cifar import train_cifar
+    from registry import champions
+
+    monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
+    path, md5 = synthetic_archive
+    store = tmp_path / "store"
+    ident = champions.identity({"dataset_name": "cifar10", "dataset_md5": md5, "split_seed": 0, "test_size": 140})
+    planted = store / "trends" / f"{ident}.jsonl"
+    planted.parent.mkdir(parents=True)
+    planted.write_text('{"run_id": "x", "at": "2026-12-01T02:00:00+00:00", "status": "won"}\n')
+    out = train_cifar(data_dir=str(path.parent), data_md5=md5, model=tiny, variants=["none"], epochs=1, subset=300,
+                      store=str(store), device="cpu")
+    manifest = json.loads(open(out["manifest"]).read())
+    assert manifest["promoted"] and manifest["dataset"]["identity"] == ident
+    assert "trend.png" not in manifest["artifacts"] and "trend.png" not in (store / "runs" / out["run_id"] /
+                                                                           "report.md").read_text()
+    assert planted.read_text().count("\n") == 1  # left as it was
+    said = [r.getMessage() for r in caplog.records if "not updated" in r.getMessage()]
+    assert any(m.startswith("the trend was not updated: ") and "expected 'status'" in m for m in said), said
