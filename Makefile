@@ -27,7 +27,7 @@ run: setup
 # worker; --no-loadscope-reorder keeps conftest's order: the longest modules first.
 TEST_WORKERS ?= 5
 test: setup browser
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=25 $(ARGS)
 
 # the UI test drives a real headless browser: Debian's chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
