@@ -61,7 +61,7 @@ def _superseded(store_uri: str, run_id: str | None) -> Cancelled | None:
     next run of the deployment (registry/trends.py)."""
     from prefect.context import FlowRunContext
 
-    from run.nightly import superseded_message, superseding_run
+    from run.nightly import origin, superseded_message, superseding_run
     from tasks import trend
 
     ctx = FlowRunContext.get()
@@ -72,7 +72,7 @@ def _superseded(store_uri: str, run_id: str | None) -> Cancelled | None:
     message = superseded_message(me, newer)
     print(message)
     night = trend.entry(run_id or stable_run_id(), "superseded", me.expected_start_time.isoformat(), flow_run_id=str(me.id),
-                        origin=trend.origin(), message=message)
+                        origin=origin(), message=message)
     trend.leave_superseded(store_uri, night)
     return Cancelled(name="Superseded", message=message)
 

@@ -149,10 +149,12 @@ def _pending(store: Store, deployment: str | None, known: set[str], now: datetim
     folder = join_key(FOLDER, PENDING, name_part(deployment))
     out = []
     for key in store.list(folder):
-        raw = store.read_versioned(key)[0]
-        if raw is None:
-            continue
+        if key.rsplit("/", 1)[-1].removesuffix(".json") in known:
+            continue  # taken in already: its name is its run id, so it is not read again
         try:
+            raw = store.read_versioned(key)[0]  # a huge planted one is refused (TooLarge, a ValueError)
+            if raw is None:
+                continue
             entry = check_entry(json_object(raw, store.uri_for(key), "expected a trend entry"), store.uri_for(key))
         except ValueError as e:  # one damaged or planted file costs its own night, not the trend
             print(f"left out of the trend: {e}")

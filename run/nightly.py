@@ -65,3 +65,18 @@ def superseded_message(me: FlowRun, newer: FlowRun) -> str:
 
 def _when(t: datetime) -> str:
     return f"{t.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+def origin() -> tuple[str | None, str | None]:
+    """(deployment name, night) of the current flow run: the night (YYYY-MM-DD of the
+    scheduled start, UTC) only for a run its deployment's schedule created; (None, None)
+    outside a deployment."""
+    from prefect.context import FlowRunContext
+    from prefect.runtime import deployment, flow_run
+
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None or not deployment.name:
+        return None, None
+    night = (f"{flow_run.scheduled_start_time.astimezone(timezone.utc):%Y-%m-%d}"
+             if ctx.flow_run.auto_scheduled else None)
+    return deployment.name, night

@@ -26,6 +26,7 @@ from run.context import RunContext
 from run.errors import is_io_error
 from run.fingerprint import Fingerprint
 from run.layout import MANIFEST, SKIPPED, night_key, run_key
+from run.nightly import origin
 from run.report import render_skipped
 from store.base import PreconditionFailed, json_object
 from tasks import trend
@@ -93,14 +94,8 @@ def fingerprint_run(ctx: RunContext, before_checks: bool = False) -> tuple[Finge
 def scheduled_night() -> tuple[str, str] | None:
     """(deployment name, YYYY-MM-DD of the scheduled start, UTC) of a run its deployment's
     schedule created; None for any other run."""
-    from prefect.context import FlowRunContext
-    from prefect.runtime import deployment, flow_run
-
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None or not ctx.flow_run.auto_scheduled or not deployment.name:
-        return None
-    start = flow_run.scheduled_start_time
-    return deployment.name, f"{start.astimezone(timezone.utc):%Y-%m-%d}"
+    name, night = origin()
+    return None if night is None else (name, night)
 
 
 def claim_night(store, deployment: str, night: str, digest: str, run_id: str) -> Match | None:
@@ -141,7 +136,7 @@ def skip_run(ctx: RunContext, fp: Fingerprint, match: Match) -> State:
                              description=f"Run {ctx.run_id}: skipped, nothing changed")
     ident = champion_identity(ctx)
     entries = trend.record(store, ident, trend.entry(
-        ctx.run_id, "skipped", ctx.created_at, flow_run_id=ctx.flow_run_id, origin=trend.origin(), digest=fp.digest,
+        ctx.run_id, "skipped", ctx.created_at, flow_run_id=ctx.flow_run_id, origin=origin(), digest=fp.digest,
         champion=champions.read(store, ident), message=message))
     if entries is not None:
         trend.show(store, ident, entries)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import timezone
 
 from prefect import get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -21,6 +20,7 @@ from prefect.events import emit_event
 
 from cnn.stats import accuracy_interval
 from registry import trends
+from run.nightly import origin
 
 REGRESSION_EVENT = "train-cifar.regression"
 
@@ -77,20 +77,6 @@ def emit_regression(manifest: dict, store_uri: str) -> None:
                         "dataset_identity": manifest["dataset"]["identity"],
                         "changed_since_champion": manifest.get("changed_since_champion"),
                         "manifest": f"{store_uri.rstrip('/')}/runs/{manifest['run_id']}/manifest.json"})
-
-
-def origin() -> tuple[str | None, str | None]:
-    """(deployment name, night): the night (YYYY-MM-DD of the scheduled start, UTC) only for
-    a run its schedule created; (None, None) outside a deployment."""
-    from prefect.context import FlowRunContext
-    from prefect.runtime import deployment, flow_run
-
-    ctx = FlowRunContext.get()
-    if ctx is None or ctx.flow_run is None or not deployment.name:
-        return None, None
-    night = (f"{flow_run.scheduled_start_time.astimezone(timezone.utc):%Y-%m-%d}"
-             if ctx.flow_run.auto_scheduled else None)
-    return deployment.name, night
 
 
 def entry(run_id: str, status: str, at: str, *, flow_run_id: str | None = None,

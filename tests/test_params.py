@@ -187,3 +187,13 @@ def test_halving_settings_that_cannot_work_are_refused_naming_them():
         RunParams(halving="on", halving_factor=1)
     with pytest.raises(pydantic.ValidationError, match="budget_gpu_hours"):
         RunParams(budget_gpu_hours=0)
+
+
+def test_a_regression_margin_outside_0_to_1_is_refused_naming_it():
+    import pydantic
+
+    for bad in (-0.01, 1.5):
+        with pytest.raises(pydantic.ValidationError, match=r"regression_margin\n.*greater than or equal to 0|"
+                                                           r"regression_margin\n.*less than or equal to 1"):
+            RunParams(regression_margin=bad)
+    assert RunParams(regression_margin=0.02).regression_margin == 0.02

@@ -105,6 +105,25 @@ def test_a_deployment_name_with_spaces_or_dots_gets_a_folder_of_its_own(tmp_path
     assert "left out of the trend" in capsys.readouterr().out
 
 
+def test_waiting_entries_are_read_until_taken_in_and_a_huge_planted_one_costs_only_itself(tmp_path, monkeypatch):
+    from store.base import MAX_DOCUMENT_BYTES
+
+    st = LocalStore(tmp_path)
+    trends.leave_superseded(st, "nightly", night(1, "superseded", accuracy=None))
+    big = tmp_path / "trends" / "superseded" / "nightly" / "run-huge.json"
+    big.write_bytes(b" " * (MAX_DOCUMENT_BYTES + 1))
+    read = []
+    real = LocalStore.read_versioned
+    monkeypatch.setattr(LocalStore, "read_versioned", lambda self, key, *a, **k: (read.append(key), real(self, key,
+                                                                                                        *a, **k))[1])
+    _, entries = trends.add(st, IDENT, night(2), now=T0 + timedelta(days=3))
+    assert [e["run_id"] for e in entries] == ["run-001", "run-002"]
+    read.clear()
+    trends.add(st, IDENT, night(3), now=T0 + timedelta(days=3))
+    waiting = [k for k in read if "/superseded/" in k]
+    assert waiting == ["trends/superseded/nightly/run-huge.json"], waiting  # run-001's is not read again
+
+
 @pytest.mark.parametrize("line, found", [
     ("not json", "not JSON"),
     ('{"run_id": "r", "at": "2026-12-01T02:00:00+00:00", "status": "won"}', "'status' one of"),
