@@ -39,6 +39,27 @@ def _batch(n, shape=(3072,), dtype=np.uint8):
     return pickle.dumps({"data": np.zeros((n, *shape), dtype), "labels": [i % 10 for i in range(n)]})
 
 
+def test_the_official_archive_is_the_one_torchvision_describes():
+    from torchvision.datasets import CIFAR10
+
+    assert (cd.ARCHIVE_NAME, cd.ARCHIVE_MD5, cd.ARCHIVE_URL, cd.BATCH_DIR) == \
+        (CIFAR10.filename, CIFAR10.tgz_md5, CIFAR10.url, CIFAR10.base_folder)
+    assert cd.TRAIN_FILES == [name for name, _ in CIFAR10.train_list]
+    assert cd.HOLDOUT_FILE == CIFAR10.test_list[0][0]
+    assert (cd.META_FILE, cd.META_KEY) == (CIFAR10.meta["filename"], CIFAR10.meta["key"])
+    assert cd.OFFICIAL_FILE_MD5 == dict(CIFAR10.train_list + CIFAR10.test_list
+                                        + [(CIFAR10.meta["filename"], CIFAR10.meta["md5"])])
+
+
+def test_a_flow_run_reads_data_without_importing_torchvision():
+    import subprocess
+    import sys
+
+    code = "import sys, cnn.data, flows.train_cifar; print('torchvision' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_reads_archive_and_counts_images_from_the_files(tmp_path):
     path, md5 = write_archive(tmp_path, n_train=1003, n_test=211, seed=3)
     assert cd.verify(path, md5) == md5
