@@ -66,9 +66,11 @@ def fan_out(ctx: RunContext, parameters: dict[Unit, dict],
             run = run_deployment(deployment, parameters=parameters[u], timeout=0, as_subflow=True,
                                  flow_run_name=child_name(run_id, u, attempt, rung),
                                  idempotency_key=idempotency_key(run_id, u, attempt, rung), tags=["train-cifar"])
-            if not (run.state and (run.state.is_failed() or run.state.is_cancelled())):
+            if not (run.state and (run.state.is_failed() or run.state.is_cancelled() or _cancel_asked_of(run.id))):
                 break
-            # ended by an earlier execution: retrying the run means training the unit again
+            # ended (or being cancelled) by an earlier execution: retrying the run means training
+            # the unit again. A child cancelled at the deadline may not show Cancelled yet: its
+            # SIGTERM can reschedule it first (seen under load), so the history decides.
             print(f"{u.label}: {child_name(run_id, u, attempt, rung)} {run.state.name.lower()} in an earlier execution "
                   f"of this run; starting attempt {attempt + 1}")
             attempt += 1
@@ -150,6 +152,11 @@ def _cancel_asked(client, flow_run_id) -> bool:
     """Someone cancelled the child: a process killed while Cancelling can report its
     SIGTERM as a crash before its worker records Cancelled (seen under load)."""
     return any(s.type == StateType.CANCELLING for s in client.read_flow_run_states(flow_run_id))
+
+
+def _cancel_asked_of(flow_run_id) -> bool:
+    with get_client(sync_client=True) as client:
+        return _cancel_asked(client, flow_run_id)
 
 
 def _cancel(client, children: list[Child], why: str) -> None:
