@@ -4,7 +4,6 @@ pytest-xdist workers (README.md, Tests)."""
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,22 +84,11 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 
 @pytest.fixture(scope="session")
-def prefect_harness(migrated_db):
-    """Prefect's test harness, its database seeded from `migrated_db` (the harness makes a new
-    folder for it with `mkdtemp`; if a later Prefect names the file otherwise, the copy is
-    unused and the harness migrates its own, as before)."""
-    import prefect.testing.utilities as harness
-    from tests.prefect_fixtures import seed_database
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
 
-    def seeded_folder() -> str:
-        folder = tempfile.mkdtemp()
-        seed_database(migrated_db, Path(folder) / "prefect-test.db")
-        return folder
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(harness, "mkdtemp", seeded_folder)
-        with harness.prefect_test_harness(server_startup_timeout=120):
-            yield
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ module-scoped, so each test module that uses them gets a server of its own.
 from __future__ import annotations
 
 import contextlib
+
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -108,37 +108,6 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def migrated_db(tmp_path_factory) -> Path:
-    """A Prefect database at the installed Prefect's schema, made once for the whole suite and
-    shared by every xdist worker. Each server a test starts begins from a copy of it: migrating
-    a new SQLite file costs a server about 11 s of CPU, a copy nothing. (`test_cli.py`'s new
-    users still start from no database, as a new user does.)"""
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' common folder
-    home = root / "migrated-prefect"
-    db = home / "prefect.db"
-    with FileLock(str(root / "migrated-prefect.lock")):
-        if not db.is_file():
-            (home / "building").mkdir(parents=True, exist_ok=True)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-            env.update(PREFECT_HOME=str(home / "building"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-            cli(env, "server", "database", "upgrade", "-y")
-            built = home / "building" / "prefect.db"
-            left = [p.name for p in built.parent.glob("prefect.db-*")]
-            assert not left, f"the migrated database was left with {left}: not a whole file to copy"
-            os.replace(built, db)
-    return db
-
-
-def seed_database(migrated_db: Path, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(migrated_db, path)
-
-
 @pytest.fixture(scope="module")
 def procs(tmp_path_factory):
     p = Processes(tmp_path_factory.mktemp("logs"))
@@ -149,11 +118,10 @@ def procs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(procs, migrated_db, tmp_path_factory, request) -> dict:
+def server(procs, tmp_path_factory, request) -> dict:
     """A Prefect server (SQLite) on a free port; returns the env for CLI calls. A test module
     may set server settings of its own in SERVER_SETTINGS (a dict of PREFECT_SERVER_* variables)."""
     home = tmp_path_factory.mktemp("prefect-home")
-    seed_database(migrated_db, home / "prefect.db")
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
