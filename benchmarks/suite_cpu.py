@@ -99,6 +99,9 @@ def main() -> None:
         by_kind[kind(r["argv"])][0] += 1
         by_kind[kind(r["argv"])][1] += r["cpu"]
     python = sum(cpu for _, cpu in by_kind.values())
+    # the rusage counts only processes reaped through the chain (not those orphaned by a kill,
+    # nor anything left when pytest is interrupted): never less than what the probes saw
+    total = max(total, python)
     rows = [{"kind": k, "processes": n, "cpu_min": cpu / 60, "share": f"{100 * cpu / total:.0f}%"}
             for k, (n, cpu) in sorted(by_kind.items(), key=lambda kv: -kv[1][1])]
     rows.append({"kind": "not Python (the browser, git, make)", "processes": None,
