@@ -59,6 +59,24 @@ def select(histories: dict[str, list[list[dict]]], epoch: int, among: list[str])
     return min(among, key=key)
 
 
+def noise(kept: list[dict[str, list[list[dict]]]], epochs: int) -> dict:
+    """How stable the full grid's own choice is on these trainings: every seed trained the same data
+    and splits, so two seeds' grids are two independent nights of the same job. `agree` counts the
+    pairs of seeds whose grids select the same variant; `spread` is each variant's mean and standard
+    deviation (over seeds and repeats, points of validation accuracy at the last epoch). When two
+    nights rarely agree, no pruning can agree with one night's full grid much more often than it
+    keeps every variant to the end."""
+    picks = [select(h, epochs, list(h)) for h in kept]
+    pairs = [(a, b) for a in range(len(picks)) for b in range(a + 1, len(picks))]
+    spread = {}
+    for v in kept[0]:
+        accs = [100 * best_so_far(h, epochs)[0] for hs in kept for h in hs[v]]
+        mean = sum(accs) / len(accs)
+        sd = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
+        spread[v] = {"mean": round(mean, 1), "sd": round(sd, 1), "selected": picks.count(v)}
+    return {"agree": sum(picks[a] == picks[b] for a, b in pairs), "pairs": len(pairs), "spread": spread}
+
+
 def replay(histories: dict[str, list[list[dict]]], epochs: int, min_epochs: int, factor: int) -> tuple[str, float, dict]:
     """(halving's selection, its device seconds, epochs each variant ran)."""
     live = list(histories)
@@ -129,10 +147,14 @@ def main() -> None:
                         "full_s": full_total, "halving_s": halved_total, "saving": full_total / halved_total})
     print()
     print(table(summary, list(summary[0])))
+    stability = noise(kept, args.epochs)
+    print(f"\nthe full grid against itself: two seeds' grids select the same variant in "
+          f"{stability['agree']} of {stability['pairs']} pairs")
+    print(table([{"variant": v, **x} for v, x in stability["spread"].items()], ["variant", "mean", "sd", "selected"]))
     if earlier:  # a replay writes nothing over the trainings it read
         return
-    write_result("halving", {"machine": machine(), "args": vars(args), "summary": summary, "rows": rows,
-                             "histories": kept})
+    write_result("halving", {"machine": machine(), "args": vars(args), "summary": summary, "noise": stability,
+                             "rows": rows, "histories": kept})
 
 if __name__ == "__main__":
     main()
