@@ -108,7 +108,9 @@ def main() -> None:
                  "cpu_min": max(total - python, 0) / 60, "share": f"{100 * max(total - python, 0) / total:.0f}%"})
     print(table(rows, ["kind", "processes", "cpu_min", "share"]))
     print(f"pytest exited {rc}; {wall / 60:.1f} min wall, {total / 60:.1f} min CPU on {os.cpu_count()} cores")
-    write_result("suite_cpu", {"machine": info, "workers": args.workers, "pytest_args": args.pytest_args,
+    code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    write_result("suite_cpu", {"machine": info, "code": code or None, "workers": args.workers,
+                               "pytest_args": args.pytest_args,
                                "exit_code": rc, "wall_s": round(wall, 1), "cpu_s": round(total, 1),
                                "by_kind": rows})
 
