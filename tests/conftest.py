@@ -4,9 +4,12 @@ pytest-xdist workers (README.md, Tests)."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
+
+from tests import prefect_services
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # Several workers share two cores: a command-line run's temporary server, started while
@@ -89,6 +92,10 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+        # the harness drains Prefect's event and log workers with no bound before it stops;
+        # drained here first, one that hangs costs a minute, not the suite (tests/prefect_services.py)
+        if abandoned := prefect_services.drain(timeout=60):
+            warnings.warn(f"Prefect workers still busy after 60 s, let go: {abandoned}")
 
 
 @pytest.fixture(scope="session")

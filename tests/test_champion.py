@@ -9,12 +9,14 @@ import dataclasses
 import json
 from pathlib import Path
 import threading
+import warnings
 
 import pytest
 
 from cli import champion as cli
 from store import LocalStore, PreconditionFailed, open_store
 from registry import champions
+from tests import prefect_services
 from tests.judges import promote_by_accuracy
 
 CIFAR = dict(name="cifar10", md5="c58f30108f718f92721af3b95e74349a", test_size=3500)
@@ -39,13 +41,15 @@ def events(monkeypatch, prefect_harness):
     AssertingEventsClient.reset()
 
     def emitted() -> list:
-        EventsWorker.drain_all()
+        abandoned = prefect_services.drain(timeout=60)
+        assert not abandoned, f"Prefect's workers did not deliver this test's events within 60 s: {abandoned}"
         return [e for c in AssertingEventsClient.all for e in c.events]
 
     try:
         yield emitted
     finally:
-        EventsWorker.drain_all()
+        if abandoned := prefect_services.drain(timeout=60):  # never unbounded (tests/prefect_services.py)
+            warnings.warn(f"Prefect workers still busy after 60 s, let go: {abandoned}")
         EventsWorker.set_client_override(None)
         AssertingEventsClient.reset()
 

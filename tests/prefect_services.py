@@ -1,0 +1,40 @@
+"""Draining Prefect's in-process event and log workers within a bound.
+
+`EventsWorker.drain_all()` and `APILogWorker` drains wait with no timeout, and the
+test harness drains both that way when it exits. A worker whose queue task never
+finishes (seen twice in `make test`: a session teardown of 414 s, and a fixture
+teardown in test_champion that was still waiting 15 minutes later on an idle machine)
+then holds a pytest-xdist worker, and with it the whole suite, for as long as it
+likes. `drain(timeout)` drains every instance, waits at most `timeout` seconds, and
+lets go of those that did not finish: they are already out of Prefect's registry
+(draining removes them), so no later drain waits for them, and their exit hooks are
+removed, so the process still exits. It returns what it let go of, for the caller to
+report.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+
+def drain(timeout: float) -> list[str]:
+    """Drain Prefect's events and API-log workers in this process; the ones still busy after
+    `timeout` seconds are abandoned and named."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    instances = {}  # the registry is one dict on their common base class; read it through both
+    for service in (EventsWorker, APILogWorker):
+        with service._instance_lock, service._instance_cache_lock:
+            instances.update((id(i), i) for i in service._instances.values())
+    futures = {instance._drain(): instance for instance in instances.values()}
+    _, busy = concurrent.futures.wait(futures, timeout=timeout)
+    abandoned = []
+    for future in busy:
+        instance = futures[future]
+        # threading calls these hooks before the interpreter exits; this one would wait forever
+        threading._threading_atexits[:] = [  # type: ignore[attr-defined]
+            hook for hook in threading._threading_atexits  # type: ignore[attr-defined]
+            if getattr(getattr(hook, "func", hook), "__self__", None) is not instance]
+        abandoned.append(f"{type(instance).__name__} with {instance._queue.qsize()} items left")
+    return abandoned

@@ -1,0 +1,74 @@
+"""A Prefect events worker that never finishes costs the suite a bounded wait, not the run.
+
+In a process of its own: an event is emitted through a client whose send never returns
+(as a worker stuck on its queue task is; Prefect's drain would wait for it forever), then
+tests/prefect_services.drain lets go of it after its bound and names it, a later drain
+finds nothing to wait on, and the process still exits.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from tests.prefect_fixtures import REPO
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, time
+    from prefect.events.clients import EventsClient
+    from prefect.events.schemas.events import Event
+    from prefect.events.worker import EventsWorker
+    from tests import prefect_services
+
+    class Stuck(EventsClient):
+        async def _emit(self, event):
+            await asyncio.Event().wait()  # never set
+
+    EventsWorker.instance(Stuck).send(Event(event="train-cifar.test",
+                                            resource={"prefect.resource.id": "train-cifar.test"}))
+    start = time.monotonic()
+    print("let go:", prefect_services.drain(timeout=3))
+    print(f"after {time.monotonic() - start:.0f} s")
+    done, busy = EventsWorker.drain_all(timeout=30)
+    print("a later drain waits on:", len(done) + len(busy))
+""")
+
+
+def test_a_worker_that_never_finishes_is_let_go_after_the_bound_and_the_process_exits(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
+           # the worker's own API client is made but never used: no run context, no lookups
+           "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)  # without the exit hooks' removal, it would not exit at all
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("let go: ['EventsWorker with ") for line in lines), out.stdout + out.stderr
+    assert "after 3 s" in lines, out.stdout
+    assert "a later drain waits on: 0" in lines, out.stdout  # the harness's own drain has nothing to wait on
+
+
+def test_without_letting_go_the_stuck_worker_holds_the_process_at_exit(tmp_path):
+    """Why the exit hooks go too: Prefect's drain with a timeout returns, but its exit hook
+    waits on the stuck worker again, with no bound, and the process never ends."""
+    script = SCRIPT.replace("prefect_services.drain(timeout=3)", "EventsWorker.drain_all(timeout=3)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-u", "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("a later drain waits on: 0") for line in lines):  # the script's end
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        with pytest.raises(subprocess.TimeoutExpired):  # ... and then it does not exit
+            proc.wait(timeout=10)
+    finally:
+        proc.kill()
+        proc.wait()
