@@ -17,16 +17,18 @@ import concurrent.futures
 import threading
 
 
-def drain(timeout: float) -> list[str]:
-    """Drain Prefect's events and API-log workers in this process; the ones still busy after
-    `timeout` seconds are abandoned and named."""
+def drain(timeout: float, client_type: type | None = None) -> list[str]:
+    """Drain Prefect's events and API-log workers in this process (only the events workers
+    sending through `client_type`, if given); the ones still busy after `timeout` seconds
+    are abandoned and named."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
     instances = {}  # the registry is one dict on their common base class; read it through both
     for service in (EventsWorker, APILogWorker):
         with service._instance_lock, service._instance_cache_lock:
-            instances.update((id(i), i) for i in service._instances.values())
+            instances.update((id(i), i) for i in service._instances.values()
+                             if client_type is None or getattr(i, "client_type", None) is client_type)
     futures = {instance._drain(): instance for instance in instances.values()}
     _, busy = concurrent.futures.wait(futures, timeout=timeout)
     abandoned = []

@@ -41,8 +41,8 @@ def events(monkeypatch, prefect_harness):
     AssertingEventsClient.reset()
 
     def emitted() -> list:
-        abandoned = prefect_services.drain(timeout=60)
-        assert not abandoned, f"Prefect's workers did not deliver this test's events within 60 s: {abandoned}"
+        abandoned = prefect_services.drain(timeout=60, client_type=AssertingEventsClient)
+        assert not abandoned, f"Prefect's events worker did not deliver this test's events within 60 s: {abandoned}"
         return [e for c in AssertingEventsClient.all for e in c.events]
 
     try:
