@@ -38,5 +38,9 @@ def drain(timeout: float, client_type: type | None = None) -> list[str]:
         threading._threading_atexits[:] = [  # type: ignore[attr-defined]
             hook for hook in threading._threading_atexits  # type: ignore[attr-defined]
             if getattr(getattr(hook, "func", hook), "__self__", None) is not instance]
-        abandoned.append(f"{type(instance).__name__} with {instance._queue.qsize()} items left")
+        client = getattr(instance, "client_type", None)
+        to = dict(getattr(instance, "client_options", ()) or ()).get("api_url")
+        abandoned.append(f"{type(instance).__name__}" + (f" ({client.__name__}" + (f" to {to}" if to else "") + ")"
+                                                         if client else "")
+                         + f" with {instance._queue.qsize()} items left")
     return abandoned

@@ -46,7 +46,7 @@ def test_a_worker_that_never_finishes_is_let_go_after_the_bound_and_the_process_
                          timeout=120)  # without the exit hooks' removal, it would not exit at all
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
-    assert any(line.startswith("let go: ['EventsWorker with ") for line in lines), out.stdout + out.stderr
+    assert any(line.startswith("let go: ['EventsWorker (Stuck) with ") for line in lines), out.stdout + out.stderr
     assert "after 3 s" in lines, out.stdout
     assert "a later drain waits on: 0" in lines, out.stdout  # the harness's own drain has nothing to wait on
 
