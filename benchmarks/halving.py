@@ -23,7 +23,9 @@ a CPU. Both sides of every comparison train the same network.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -61,20 +63,18 @@ def select(histories: dict[str, list[list[dict]]], epoch: int, among: list[str])
 
 def noise(kept: list[dict[str, list[list[dict]]]], epochs: int) -> dict:
     """How stable the full grid's own choice is on these trainings: every seed trained the same data
-    and splits, so two seeds' grids are two independent nights of the same job. `agree` counts the
-    pairs of seeds whose grids select the same variant; `spread` is each variant's mean and standard
-    deviation (over seeds and repeats, points of validation accuracy at the last epoch). When two
-    nights rarely agree, no pruning can agree with one night's full grid much more often than it
-    keeps every variant to the end."""
+    and splits, so two seeds' grids are two nights of the same job. `agree` counts the pairs of
+    seeds whose grids select the same variant; `spread` is each variant's mean and standard
+    deviation (points of validation accuracy at the last epoch, over seeds and repeats). When two
+    nights rarely agree, the full grid's pick is mostly which training the noise favoured."""
     picks = [select(h, epochs, list(h)) for h in kept]
-    pairs = [(a, b) for a in range(len(picks)) for b in range(a + 1, len(picks))]
     spread = {}
     for v in kept[0]:
         accs = [100 * best_so_far(h, epochs)[0] for hs in kept for h in hs[v]]
-        mean = sum(accs) / len(accs)
-        sd = (sum((a - mean) ** 2 for a in accs) / max(len(accs) - 1, 1)) ** 0.5
-        spread[v] = {"mean": round(mean, 1), "sd": round(sd, 1), "selected": picks.count(v)}
-    return {"agree": sum(picks[a] == picks[b] for a, b in pairs), "pairs": len(pairs), "spread": spread}
+        spread[v] = {"mean": round(statistics.mean(accs), 1), "sd": round(statistics.stdev(accs), 1),
+                     "selected": picks.count(v)}
+    pairs = list(itertools.combinations(picks, 2))
+    return {"agree": sum(a == b for a, b in pairs), "pairs": len(pairs), "spread": spread}
 
 
 def replay(histories: dict[str, list[list[dict]]], epochs: int, min_epochs: int, factor: int) -> tuple[str, float, dict]:

@@ -73,6 +73,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=5, help="pytest-xdist workers, as make test's TEST_WORKERS")
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (a file, -k ...)")
     args = ap.parse_args()
+    try:  # the code measured, read before the run (a tree without git still gets its figures)
+        code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              timeout=30).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        code = None
 
     records = Path(tempfile.mkdtemp(prefix="suite-cpu-"))
     site = Path(sysconfig.get_paths()["purelib"])
@@ -108,8 +113,7 @@ def main() -> None:
                  "cpu_min": max(total - python, 0) / 60, "share": f"{100 * max(total - python, 0) / total:.0f}%"})
     print(table(rows, ["kind", "processes", "cpu_min", "share"]))
     print(f"pytest exited {rc}; {wall / 60:.1f} min wall, {total / 60:.1f} min CPU on {os.cpu_count()} cores")
-    code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
-    write_result("suite_cpu", {"machine": info, "code": code or None, "workers": args.workers,
+    write_result("suite_cpu", {"machine": info, "code": code, "workers": args.workers,
                                "pytest_args": args.pytest_args,
                                "exit_code": rc, "wall_s": round(wall, 1), "cpu_s": round(total, 1),
                                "by_kind": rows})

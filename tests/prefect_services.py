@@ -8,19 +8,19 @@ then holds a pytest-xdist worker, and with it the whole suite, for as long as it
 likes. `drain(timeout)` drains every instance, waits at most `timeout` seconds, and
 lets go of those that did not finish: they are already out of Prefect's registry
 (draining removes them), so no later drain waits for them, and their exit hooks are
-removed, so the process still exits. It returns what it let go of, for the caller to
-report.
+removed, so the process still exits. It warns naming what it let go of, and returns it.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import threading
+import warnings
 
 
 def drain(timeout: float, client_type: type | None = None) -> list[str]:
     """Drain Prefect's events and API-log workers in this process (only the events workers
     sending through `client_type`, if given); the ones still busy after `timeout` seconds
-    are abandoned and named."""
+    are let go, named in a warning and returned."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
@@ -39,8 +39,9 @@ def drain(timeout: float, client_type: type | None = None) -> list[str]:
             hook for hook in threading._threading_atexits  # type: ignore[attr-defined]
             if getattr(getattr(hook, "func", hook), "__self__", None) is not instance]
         client = getattr(instance, "client_type", None)
-        to = dict(getattr(instance, "client_options", ()) or ()).get("api_url")
-        abandoned.append(f"{type(instance).__name__}" + (f" ({client.__name__}" + (f" to {to}" if to else "") + ")"
-                                                         if client else "")
-                         + f" with {instance._queue.qsize()} items left")
+        api = dict(getattr(instance, "client_options", ())).get("api_url")
+        abandoned.append(" ".join(filter(None, [type(instance).__name__, client and f"({client.__name__})",
+                                                api and f"to {api}", f"with {instance._queue.qsize()} items left"])))
+    if abandoned:
+        warnings.warn(f"Prefect workers still busy after {timeout:g} s, let go: {abandoned}")
     return abandoned

@@ -38,16 +38,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _env(tmp_path) -> dict:
+    # the worker's own API client is made but never used (no run context, no lookups)
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
+            "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(REPO)}
+
+
 def test_a_worker_that_never_finishes_is_let_go_after_the_bound_and_the_process_exits(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
-           # the worker's own API client is made but never used: no run context, no lookups
-           "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
                          timeout=120)  # without the exit hooks' removal, it would not exit at all
     assert out.returncode == 0, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert any(line.startswith("let go: ['EventsWorker (Stuck) with ") for line in lines), out.stdout + out.stderr
     assert "after 3 s" in lines, out.stdout
+    assert "Prefect workers still busy after 3 s, let go: ['EventsWorker (Stuck)" in out.stderr, out.stderr
     assert "a later drain waits on: 0" in lines, out.stdout  # the harness's own drain has nothing to wait on
 
 
@@ -55,9 +59,7 @@ def test_without_letting_go_the_stuck_worker_holds_the_process_at_exit(tmp_path)
     """Why the exit hooks go too: Prefect's drain with a timeout returns, but its exit hook
     waits on the stuck worker again, with no bound, and the process never ends."""
     script = SCRIPT.replace("prefect_services.drain(timeout=3)", "EventsWorker.drain_all(timeout=3)")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect"),
-           "PREFECT_API_URL": "http://127.0.0.1:9/api", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-u", "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-u", "-c", script], cwd=REPO, env=_env(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
