@@ -17,6 +17,7 @@ from registry import champions
 from run.cache import local_run_dir
 from run.context import RunContext
 from run.errors import is_io_error
+from run.fingerprint import torchvision_version
 from run.layout import (CURVES, HISTORY, MANIFEST, REPORT, RUNGS_PLOT, TREND_PLOT, VARIANTS_PLOT, run_key, stored_key,
                         units_of)
 from run.records import ChampionComparison, ChampionRecord, TestResult, VariantComparison, VariantScore
@@ -42,10 +43,9 @@ def git_sha() -> str:
 def versions() -> dict:
     import prefect
     import torch
-    import torchvision
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "prefect": prefect.__version__}
+            "torchvision": torchvision_version(), "prefect": prefect.__version__}
 
 
 def build_manifest(ctx: RunContext, scores: list[VariantScore], selected: VariantScore, test: TestResult,

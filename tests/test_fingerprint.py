@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +90,20 @@ def test_the_environment_part_reads_the_image_and_locked_versions(monkeypatch):
     monkeypatch.setenv(fp.IMAGE_ID_ENV, "sha256:" + "a" * 64)
     env = fp.environment()
     assert env["image"] == "ghcr.io/your-org/train-cifar:0123abc" and env["image_id"] == "sha256:" + "a" * 64
+
+
+def test_torchvision_is_named_with_its_build_without_being_imported():
+    """The fingerprint and the manifest name torchvision's own version (build included), read
+    from its version.py: a fresh process that computes both has not imported torchvision."""
+    script = ("import sys; from run.fingerprint import environment; from tasks.publish import versions; "
+              "seen = (environment()['torchvision'], versions()['torchvision'], 'torchvision' in sys.modules); "
+              "import torchvision; print(json.dumps([*seen, torchvision.__version__]))")
+    out = subprocess.run([sys.executable, "-c", "import json; " + script], cwd=fp.ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    fingerprinted, in_manifest, imported, real = json.loads(out.stdout.splitlines()[-1])
+    assert not imported
+    assert fingerprinted == in_manifest == real  # the build included (0.29.1+cu130 here)
 
 
 def test_changed_parts_name_only_what_differs():
