@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 
 from prefect.client.orchestration import PrefectClient
@@ -63,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit: expected at least 1, found {args.limit}")
-    # as `prefect worker start`: a first Ctrl-C or SIGTERM stops polling and lets runs finish
+    # as `prefect worker start`: a first Ctrl-C or SIGTERM stops polling and lets runs finish.
+    # Prefect's handler turns SIGTERM into a SIGINT to this process. A shell that starts a
+    # job in the background without job control (`make worker &` in a script, nohup) starts
+    # it with SIGINT ignored; inherited, that SIGINT would be dropped and the worker would
+    # never stop on SIGTERM, and go on taking runs until killed. So SIGINT is Python's again.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     setup_signal_handlers_worker(os.getpid(), "the process worker", print)
     try:
         asyncio.run(serve(args.pool, args.name, args.limit))

@@ -208,12 +208,16 @@ def deploy_all(env: dict, tmp: Path) -> None:
     cli(env, "deploy", "--prefect-file", str(no_docker), "--name", "train-cifar/nightly", "--name", "train-variant/gpu")
 
 
-def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+def start_worker(procs: Processes, env: dict, pool: str, name: str, *extra: str,
+                 sigint_ignored: bool = False) -> tuple[subprocess.Popen, Path]:
     """The project's process worker as `make worker` starts it (`deployments/worker.py --pool
-    <pool> --name <name> [extra]`), once it has registered."""
+    <pool> --name <name> [extra]`), once it has registered. `sigint_ignored`: started as a
+    shell without job control starts a background job, with SIGINT ignored."""
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', os.environ['PATH'])}",
            "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "2"}
     cmd = [sys.executable, str(REPO / "deployments" / "worker.py"), "--pool", pool, "--name", name, *extra]
+    if sigint_ignored:
+        cmd = ["bash", "-c", 'trap "" INT; exec "$@"', "worker", *cmd]  # exec keeps the ignored signal
     proc, log = procs.start(name, cmd, env)
     deadline = time.monotonic() + STARTUP_S
     with client(env) as c:

@@ -8,7 +8,9 @@ everything is asserted through the Prefect client and the bucket.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -160,6 +162,20 @@ def test_local_deployments(deployed):
     assert v.work_pool_name == VARIANT_POOL and v.pull_steps == d.pull_steps
     assert v.job_variables == {"command": "prefect flow-run execute",
                                "env": {"PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR": "reschedule"}}
+
+
+def test_a_worker_started_with_sigint_ignored_still_stops_on_sigterm(pools, procs):
+    """A shell without job control (a script's `make worker &`, nohup) starts a background job
+    with SIGINT ignored. Prefect's handler turns SIGTERM into a SIGINT to the worker itself;
+    inherited as ignored, the worker never stopped on SIGTERM and went on taking runs."""
+    proc, log = start_worker(procs, pools, VARIANT_POOL, "sigint-ignored", sigint_ignored=True)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the worker did not stop within 120 s of SIGTERM:\n{log.read_text()[-2000:]}")
+    assert "worker stopped" in log.read_text()
 
 
 # ---------------------------------------------------------------- runs through a worker
