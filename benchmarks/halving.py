@@ -2,6 +2,8 @@
 
     python -m benchmarks.halving [--seeds 10] [--variants none,flip,...] [--repeats 2] [--epochs 9]
                                  [--rungs 1:3,2:3,3:3] [--train 1000] [--holdout 1000] [--widths 16,16,32,32,32,32]
+                                 [--out halving]
+    python -m benchmarks.halving --replay RESULTS.json [MORE.json ...] [--rungs ...] [--out NAME]
 
 For each of `seeds` training seeds, trains the full grid (every variant x repeat to the
 last epoch, the training loop the flow runs, on this machine's CPU; synthetic
@@ -14,7 +16,10 @@ Its device time is the sum of the epochs it would run; the full grid's, all of t
 Every (first rung, factor) in `--rungs` is replayed on the same trainings. `gap` is how
 far (in points of mean validation accuracy at the last epoch) halving's pick is behind the
 full grid's: 0 when they agree. Every epoch's figures are kept in the results file, so
-other settings can be replayed without training again.
+other settings can be replayed without training again. Two processes can share the cores
+by training different `--variants` with the same other arguments (each with its own
+`--out`); `--replay A.json B.json --out NAME` joins their trainings, seed by seed, and
+writes the joined figures.
 
 `--widths`: the seed network's channel widths (the same architecture and recipe); the
 default is narrower than the product's so that 10 seeds of a 6 x 2 grid fit in minutes on
@@ -77,6 +82,24 @@ def noise(kept: list[dict[str, list[list[dict]]]], epochs: int) -> dict:
     return {"agree": sum(a == b for a, b in pairs), "pairs": len(pairs), "spread": spread}
 
 
+def join(results: list[dict]) -> dict:
+    """One results file from several that trained different variants with the same seeds and settings."""
+    first = results[0]
+    same = ("epochs", "repeats", "train", "holdout", "widths")
+    for other in results[1:]:
+        differs = {k: (first["args"][k], other["args"][k]) for k in same if first["args"][k] != other["args"][k]}
+        if differs or len(other["histories"]) != len(first["histories"]):
+            raise SystemExit(f"--replay: the files must share {same} and their seeds; found {differs or 'other seeds'}")
+    histories = [{} for _ in first["histories"]]
+    for r in results:
+        for joined, seed in zip(histories, r["histories"]):
+            if set(joined) & set(seed):
+                raise SystemExit(f"--replay: variants trained twice: {sorted(set(joined) & set(seed))}")
+            joined.update(seed)
+    return {**first, "args": {**first["args"], "variants": ",".join(histories[0])}, "histories": histories,
+            "joined": [",".join(r["histories"][0]) for r in results]}
+
+
 def replay(histories: dict[str, list[list[dict]]], epochs: int, min_epochs: int, factor: int) -> tuple[str, float, dict]:
     """(halving's selection, its device seconds, epochs each variant ran)."""
     live = list(histories)
@@ -98,7 +121,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=9)
     ap.add_argument("--rungs", default="1:3,2:3,3:3", help="first rung:factor settings to replay")
-    ap.add_argument("--replay", type=Path, help="a results file of this benchmark: replay its trainings, train nothing")
+    ap.add_argument("--replay", type=Path, nargs="+",
+                    help="results files of this benchmark: replay their trainings (joined, if several), train nothing")
+    ap.add_argument("--out", help="the results file's name under benchmarks/results (default: halving); "
+                                  "a replay writes one only when given")
     ap.add_argument("--train", type=int, default=1000)
     ap.add_argument("--holdout", type=int, default=1000)
     ap.add_argument("--widths", default="16,16,32,32,32,32")
@@ -109,7 +135,7 @@ def main() -> None:
     variants = args.variants.split(",")
     settings = [tuple(int(x) for x in pair.split(":")) for pair in args.rungs.split(",")]
     rows, kept = [], []
-    earlier = json.loads(args.replay.read_text()) if args.replay else None
+    earlier = join([json.loads(p.read_text()) for p in args.replay]) if args.replay else None
     if earlier:
         args.epochs, args.seeds = earlier["args"]["epochs"], len(earlier["histories"])
         variants = list(earlier["histories"][0])
@@ -151,9 +177,11 @@ def main() -> None:
     print(f"\nthe full grid against itself: two seeds' grids select the same variant in "
           f"{stability['agree']} of {stability['pairs']} pairs")
     print(table([{"variant": v, **x} for v, x in stability["spread"].items()], ["variant", "mean", "sd", "selected"]))
-    if earlier:  # a replay writes nothing over the trainings it read
+    if earlier and not args.out:  # a replay writes nothing over the trainings it read
         return
-    write_result("halving", {"machine": machine(), "args": vars(args), "summary": summary, "noise": stability,
+    how = ({"machine": earlier["machine"], "args": earlier["args"], "joined_from": earlier["joined"]}
+           if earlier else {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "replay"}})
+    write_result(args.out or "halving", {**how, "summary": summary, "noise": stability,
                              "rows": rows, "histories": kept})
 
 if __name__ == "__main__":
