@@ -115,9 +115,10 @@ def prepared_dir(synthetic_archive, tmp_path_factory) -> Path:
 def register_tiny(mp: pytest.MonkeyPatch) -> str:
     """Registers `tiny`: the seed network at small widths with the seed recipe (the same
     training loop, a fraction of the compute); returns its name."""
-    from cnn.models import MODELS, RECIPES, SeedNet
+    from cnn.models import MODELS, RECIPES
+    from tests.extras.sitecustomize import tiny  # the same network the fan-out's processes get
 
-    mp.setitem(MODELS, "tiny", lambda num_classes=10: SeedNet((8, 8, 16, 16, 16, 16), 32, num_classes))
+    mp.setitem(MODELS, "tiny", tiny)
     mp.setitem(RECIPES, "tiny", RECIPES["seed"])
     return "tiny"
 

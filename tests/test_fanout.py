@@ -37,6 +37,8 @@ NODES = ("gpu-node-a", "gpu-node-b")
 HEARTBEAT_S, ZOMBIE_AFTER_S = 30, 45  # Prefect's smallest heartbeat; three quarters of a minute without one
 # small enough to be quick, long enough (a few seconds an epoch) to be killed mid-training
 SYNTHETIC = ["dataset=synthetic", "synthetic_train=1000", "synthetic_test=400", "subset=800"]
+# for runs that kill nothing mid-epoch: the seed network at small widths, a tenth of the CPU
+TINY = [*SYNTHETIC, "model=tiny"]
 
 
 class Cluster:
@@ -66,13 +68,13 @@ class Cluster:
 def cluster(server, procs, s3_server, tmp_path_factory) -> Cluster:
     tmp = tmp_path_factory.mktemp("fanout")
     create_pools(server)
-    # every process of the cluster knows `scramble`, a test-only variant (tests/scramble/), and
-    # the deployments' parameter schemas list it
-    scramble = {"PYTHONPATH": str(REPO / "tests" / "scramble")}
-    deploy_all({**server, **scramble}, tmp)
+    # every process of the cluster knows the test-only `scramble` variant and `tiny` model
+    # (tests/extras/), and the deployments' parameter schemas list them
+    extras = {"PYTHONPATH": str(REPO / "tests" / "extras")}
+    deploy_all({**server, **extras}, tmp)
     # one thread per training process: three or four of them share two cores here, as
     # pods each have their own GPU (and it keeps the runs' arithmetic the same)
-    env = {**server, **aws_env(), **scramble, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+    env = {**server, **aws_env(), **extras, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
            "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "deployments/add_automations.py", "--zombie-after", str(ZOMBIE_AFTER_S)],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -218,7 +220,7 @@ def test_a_relative_store_with_fan_out_is_refused_before_any_work(cluster):
 
 def test_fan_out_trains_each_variant_as_its_own_flow_run(cluster, bucket):
     variants = ["none", "flip", "flip-crop"]
-    common = [*SYNTHETIC, "epochs=3", "patience=3"]
+    common = [*TINY, "epochs=3", "patience=3"]
     parent = start_run(cluster.env, *common, *fanout(bucket, *variants))
     local = start_run(cluster.env, *common, f"store=s3://{bucket}/in-process", f"variants={json.dumps(variants)}")
     parent, local = wait_final(cluster, parent), wait_final(cluster, local)
@@ -281,7 +283,7 @@ def test_fan_out_with_repeats_runs_a_child_per_seed_and_combines_them(cluster, b
     combines each variant's repeats into a mean and interval, as the in-process path does."""
     cluster.ensure_nodes()
     variants = ["none", "flip"]
-    parent = wait_final(cluster, start_run(cluster.env, *SYNTHETIC, "epochs=2", "patience=2", "repeats=2", "seed=3",
+    parent = wait_final(cluster, start_run(cluster.env, *TINY, "epochs=2", "patience=2", "repeats=2", "seed=3",
                                            *fanout(bucket, *variants)))
     assert parent.state.is_completed(), f"{parent.state!r}\n{cluster.tail()}"
     kids = children(cluster.env, parent.id)
@@ -317,7 +319,7 @@ def test_fan_out_halving_prunes_the_scrambled_child_at_the_first_rung(cluster, b
     starts no child twice and ends as it would have."""
     cluster.ensure_nodes()
     variants = ["none", "flip", "scramble"]
-    parent_id = start_run(cluster.env, *SYNTHETIC, "epochs=3", "patience=3", "halving=on", "halving_min_epochs=2",
+    parent_id = start_run(cluster.env, *TINY, "epochs=3", "patience=3", "halving=on", "halving_min_epochs=2",
                           "halving_factor=2", *fanout(bucket, *variants))
     first = wait_for("the first rung's children", lambda: (k := children(cluster.env, parent_id)) and len(k) == 3 and k,
                      420, cluster)

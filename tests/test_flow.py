@@ -49,7 +49,7 @@ def run_env(tmp_path, monkeypatch, prefect_harness):
     return tmp_path
 
 
-def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
+def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch, tiny):
     from flows.train_cifar import train_cifar
 
     path, md5 = synthetic_archive
@@ -72,7 +72,7 @@ def test_flow_end_to_end(run_env, synthetic_archive, monkeypatch):
 
     store = run_env / "store"
     out = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none", "poison", "flip", "broken"],
-                      epochs=3, patience=2, subset=800, store=str(store), device="cpu")
+                      model=tiny, epochs=3, patience=2, subset=800, store=str(store), device="cpu")
     manifest = json.loads(Path(out["manifest"]).read_text())
 
     assert MANIFEST_FIELDS <= set(manifest)

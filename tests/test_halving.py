@@ -123,7 +123,7 @@ def test_units_reserving_at_once_never_share_out_more_than_the_budget(tmp_path):
 @pytest.fixture
 def halving_env(tmp_path, monkeypatch, tiny, prefect_harness):
     import cnn.augment
-    from tests.scramble.sitecustomize import scramble
+    from tests.extras.sitecustomize import scramble
 
     monkeypatch.setenv("TRAIN_CIFAR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(cnn.augment.VARIANTS, "scramble", [scramble])

@@ -19,6 +19,7 @@ from run.report import (CONFUSION, CURVES, REPORT_IMAGES, VARIANTS, data_uri, pl
                         plot_trend, plot_variants, render_markdown)
 from tasks import trend
 from tests.browser import Page
+from tests.conftest import register_tiny
 from tests.prefect_fixtures import client
 
 NAMES = ["none", "flip", "crop", "flip-crop", "flip-crop-cutout", "flip-crop-jitter"]
@@ -129,7 +130,8 @@ def ui_run(server, synthetic_archive, tmp_path_factory) -> dict:
         mp.setenv("TRAIN_CIFAR_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setattr(run.live, "MIN_INTERVAL_S", 0.0)
         mp.setitem(cnn.augment.VARIANTS, "watched", [_watch])
-        out = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none", "watched"], epochs=3,
+        out = train_cifar(data_dir=str(path.parent), data_md5=md5, variants=["none", "watched"],
+                          model=register_tiny(mp), epochs=3,
                           patience=3, subset=800, store=str(store), device="cpu")
     manifest = json.loads(Path(out["manifest"]).read_text())
     with client(server) as c:

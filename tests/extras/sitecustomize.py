@@ -1,0 +1,64 @@
+"""Loaded at start-up by every Python process whose PYTHONPATH holds this folder (the fan-out
+tests' server, workers, flow runs and CLI calls): adds the suite's test-only entries to the
+product's registries, as tests/conftest.py does in the pytest process:
+- `scramble`, a variant that replaces every training image with noise, so successive
+  halving has a unit that is clearly worse;
+- `tiny`, the seed network at small widths with the seed recipe: the same training loop at
+  about a tenth of the compute, for runs whose epochs need not be long.
+Each is added when its registry's module is first imported, so a process that never imports
+it (a `prefect` command) does not pay for torch."""
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import sys
+
+TINY_WIDTHS = (8, 8, 16, 16, 16, 16)
+TINY_HIDDEN = 32
+
+
+def scramble(x, g):
+    import torch
+
+    return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+
+def tiny(num_classes: int = 10):
+    from cnn.models import SeedNet
+
+    return SeedNet(TINY_WIDTHS, TINY_HIDDEN, num_classes)
+
+
+def _add_scramble(module) -> None:
+    module.VARIANTS.setdefault("scramble", [scramble])
+
+
+def _add_tiny(module) -> None:
+    module.MODELS.setdefault("tiny", tiny)
+    module.RECIPES.setdefault("tiny", module.RECIPES["seed"])
+
+
+class _AddEntries(importlib.abc.MetaPathFinder):
+    def __init__(self, hooks: dict):
+        self.hooks = dict(hooks)
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.hooks:
+            return None
+        add = self.hooks.pop(name)
+        if not self.hooks:
+            sys.meta_path.remove(self)
+        # the real finder (this one no longer answers for `name`)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            add(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if __name__ == "sitecustomize":  # imported by a test for its entries: no hooks
+    sys.meta_path.insert(0, _AddEntries({"cnn.augment": _add_scramble, "cnn.models": _add_tiny}))
