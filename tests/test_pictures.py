@@ -18,6 +18,7 @@ from run.layout import TREND_PLOT
 from run.report import (CONFUSION, CURVES, REPORT_IMAGES, VARIANTS, data_uri, plot_confusion, plot_curves,
                         plot_trend, plot_variants, render_markdown)
 from tasks import trend
+from tests import prefect_services
 from tests.browser import Page
 from tests.conftest import register_tiny
 from tests.prefect_fixtures import client
@@ -120,13 +121,11 @@ def _live_artifacts(artifact_filter):
 def ui_run(server, synthetic_archive, tmp_path_factory) -> dict:
     """One small train-cifar run in this process against the module's Prefect server,
     the live curves redrawn every epoch (no 30 s wait in a test)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from flows.train_cifar import train_cifar
 
     path, md5 = synthetic_archive
     store = tmp_path_factory.mktemp("store")
-    with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+    with pytest.MonkeyPatch.context() as mp, prefect_services.api_url(server["PREFECT_API_URL"]):
         mp.setenv("TRAIN_CIFAR_CACHE", str(tmp_path_factory.mktemp("cache")))
         mp.setattr(run.live, "MIN_INTERVAL_S", 0.0)
         mp.setitem(cnn.augment.VARIANTS, "watched", [_watch])
@@ -199,7 +198,6 @@ def test_live_curves_are_redrawn_at_most_every_interval_and_at_the_end(server):
     from prefect import flow
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
     from prefect.runtime import flow_run
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     rows = [{"epoch": e, "val_loss": 1 / e, "val_accuracy": 0.5 + e / 20} for e in (1, 2, 3)]
 
@@ -214,7 +212,7 @@ def test_live_curves_are_redrawn_at_most_every_interval_and_at_the_end(server):
         shown.append([a.data for a in _live_artifacts(f)])
         return shown
 
-    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+    with prefect_services.api_url(server["PREFECT_API_URL"]):
         shown = watch()
     assert all(len(s) == 1 for s in shown)  # one artifact all along
     assert "epoch 1 of at most 10" in shown[0][0] and shown[1] == shown[2] == shown[0]  # not redrawn within 30 s

@@ -1,9 +1,12 @@
-"""A Prefect events worker that never finishes costs the suite a bounded wait, not the run.
+"""A Prefect events worker that never finishes costs the suite a bounded wait, not the run;
+events sent after a block on another API go to the API around it.
 
 In a process of its own: an event is emitted through a client whose send never returns
 (as a worker stuck on its queue task is; Prefect's drain would wait for it forever), then
 tests/prefect_services.drain lets go of it after its bound and names it, a later drain
-finds nothing to wait on, and the process still exits.
+finds nothing to wait on, and the process still exits. And in a process with a test
+harness: an event sent after a plain switch to another API and back is lost; after
+`prefect_services.api_url` it reaches the harness.
 """
 from __future__ import annotations
 
@@ -74,3 +77,53 @@ def test_without_letting_go_the_stuck_worker_holds_the_process_at_exit(tmp_path)
     finally:
         proc.kill()
         proc.wait()
+
+
+MOVED = textwrap.dedent("""
+    import time
+    from prefect import get_client
+    from prefect.events import emit_event
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+    from tests import prefect_services
+
+    GONE = "http://127.0.0.1:9/api"  # a module's server, since stopped
+
+    def emit(name):
+        emit_event(event=name, resource={"prefect.resource.id": "train-cifar.test"})
+
+    def arrived(name, within=30):
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            with get_client(sync_client=True) as c:
+                if c.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=1).events:
+                    return True
+            time.sleep(1)
+        return False
+
+    with prefect_test_harness(server_startup_timeout=120):
+        with temporary_settings({PREFECT_API_URL: GONE}):
+            emit("train-cifar.inside-plain")
+        emit("train-cifar.after-plain")
+        print("after a plain switch, the next event reached the API:", arrived("train-cifar.after-plain", 15))
+        with prefect_services.api_url(GONE, timeout=20):
+            emit("train-cifar.inside")
+        emit("train-cifar.after")
+        print("after api_url, the next event reached the API:", arrived("train-cifar.after"))
+""")
+
+
+@pytest.mark.slow
+def test_events_after_a_block_on_another_api_go_to_the_api_around_it(tmp_path):
+    """Why test_pictures points this process at its module's server through `api_url`:
+    Prefect's events worker keeps the API it first sent to, so after a plain settings switch
+    the process's later events go to the other server (here one that has stopped) and are
+    lost; through `api_url` they reach the API around the block."""
+    env = {**_env(tmp_path), "PREFECT_API_URL": ""}  # the harness sets its own
+    out = subprocess.run([sys.executable, "-c", MOVED], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "after a plain switch, the next event reached the API: False" in lines, out.stdout
+    assert "after api_url, the next event reached the API: True" in lines, out.stdout
