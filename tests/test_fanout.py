@@ -37,7 +37,8 @@ NODES = ("gpu-node-a", "gpu-node-b")
 HEARTBEAT_S, ZOMBIE_AFTER_S = 30, 45  # Prefect's smallest heartbeat; three quarters of a minute without one
 # small enough to be quick, long enough (a few seconds an epoch) to be killed mid-training
 SYNTHETIC = ["dataset=synthetic", "synthetic_train=1000", "synthetic_test=400", "subset=800"]
-# for runs that kill nothing mid-epoch: the seed network at small widths, a tenth of the CPU
+# for runs whose trainings nothing kills or races: the seed network at small widths, about
+# a thirteenth of its CPU a step
 TINY = [*SYNTHETIC, "model=tiny"]
 
 

@@ -4,7 +4,7 @@ product's registries, as tests/conftest.py does in the pytest process:
 - `scramble`, a variant that replaces every training image with noise, so successive
   halving has a unit that is clearly worse;
 - `tiny`, the seed network at small widths with the seed recipe: the same training loop at
-  about a tenth of the compute, for runs whose epochs need not be long.
+  about a thirteenth of the CPU a step, for runs whose epochs need not be long.
 Each is added when its registry's module is first imported, so a process that never imports
 it (a `prefect` command) does not pay for torch."""
 from __future__ import annotations
