@@ -1,6 +1,6 @@
 """Where the test suite's CPU time goes, by kind of process.
 
-    python -m benchmarks.suite_cpu [--workers 5] [-- PYTEST ARGS]
+    python -m benchmarks.suite_cpu [--workers 5] [--result suite_cpu] [-- PYTEST ARGS]
 
 Runs the suite as `make test` does and records, for every Python process it starts
 (servers, workers, flow runs, moto, the CLI), its own CPU seconds: a `.pth` file put in
@@ -71,6 +71,8 @@ def kind(argv: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=5, help="pytest-xdist workers, as make test's TEST_WORKERS")
+    ap.add_argument("--result", default="suite_cpu",
+                    help="benchmarks/results/<name>.json (another name for part of the suite)")
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (a file, -k ...)")
     args = ap.parse_args()
     try:  # the code measured, read before the run (a tree without git still gets its figures)
@@ -113,7 +115,7 @@ def main() -> None:
                  "cpu_min": max(total - python, 0) / 60, "share": f"{100 * max(total - python, 0) / total:.0f}%"})
     print(table(rows, ["kind", "processes", "cpu_min", "share"]))
     print(f"pytest exited {rc}; {wall / 60:.1f} min wall, {total / 60:.1f} min CPU on {os.cpu_count()} cores")
-    write_result("suite_cpu", {"machine": info, "code": code, "workers": args.workers,
+    write_result(args.result, {"machine": info, "code": code, "workers": args.workers,
                                "pytest_args": args.pytest_args,
                                "exit_code": rc, "wall_s": round(wall, 1), "cpu_s": round(total, 1),
                                "by_kind": rows})

@@ -1,5 +1,5 @@
 """Shared fixtures: one Prefect test harness per session, a synthetic archive, a prepared dataset,
-and `tiny`, the seed network at small widths. Also how `make test` spreads the suite over
+and the test-only models `tiny` and `paced`. Also how `make test` spreads the suite over
 pytest-xdist workers (README.md, Tests)."""
 from __future__ import annotations
 
@@ -112,17 +112,27 @@ def prepared_dir(synthetic_archive, tmp_path_factory) -> Path:
     return prepare(path, md5, tmp_path_factory.mktemp("prepared"))
 
 
-def register_tiny(mp: pytest.MonkeyPatch) -> str:
-    """Registers `tiny`: the seed network at small widths with the seed recipe (the same
-    training loop, a fraction of the compute); returns its name."""
+def register_test_model(mp: pytest.MonkeyPatch, name: str) -> str:
+    """Registers `tiny` (the seed network at small widths: the same training loop, a fraction
+    of the compute) or `paced` (tiny, its training steps as long as the seed network's), with
+    the seed recipe, as the fan-out's processes get them (tests/extras/); returns the name."""
     from cnn.models import MODELS, RECIPES
-    from tests.extras.sitecustomize import tiny  # the same network the fan-out's processes get
+    from tests.extras import sitecustomize
 
-    mp.setitem(MODELS, "tiny", tiny)
-    mp.setitem(RECIPES, "tiny", RECIPES["seed"])
-    return "tiny"
+    mp.setitem(MODELS, name, getattr(sitecustomize, name))
+    mp.setitem(RECIPES, name, RECIPES["seed"])
+    return name
+
+
+def register_tiny(mp: pytest.MonkeyPatch) -> str:
+    return register_test_model(mp, "tiny")
 
 
 @pytest.fixture
 def tiny(monkeypatch) -> str:
     return register_tiny(monkeypatch)
+
+
+@pytest.fixture
+def paced(monkeypatch) -> str:
+    return register_test_model(monkeypatch, "paced")

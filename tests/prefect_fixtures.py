@@ -169,6 +169,10 @@ PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 FLOW_OF_ENTRYPOINT = {"flows/train_cifar.py:train_cifar": "train-cifar", "flows/train_variant.py:train_variant": "train-variant"}
 TEST_IMAGE = "ghcr.io/your-org/train-cifar:test"
 TEST_IMAGE_ID = "sha256:" + "0" * 64  # what build_docker_image would give as the image's ID
+# for the environment of every process that must know the suite's test-only variant and
+# models (`scramble`, `tiny`, `paced`: tests/extras/sitecustomize.py), the deploying one too,
+# so that the deployments' parameter schemas list them
+EXTRAS = {"PYTHONPATH": str(REPO / "tests" / "extras")}
 
 
 def load_prefect_yaml() -> dict:

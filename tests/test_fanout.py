@@ -27,19 +27,21 @@ import pytest
 
 from store import open_store
 from run.layout import Unit, stored_key
-from tests.prefect_fixtures import (LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools, deploy_all,
-                                    descendants, kill, run_processes, settled, start_worker, top_process)
+from tests.prefect_fixtures import (EXTRAS, LOCAL_POOL, REPO, VARIANT_POOL, Processes, cli, client, create_pools,
+                                    deploy_all, descendants, kill, run_processes, settled, start_worker, top_process)
 from tests.s3_fixtures import aws_client, aws_env
 
 pytestmark = pytest.mark.slow
 
 NODES = ("gpu-node-a", "gpu-node-b")
 HEARTBEAT_S, ZOMBIE_AFTER_S = 30, 45  # Prefect's smallest heartbeat; three quarters of a minute without one
-# small enough to be quick, long enough (a few seconds an epoch) to be killed mid-training
 SYNTHETIC = ["dataset=synthetic", "synthetic_train=1000", "synthetic_test=400", "subset=800"]
 # for runs whose trainings nothing kills or races: the seed network at small widths, about
 # a thirteenth of its CPU a step
 TINY = [*SYNTHETIC, "model=tiny"]
+# for runs killed or raced mid-training: epochs as long as the seed network's (several
+# seconds) at tiny's CPU (tests/extras/sitecustomize.py)
+PACED = [*SYNTHETIC, "model=paced"]
 
 
 class Cluster:
@@ -69,13 +71,10 @@ class Cluster:
 def cluster(server, procs, s3_server, tmp_path_factory) -> Cluster:
     tmp = tmp_path_factory.mktemp("fanout")
     create_pools(server)
-    # every process of the cluster knows the test-only `scramble` variant and `tiny` model
-    # (tests/extras/), and the deployments' parameter schemas list them
-    extras = {"PYTHONPATH": str(REPO / "tests" / "extras")}
-    deploy_all({**server, **extras}, tmp)
+    deploy_all({**server, **EXTRAS}, tmp)
     # one thread per training process: three or four of them share two cores here, as
     # pods each have their own GPU (and it keeps the runs' arithmetic the same)
-    env = {**server, **aws_env(), **extras, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
+    env = {**server, **aws_env(), **EXTRAS, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
            "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "deployments/add_automations.py", "--zombie-after", str(ZOMBIE_AFTER_S)],
                        env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -199,7 +198,7 @@ def one_child_two_epochs_in(cluster: Cluster, bucket: str) -> tuple[uuid.UUID, o
     """A fanned-out run of one variant (6 epochs), once its child has two epochs in the
     store: (parent flow run id, the child flow run, the run id)."""
     cluster.ensure_nodes()
-    parent = start_run(cluster.env, *SYNTHETIC, "epochs=6", "patience=6", *fanout(bucket, "flip"))
+    parent = start_run(cluster.env, *PACED, "epochs=6", "patience=6", *fanout(bucket, "flip"))
     kid = wait_for("the child to start", lambda: next(iter(children(cluster.env, parent).values()), None),
                    120, cluster)
     run_id = run_id_of({kid.name: kid}, ["flip"])
@@ -416,7 +415,7 @@ def test_a_retried_parent_reattaches_to_its_children(cluster, bucket):
     run id, its children found again through their idempotency keys, nothing trained twice."""
     cluster.ensure_nodes()
     variants = ["none", "flip"]
-    parent = start_run(cluster.env, *SYNTHETIC, "epochs=4", "patience=4", *fanout(bucket, *variants))
+    parent = start_run(cluster.env, *PACED, "epochs=4", "patience=4", *fanout(bucket, *variants))
     kids = wait_for("both children running", lambda: (k := children(cluster.env, parent)) and len(k) == 2
                     and all(r.state.is_running() for r in k.values()) and k, 180, cluster)
     run_id = run_id_of(kids, variants)
@@ -440,7 +439,7 @@ def test_a_retried_parent_reattaches_to_its_children(cluster, bucket):
 def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
     """The bug report: kill -9 of an in-process run mid-variant, then `prefect flow-run
     retry`: the same run continues from its checkpoint instead of starting over."""
-    params = [*SYNTHETIC, "epochs=5", "patience=5", f"store=s3://{bucket}/store", 'variants=["flip"]']
+    params = [*PACED, "epochs=5", "patience=5", f"store=s3://{bucket}/store", 'variants=["flip"]']
     parent = start_run(cluster.env, *params)
     prefix = "store/runs/"
 
@@ -471,7 +470,7 @@ def test_in_process_run_killed_then_retried_resumes(cluster, bucket):
 def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster, bucket):
     """Two parents with the same run id: the second stops instead of training alongside."""
     # long enough that the second parent comes while the first still trains
-    params = [*SYNTHETIC, "epochs=12", "patience=12", f"store=s3://{bucket}/store", 'variants=["flip"]',
+    params = [*PACED, "epochs=12", "patience=12", f"store=s3://{bucket}/store", 'variants=["flip"]',
               "run_id=dup-1"]
     first = start_run(cluster.env, *params)
     wait_for("an epoch in the store", lambda: history(bucket, "dup-1", "flip") is not None, 180, cluster)
@@ -486,7 +485,7 @@ def test_a_second_writer_of_a_leased_variant_is_refused_naming_the_owner(cluster
 
 def test_children_unfinished_at_the_deadline_are_cancelled_and_reported(cluster, bucket):
     cluster.ensure_nodes()
-    parent = start_run(cluster.env, *SYNTHETIC, "epochs=60", "patience=60", "fanout_deadline_hours=0.01",
+    parent = start_run(cluster.env, *PACED, "epochs=60", "patience=60", "fanout_deadline_hours=0.01",
                        *fanout(bucket, "none", "flip"))
     run = wait_final(cluster, parent, timeout=300)
     assert run.state.is_failed(), run.state  # nothing left to select
@@ -511,7 +510,7 @@ def test_a_cancelled_child_cancels_the_run(cluster, bucket):
     """Someone cancels one child (in the UI, or `prefect flow-run cancel`): the run is
     cancelled, and so are its other children."""
     cluster.ensure_nodes()
-    parent = start_run(cluster.env, *SYNTHETIC, "epochs=60", "patience=60", *fanout(bucket, "none", "flip"))
+    parent = start_run(cluster.env, *PACED, "epochs=60", "patience=60", *fanout(bucket, "none", "flip"))
     kids = wait_for("both children running", lambda: (k := children(cluster.env, parent)) and len(k) == 2
                     and all(r.state.is_running() for r in k.values()) and k, 180, cluster)
     run_id = run_id_of(kids, ["none", "flip"])

@@ -19,23 +19,24 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.prefect_fixtures import (LOCAL_POOL, PREFECT_FILE, REPO, cli, client, kill, run_processes, settled,
+from tests.prefect_fixtures import (EXTRAS, LOCAL_POOL, PREFECT_FILE, REPO, cli, client, kill, run_processes, settled,
                                     start_worker)
 
 pytestmark = pytest.mark.slow
 
-# a few seconds an epoch on one thread: long enough to be killed mid-training
+# `paced` (tests/extras/sitecustomize.py): a few seconds an epoch, long enough to be killed
+# mid-training, at little CPU
 PARAMS = ["dataset=synthetic", "synthetic_train=1000", "synthetic_test=400", "subset=800", "epochs=5", "patience=5",
-          'variants=["flip"]']
+          'variants=["flip"]', "model=paced"]
 
 
 @pytest.fixture(scope="module")
 def worker(server, procs, tmp_path_factory) -> dict:
     """The local pool and train-cifar/local, as `make deploy` makes them, and one worker
     started as `make worker` starts it."""
-    cli(server, "work-pool", "create", LOCAL_POOL, "--type", "process")
-    cli(server, "deploy", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)), "--name", "train-cifar/local")
-    env = {**server, "OMP_NUM_THREADS": "1"}
+    env = {**server, **EXTRAS, "OMP_NUM_THREADS": "1"}
+    cli(env, "work-pool", "create", LOCAL_POOL, "--type", "process")
+    cli(env, "deploy", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)), "--name", "train-cifar/local")
     _, log = start_worker(procs, env, LOCAL_POOL, "local")
     return {**env, "worker_log": str(log), "store": str(tmp_path_factory.mktemp("store"))}
 

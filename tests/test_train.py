@@ -48,6 +48,17 @@ def test_loss_falls(tiny, data, tmp_path):
     assert (pred.long() == data.val_y).float().mean().item() == pytest.approx(result["val_accuracy"])
 
 
+def test_paced_is_tiny_with_each_training_step_waiting(tiny, paced, data, tmp_path):
+    """The fault tests' `paced` (tests/extras/): tiny's arithmetic, to the last digit, in
+    epochs as long as the seed network's, so that a test can kill a run mid-epoch."""
+    from tests.extras.sitecustomize import PACE_S_PER_IMAGE
+
+    runs = {m: train(make_config(m, "none", epochs=1, patience=1, seed=0, batch_size=64), data, CPU, tmp_path / m)
+            for m in (tiny, paced)}
+    assert no_seconds(runs[paced]["history"]) == no_seconds(runs[tiny]["history"])
+    assert runs[paced]["history"][0]["seconds"] >= len(data.train_y) * PACE_S_PER_IMAGE  # 5 s
+
+
 def test_early_stopping_stops(tiny, data, tmp_path, monkeypatch):
     # the real evaluation, with its loss replaced by a script: best at epoch 2, then worse
     script = iter([1.0, 0.9, 0.95, 0.91, 0.5, 0.4])

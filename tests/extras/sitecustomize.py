@@ -4,7 +4,10 @@ product's registries, as tests/conftest.py does in the pytest process:
 - `scramble`, a variant that replaces every training image with noise, so successive
   halving has a unit that is clearly worse;
 - `tiny`, the seed network at small widths with the seed recipe: the same training loop at
-  about a thirteenth of the CPU a step, for runs whose epochs need not be long.
+  about a thirteenth of the CPU a step, for runs whose epochs need not be long;
+- `paced`, `tiny` whose training steps also wait as long as the seed network computes, for
+  runs that are killed or raced mid-training: epochs as long as the seed network's, at
+  tiny's CPU, as a GPU node's process spends its step waiting on the device.
 Each is added when its registry's module is first imported, so a process that never imports
 it (a `prefect` command) does not pay for torch."""
 from __future__ import annotations
@@ -12,9 +15,12 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import time
 
 TINY_WIDTHS = (8, 8, 16, 16, 16, 16)
 TINY_HIDDEN = 32
+# a 128-image step of the seed network takes 1.0 to 1.3 s on one thread here, tiny's 0.1 s
+PACE_S_PER_IMAGE = 1.0 / 128
 
 
 def scramble(x, g):
@@ -29,13 +35,26 @@ def tiny(num_classes: int = 10):
     return SeedNet(TINY_WIDTHS, TINY_HIDDEN, num_classes)
 
 
+def _wait_as_the_seed_network_computes(net, args) -> None:
+    if net.training:
+        time.sleep(PACE_S_PER_IMAGE * len(args[0]))
+
+
+def paced(num_classes: int = 10):
+    net = tiny(num_classes)
+    net.register_forward_pre_hook(_wait_as_the_seed_network_computes)
+    return net
+
+
 def _add_scramble(module) -> None:
     module.VARIANTS.setdefault("scramble", [scramble])
 
 
-def _add_tiny(module) -> None:
+def _add_tiny_and_paced(module) -> None:
     module.MODELS.setdefault("tiny", tiny)
     module.RECIPES.setdefault("tiny", module.RECIPES["seed"])
+    module.MODELS.setdefault("paced", paced)
+    module.RECIPES.setdefault("paced", module.RECIPES["seed"])
 
 
 class _AddEntries(importlib.abc.MetaPathFinder):
@@ -61,4 +80,4 @@ class _AddEntries(importlib.abc.MetaPathFinder):
 
 
 if __name__ == "sitecustomize":  # imported by a test for its entries: no hooks
-    sys.meta_path.insert(0, _AddEntries({"cnn.augment": _add_scramble, "cnn.models": _add_tiny}))
+    sys.meta_path.insert(0, _AddEntries({"cnn.augment": _add_scramble, "cnn.models": _add_tiny_and_paced}))
