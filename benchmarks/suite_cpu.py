@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -75,6 +76,9 @@ def main() -> None:
                     help="benchmarks/results/<name>.json (another name for part of the suite)")
     ap.add_argument("pytest_args", nargs="*", help="after --: passed to pytest (a file, -k ...)")
     args = ap.parse_args()
+    if not re.fullmatch(r"[\w-]+", args.result):  # before the suite's 20 minutes, not after
+        ap.error(f"--result: expected a file name without folder or .json (letters, digits, - and _), "
+                 f"found {args.result!r}")
     try:  # the code measured, read before the run (a tree without git still gets its figures)
         code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                               timeout=30).stdout.strip() or None

@@ -119,7 +119,7 @@ def register_test_model(mp: pytest.MonkeyPatch, name: str) -> str:
     from cnn.models import MODELS, RECIPES
     from tests.extras import sitecustomize
 
-    mp.setitem(MODELS, name, getattr(sitecustomize, name))
+    mp.setitem(MODELS, name, sitecustomize.TEST_MODELS[name])
     mp.setitem(RECIPES, name, RECIPES["seed"])
     return name
 

@@ -46,15 +46,18 @@ def paced(num_classes: int = 10):
     return net
 
 
+# each trains with the seed network's recipe (tests/conftest.py registers them from here too)
+TEST_MODELS = {"tiny": tiny, "paced": paced}
+
+
 def _add_scramble(module) -> None:
     module.VARIANTS.setdefault("scramble", [scramble])
 
 
-def _add_tiny_and_paced(module) -> None:
-    module.MODELS.setdefault("tiny", tiny)
-    module.RECIPES.setdefault("tiny", module.RECIPES["seed"])
-    module.MODELS.setdefault("paced", paced)
-    module.RECIPES.setdefault("paced", module.RECIPES["seed"])
+def _add_models(module) -> None:
+    for name, build in TEST_MODELS.items():
+        module.MODELS.setdefault(name, build)
+        module.RECIPES.setdefault(name, module.RECIPES["seed"])
 
 
 class _AddEntries(importlib.abc.MetaPathFinder):
@@ -80,4 +83,4 @@ class _AddEntries(importlib.abc.MetaPathFinder):
 
 
 if __name__ == "sitecustomize":  # imported by a test for its entries: no hooks
-    sys.meta_path.insert(0, _AddEntries({"cnn.augment": _add_scramble, "cnn.models": _add_tiny_and_paced}))
+    sys.meta_path.insert(0, _AddEntries({"cnn.augment": _add_scramble, "cnn.models": _add_models}))
