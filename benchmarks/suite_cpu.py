@@ -4,7 +4,8 @@
 
 Runs the suite as `make test` does and records, for every Python process it starts
 (servers, workers, flow runs, moto, the CLI), its own CPU seconds: a `.pth` file put in
-this environment's site-packages for the run (and removed after) starts a thread in each
+this environment's site-packages for the run (removed after, on SIGTERM too; one that a
+SIGKILL leaves behind does nothing once this process is gone) starts a thread in each
 process that writes its `os.times()` every 3 s and at exit, so a process killed by a test
 still counts up to its last 3 s. What is not Python (the browser) is the rest of the
 suite's total. On 2 cores the suite's CPU time, not its waiting, sets how long it takes
@@ -17,6 +18,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +30,11 @@ from pathlib import Path
 from benchmarks.common import machine, table, write_result
 
 PROBE = '''import json, os, sys, threading, time
-def start(folder):
+def start(folder, owner):
+    try:  # a probe left behind by a benchmark that was SIGKILLed does nothing
+        os.kill(owner, 0)
+    except OSError:
+        return
     t0 = time.time()
     def write():
         t = os.times()
@@ -89,7 +95,9 @@ def main() -> None:
     site = Path(sysconfig.get_paths()["purelib"])
     probe, pth = site / "_suite_cpu_probe.py", site / "zz_suite_cpu_probe.pth"
     probe.write_text(PROBE)
-    pth.write_text(f"import _suite_cpu_probe; _suite_cpu_probe.start({str(records)!r})\n")
+    # a SIGTERM (a timeout, a closed terminal) still takes the probe out again below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    pth.write_text(f"import _suite_cpu_probe; _suite_cpu_probe.start({str(records)!r}, {os.getpid()})\n")
     start, info = time.monotonic(), machine()
     try:
         rc = subprocess.call([sys.executable, "-m", "pytest", "-n", str(args.workers), "--dist", "loadgroup",
