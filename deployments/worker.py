@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import signal
 import sys
+import threading
+import time
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import FlowRun
@@ -56,14 +59,36 @@ async def serve(pool: str, name: str | None, limit: int | None) -> None:
     await worker.start(printer=print)
 
 
+def exit_within(seconds: float) -> None:
+    """Ends the process `seconds` from now if it has not ended by then. Python's exit joins
+    every thread that is not a daemon, and a library's thread left blocked in a call without
+    a timeout would hold a stopped worker, and `make worker`, for good: a stopped worker was
+    once still alive 180 s after SIGTERM, in that join. It names them, with every thread's
+    stack, and exits 1."""
+    def give_up() -> None:
+        time.sleep(seconds)
+        left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        print(f"worker stopped, but after {seconds:g} s its exit still waits on threads {left}; "
+              "ending without them (their stacks follow)", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(1)
+
+    threading.Thread(target=give_up, name="exit-within", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pool", required=True, help="the process work pool to poll, e.g. train-cifar-local")
     ap.add_argument("--name", help="the worker's name (default: Prefect's)")
     ap.add_argument("--limit", type=int, help="at most this many flow runs at a time (default: no limit)")
+    ap.add_argument("--exit-grace-seconds", type=float, default=60.0,
+                    help="once stopped, how long the process waits for threads left running before it "
+                         "exits without them (default: 60)")
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit: expected at least 1, found {args.limit}")
+    if not args.exit_grace_seconds > 0:
+        ap.error(f"--exit-grace-seconds: expected a number of seconds above 0, found {args.exit_grace_seconds:g}")
     # as `prefect worker start`: a first Ctrl-C or SIGTERM stops polling and lets runs finish.
     # Prefect's handler turns SIGTERM into a SIGINT to this process. A shell that starts a
     # job in the background without job control (`make worker &` in a script, nohup) starts
@@ -74,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(serve(args.pool, args.name, args.limit))
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("worker stopped")
+        print("worker stopped", flush=True)
+    finally:
+        exit_within(args.exit_grace_seconds)
     return 0
 
 

@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.browser import Page
-from tests.prefect_fixtures import (CPU_POOL, GPU_POOL, LOCAL_POOL, REPO, TEST_IMAGE, TEST_IMAGE_ID, VARIANT_POOL, cli,
+from tests.prefect_fixtures import (CPU_POOL, EXTRAS, GPU_POOL, LOCAL_POOL, REPO, TEST_IMAGE, TEST_IMAGE_ID, VARIANT_POOL, cli,
                                     client, create_pools, deploy_all, eventually, load_prefect_yaml, notification_webhook,
                                     settled, start_worker)
 
@@ -176,6 +177,32 @@ def test_a_worker_started_with_sigint_ignored_still_stops_on_sigterm(pools, proc
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"the worker did not stop within 120 s of SIGTERM:\n{log.read_text()[-2000:]}")
     assert "worker stopped" in log.read_text()
+
+
+def test_a_stopped_worker_exits_though_a_thread_is_left_running(pools, procs):
+    """Python's exit waits on every thread that is not a daemon; one left blocked in a call
+    without a timeout held a stopped worker past the 180 s its test waited. The worker gives
+    such threads --exit-grace-seconds, then names them and exits 1."""
+    env = {**pools, **EXTRAS, "TRAIN_CIFAR_TEST_STUCK_THREAD": "1"}  # tests/extras/sitecustomize.py
+    proc, log = start_worker(procs, env, VARIANT_POOL, "stuck-thread", "--exit-grace-seconds", "3")
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"the worker did not exit within 120 s of SIGTERM:\n{log.read_text()[-2000:]}")
+    text = log.read_text()
+    assert proc.returncode == 1, text[-2000:]
+    assert "worker stopped" in text
+    assert "after 3 s its exit still waits on threads ['stuck-for-the-test']" in text, text[-2000:]
+    assert 'Thread 0x' in text and 'in wait' in text  # the stacks, for whoever reads the log
+
+
+def test_the_worker_refuses_a_grace_that_is_not_positive():
+    out = subprocess.run([sys.executable, str(REPO / "deployments" / "worker.py"), "--pool", "p",
+                          "--exit-grace-seconds", "0"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--exit-grace-seconds: expected a number of seconds above 0, found 0" in out.stderr
 
 
 # ---------------------------------------------------------------- runs through a worker

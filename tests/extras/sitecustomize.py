@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
+import os
 import sys
 import time
 
@@ -84,3 +85,9 @@ class _AddEntries(importlib.abc.MetaPathFinder):
 
 if __name__ == "sitecustomize":  # imported by a test for its entries: no hooks
     sys.meta_path.insert(0, _AddEntries({"cnn.augment": _add_scramble, "cnn.models": _add_models}))
+    if os.environ.get("TRAIN_CIFAR_TEST_STUCK_THREAD"):
+        # a thread that is not a daemon and never ends, as a library's thread blocked in a
+        # call without a timeout: Python's exit would wait on it for good (test_deployments)
+        import threading
+
+        threading.Thread(target=threading.Event().wait, name="stuck-for-the-test").start()
