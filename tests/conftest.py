@@ -36,6 +36,22 @@ GROUPED = {"test_fanout.py", "test_deployments.py", "test_retry.py", "test_skip.
 SPLIT = {"test_fanout.py": 3}
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Once a session (in xdist's controller, or a run without workers): the migrated
+    database every server starts from (tests/prefect_fixtures.py)."""
+    from tests import prefect_fixtures  # here: a plugin (below) is imported by pytest first, to be rewritten
+
+    if not hasattr(config, "workerinput") and not config.option.collectonly:
+        config._migrating = prefect_fixtures.start_migrating()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from tests import prefect_fixtures
+
+    if hasattr(config, "_migrating"):
+        prefect_fixtures.stop_migrating(config._migrating)
+
+
 def _shares_state(item: pytest.Item) -> bool:
     """Whether the test uses a fixture kept for its module or class."""
     info = getattr(item, "_fixtureinfo", None)
@@ -87,13 +103,22 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.testing import utilities
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-        # the harness drains Prefect's event and log workers with no bound before it stops;
-        # drained here first, one that hangs costs a minute, not the suite (tests/prefect_services.py)
-        prefect_services.drain(timeout=60)
+    from tests import prefect_fixtures
+
+    # the harness's server starts on a copy of the session's migrated database: the harness
+    # makes its folder with `mkdtemp` and its database there, as prefect-test.db
+    folder = Path(utilities.mkdtemp())
+    prefect_fixtures.copy_migrated(folder / "prefect-test.db")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utilities, "mkdtemp", lambda: str(folder))
+        with utilities.prefect_test_harness(server_startup_timeout=120):
+            mp.undo()  # read once, as the harness starts
+            yield
+            # the harness drains Prefect's event and log workers with no bound before it stops;
+            # drained here first, one that hangs costs a minute, not the suite (tests/prefect_services.py)
+            prefect_services.drain(timeout=60)
 
 
 @pytest.fixture(scope="session")

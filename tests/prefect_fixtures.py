@@ -7,8 +7,8 @@ module-scoped, so each test module that uses them gets a server of its own.
 from __future__ import annotations
 
 import contextlib
-
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +66,53 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+# ---------------------------------------------------------------- one migrated database
+
+# Each server a test starts (a module's `prefect server start`, a worker's test harness) would
+# otherwise migrate an empty SQLite file to Prefect's schema: about 6 s of CPU each, a sixth
+# of the suite's server CPU. The session migrates one file, in the background while the
+# suite is collected (`start_migrating`, from tests/conftest.py), and each server starts on a
+# copy of it, as on a database that `prefect server database upgrade` made. The CLI's
+# new-user tests keep an empty home: their first run migrates, as a new user's does.
+MIGRATED = "TRAIN_CIFAR_TEST_MIGRATED_DB"  # the folder, for every pytest-xdist worker
+
+
+def start_migrating() -> subprocess.Popen:
+    """Starts `prefect server database upgrade` into a folder of its own, named in the
+    environment (so inherited by pytest-xdist's workers); the file appears there once whole."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="train-cifar-migrated-"))
+    os.environ[MIGRATED] = str(folder)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+           "PREFECT_HOME": str(folder / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    script = ('"$0" server database upgrade -y > "$1/log" 2>&1 && mv "$1/home/prefect.db" "$1/prefect.db" '
+              '|| touch "$1/failed"')
+    return subprocess.Popen(["sh", "-c", script, PREFECT, str(folder)], env=env, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def copy_migrated(dest: Path) -> None:
+    """Puts a copy of the session's migrated database at `dest`, waiting for it (bounded)."""
+    folder = Path(os.environ[MIGRATED])
+    deadline = time.monotonic() + STARTUP_S
+    while not (folder / "prefect.db").exists():
+        if (folder / "failed").exists() or time.monotonic() > deadline:
+            log = folder / "log"
+            raise RuntimeError(f"prefect server database upgrade did not make {folder / 'prefect.db'}:\n"
+                               f"{log.read_text()[-3000:] if log.exists() else '(no log)'}")
+        time.sleep(0.5)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(folder / "prefect.db", dest)
+
+
+def stop_migrating(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shutil.rmtree(os.environ.pop(MIGRATED), ignore_errors=True)
 
 
 class Processes:
@@ -143,6 +190,7 @@ def server(procs, tmp_path_factory, request) -> dict:
         "TRAIN_CIFAR_CACHE": str(tmp_path_factory.mktemp("cache")),
         **getattr(request.module, "SERVER_SETTINGS", {}),
     }
+    copy_migrated(home / "prefect.db")
     proc, log = procs.start("server", [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                             {k: v for k, v in env.items() if k != "PREFECT_API_URL"})
     wait_http(f"{api}/health", STARTUP_S, proc, log)
