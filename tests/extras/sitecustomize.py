@@ -9,7 +9,8 @@ product's registries, as tests/conftest.py does in the pytest process:
   runs that are killed or raced mid-training: epochs as long as the seed network's, at
   tiny's CPU, as a GPU node's process spends its step waiting on the device.
 Each is added when its registry's module is first imported, so a process that never imports
-it (a `prefect` command) does not pay for torch."""
+it (a `prefect` command) does not pay for torch. With TRAIN_CIFAR_TEST_STUCK_THREAD set, it
+also starts a thread that never ends, for the worker's bounded exit (tests/test_deployments.py)."""
 from __future__ import annotations
 
 import importlib.abc
