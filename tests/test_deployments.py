@@ -170,13 +170,19 @@ def test_a_worker_started_with_sigint_ignored_still_stops_on_sigterm(pools, proc
     with SIGINT ignored. Prefect's handler turns SIGTERM into a SIGINT to the worker itself;
     inherited as ignored, the worker never stopped on SIGTERM and went on taking runs."""
     proc, log = start_worker(procs, pools, VARIANT_POOL, "sigint-ignored", sigint_ignored=True)
+    assert "worker stopped" in sigterm_and_wait(proc, log)
+
+
+def sigterm_and_wait(proc, log, timeout: float = 120) -> str:
+    """SIGTERM to the worker's process group; its log once it has exited (else it is killed
+    and the test fails, showing the log)."""
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=120)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the worker did not stop within 120 s of SIGTERM:\n{log.read_text()[-2000:]}")
-    assert "worker stopped" in log.read_text()
+        pytest.fail(f"the worker did not exit within {timeout:g} s of SIGTERM:\n{log.read_text()[-2000:]}")
+    return log.read_text()
 
 
 def test_a_stopped_worker_exits_though_a_thread_is_left_running(pools, procs):
@@ -185,13 +191,7 @@ def test_a_stopped_worker_exits_though_a_thread_is_left_running(pools, procs):
     such threads --exit-grace-seconds, then names them and exits 1."""
     env = {**pools, **EXTRAS, "TRAIN_CIFAR_TEST_STUCK_THREAD": "1"}  # tests/extras/sitecustomize.py
     proc, log = start_worker(procs, env, VARIANT_POOL, "stuck-thread", "--exit-grace-seconds", "3")
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the worker did not exit within 120 s of SIGTERM:\n{log.read_text()[-2000:]}")
-    text = log.read_text()
+    text = sigterm_and_wait(proc, log)
     assert proc.returncode == 1, text[-2000:]
     assert "worker stopped" in text
     assert "after 3 s its exit still waits on threads ['stuck-for-the-test']" in text, text[-2000:]
