@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import faulthandler
+import math
 import os
 import signal
 import sys
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--limit: expected at least 1, found {args.limit}")
     if not args.exit_grace_seconds > 0:
         ap.error(f"--exit-grace-seconds: expected a number of seconds above 0, found {args.exit_grace_seconds:g}")
+    if not math.isfinite(args.exit_grace_seconds):  # inf would be no bound at all
+        ap.error(f"--exit-grace-seconds: expected a finite number of seconds, found {args.exit_grace_seconds:g}")
     # as `prefect worker start`: a first Ctrl-C or SIGTERM stops polling and lets runs finish.
     # Prefect's handler turns SIGTERM into a SIGINT to this process. A shell that starts a
     # job in the background without job control (`make worker &` in a script, nohup) starts

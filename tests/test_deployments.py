@@ -205,6 +205,15 @@ def test_the_worker_refuses_a_grace_that_is_not_positive():
     assert "--exit-grace-seconds: expected a number of seconds above 0, found 0" in out.stderr
 
 
+@pytest.mark.parametrize("grace", ["inf", "nan"])
+def test_the_worker_refuses_a_grace_that_is_no_bound(grace):
+    out = subprocess.run([sys.executable, str(REPO / "deployments" / "worker.py"), "--pool", "p",
+                          "--exit-grace-seconds", grace], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert re.search(r"--exit-grace-seconds: expected a (finite )?number of seconds( above 0)?, found " + grace,
+                     out.stderr), out.stderr
+
+
 # ---------------------------------------------------------------- runs through a worker
 
 
